@@ -1,0 +1,327 @@
+"""Job YAML -> validated, typed config objects.
+
+Every section is a frozen dataclass; one generic walker checks unknown keys, missing fields, types and
+ranges, so an error always names the file, the field and the fix before any work (or money) is spent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A job file problem, phrased as: file, field, what is wrong, how to fix it."""
+
+    def __init__(self, file: str | Path, field_path: str, problem: str, fix: str):
+        self.file, self.field_path, self.problem, self.fix = str(file), field_path, problem, fix
+        super().__init__(f"{file}: field '{field_path}': {problem}. Fix: {fix}")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the texts come from. `gold_column` is read only to print accuracy, never to train."""
+
+    path: str
+    text_column: str = "text"
+    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
+    id_column: str | None = None
+    augmented_column: str | None = None
+    gold_column: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The task description and, per class, its verbalizer words (the first is the answer asked for)."""
+
+    description: str
+    classes: dict[str, list[str]]
+
+    def validate(self) -> None:
+        _check(len(self.classes) >= 2, "needs at least 2 classes")
+        seen: dict[str, str] = {}
+        for name, words in self.classes.items():
+            _check(len(words) >= 1, f"class '{name}' has no verbalizer word")
+            for w in words:
+                key = w.strip().lower()
+                _check(key not in seen or seen[key] == name,
+                       f"verbalizer word '{w}' is used by both '{seen.get(key)}' and '{name}'")
+                seen[key] = name
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """An OpenAI-compatible chat endpoint. `base_url: null` starts the embedded llama.cpp server."""
+
+    base_url: str | None = None
+    model: str = "qwen2.5-coder-0.5b-instruct"
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.0
+    max_tokens: int = 8
+    logprobs: bool = True
+    top_logprobs: int = 5
+    concurrency: int = 1
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    server_threads: int = 0
+    context_size: int = 4096
+
+    def validate(self) -> None:
+        _check(0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]")
+        _check(self.max_tokens >= 1, "max_tokens must be >= 1")
+        _check(0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]")
+        _check(self.concurrency >= 1, "concurrency must be >= 1")
+        _check(self.requests_per_minute >= 0 and self.tokens_per_minute >= 0,
+               "rate limits must be >= 0 (0 = unlimited)")
+        _check(self.timeout_s > 0, "timeout_s must be > 0")
+        _check(self.max_retries >= 0, "max_retries must be >= 0")
+        _check(self.api_key_env.replace("_", "").isalnum(),
+               "api_key_env is the NAME of an environment variable (e.g. OPENAI_API_KEY), never the key")
+        _check(not self.api_key_env.startswith("sk-"),
+               "api_key_env looks like an API key; put the key in the environment and name the variable here")
+
+
+@dataclass(frozen=True)
+class SLMConfig:
+    """The small model. `mode: auto` fine-tunes up to `finetune_max_items` texts, else trains a head."""
+
+    encoder: str = "all-MiniLM-L6-v2"
+    mode: Literal["auto", "finetune", "head"] = "auto"
+    finetune_max_items: int = 30000
+    views: Literal["auto", "column", "perturb", "llm"] = "auto"
+    max_length: int = 64
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    head_learning_rate: float = 1e-3
+    head_hidden: int = 256
+    epochs: int = 4
+    threads: int = 1
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _check(self.max_length >= 8, "max_length must be >= 8")
+        _check(self.batch_size >= 2, "batch_size must be >= 2")
+        _check(self.learning_rate > 0 and self.head_learning_rate > 0, "learning rates must be > 0")
+        _check(self.epochs >= 1, "epochs must be >= 1")
+        _check(self.threads >= 1, "threads must be >= 1")
+        _check(self.head_hidden >= 0, "head_hidden must be >= 0 (0 = linear head)")
+
+
+@dataclass(frozen=True)
+class FreeALConfig:
+    """The method's knobs, named as in the paper (m, tau, R, k, Beta, warm-up, rounds, P, Q)."""
+
+    schedule: Literal["full", "budgeted"] = "budgeted"
+    demos_per_prompt: int = 10          # m
+    demo_group_size: int = 8            # queries sharing one retrieved demo block (prompt-prefix reuse)
+    tau: float = 0.7                    # GMM clean threshold
+    clean_ratio: float = 0.2            # R
+    medoids_per_class: int = 50         # k
+    mixup_alpha: float = 4.0            # Beta(a, a)
+    warmup_epochs: int = 1
+    rampup_epochs: int = 2
+    rounds: int = 3
+    query_fraction: float = 0.1         # P
+    prototypes: int = 20                # Q, texts shown when generating demos
+    generated_per_class: int = 10
+
+    def validate(self) -> None:
+        _check(self.demos_per_prompt >= 0, "demos_per_prompt must be >= 0")
+        _check(self.demo_group_size >= 1, "demo_group_size must be >= 1 (1 = retrieve per query)")
+        _check(0.0 < self.tau < 1.0, "tau must be in (0, 1)")
+        _check(0.0 < self.clean_ratio <= 1.0, "clean_ratio must be in (0, 1]")
+        _check(self.medoids_per_class >= 1, "medoids_per_class must be >= 1")
+        _check(self.mixup_alpha > 0, "mixup_alpha must be > 0")
+        _check(self.warmup_epochs >= 0 and self.rampup_epochs >= 0, "epoch counts must be >= 0")
+        _check(self.rounds >= 1, "rounds must be >= 1")
+        _check(0.0 < self.query_fraction <= 1.0, "query_fraction must be in (0, 1]")
+        _check(self.prototypes >= 1 and self.generated_per_class >= 1,
+               "prototypes and generated_per_class must be >= 1")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Hard caps on what the LLM may cost; null = no cap."""
+
+    max_requests: int | None = None
+    max_tokens: int | None = None
+
+    def validate(self) -> None:
+        for name in ("max_requests", "max_tokens"):
+            v = getattr(self, name)
+            _check(v is None or v >= 0, f"{name} must be >= 0 or null")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Which query strategy picks each budgeted round's texts, and its parameters."""
+
+    name: str = "random"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole job. Relative paths are resolved against the job file's folder."""
+
+    name: str
+    data: DataConfig
+    task: TaskConfig
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    slm: SLMConfig = field(default_factory=SLMConfig)
+    freeal: FreeALConfig = field(default_factory=FreeALConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    state_dir: str = ".freeal/{name}"
+    seed: int = 0
+    source_file: str = field(default="", compare=False)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir.format(name=self.name))
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data.path)
+
+
+_FIXES = {
+    "path": "give the data file's path, relative to the job file",
+    "classes": "write e.g. 'classes: {positive: [positive, good], negative: [negative, bad]}'",
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str, file: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted to the dataclass/typed form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, file)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(file, where, f"'{value}' is not allowed",
+                              "use one of: " + ", ".join(repr(a) for a in args))
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, file)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(file, where, f"expected a mapping, got {type(value).__name__}",
+                              _FIXES.get(where.rsplit(".", 1)[-1], "write it as 'key: value' lines"))
+        kt, vt = args
+        return {_coerce(k, kt, f"{where}.{k}", file): _coerce(v, vt, f"{where}.{k}", file)
+                for k, v in value.items()}
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]  # a single verbalizer word may be written without a list
+        if not isinstance(value, list):
+            raise ConfigError(file, where, f"expected a list, got {type(value).__name__}",
+                              "write it as [a, b] or as '- a' lines")
+        return [_coerce(v, args[0], f"{where}[{i}]", file) for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(file, where, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}",
+                          f"write a {_type_name(tp)} value")
+    return value
+
+
+def _build(cls: type, raw: Any, where: str, file: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(file, where or "(top level)", f"expected a mapping, got {type(raw).__name__}",
+                          "write the section as 'key: value' lines")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "allowed: " + ", ".join(fields)
+            raise ConfigError(file, f"{where}.{key}".lstrip("."), "unknown key", hint)
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}".lstrip(".")
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(file, path, "missing required field",
+                                  _FIXES.get(name, f"add '{name}:' to the '{where or 'top'}' section"))
+            continue
+        kwargs[name] = _coerce(raw[name], hints[name], path, file)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as e:
+            msg = str(e)
+            first = msg.split(" ", 1)[0]
+            sub = f"{where}.{first}".lstrip(".") if first in fields else (where or "(top level)")
+            raise ConfigError(file, sub, msg, "change the value in the job file") from None
+    return obj
+
+
+def parse_job(raw: dict[str, Any], file: str | Path = "<job>") -> JobConfig:
+    """Validate a job given as a dict (as read from YAML); relative paths resolve against `file`'s folder."""
+    file = str(file)
+    job: JobConfig = _build(JobConfig, raw, "", file)
+    base = Path(file).resolve().parent if file != "<job>" else Path.cwd()
+    data_path = Path(os.path.expanduser(job.data.path))
+    state = Path(os.path.expanduser(job.state_dir.format(name=job.name)))
+    job = dataclasses.replace(
+        job,
+        data=dataclasses.replace(job.data, path=str(data_path if data_path.is_absolute() else base / data_path)),
+        state_dir=str(state if state.is_absolute() else base / state),
+        source_file=file,
+    )
+    if not job.name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(file, "name", f"'{job.name}' is not a simple name", "use letters, digits, '-' and '_'")
+    return job
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Read and validate a job YAML file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(path, "(file)", "file not found", "check the path to the job YAML")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(path, "(file)", f"not valid YAML: {e}", "fix the YAML syntax") from None
+    return parse_job(raw, path)
+
+
+def job_to_dict(job: JobConfig) -> dict[str, Any]:
+    """The job as plain data, for storing next to the state (no secrets: keys live only in the env)."""
+    d = dataclasses.asdict(job)
+    d.pop("source_file", None)
+    return d
