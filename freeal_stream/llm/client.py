@@ -1,0 +1,306 @@
+"""Send many chat requests to an OpenAI-compatible server: cached, deduplicated, bounded, retried.
+
+A request's key (sha256 of everything that shapes the answer) is at once the cache key, the resume log
+and the billing record: an answer is stored the moment it arrives, so a killed run never pays twice,
+and a request already answered is never sent again. Failed answers are not stored (a later run retries
+them). Problems no retry can fix (bad key, unknown model, no server) raise FatalLLMError at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import openai
+from openai.types.chat import ChatCompletion
+
+from freeal_stream.config import LLMConfig
+from freeal_stream.llm.ratelimit import RateLimiter, estimate_tokens
+from freeal_stream.llm.retry import BadResponse, Failure, RetryPolicy, classify
+
+log = logging.getLogger(__name__)
+
+UNREACHABLE_AFTER = 3   # refused connections, before the server ever answered, that mean 'no server there'
+_NO_KEY = "no-key"      # local servers need none; never let openai pick up OPENAI_API_KEY for a foreign URL
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """Everything that shapes an answer; hashable, and its key() identifies the answer everywhere."""
+
+    messages: tuple[tuple[str, str], ...]   # (role, content) pairs
+    model: str
+    temperature: float
+    max_tokens: int
+    logprobs: bool
+    top_logprobs: int
+    template_version: str
+
+    @classmethod
+    def build(cls, messages: Sequence[Mapping[str, str]], cfg: LLMConfig, template_version: str, *,
+              temperature: float | None = None, max_tokens: int | None = None,
+              logprobs: bool | None = None) -> ChatRequest:
+        """A request from chat messages and the job's LLM settings (overrides for e.g. generation)."""
+        want_logprobs = cfg.logprobs if logprobs is None else logprobs
+        return cls(
+            messages=tuple((m["role"], m["content"]) for m in messages),
+            model=cfg.model,
+            temperature=cfg.temperature if temperature is None else temperature,
+            max_tokens=cfg.max_tokens if max_tokens is None else max_tokens,
+            logprobs=want_logprobs,
+            top_logprobs=cfg.top_logprobs if want_logprobs else 0,  # unused fields must not split keys
+            template_version=template_version,
+        )
+
+    def key(self) -> str:
+        """sha256 hex of the canonical JSON of all fields."""
+        canonical = json.dumps(
+            {"messages": [list(m) for m in self.messages], "model": self.model,
+             "temperature": float(self.temperature), "max_tokens": self.max_tokens,
+             "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
+             "template_version": self.template_version},
+            sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def as_messages(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+
+@dataclass
+class ChatAnswer:
+    """One answer (or the record of a failure: `error` set, `content` None)."""
+
+    key: str
+    content: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    top_logprobs: list[list[tuple[str, float]]] | None
+    latency_s: float               # the answering attempt's round trip; for a failure, the time spent trying
+    attempts: int
+    error: str | None
+    from_cache: bool = False
+
+
+class AnswerCache(Protocol):
+    """Where answers live between runs (keyed by ChatRequest.key())."""
+
+    def get_answers(self, keys: Sequence[str]) -> dict[str, ChatAnswer]: ...
+
+    def put_answer(self, request: ChatRequest, answer: ChatAnswer) -> None: ...
+
+
+class FatalLLMError(RuntimeError):
+    """A problem no retry fixes (bad key, unknown model, no server); its message never holds the key."""
+
+
+@dataclass
+class Ledger:
+    """What this client has spent. `requests_sent` counts HTTP attempts, retries included."""
+
+    requests_sent: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    retries: int = 0
+    cache_hits: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+def _read_answer(response: Any, key: str, attempts: int, latency_s: float) -> ChatAnswer:
+    """A ChatAnswer from a completion, or BadResponse when the body is not one."""
+    if not isinstance(response, ChatCompletion) or not response.choices:
+        raise BadResponse(f"not a chat completion: {str(response)[:200]!r}")
+    try:
+        choice = response.choices[0]
+        usage = response.usage
+        details = getattr(usage, "prompt_tokens_details", None)
+        tokens = getattr(choice.logprobs, "content", None) if choice.logprobs is not None else None
+        top = None if tokens is None else [
+            [(c.token, c.logprob) for c in t.top_logprobs] or [(t.token, t.logprob)] for t in tokens]
+        return ChatAnswer(
+            key=key,
+            content=(choice.message.content if choice.message is not None else None) or "",
+            finish_reason=choice.finish_reason,
+            prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
+            completion_tokens=(usage.completion_tokens or 0) if usage else 0,
+            cached_tokens=(getattr(details, "cached_tokens", None) or 0) if details else 0,
+            top_logprobs=top,
+            latency_s=latency_s,
+            attempts=attempts,
+            error=None,
+        )
+    except (AttributeError, TypeError, KeyError, IndexError) as exc:
+        raise BadResponse(f"malformed chat completion: {exc}") from exc
+
+
+class LLMClient:
+    """Sync front (`complete_many`) over an asyncio openai client; one instance per job."""
+
+    def __init__(self, cfg: LLMConfig, base_url: str, api_key: str | None, cache: AnswerCache | None = None,
+                 *, retry_policy: RetryPolicy | None = None):
+        self.cfg = cfg
+        self.base_url = base_url
+        self.cache = cache
+        self.retry = retry_policy or RetryPolicy.from_config(cfg)
+        self.ledger = Ledger()
+        self._api_key = api_key
+        self._limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+        self._logprobs_supported = True   # until a server says otherwise, for this session
+        self._heard_from_server = False
+        self._refused = 0
+        self._rng = random.Random()
+
+    def complete_many(self, requests: Sequence[ChatRequest],
+                      progress: Callable[[int, int, Ledger], None] | None = None) -> list[ChatAnswer]:
+        """Answers in the order of `requests`; cached ones are not sent, duplicates are sent once.
+
+        Requests start in the order given (so prompts sharing a prefix run back to back), at most
+        `cfg.concurrency` at a time. `progress(done, total, ledger)` follows completed answers.
+        """
+        keys = [r.key() for r in requests]
+        copies = collections.Counter(keys)
+        answers: dict[str, ChatAnswer] = {}
+        if self.cache is not None and keys:
+            for key, answer in self.cache.get_answers(list(copies)).items():
+                answers[key] = dataclasses.replace(answer, from_cache=True)
+        done = sum(copies[k] for k in answers)
+        self.ledger.cache_hits += done
+        if progress is not None and done:
+            progress(done, len(keys), self.ledger)
+
+        def on_answer(key: str, answer: ChatAnswer) -> None:
+            nonlocal done
+            answers[key] = answer
+            done += copies[key]
+            if progress is not None:
+                progress(done, len(keys), self.ledger)
+
+        todo = {k: r for k, r in zip(keys, requests) if k not in answers}
+        if todo:
+            asyncio.run(self._send_all(list(todo.items()), on_answer))
+        return [answers[k] for k in keys]
+
+    async def _send_all(self, todo: list[tuple[str, ChatRequest]],
+                        on_answer: Callable[[str, ChatAnswer], None]) -> None:
+        slots = asyncio.Semaphore(self.cfg.concurrency)
+        api = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or _NO_KEY,
+                                 max_retries=0, timeout=self.cfg.timeout_s)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for key, request in todo:
+                    await slots.acquire()   # started strictly in the given order
+                    group.create_task(self._complete_one(api, key, request, slots, on_answer))
+        except BaseExceptionGroup as errors:
+            fatal = [e for e in errors.exceptions if isinstance(e, FatalLLMError)]
+            if fatal:
+                raise fatal[0] from None
+            raise
+        finally:
+            await api.close()
+
+    async def _complete_one(self, api: openai.AsyncOpenAI, key: str, request: ChatRequest,
+                            slots: asyncio.Semaphore, on_answer: Callable[[str, ChatAnswer], None]) -> None:
+        try:
+            answer = await self._with_retries(api, key, request)
+        finally:
+            slots.release()
+        if answer.error is None:
+            if self.cache is not None:
+                self.cache.put_answer(request, answer)   # stored before it counts: never paid twice
+        else:
+            self.ledger.failures[answer.error] = self.ledger.failures.get(answer.error, 0) + 1
+        on_answer(key, answer)
+
+    def _payload(self, request: ChatRequest) -> dict[str, Any]:
+        payload: dict[str, Any] = {"model": request.model, "messages": request.as_messages(),
+                                   "temperature": request.temperature, "max_tokens": request.max_tokens}
+        if request.logprobs and self._logprobs_supported:
+            payload["logprobs"] = True
+            if request.top_logprobs:
+                payload["top_logprobs"] = request.top_logprobs
+        return payload
+
+    async def _with_retries(self, api: openai.AsyncOpenAI, key: str, request: ChatRequest) -> ChatAnswer:
+        estimate = estimate_tokens(request.messages, request.max_tokens)
+        started = time.monotonic()
+        attempts = retries = 0
+        while True:
+            attempts += 1
+            payload = self._payload(request)
+            await self._limiter.acquire(estimate)
+            self.ledger.requests_sent += 1
+            sent = time.monotonic()
+            try:
+                response = await api.chat.completions.create(**payload)
+                answer = _read_answer(response, key, attempts, time.monotonic() - sent)
+            except (openai.OpenAIError, BadResponse) as exc:
+                failure = classify(exc)
+                self._check_fatal(failure)
+                if failure.status == 400 and "logprobs" in payload and "logprob" in failure.message.lower():
+                    log.warning("%s rejects logprobs; asking without them for the rest of this session",
+                                self.base_url)
+                    self._logprobs_supported = False
+                    continue
+                if not failure.transient or retries >= self.retry.max_retries:
+                    if failure.kind == "unreachable":
+                        raise self._unreachable(attempts) from None
+                    suffix = "_exhausted" if failure.transient else ""
+                    return self._failed(key, f"{failure.kind}{suffix}", attempts, started)
+                wait = self.retry.delay(retries, failure.retry_after_s, self._rng)
+                if failure.kind == "rate_limited" and failure.retry_after_s is not None:
+                    self._limiter.pause(wait)
+                retries += 1
+                self.ledger.retries += 1
+                log.debug("retrying %s in %.2fs after %s", key[:12], wait, failure.kind)
+                await asyncio.sleep(wait)
+                continue
+            self._heard_from_server = True
+            used = answer.prompt_tokens + answer.completion_tokens
+            self._limiter.settle(estimate, used or estimate)   # no usage reported: keep the estimate
+            self.ledger.prompt_tokens += answer.prompt_tokens
+            self.ledger.completion_tokens += answer.completion_tokens
+            self.ledger.cached_tokens += answer.cached_tokens
+            return answer
+
+    def _check_fatal(self, failure: Failure) -> None:
+        """Raise FatalLLMError for failures that would fail every request alike."""
+        if failure.kind != "unreachable":
+            self._heard_from_server = True
+        elif not self._heard_from_server:
+            self._refused += 1
+            if self._refused >= UNREACHABLE_AFTER:
+                raise self._unreachable(self._refused)
+        where = f"{self.base_url} (model '{self.cfg.model}')"
+        if failure.status in (401, 403):
+            # the server's text is left out on purpose: providers echo (part of) the key in it
+            hint = (f"check the key in the environment variable {self.cfg.api_key_env}" if self._api_key
+                    else f"no key was given: set the environment variable {self.cfg.api_key_env}")
+            problem = "the API key was refused" if failure.status == 401 else "the API key lacks permission"
+            raise FatalLLMError(f"HTTP {failure.status} from {where}: {problem}; {hint}")
+        if failure.status == 404:
+            raise FatalLLMError(
+                f"HTTP 404 from {where}: {self._scrub(failure.message)}. The model is not served there "
+                "(check llm.model) or llm.base_url is wrong (OpenAI-compatible URLs usually end in /v1)")
+
+    def _unreachable(self, attempts: int) -> FatalLLMError:
+        return FatalLLMError(
+            f"cannot connect to {self.base_url} (model '{self.cfg.model}'): {attempts} connection attempts "
+            "failed; is the server running and llm.base_url right?")
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._api_key, "[key]") if self._api_key else text
+
+    def _failed(self, key: str, error: str, attempts: int, started: float) -> ChatAnswer:
+        log.warning("request %s failed: %s after %d attempt(s)", key[:12], error, attempts)
+        return ChatAnswer(key=key, content=None, finish_reason=None, prompt_tokens=0, completion_tokens=0,
+                          cached_tokens=0, top_logprobs=None, latency_s=time.monotonic() - started,
+                          attempts=attempts, error=error)

@@ -1,0 +1,103 @@
+import logging
+import re
+
+from freeal_stream.config import LLMConfig
+from freeal_stream.llm.client import LLMClient
+from freeal_stream.llm.demo_generation import generate_demos
+from freeal_stream.llm.retry import RetryPolicy
+from freeal_stream.llm.verbalizer import Verbalizer
+from tests.fake_openai_server import FakeOpenAIServer, ok
+from tests.test_client import MemoryCache
+
+VERB = Verbalizer({"positive": ["positive"], "negative": ["negative"]})
+TEXTS = [f"unlabelled review number {i} about a film" for i in range(30)]
+CFG = LLMConfig(model="test-model", timeout_s=5.0, temperature=0.0)
+
+
+def wanted(body) -> str:
+    return re.search(r"correct label is '(\w+)'", body["messages"][-1]["content"]).group(1)
+
+
+def shown_prototypes(body) -> list[str]:
+    return re.findall(r"^\d+\. (.*)$", body["messages"][-1]["content"], re.MULTILINE)
+
+
+def is_check(body) -> bool:
+    """A zero-shot annotation of a candidate (the validation step), not a generation request."""
+    return "<text>" in body["messages"][-1]["content"]
+
+
+def judge(body):
+    """Labels a candidate by the label word it contains; says 'unsure' when it names none."""
+    text = body["messages"][-1]["content"].lower()
+    return ok("positive" if "positive" in text else "negative" if "negative" in text else "unsure")
+
+
+def writer(body):
+    if is_check(body):
+        return judge(body)
+    label = wanted(body)
+    lines = [f"{i}. A {label} example sentence number {i}." for i in range(1, 4)]
+    lines += [f"4. a {label.upper()} example sentence number 1.", f"5. {shown_prototypes(body)[0]}", "6. positive",
+              "7. An off-topic sentence with no label word."]
+    return ok("Sure! Here they are:\n" + "\n".join(lines))
+
+
+def client(server, cache=None) -> LLMClient:
+    return LLMClient(CFG, server.base_url, None, cache, retry_policy=RetryPolicy(base_delay_s=0.01))
+
+
+def test_generates_per_class_deduped_and_without_prototypes():
+    with FakeOpenAIServer(writer) as server:
+        demos = generate_demos(client(server), CFG, "Sentiment of reviews.", VERB, TEXTS, 5, 10, seed=1)
+    assert demos == [(f"A positive example sentence number {i}.", 0) for i in range(1, 4)] + \
+                    [(f"A negative example sentence number {i}.", 1) for i in range(1, 4)]
+    checks = [b for b in server.requests if is_check(b)]
+    # 3 per class, plus the off-topic line once (the second class's copy is a duplicate)
+    assert len(checks) == 7 and all("logprobs" not in b for b in checks)
+    body = server.requests[0]
+    assert len(shown_prototypes(body)) == 5 and body["temperature"] >= 0.7 and body["max_tokens"] >= 10 * 60
+    assert "logprobs" not in body
+
+
+def test_prototype_draws_are_seeded_and_answers_cached():
+    cache = MemoryCache()
+    with FakeOpenAIServer(writer) as server:
+        first = generate_demos(client(server, cache), CFG, "t", VERB, TEXTS, 5, 3, seed=7)
+        again = generate_demos(client(server, cache), CFG, "t", VERB, TEXTS, 5, 3, seed=7)
+        sent = len(server.requests)
+        assert first == again and sent == 2 + 6  # two generations, then one check per candidate
+        generate_demos(client(server, cache), CFG, "t", VERB, TEXTS, 5, 3, seed=8)
+        assert len(server.requests) > sent
+    generations = [b for b in server.requests if not is_check(b)]
+    assert shown_prototypes(generations[0]) != shown_prototypes(generations[2])
+
+
+def test_empty_class_is_retried_with_another_draw_then_skipped(caplog):
+    calls = []
+
+    def stubborn(body):
+        if is_check(body):
+            return judge(body)
+        calls.append((wanted(body), tuple(shown_prototypes(body))))
+        if wanted(body) == "negative":
+            return ok("I'm sorry, I can't write negative reviews.")
+        return writer(body)
+
+    with FakeOpenAIServer(stubborn) as server, caplog.at_level(logging.WARNING):
+        demos = generate_demos(client(server), CFG, "t", VERB, TEXTS, 4, 3, seed=0)
+    assert {c for _, c in demos} == {0}
+    negative_draws = [protos for label, protos in calls if label == "negative"]
+    assert len(negative_draws) == 3 and len(set(negative_draws)) == 3
+    assert "negative" in caplog.text and "no usable example" in caplog.text
+
+
+def test_candidates_the_llm_labels_otherwise_are_dropped():
+    def contrary(body):
+        if is_check(body):  # the judge disagrees with every 'negative' candidate
+            return ok("positive")
+        return writer(body)
+
+    with FakeOpenAIServer(contrary) as server:
+        demos = generate_demos(client(server), CFG, "t", VERB, TEXTS, 5, 3, seed=2)
+    assert demos and {c for _, c in demos} == {0}
