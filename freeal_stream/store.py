@@ -1,0 +1,277 @@
+"""All durable state of a job in one DuckDB file.
+
+The store is the only writer of the file (DuckDB allows one writing process and prefers bulk writes), so
+every other part hands it batches. It is also the LLM answer cache: a request's key is its primary key,
+which makes the cache, the resume log and the billing record one table.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from freeal_stream.llm.client import ChatAnswer, ChatRequest
+
+SCHEMA_VERSION = 1
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS items (
+    seq BIGINT PRIMARY KEY, id VARCHAR UNIQUE NOT NULL, text VARCHAR NOT NULL, view VARCHAR,
+    gold VARCHAR, content_hash VARCHAR NOT NULL, ingested_at DOUBLE NOT NULL);
+CREATE TABLE IF NOT EXISTS llm_answers (
+    key VARCHAR PRIMARY KEY, model VARCHAR, request JSON, content VARCHAR, finish_reason VARCHAR,
+    prompt_tokens INTEGER, completion_tokens INTEGER, cached_tokens INTEGER, top_logprobs JSON,
+    latency_s DOUBLE, attempts INTEGER, created_at DOUBLE);
+CREATE TABLE IF NOT EXISTS annotations (
+    item_id VARCHAR NOT NULL, round INTEGER NOT NULL, request_key VARCHAR NOT NULL, label INTEGER,
+    confidence DOUBLE, demo_ids JSON, PRIMARY KEY (item_id, round));
+CREATE TABLE IF NOT EXISTS slm_scores (
+    round INTEGER NOT NULL, item_id VARCHAR NOT NULL, pred INTEGER NOT NULL, confidence DOUBLE NOT NULL,
+    probs JSON, loss DOUBLE, clean BOOLEAN, PRIMARY KEY (round, item_id));
+CREATE TABLE IF NOT EXISTS demo_pools (
+    round INTEGER NOT NULL, position INTEGER NOT NULL, demo_id VARCHAR NOT NULL, text VARCHAR NOT NULL,
+    label INTEGER NOT NULL, source VARCHAR NOT NULL, PRIMARY KEY (round, position));
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, kind VARCHAR, phase VARCHAR, started_at DOUBLE, finished_at DOUBLE,
+    model_path VARCHAR, metrics JSON);
+"""
+
+# The label of record per item: its latest LLM label where one exists, else the SLM's latest prediction.
+_LABELS_SQL = """
+WITH llm AS (
+    SELECT item_id, arg_max(label, round) AS label, max(round) AS round,
+           arg_max(confidence, round) AS confidence
+    FROM annotations WHERE label IS NOT NULL GROUP BY item_id),
+slm AS (
+    SELECT item_id, arg_max(pred, round) AS label, max(round) AS round,
+           arg_max(confidence, round) AS confidence
+    FROM slm_scores GROUP BY item_id)
+SELECT i.seq, i.id, i.text, i.gold,
+       coalesce(llm.label, slm.label) AS label,
+       CASE WHEN llm.label IS NOT NULL THEN 'llm round ' || llm.round
+            WHEN slm.label IS NOT NULL THEN 'slm round ' || slm.round END AS source,
+       coalesce(llm.confidence, slm.confidence) AS confidence,
+       slm.label AS slm_label
+FROM items i LEFT JOIN llm ON llm.item_id = i.id LEFT JOIN slm ON slm.item_id = i.id
+"""
+
+
+def _first(result: duckdb.DuckDBPyConnection) -> Any:
+    """The first row, with the result drained (DuckDB 2 blocks the connection on a half-read result)."""
+    rows = result.fetchall()
+    return rows[0] if rows else None
+
+
+class StateError(RuntimeError):
+    """The state directory cannot be used as asked (locked by another run, incompatible config...)."""
+
+
+class Store:
+    """Owns the job's DuckDB file; implements the LLM answer cache protocol."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path))
+        except duckdb.IOException as e:
+            raise StateError(f"{self.path} is in use by another process ({e}). Fix: wait for the other "
+                             "freeal-stream run on this state directory to finish, or use another state_dir.")
+        self._exec(_DDL)
+        self._exec("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+    def _exec(self, sql: str, params: Any = None) -> None:
+        """Run a statement and drain its result: DuckDB 2 refuses new work while a result is unread."""
+        self.con.execute(sql, params if params is not None else []).fetchall()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # ---- job config -------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = _first(self.con.execute("SELECT value FROM meta WHERE key = ?", [key]))
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._exec("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
+
+    # ---- items ------------------------------------------------------------------------------------
+    def add_items(self, ids: Sequence[str], texts: Sequence[str], views: Sequence[str | None],
+                  golds: Sequence[str | None], hashes: Sequence[str]) -> int:
+        """Insert items whose id is new; returns how many were added (re-ingesting a file adds nothing)."""
+        start = _first(self.con.execute("SELECT coalesce(max(seq), -1) + 1 FROM items"))[0]
+        batch = pa.table({
+            "seq": pa.array(np.arange(start, start + len(ids), dtype=np.int64)),
+            "id": pa.array(list(ids), pa.string()), "text": pa.array(list(texts), pa.string()),
+            "view": pa.array(list(views), pa.string()), "gold": pa.array(list(golds), pa.string()),
+            "content_hash": pa.array(list(hashes), pa.string()),
+        })
+        before = self.count_items()
+        self.con.register("incoming", batch)
+        try:
+            self._exec("""
+                INSERT INTO items SELECT seq, id, text, view, gold, content_hash, epoch(now())
+                FROM incoming WHERE id NOT IN (SELECT id FROM items)""")
+        finally:
+            self.con.unregister("incoming")
+        return self.count_items() - before
+
+    def count_items(self) -> int:
+        return _first(self.con.execute("SELECT count(*) FROM items"))[0]
+
+    def items(self) -> dict[str, list[Any]]:
+        """All items in ingestion order, as columns."""
+        rows = self.con.execute("SELECT id, text, view, gold FROM items ORDER BY seq").fetchall()
+        cols = list(zip(*rows)) if rows else [(), (), (), ()]
+        return {name: list(col) for name, col in zip(("ids", "texts", "views", "golds"), cols)}
+
+    def conflicting_ids(self, ids: Sequence[str], hashes: Sequence[str]) -> list[str]:
+        """Ids already stored with a different text: re-ingesting must not silently change an item."""
+        batch = pa.table({"id": pa.array(list(ids), pa.string()), "h": pa.array(list(hashes), pa.string())})
+        self.con.register("incoming", batch)
+        try:
+            rows = self.con.execute("""SELECT i.id FROM items i JOIN incoming n ON i.id = n.id
+                                       WHERE i.content_hash <> n.h ORDER BY i.seq LIMIT 10""").fetchall()
+        finally:
+            self.con.unregister("incoming")
+        return [r[0] for r in rows]
+
+    # ---- LLM answer cache (the AnswerCache protocol) ------------------------------------------------
+    def get_answers(self, keys: Sequence[str]) -> dict[str, ChatAnswer]:
+        if not keys:
+            return {}
+        self.con.register("wanted", pa.table({"key": pa.array(list(set(keys)), pa.string())}))
+        try:
+            rows = self.con.execute("""
+                SELECT a.key, content, finish_reason, prompt_tokens, completion_tokens, cached_tokens,
+                       top_logprobs, latency_s, attempts
+                FROM llm_answers a JOIN wanted w ON a.key = w.key""").fetchall()
+        finally:
+            self.con.unregister("wanted")
+        out = {}
+        for k, content, fin, pt, ct, cached, tlp, lat, att in rows:
+            top = [[(t, lp) for t, lp in pos] for pos in json.loads(tlp)] if tlp else None
+            out[k] = ChatAnswer(key=k, content=content, finish_reason=fin, prompt_tokens=pt,
+                                completion_tokens=ct, cached_tokens=cached, top_logprobs=top,
+                                latency_s=lat, attempts=att, error=None, from_cache=True)
+        return out
+
+    def put_answer(self, request: ChatRequest, answer: ChatAnswer) -> None:
+        """Commit one completed answer at once: a killed run must never pay for it again."""
+        self._exec(
+            "INSERT OR IGNORE INTO llm_answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [answer.key, request.model, json.dumps({"messages": request.as_messages(),
+                                                    "temperature": request.temperature,
+                                                    "max_tokens": request.max_tokens,
+                                                    "template_version": request.template_version}),
+             answer.content, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens,
+             answer.cached_tokens, json.dumps(answer.top_logprobs) if answer.top_logprobs else None,
+             answer.latency_s, answer.attempts, time.time()])
+
+    def spent(self) -> dict[str, int]:
+        """What the LLM has cost so far, from the answers of record (cache hits cost nothing)."""
+        r = _first(self.con.execute("""SELECT count(*), coalesce(sum(prompt_tokens), 0),
+                                coalesce(sum(completion_tokens), 0), coalesce(sum(cached_tokens), 0)
+                                FROM llm_answers"""))
+        return {"requests": r[0], "prompt_tokens": r[1], "completion_tokens": r[2], "cached_tokens": r[3]}
+
+    # ---- annotations, scores, demos ---------------------------------------------------------------
+    def add_annotations(self, round_: int, rows: Iterable[tuple[str, str, int | None, float | None, list[str]]]
+                        ) -> None:
+        """rows: (item_id, request_key, label or None = no label, confidence, demo ids used)."""
+        rows = list(rows)
+        if not rows:
+            return
+        batch = pa.table({
+            "item_id": [r[0] for r in rows], "round": pa.array([round_] * len(rows), pa.int32()),
+            "request_key": [r[1] for r in rows], "label": pa.array([r[2] for r in rows], pa.int32()),
+            "confidence": pa.array([r[3] for r in rows], pa.float64()),
+            "demo_ids": [json.dumps(r[4]) for r in rows]})
+        self.con.register("incoming", batch)
+        try:
+            self._exec("INSERT OR REPLACE INTO annotations SELECT * FROM incoming")
+        finally:
+            self.con.unregister("incoming")
+
+    def annotated_ids(self) -> set[str]:
+        return {r[0] for r in self.con.execute("SELECT DISTINCT item_id FROM annotations").fetchall()}
+
+    def llm_labels(self) -> dict[str, int | None]:
+        """Each annotated item's latest LLM label (None = the LLM gave no usable label)."""
+        rows = self.con.execute("""SELECT item_id, arg_max(label, round) FROM annotations
+                                   GROUP BY item_id""").fetchall()
+        return dict(rows)
+
+    def add_scores(self, round_: int, ids: Sequence[str], probs: np.ndarray, losses: np.ndarray,
+                   clean: np.ndarray) -> None:
+        batch = pa.table({
+            "round": pa.array(np.full(len(ids), round_, np.int32)), "item_id": pa.array(list(ids), pa.string()),
+            "pred": pa.array(probs.argmax(1).astype(np.int32)),
+            "confidence": pa.array(probs.max(1).astype(np.float64)),
+            "probs": pa.array([json.dumps([round(float(p), 5) for p in row]) for row in probs], pa.string()),
+            "loss": pa.array(np.where(np.isnan(losses), None, losses).tolist(), pa.float64()),
+            "clean": pa.array(clean.astype(bool))})
+        self.con.register("incoming", batch)
+        try:
+            self._exec("INSERT OR REPLACE INTO slm_scores SELECT * FROM incoming")
+        finally:
+            self.con.unregister("incoming")
+
+    def scores(self, round_: int) -> dict[str, np.ndarray]:
+        t = self.con.execute("""SELECT s.item_id, s.probs FROM slm_scores s JOIN items i ON i.id = s.item_id
+                                WHERE round = ? ORDER BY i.seq""", [round_]).fetchall()
+        return {k: np.asarray(json.loads(p), dtype=np.float32) for k, p in t}
+
+    def set_demo_pool(self, round_: int, demos: Sequence[tuple[str, str, int, str]]) -> None:
+        """demos: (demo_id, text, label, source) in pool order."""
+        self._exec("DELETE FROM demo_pools WHERE round = ?", [round_])
+        if demos:
+            self.con.executemany("INSERT INTO demo_pools VALUES (?, ?, ?, ?, ?, ?)",
+                                 [(round_, i, d[0], d[1], int(d[2]), d[3]) for i, d in enumerate(demos)])
+
+    def demo_pool(self, round_: int) -> list[tuple[str, str, int, str]]:
+        return [tuple(r) for r in self.con.execute(
+            "SELECT demo_id, text, label, source FROM demo_pools WHERE round = ? ORDER BY position",
+            [round_]).fetchall()]
+
+    # ---- rounds -----------------------------------------------------------------------------------
+    def set_phase(self, round_: int, kind: str, phase: str, model_path: str | None = None,
+                  metrics: dict[str, Any] | None = None) -> None:
+        """Record where a round stands; 'done' with metrics marks it complete for resume."""
+        now = time.time()
+        self._exec("""
+            INSERT INTO rounds VALUES (?, ?, ?, ?, NULL, ?, ?)
+            ON CONFLICT (round) DO UPDATE SET phase = excluded.phase,
+                model_path = coalesce(excluded.model_path, rounds.model_path),
+                metrics = coalesce(excluded.metrics, rounds.metrics)""",
+                         [round_, kind, phase, now, model_path, json.dumps(metrics) if metrics else None])
+        if phase == "done":
+            self._exec("UPDATE rounds SET finished_at = ? WHERE round = ?", [now, round_])
+
+    def rounds(self) -> list[dict[str, Any]]:
+        rows = self.con.execute("""SELECT round, kind, phase, started_at, finished_at, model_path, metrics
+                                   FROM rounds ORDER BY round""").fetchall()
+        return [{"round": r[0], "kind": r[1], "phase": r[2], "started_at": r[3], "finished_at": r[4],
+                 "model_path": r[5], "metrics": json.loads(r[6]) if r[6] else {}} for r in rows]
+
+    # ---- outputs ----------------------------------------------------------------------------------
+    def labels_relation(self) -> duckdb.DuckDBPyRelation:
+        return self.con.sql(_LABELS_SQL)
+
+    def create_label_views(self, class_names: Sequence[str]) -> None:
+        """Temp views `labels_out` (the label of record per item) and `class_names` (index -> name)."""
+        self._exec("CREATE OR REPLACE TEMP TABLE class_names (idx INTEGER, name VARCHAR)")
+        self.con.executemany("INSERT INTO class_names VALUES (?, ?)", list(enumerate(class_names)))
+        self._exec(f"CREATE OR REPLACE TEMP VIEW labels_out AS {_LABELS_SQL}")
+
+    def label_counts_by_source(self) -> dict[str, int]:
+        rows = self.con.execute(f"""SELECT coalesce(split_part(source, ' ', 1), 'none'), count(*)
+                                    FROM ({_LABELS_SQL}) GROUP BY 1""").fetchall()
+        return dict(rows)

@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+
+from freeal_stream.config import DataConfig, parse_job
+from freeal_stream.llm.client import ChatAnswer, ChatRequest
+from freeal_stream.loop import check_resumable
+from freeal_stream.config import job_to_dict
+from freeal_stream.sources import DataError, read_items
+from freeal_stream.store import StateError, Store
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt,body", [
+    ("csv", "id,text,gold\na,hello there,pos\nb,,neg\nc,\"bye, now\",neg\n"),
+    ("jsonl", '{"id":"a","text":"hello there","gold":"pos"}\n{"id":"b","text":"  ","gold":"neg"}\n'
+              '{"id":"c","text":"bye, now","gold":"neg"}\n'),
+])
+def test_read_items_formats_skip_empty(tmp_path, fmt, body):
+    p = write(tmp_path / f"d.{fmt}", body)
+    b = read_items(DataConfig(path=p, id_column="id", gold_column="gold"))
+    assert b.ids == ["a", "c"] and b.texts == ["hello there", "bye, now"] and b.golds == ["pos", "neg"]
+    assert b.skipped_empty == 1
+
+
+def test_read_parquet_and_missing_column(tmp_path):
+    import duckdb
+    p = tmp_path / "d.parquet"
+    duckdb.sql(f"COPY (SELECT 'x' AS body) TO '{p}' (FORMAT PARQUET)")
+    with pytest.raises(DataError, match="no column 'text'"):
+        read_items(DataConfig(path=str(p)))
+    assert read_items(DataConfig(path=str(p), text_column="body")).ids == ["row-0"]
+
+
+def test_duplicate_ids_rejected(tmp_path):
+    p = write(tmp_path / "d.csv", "id,text\na,one\na,two\n")
+    with pytest.raises(DataError, match="appears twice"):
+        read_items(DataConfig(path=p, id_column="id"))
+
+
+def answer(key, content="positive"):
+    return ChatAnswer(key=key, content=content, finish_reason="stop", prompt_tokens=10, completion_tokens=1,
+                      cached_tokens=4, top_logprobs=[[("pos", -0.1), ("neg", -2.3)]], latency_s=0.1,
+                      attempts=1, error=None)
+
+
+def test_store_items_idempotent_and_answer_cache(tmp_path):
+    s = Store(tmp_path / "s.duckdb")
+    assert s.add_items(["a", "b"], ["x", "y"], [None, None], ["p", None], ["h1", "h2"]) == 2
+    assert s.add_items(["a", "c"], ["x", "z"], [None, None], [None, None], ["h1", "h3"]) == 1
+    assert s.items()["ids"] == ["a", "b", "c"]
+    assert s.conflicting_ids(["a", "b"], ["h1", "other"]) == ["b"]
+    req = ChatRequest(messages=(("user", "hi"),), model="m", temperature=0.0, max_tokens=2, logprobs=True,
+                      top_logprobs=2, template_version="v")
+    s.put_answer(req, answer(req.key()))
+    s.put_answer(req, answer(req.key(), "other"))  # a second put never overwrites what was paid for
+    got = s.get_answers([req.key(), "missing"])
+    assert list(got) == [req.key()] and got[req.key()].content == "positive" and got[req.key()].from_cache
+    assert got[req.key()].top_logprobs == [[("pos", -0.1), ("neg", -2.3)]]
+    assert s.spent() == {"requests": 1, "prompt_tokens": 10, "completion_tokens": 1, "cached_tokens": 4}
+    s.close()
+
+
+def test_store_labels_prefer_latest_llm_then_slm(tmp_path):
+    s = Store(tmp_path / "s.duckdb")
+    s.add_items(["a", "b", "c"], ["x", "y", "z"], [None] * 3, [None] * 3, ["1", "2", "3"])
+    s.add_annotations(1, [("a", "k1", 0, 0.9, []), ("b", "k2", None, None, [])])
+    s.add_annotations(2, [("a", "k3", 1, 0.8, ["d1"])])
+    probs = np.array([[0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    s.add_scores(2, ["a", "b", "c"], probs, np.array([0.1, np.nan, np.nan]), np.array([True, False, False]))
+    rows = {r[1]: r for r in s.labels_relation().fetchall()}
+    assert rows["a"][4:6] == (1, "llm round 2")
+    assert rows["b"][4:6] == (0, "slm round 2")  # the LLM gave no label: the SLM's prediction stands
+    assert rows["c"][4:6] == (1, "slm round 2")
+    assert s.label_counts_by_source() == {"llm": 1, "slm": 2}
+    assert s.llm_labels() == {"a": 1, "b": None}
+    s.close()
+
+
+def test_second_writer_is_refused(tmp_path):
+    import subprocess
+    import sys
+    s = Store(tmp_path / "s.duckdb")
+    code = ("import sys; from freeal_stream.store import Store, StateError\n"
+            f"try: Store(r'{tmp_path / 's.duckdb'}')\nexcept StateError as e: print('refused', e); sys.exit(0)\n"
+            "sys.exit(1)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    s.close()
+    assert r.returncode == 0 and "in use by another process" in r.stdout
+
+
+def test_resume_compatibility():
+    base = {"name": "t", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": "a", "b": "b"}}}
+    a = job_to_dict(parse_job(base))
+    b = job_to_dict(parse_job({**base, "budget": {"max_requests": 5}, "freeal": {"rounds": 7}}))
+    c = job_to_dict(parse_job({**base, "freeal": {"tau": 0.5}, "llm": {"model": "other"}}))
+    assert check_resumable(a, b) == []
+    assert check_resumable(a, c) == ["freeal.tau", "llm.model"]
