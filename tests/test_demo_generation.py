@@ -50,8 +50,8 @@ def client(server, cache=None) -> LLMClient:
 def test_generates_per_class_deduped_and_without_prototypes():
     with FakeOpenAIServer(writer) as server:
         demos = generate_demos(client(server), CFG, "Sentiment of reviews.", VERB, TEXTS, 5, 10, seed=1)
-    assert demos == [(f"A positive example sentence number {i}.", 0) for i in range(1, 4)] + \
-                    [(f"A negative example sentence number {i}.", 1) for i in range(1, 4)]
+    assert demos == [(f"A positive example sentence number {i}.", 0, "generated") for i in range(1, 4)] + \
+                    [(f"A negative example sentence number {i}.", 1, "generated") for i in range(1, 4)]
     checks = [b for b in server.requests if is_check(b)]
     # 3 per class, plus the off-topic line once (the second class's copy is a duplicate)
     assert len(checks) == 7 and all("logprobs" not in b for b in checks)
@@ -73,7 +73,7 @@ def test_prototype_draws_are_seeded_and_answers_cached():
     assert shown_prototypes(generations[0]) != shown_prototypes(generations[2])
 
 
-def test_empty_class_is_retried_with_another_draw_then_skipped(caplog):
+def test_empty_class_is_retried_then_filled_with_zero_shot_labelled_texts(caplog):
     calls = []
 
     def stubborn(body):
@@ -84,12 +84,25 @@ def test_empty_class_is_retried_with_another_draw_then_skipped(caplog):
             return ok("I'm sorry, I can't write negative reviews.")
         return writer(body)
 
+    texts = TEXTS + [f"a negative remark number {i}" for i in range(30)]
     with FakeOpenAIServer(stubborn) as server, caplog.at_level(logging.WARNING):
-        demos = generate_demos(client(server), CFG, "t", VERB, TEXTS, 4, 3, seed=0)
-    assert {c for _, c in demos} == {0}
+        demos = generate_demos(client(server), CFG, "t", VERB, texts, 4, 3, seed=0)
+    assert {(c, src) for _, c, src in demos} == {(0, "generated"), (1, "zero-shot")}
+    assert all("negative remark" in t for t, c, _ in demos if c == 1) and len([d for d in demos if d[1] == 1]) <= 3
     negative_draws = [protos for label, protos in calls if label == "negative"]
     assert len(negative_draws) == 3 and len(set(negative_draws)) == 3
-    assert "negative" in caplog.text and "no usable example" in caplog.text
+    assert "negative" in caplog.text and "no usable example" in caplog.text and "zero-shot" in caplog.text
+
+
+def test_class_the_llm_never_picks_is_left_out_with_a_warning(caplog):
+    def never_negative(body):
+        if is_check(body):
+            return ok("positive")
+        return writer(body)
+
+    with FakeOpenAIServer(never_negative) as server, caplog.at_level(logging.WARNING):
+        demos = generate_demos(client(server), CFG, "t", VERB, TEXTS, 4, 3, seed=0)
+    assert {c for _, c, _ in demos} == {0} and "going on without it" in caplog.text
 
 
 def test_candidates_the_llm_labels_otherwise_are_dropped():
@@ -100,4 +113,4 @@ def test_candidates_the_llm_labels_otherwise_are_dropped():
 
     with FakeOpenAIServer(contrary) as server:
         demos = generate_demos(client(server), CFG, "t", VERB, TEXTS, 5, 3, seed=2)
-    assert demos and {c for _, c in demos} == {0}
+    assert demos and {c for _, c, _ in demos} == {0}

@@ -30,22 +30,23 @@ def _draw(texts: Sequence[str], k: int, seed: int, class_idx: int, attempt: int)
     return [texts[i] for i in rng.sample(range(len(texts)), min(k, len(texts)))]
 
 
-def _agreeing(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
-              candidates: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """The candidates that the LLM, asked zero-shot like any annotation, labels as the intended class."""
-    checks = [ChatRequest.build(annotation_messages(task_description, verbalizer, [], text), cfg,
-                                TEMPLATE_VERSION, logprobs=False) for text, _ in candidates]
-    answers = client.complete_many(checks)
-    return [(text, c) for (text, c), a in zip(candidates, answers) if verbalizer.parse(a.content) == c]
+def _zero_shot(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
+               texts: Sequence[str]) -> list[int | None]:
+    """The LLM's zero-shot label of each text (None = no label), asked exactly like an annotation."""
+    checks = [ChatRequest.build(annotation_messages(task_description, verbalizer, [], t), cfg, TEMPLATE_VERSION,
+                                logprobs=False) for t in texts]
+    return [verbalizer.parse(a.content) for a in client.complete_many(checks)]
 
 
 def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
                    unlabelled_texts: Sequence[str], prototypes: int, per_class: int,
-                   seed: int) -> list[tuple[str, int]]:
-    """Up to `per_class` new (text, class_idx) examples per class, deduplicated, prototypes excluded.
+                   seed: int) -> list[tuple[str, int, str]]:
+    """Up to `per_class` (text, class_idx, source) demos per class; source 'generated' or 'zero-shot'.
 
-    A class that yields nothing is asked again with another prototype draw (up to MAX_TRIES in all);
-    if it still yields nothing, a warning is logged and the pool goes on without it.
+    A class that yields no validated example is asked again with another prototype draw (up to
+    MAX_TRIES in all). If it still has none, its demos are unlabelled texts that the LLM labels
+    zero-shot as that class (source 'zero-shot'): weaker, but every class stays in the prompt, and
+    still no human label is used. A class the LLM never picks is left out with a warning.
     """
     if not unlabelled_texts:
         raise ValueError("demo generation needs unlabelled texts to imitate")
@@ -67,12 +68,34 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
                 if dedupe_key(item) not in seen:
                     seen.add(dedupe_key(item))
                     candidates.append((item, c))
-        for item, c in _agreeing(client, cfg, task_description, verbalizer, candidates):
-            kept[c].append(item)
+        verdicts = _zero_shot(client, cfg, task_description, verbalizer, [t for t, _ in candidates])
+        for (item, c), verdict in zip(candidates, verdicts):
+            if verdict == c:  # the LLM must agree that the example belongs to the class it was written for
+                kept[c].append(item)
         pending = [c for c in pending if not kept[c]]
         if not pending:
             break
-    for c in pending:
-        log.warning("demo generation: no usable example for class '%s' after %d tries; going on without",
-                    verbalizer.names[c], MAX_TRIES)
-    return [(text, c) for c, texts in kept.items() for text in texts]
+    demos = [(text, c, "generated") for c, texts in kept.items() for text in texts]
+    if pending:
+        demos += _zero_shot_demos(client, cfg, task_description, verbalizer, unlabelled_texts, pending,
+                                  prototypes * len(pending), per_class, seed)
+    return demos
+
+
+def _zero_shot_demos(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
+                     texts: Sequence[str], classes: list[int], n_draw: int, per_class: int,
+                     seed: int) -> list[tuple[str, int, str]]:
+    """Fallback demos for `classes`: a seeded draw of unlabelled texts, kept where zero-shot says that class."""
+    names = ", ".join(verbalizer.names[c] for c in classes)
+    log.warning("demo generation: no usable example for %s after %d tries; using unlabelled texts the LLM "
+                "labels zero-shot as such", names, MAX_TRIES)
+    draw = _draw(texts, n_draw, seed, -1, MAX_TRIES)
+    verdicts = _zero_shot(client, cfg, task_description, verbalizer, draw)
+    out: list[tuple[str, int, str]] = []
+    for c in classes:
+        chosen = [t for t, verdict in zip(draw, verdicts) if verdict == c][:per_class]
+        if not chosen:
+            log.warning("demo generation: the LLM labelled none of %d drawn texts as '%s'; going on without it",
+                        len(draw), verbalizer.names[c])
+        out += [(t, c, "zero-shot") for t in chosen]
+    return out
