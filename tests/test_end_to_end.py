@@ -1,0 +1,96 @@
+"""End to end through the CLI: a real llama.cpp server on 127.0.0.1, a real DuckDB file, the real SLM."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from freeal_stream.cli import main
+
+pytestmark = pytest.mark.integration
+DEMO = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def make_job(tmp_path: Path, n_per_class: int, **overrides) -> Path:
+    """A copy of the demo job on a small stratified subset of its data, with its state under tmp_path."""
+    with open(DEMO / "data" / "support_tickets.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    picked, seen = [], {}
+    for r in rows:
+        if seen.get(r["label"], 0) < n_per_class:
+            seen[r["label"]] = seen.get(r["label"], 0) + 1
+            picked.append(r)
+    data = tmp_path / "items.csv"
+    with open(data, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "text", "label"])
+        w.writeheader()
+        w.writerows(picked)
+    job = yaml.safe_load((DEMO / "demo.yaml").read_text())
+    job["data"]["path"] = str(data)
+    job["state_dir"] = str(tmp_path / "state")
+    for section, values in overrides.items():
+        job[section] = {**job.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def state(tmp_path: Path) -> duckdb.DuckDBPyConnection:
+    return duckdb.connect(str(tmp_path / "state" / "freeal.duckdb"), read_only=True)
+
+
+def test_budgeted_job_labels_everything_and_resumes_without_paying_twice(tmp_path, capsys):
+    """Plumbing with the fast SmolLM2 server: every row labelled, provenance kept, a rerun sends nothing."""
+    job = make_job(tmp_path, 8, llm={"model": "smollm2-135m-instruct"},
+                   slm={"mode": "head", "epochs": 20}, freeal={"rounds": 2, "query_fraction": 0.5,
+                                                                "generated_per_class": 3, "prototypes": 4})
+    assert main(["run", str(job)]) == 0
+    out = capsys.readouterr().err
+    assert "round 2 done" in out and "SLM head" in out
+    con = state(tmp_path)
+    n_items = con.execute("SELECT count(*) FROM items").fetchone()[0]
+    answers = con.execute("SELECT count(*) FROM llm_answers").fetchone()[0]
+    annotated = con.execute("SELECT count(DISTINCT item_id) FROM annotations").fetchone()[0]
+    scored = con.execute("SELECT count(*) FROM slm_scores WHERE round = 2").fetchone()[0]
+    phases = con.execute("SELECT round, phase FROM rounds ORDER BY round").fetchall()
+    con.close()
+    assert n_items == 32 and scored == 32 and phases == [(1, "done"), (2, "done")]
+    assert 16 + 8 <= annotated <= 32 - 8 + 1  # P = 50% of the unannotated pool, twice
+    assert answers >= annotated
+
+    # the same job again: rounds are done, so nothing is sent and nothing changes
+    assert main(["run", str(job)]) == 0
+    con = state(tmp_path)
+    assert con.execute("SELECT count(*) FROM llm_answers").fetchone()[0] == answers
+    con.close()
+
+    out_csv = tmp_path / "labels.csv"
+    assert main(["export", str(job), str(out_csv)]) == 0
+    with open(out_csv, encoding="utf-8") as f:
+        exported = list(csv.DictReader(f))
+    assert len(exported) == 32
+    assert all(r["label"] in {"billing", "technical", "shipping", "account"} for r in exported)
+    assert {r["source"].rsplit(" ", 1)[0] for r in exported} <= {"llm round", "slm round"}
+    assert any(r["source"].startswith("slm") for r in exported)
+    assert main(["status", str(job)]) == 0
+
+
+def test_full_loop_with_qwen_labels_better_than_chance(tmp_path, capsys):
+    """Real labelling: the bundled Qwen model with self-generated demos, then refinement of the noisy part."""
+    job = make_job(tmp_path, 5, slm={"mode": "head", "epochs": 30},
+                   freeal={"schedule": "full", "rounds": 2, "generated_per_class": 4, "prototypes": 6,
+                           "medoids_per_class": 2, "clean_ratio": 0.4})
+    assert main(["run", str(job)]) == 0
+    con = state(tmp_path)
+    metrics = [json.loads(m) for (m,) in con.execute("SELECT metrics FROM rounds ORDER BY round").fetchall()]
+    refined = con.execute("SELECT count(*) FROM annotations WHERE round = 2").fetchone()[0]
+    demos = con.execute("SELECT count(*), count(DISTINCT label) FROM demo_pools WHERE round = 0").fetchone()
+    con.close()
+    assert demos[1] == 4  # generated demos cover every class
+    assert metrics[0]["llm_requested"] == 20
+    assert 0 < refined < 20  # only the part outside the clean sets goes back to the LLM
+    assert metrics[0]["llm_label_acc"] >= 0.5, metrics[0]  # 4 classes: chance is 0.25
