@@ -1,0 +1,157 @@
+"""SLM benchmark on MR with the real GPT-3.5 round-1 labels: does robust self-training beat plain CE?
+
+Conditions: (a) gold labels + plain CE (the ceiling), (b) GPT-3.5 labels + plain CE, (c) GPT-3.5 labels +
+the robust recipe with the back-translation column as the view. Fixed epochs, no model selection on the
+test set. Results are merged into bench/results/slm_mr.json under a key naming the mode and options.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_slm.py --mode head --seeds 0,1,2
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from freeal_stream.config import FreeALConfig, SLMConfig
+from freeal_stream.slm.trainer import Recipe, resolve_device, train_slm
+
+CLASSES = ["negative", "positive"]
+CONDITIONS = {  # name -> (label column, recipe, use the back-translation view)
+    "a_gold_ce": ("label", Recipe.plain_ce(), False),
+    "b_gpt35_ce": ("gpt35_label", Recipe.plain_ce(), False),
+    "c_gpt35_robust_bt": ("gpt35_label", Recipe(), True),
+    # optional: METHOD.md's single global GMM instead of the per-class split
+    "d_gpt35_robust_bt_global": ("gpt35_label", Recipe(per_class_split=False), True),
+}
+DEFAULT_CONDITIONS = "a_gold_ce,b_gpt35_ce,c_gpt35_robust_bt"
+ROOT = Path(__file__).resolve().parent
+
+
+def label_index(column: pd.Series) -> np.ndarray:
+    """Class names -> indices; empty (the LLM gave no usable answer) -> -1."""
+    pos = {c: i for i, c in enumerate(CLASSES)}
+    return np.array([pos.get(v, -1) for v in column], dtype=np.int64)
+
+
+def load_mr(data_dir: Path, train_limit: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train = pd.read_csv(data_dir / "mr" / "train.csv", keep_default_na=False)
+    test = pd.read_csv(data_dir / "mr" / "test.csv", keep_default_na=False)
+    if train_limit and train_limit < len(train):
+        from sklearn.model_selection import train_test_split
+        train, _ = train_test_split(train, train_size=train_limit, stratify=train["label"], random_state=0)
+        train = train.reset_index(drop=True)
+    return train, test
+
+
+def run_one(name: str, train: pd.DataFrame, test: pd.DataFrame, cfg: SLMConfig, seed: int,
+            cache_dir: Path) -> dict:
+    column, recipe, use_view = CONDITIONS[name]
+    labels, gold = label_index(train[column]), label_index(train["label"])
+    views = train["backtranslation"].tolist() if use_view else None
+    t0 = time.perf_counter()
+    result = train_slm(train["text"].tolist(), labels, len(CLASSES), cfg, FreeALConfig(), views=views,
+                       recipe=recipe, seed=seed, cache_dir=cache_dir if cfg.mode == "head" else None,
+                       progress=lambda msg: print(f"  [{name} seed {seed}] {msg}", flush=True))
+    train_s = time.perf_counter() - t0
+    test_acc = float((result.model.predict_proba(test["text"].tolist()).argmax(1) == label_index(test["label"])).mean())
+    rows = sum(h["rows"] for h in result.history)
+    loop_s = sum(h["seconds"] - h["split_seconds"] for h in result.history)
+    has, right = labels >= 0, labels == gold
+    clean = result.clean
+    return {
+        "seed": seed, "test_acc": test_acc,
+        "train_acc_vs_gold": float((result.probs.argmax(1) == gold).mean()),
+        "label_acc_on_labelled": float(right[has].mean()),
+        "n_labelled": int(has.sum()), "n_clean": int(clean.sum()),
+        # of the rows kept as clean, how many carry the gold label; and how many right labels were kept
+        "clean_precision": float(right[clean].mean()) if recipe.gmm else None,
+        "clean_recall": float((clean & right).sum() / max(1, (has & right).sum())) if recipe.gmm else None,
+        "samples_per_s": rows / max(loop_s, 1e-9), "train_seconds": train_s,
+        "history": result.history,
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    acc = np.array([r["test_acc"] for r in runs])
+    prec = [r["clean_precision"] for r in runs if r["clean_precision"] is not None]
+    return {"test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "clean_precision_mean": float(np.mean(prec)) if prec else None,
+            "n_clean_mean": float(np.mean([r["n_clean"] for r in runs])),
+            "samples_per_s_mean": float(np.mean([r["samples_per_s"] for r in runs])),
+            "train_seconds_mean": float(np.mean([r["train_seconds"] for r in runs]))}
+
+
+def print_table(key: str, summary: dict[str, dict]) -> None:
+    print(f"\n{key}")
+    print(f"{'condition':<26} {'test acc (mean ± std)':>22} {'clean prec':>10} {'n_clean':>8} {'samples/s':>10} "
+          f"{'train s':>8}")
+    for name, s in summary.items():
+        prec = f"{s['clean_precision_mean']:.4f}" if s["clean_precision_mean"] is not None else "-"
+        print(f"{name:<26} {s['test_acc_mean'] * 100:>13.2f} ± {s['test_acc_std'] * 100:<5.2f} {prec:>10} "
+              f"{s['n_clean_mean']:>8.0f} {s['samples_per_s_mean']:>10.1f} {s['train_seconds_mean']:>8.0f}")
+
+
+def write_merged(out: Path, key: str, entry: dict) -> None:
+    """Merge under `key` so a finetune run does not erase the head results (and vice versa)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
+    data[key] = entry
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=["head", "finetune"], default="head")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated")
+    ap.add_argument("--train-limit", type=int, default=None, help="stratified subset of the train set")
+    ap.add_argument("--epochs", type=int, default=SLMConfig.epochs)
+    ap.add_argument("--threads", type=int, default=SLMConfig.threads)
+    ap.add_argument("--conditions", default=DEFAULT_CONDITIONS, help="comma-separated, from: " + ", ".join(CONDITIONS))
+    ap.add_argument("--data-dir", type=Path, default=ROOT.parent.parent / "shared" / "data")
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/freeal-stream-cache"),
+                    help="frozen-embedding cache (head mode); kept out of the repo")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "slm_mr.json")
+    args = ap.parse_args(argv)
+
+    if not (args.data_dir / "mr" / "train.csv").exists():
+        print(f"skip: MR data not found under {args.data_dir} (expected mr/train.csv, mr/test.csv); "
+              "pass --data-dir to point at it", file=sys.stderr)
+        return 0
+    unknown = set(args.conditions.split(",")) - set(CONDITIONS)
+    if unknown:
+        ap.error(f"unknown condition(s) {sorted(unknown)}; choose from {', '.join(CONDITIONS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cfg = SLMConfig(mode=args.mode, epochs=args.epochs, threads=args.threads)
+    torch.set_num_threads(cfg.threads)
+    train, test = load_mr(args.data_dir, args.train_limit)
+    key = f"{args.mode}-ep{args.epochs}" + (f"-train{args.train_limit}" if args.train_limit else "")
+    print(f"{key}: {len(train)} train / {len(test)} test texts, seeds {seeds}, device {resolve_device(cfg.device)}, "
+          f"{cfg.threads} thread(s)", flush=True)
+
+    runs: dict[str, list[dict]] = {}
+    for name in args.conditions.split(","):
+        runs[name] = [run_one(name, train, test, cfg, seed, args.cache_dir) for seed in seeds]
+    summary = {name: summarise(r) for name, r in runs.items()}
+    entry = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "n_train": len(train), "n_test": len(test), "seeds": seeds,
+             "slm": dataclasses.asdict(cfg), "freeal": dataclasses.asdict(FreeALConfig()),
+             "conditions": {n: {"labels": CONDITIONS[n][0], "recipe": dataclasses.asdict(CONDITIONS[n][1]),
+                                "view": "backtranslation" if CONDITIONS[n][2] else "model-free"} for n in runs},
+             "device": str(resolve_device(cfg.device)), "torch_threads": torch.get_num_threads(),
+             "summary": summary, "runs": runs}
+    write_merged(args.out, key, entry)
+    print_table(key, summary)
+    print(f"\nwrote {args.out} [{key}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
