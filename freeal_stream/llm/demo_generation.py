@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MAX_TRIES = 3
 MIN_TEMPERATURE = 0.7   # writing varied examples needs sampling even when annotation runs at 0
 TOKENS_PER_ITEM = 80    # room for one item of up to ~60 words plus its numbering
+FALLBACK_DRAW_PER_DEMO = 4  # texts labelled zero-shot per fallback demo wanted: a rare class needs a wide draw
 
 
 def _draw(texts: Sequence[str], k: int, seed: int, class_idx: int, attempt: int) -> list[str]:
@@ -77,8 +78,9 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
             break
     demos = [(text, c, "generated") for c, texts in kept.items() for text in texts]
     if pending:
+        n_draw = max(prototypes, FALLBACK_DRAW_PER_DEMO * per_class) * len(pending)
         demos += _zero_shot_demos(client, cfg, task_description, verbalizer, unlabelled_texts, pending,
-                                  prototypes * len(pending), per_class, seed)
+                                  n_draw, per_class, seed)
     return demos
 
 
