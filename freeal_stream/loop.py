@@ -109,7 +109,8 @@ class FreeALRun:
         self.progress.say("generating demonstrations from unlabelled prototypes")
         fr = self.job.freeal
         pairs = generate_demos(self.client, self.llm_cfg, self.job.task.description, self.verbalizer, self.pool.texts,
-                               prototypes=fr.prototypes, per_class=fr.generated_per_class, seed=self.job.seed)
+                               prototypes=fr.prototypes, per_class=fr.generated_per_class, seed=self.job.seed,
+                               progress=lambda d, t, _l: self.progress.update("demo generation", d, t))
         demos = [(f"gen-{n}", text, label, source) for n, (text, label, source) in enumerate(pairs)]
         self.store.set_demo_pool(0, demos)
         return demos

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 from freeal_stream.config import LLMConfig
-from freeal_stream.llm.client import ChatRequest, LLMClient
+from freeal_stream.llm.client import ChatRequest, Ledger, LLMClient
 from freeal_stream.llm.prompts import (TEMPLATE_VERSION, annotation_messages, dedupe_key, generation_messages,
                                        parse_generated)
 from freeal_stream.llm.verbalizer import Verbalizer
 
 log = logging.getLogger(__name__)
+ProgressFn = Callable[[int, int, Ledger], None] | None
 
 MAX_TRIES = 3
 MIN_TEMPERATURE = 0.7   # writing varied examples needs sampling even when annotation runs at 0
@@ -32,16 +33,16 @@ def _draw(texts: Sequence[str], k: int, seed: int, class_idx: int, attempt: int)
 
 
 def _zero_shot(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
-               texts: Sequence[str]) -> list[int | None]:
+               texts: Sequence[str], progress: ProgressFn = None) -> list[int | None]:
     """The LLM's zero-shot label of each text (None = no label), asked exactly like an annotation."""
     checks = [ChatRequest.build(annotation_messages(task_description, verbalizer, [], t), cfg, TEMPLATE_VERSION,
                                 logprobs=False) for t in texts]
-    return [verbalizer.parse(a.content) for a in client.complete_many(checks)]
+    return [verbalizer.parse(a.content) for a in client.complete_many(checks, progress)]
 
 
 def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
                    unlabelled_texts: Sequence[str], prototypes: int, per_class: int,
-                   seed: int) -> list[tuple[str, int, str]]:
+                   seed: int, progress: ProgressFn = None) -> list[tuple[str, int, str]]:
     """Up to `per_class` (text, class_idx, source) demos per class; source 'generated' or 'zero-shot'.
 
     A class that yields no validated example is asked again with another prototype draw (up to
@@ -61,7 +62,7 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
                               cfg, TEMPLATE_VERSION, temperature=max(cfg.temperature, MIN_TEMPERATURE),
                               max_tokens=per_class * TOKENS_PER_ITEM, logprobs=False)
             for c in pending]
-        answers = client.complete_many(requests)
+        answers = client.complete_many(requests, progress)
         seen.update(dedupe_key(t) for draw in draws.values() for t in draw)
         candidates: list[tuple[str, int]] = []
         for c, answer in zip(pending, answers):
@@ -69,7 +70,7 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
                 if dedupe_key(item) not in seen:
                     seen.add(dedupe_key(item))
                     candidates.append((item, c))
-        verdicts = _zero_shot(client, cfg, task_description, verbalizer, [t for t, _ in candidates])
+        verdicts = _zero_shot(client, cfg, task_description, verbalizer, [t for t, _ in candidates], progress)
         for (item, c), verdict in zip(candidates, verdicts):
             if verdict == c:  # the LLM must agree that the example belongs to the class it was written for
                 kept[c].append(item)
@@ -80,19 +81,19 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
     if pending:
         n_draw = max(prototypes, FALLBACK_DRAW_PER_DEMO * per_class) * len(pending)
         demos += _zero_shot_demos(client, cfg, task_description, verbalizer, unlabelled_texts, pending,
-                                  n_draw, per_class, seed)
+                                  n_draw, per_class, seed, progress)
     return demos
 
 
 def _zero_shot_demos(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
                      texts: Sequence[str], classes: list[int], n_draw: int, per_class: int,
-                     seed: int) -> list[tuple[str, int, str]]:
+                     seed: int, progress: ProgressFn = None) -> list[tuple[str, int, str]]:
     """Fallback demos for `classes`: a seeded draw of unlabelled texts, kept where zero-shot says that class."""
     names = ", ".join(verbalizer.names[c] for c in classes)
     log.warning("demo generation: no usable example for %s after %d tries; using unlabelled texts the LLM "
                 "labels zero-shot as such", names, MAX_TRIES)
     draw = _draw(texts, n_draw, seed, -1, MAX_TRIES)
-    verdicts = _zero_shot(client, cfg, task_description, verbalizer, draw)
+    verdicts = _zero_shot(client, cfg, task_description, verbalizer, draw, progress)
     out: list[tuple[str, int, str]] = []
     for c in classes:
         chosen = [t for t, verdict in zip(draw, verdicts) if verdict == c][:per_class]
