@@ -115,9 +115,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         _register_outputs(store)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        store.con.execute(f"""COPY (SELECT l.id, l.text, c.name AS label, l.source, l.confidence
+        store.con.execute(f"""COPY (SELECT l.id, l.text, c.name AS label, l.source, l.confidence,
+                                           cl.name AS llm_label, cs.name AS slm_label
                                     FROM labels_out l LEFT JOIN class_names c ON c.idx = l.label
-                                    ORDER BY l.seq) TO '{tmp}' (FORMAT {fmt})""")
+                                    LEFT JOIN class_names cl ON cl.idx = l.llm_label
+                                    LEFT JOIN class_names cs ON cs.idx = l.slm_label
+                                    ORDER BY l.seq) TO '{tmp}' (FORMAT {fmt})""").fetchall()
         tmp.replace(out)
         n = store.count_items()
     finally:
@@ -136,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show rounds, spend and label sources of a job's state")
     s.add_argument("job")
     s.set_defaults(func=cmd_status)
-    e = sub.add_parser("export", help="write id, text, label, source, confidence to CSV/Parquet/JSONL")
+    e = sub.add_parser("export", help="write id, text, label, source, confidence (and the LLM's and the SLM's "
+                                      "own labels) to CSV/Parquet/JSONL")
     e.add_argument("job")
     e.add_argument("output", help="output file; the format follows its suffix (.csv, .parquet, .jsonl)")
     e.set_defaults(func=cmd_export)

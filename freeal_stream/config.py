@@ -301,8 +301,8 @@ def parse_job(raw: dict[str, Any], file: str | Path = "<job>") -> JobConfig:
     state = Path(os.path.expanduser(job.state_dir.format(name=job.name)))
     job = dataclasses.replace(
         job,
-        data=dataclasses.replace(job.data, path=str(data_path if data_path.is_absolute() else base / data_path)),
-        state_dir=str(state if state.is_absolute() else base / state),
+        data=dataclasses.replace(job.data, path=str((base / data_path).resolve())),
+        state_dir=str((base / state).resolve()),
         source_file=file,
     )
     if not job.name.replace("-", "").replace("_", "").isalnum():

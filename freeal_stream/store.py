@@ -43,7 +43,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     model_path VARCHAR, metrics JSON);
 """
 
-# The label of record per item: its latest LLM label where one exists, else the SLM's latest prediction.
+# The label of record per item. An LLM label stands unless a later (or same-round) SLM put it in the
+# noisy split: the method discards those labels, so the SLM's prediction replaces them. Texts the LLM never
+# labelled get the SLM's prediction.
 _LABELS_SQL = """
 WITH llm AS (
     SELECT item_id, arg_max(label, round) AS label, max(round) AS round,
@@ -51,15 +53,20 @@ WITH llm AS (
     FROM annotations WHERE label IS NOT NULL GROUP BY item_id),
 slm AS (
     SELECT item_id, arg_max(pred, round) AS label, max(round) AS round,
-           arg_max(confidence, round) AS confidence
-    FROM slm_scores GROUP BY item_id)
-SELECT i.seq, i.id, i.text, i.gold,
-       coalesce(llm.label, slm.label) AS label,
-       CASE WHEN llm.label IS NOT NULL THEN 'llm round ' || llm.round
-            WHEN slm.label IS NOT NULL THEN 'slm round ' || slm.round END AS source,
-       coalesce(llm.confidence, slm.confidence) AS confidence,
-       slm.label AS slm_label
-FROM items i LEFT JOIN llm ON llm.item_id = i.id LEFT JOIN slm ON slm.item_id = i.id
+           arg_max(confidence, round) AS confidence, arg_max(clean, round) AS clean
+    FROM slm_scores GROUP BY item_id),
+pick AS (
+    SELECT i.seq, i.id, i.text, i.gold, llm.label AS llm_label, slm.label AS slm_label,
+           llm.label IS NOT NULL AND NOT coalesce(slm.round >= llm.round AND NOT slm.clean, false) AS use_llm,
+           llm.round AS llm_round, slm.round AS slm_round, llm.confidence AS llm_conf, slm.confidence AS slm_conf
+    FROM items i LEFT JOIN llm ON llm.item_id = i.id LEFT JOIN slm ON slm.item_id = i.id)
+SELECT seq, id, text, gold,
+       CASE WHEN use_llm THEN llm_label ELSE slm_label END AS label,
+       CASE WHEN use_llm THEN 'llm round ' || llm_round
+            WHEN slm_label IS NOT NULL THEN 'slm round ' || slm_round END AS source,
+       CASE WHEN use_llm THEN llm_conf ELSE slm_conf END AS confidence,
+       llm_label, slm_label
+FROM pick
 """
 
 

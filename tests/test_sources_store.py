@@ -66,19 +66,23 @@ def test_store_items_idempotent_and_answer_cache(tmp_path):
     s.close()
 
 
-def test_store_labels_prefer_latest_llm_then_slm(tmp_path):
+def test_label_of_record_llm_unless_slm_flags_it_noisy(tmp_path):
     s = Store(tmp_path / "s.duckdb")
-    s.add_items(["a", "b", "c"], ["x", "y", "z"], [None] * 3, [None] * 3, ["1", "2", "3"])
-    s.add_annotations(1, [("a", "k1", 0, 0.9, []), ("b", "k2", None, None, [])])
+    s.add_items(["a", "b", "c", "d", "e"], list("vwxyz"), [None] * 5, [None] * 5, list("12345"))
+    s.add_annotations(1, [("a", "k1", 0, 0.9, []), ("b", "k2", None, None, []), ("d", "k4", 0, 0.7, [])])
     s.add_annotations(2, [("a", "k3", 1, 0.8, ["d1"])])
-    probs = np.array([[0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
-    s.add_scores(2, ["a", "b", "c"], probs, np.array([0.1, np.nan, np.nan]), np.array([True, False, False]))
+    probs = np.array([[0.2, 0.8], [0.7, 0.3], [0.4, 0.6], [0.1, 0.9]])
+    s.add_scores(2, ["a", "b", "c", "d"], probs, np.array([0.1, np.nan, np.nan, 2.0]),
+                 np.array([True, False, False, False]))
+    s.add_annotations(3, [("e", "k5", 1, 0.6, [])])  # labelled after the last SLM: nothing judged it yet
     rows = {r[1]: r for r in s.labels_relation().fetchall()}
-    assert rows["a"][4:6] == (1, "llm round 2")
+    assert rows["a"][4:7] == (1, "llm round 2", 0.8)  # the SLM kept it in the clean split
     assert rows["b"][4:6] == (0, "slm round 2")  # the LLM gave no label: the SLM's prediction stands
-    assert rows["c"][4:6] == (1, "slm round 2")
-    assert s.label_counts_by_source() == {"llm": 1, "slm": 2}
-    assert s.llm_labels() == {"a": 1, "b": None}
+    assert rows["c"][4:6] == (1, "slm round 2")  # never annotated
+    assert rows["d"][4:7] == (1, "slm round 2", 0.9) and rows["d"][7:9] == (0, 1)  # noisy: SLM replaces it
+    assert rows["e"][4:6] == (1, "llm round 3")
+    assert s.label_counts_by_source() == {"llm": 2, "slm": 3}
+    assert s.llm_labels() == {"a": 1, "b": None, "d": 0, "e": 1}
     s.close()
 
 
