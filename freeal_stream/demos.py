@@ -74,6 +74,8 @@ def balanced_retrieve(query: np.ndarray, demo_emb: np.ndarray, demo_labels: np.n
     Interleaving (round-robin by class, least similar first) keeps a block of one class from sitting
     just before the query, which biases the answer; the most similar demos end nearest the query.
     """
+    if m == 0 or len(demo_emb) == 0:
+        return np.array([], dtype=int)  # zero-shot
     per_class = max(1, m // n_classes)
     sims = demo_emb @ query
     ranked: list[list[int]] = []

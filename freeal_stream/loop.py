@@ -120,11 +120,9 @@ class FreeALRun:
         """Ask the LLM for the labels of `targets` (pool positions), within budget; store the outcome."""
         fr = self.job.freeal
         demo_labels = np.array([d[2] for d in demos], dtype=int)
-        groups = group_queries(query_emb[targets], demo_emb, fr.demo_group_size) if len(demos) else \
-            [np.array([i]) for i in range(len(targets))]
+        groups = group_queries(query_emb[targets], demo_emb, fr.demo_group_size)
         demo_lists = retrieve_for_groups(query_emb[targets], groups, demo_emb, demo_labels,
-                                         fr.demos_per_prompt, self.n_classes) if len(demos) else \
-            [np.array([], dtype=int)] * len(groups)
+                                         fr.demos_per_prompt, self.n_classes)
         plan: list[tuple[int, ChatRequest, list[str]]] = []
         for g, dl in zip(groups, demo_lists):
             shots = [(demos[d][1], demos[d][2]) for d in dl]
@@ -254,8 +252,8 @@ class FreeALRun:
         done = {r["round"] for r in self.store.rounds() if r["phase"] == "done"}
         fr = self.job.freeal
         demos = self.initial_demos()
-        demo_emb = self.encoder.embed([d[1] for d in demos]) if demos else np.zeros((0, 1), np.float32)
         query_emb = self.base_embeddings()
+        demo_emb = self.encoder.embed([d[1] for d in demos]) if demos else query_emb[:0]
         result: SLMResult | None = None
         for round_ in range(1, fr.rounds + 1):
             if round_ in done:

@@ -53,3 +53,10 @@ def test_group_queries_covers_every_query_once_and_groups_neighbours():
     demos = retrieve_for_groups(queries, groups, demo, np.array([0, 1, 0, 1]), 2, 2)
     assert len(demos) == 4 and all(len(d) == 2 for d in demos)
     assert [len(g) for g in group_queries(queries, demo, 1)] == [1] * 20
+
+
+def test_no_demos_means_zero_shot_singletons():
+    queries = unit(np.random.default_rng(0).normal(size=(3, 4)))
+    groups = group_queries(queries, queries[:0], 8)
+    assert [g.tolist() for g in groups] == [[0], [1], [2]]
+    assert all(len(d) == 0 for d in retrieve_for_groups(queries, groups, queries[:0], np.array([], int), 8, 2))

@@ -97,3 +97,18 @@ def test_full_loop_with_qwen_labels_better_than_chance(tmp_path, capsys):
     assert metrics[0]["llm_requested"] == 24
     assert 0 < refined < 24  # only the part outside the clean sets goes back to the LLM
     assert metrics[0]["llm_label_acc"] >= 0.5, metrics[0]  # 4 classes: chance is 0.25
+
+
+def test_budget_cap_shrinks_the_round_and_stops_cleanly(tmp_path, capsys):
+    """Zero-shot (no demo generation), 16 texts, P = 50%: round 1 wants 8, round 2 wants 4; the cap is 10."""
+    job = make_job(tmp_path, 4, llm={"model": "smollm2-135m-instruct"}, slm={"mode": "head"},
+                   freeal={"rounds": 3, "query_fraction": 0.5, "demos_per_prompt": 0},
+                   budget={"max_requests": 10})
+    assert main(["run", str(job)]) == 0
+    err = capsys.readouterr().err
+    assert "budget: sending 2 of 4 new requests" in err and "budget exhausted" in err
+    con = state(tmp_path)
+    assert con.execute("SELECT count(*) FROM llm_answers").fetchone()[0] == 10
+    assert con.execute("SELECT count(*) FROM rounds WHERE phase = 'done'").fetchone()[0] == 2
+    assert con.execute("SELECT count(*) FROM slm_scores WHERE round = 2").fetchone()[0] == 16
+    con.close()
