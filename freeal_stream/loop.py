@@ -261,14 +261,20 @@ class FreeALRun:
             if result is None and round_ > 1:
                 result, demos, demo_emb, query_emb = self._reload(round_ - 1)
             started, before = time.time(), self.store.spent()
-            targets = self._targets(round_, result)
-            if len(targets) == 0:
-                self.progress.say(f"round {round_}: nothing left to annotate; stopping")
-                break
-            self.store.set_phase(round_, fr.schedule, "annotating")
-            self.progress.say(f"round {round_}/{fr.rounds}: {len(targets)} texts to the LLM "
-                              f"({'refinement' if fr.schedule == 'full' and round_ > 1 else fr.schedule})")
-            counts = self.annotate(round_, targets, demos, demo_emb, query_emb)
+            counts = self.store.round_annotations(round_)
+            if counts:  # stored before the last run stopped: selecting again would pay for a second P%
+                self.progress.say(f"round {round_}/{fr.rounds}: its {counts['requested']} annotations are "
+                                  "already stored; resuming at training")
+                wanted = counts["requested"]
+            else:
+                targets = self._targets(round_, result)
+                if len(targets) == 0:
+                    self.progress.say(f"round {round_}: nothing left to annotate; stopping")
+                    break
+                self.store.set_phase(round_, fr.schedule, "annotating")
+                self.progress.say(f"round {round_}/{fr.rounds}: {len(targets)} texts to the LLM "
+                                  f"({'refinement' if fr.schedule == 'full' and round_ > 1 else fr.schedule})")
+                counts, wanted = self.annotate(round_, targets, demos, demo_emb, query_emb), len(targets)
             result, labels = self.train(round_)
             demos, clean = self.demo_pool_from(round_, result, labels)
             demo_emb = result.embeddings[[self.pool.pos[d[0]] for d in demos]]
@@ -276,7 +282,7 @@ class FreeALRun:
             m = self.metrics(round_, started, counts, result, labels, clean, len(demos), before)
             self.store.set_phase(round_, fr.schedule, "done", metrics=m)
             self.progress.say(format_round(m))
-            if counts["requested"] < len(targets):
+            if counts["requested"] < wanted:
                 self.progress.say("budget exhausted: stopping after this round")
                 break
         return [r["metrics"] for r in self.store.rounds() if r["phase"] == "done"]

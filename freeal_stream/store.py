@@ -207,6 +207,14 @@ class Store:
         finally:
             self.con.unregister("incoming")
 
+    def round_annotations(self, round_: int) -> dict[str, int]:
+        """How a round's stored annotations came out; empty when the round has none yet."""
+        n, labelled = _first(self.con.execute(
+            "SELECT count(*), count(label) FROM annotations WHERE round = ?", [round_]))
+        if not n:
+            return {}
+        return {"requested": n, "labelled": labelled, "no_label": n - labelled, "failed": 0}
+
     def annotated_ids(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT DISTINCT item_id FROM annotations").fetchall()}
 

@@ -118,3 +118,33 @@ def test_budget_cap_shrinks_the_round_and_stops_cleanly(tmp_path, capsys):
     assert con.execute("SELECT count(*) FROM rounds WHERE phase = 'done'").fetchone()[0] == 2
     assert con.execute("SELECT count(*) FROM slm_scores WHERE round = 2").fetchone()[0] == 16
     con.close()
+
+
+def test_crash_during_training_resumes_without_a_second_selection(tmp_path, monkeypatch):
+    """A run killed after round 1's annotations were stored must not pick another P% for round 1."""
+    import freeal_stream.loop as loop
+
+    job = make_job(tmp_path, 4, llm={"model": "smollm2-135m-instruct"}, slm={"mode": "head"},
+                   freeal={"rounds": 2, "query_fraction": 0.5, "demos_per_prompt": 0})
+    real_train = loop.train_slm
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed mid-training")
+
+    monkeypatch.setattr(loop, "train_slm", crash)
+    with pytest.raises(RuntimeError, match="killed mid-training"):
+        main(["run", str(job)])
+    con = state(tmp_path)
+    first = con.execute("SELECT item_id FROM annotations WHERE round = 1 ORDER BY item_id").fetchall()
+    answers = con.execute("SELECT count(*) FROM llm_answers").fetchone()[0]
+    con.close()
+    assert len(first) == 8 and answers == 8
+
+    monkeypatch.setattr(loop, "train_slm", real_train)
+    assert main(["run", str(job)]) == 0
+    con = state(tmp_path)
+    again = con.execute("SELECT item_id FROM annotations WHERE round = 1 ORDER BY item_id").fetchall()
+    per_round = con.execute("SELECT round, count(*) FROM annotations GROUP BY 1 ORDER BY 1").fetchall()
+    answers_after = con.execute("SELECT count(*) FROM llm_answers").fetchone()[0]
+    con.close()
+    assert again == first and per_round == [(1, 8), (2, 4)] and answers_after == 12
