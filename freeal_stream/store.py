@@ -6,9 +6,10 @@ which makes the cache, the resume log and the billing record one table.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,15 @@ class Store:
         self._exec(_DDL)
         self._exec("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
+    @contextlib.contextmanager
+    def _registered(self, name: str, table: pa.Table) -> Iterator[None]:
+        """An Arrow batch visible to SQL as `name` for one statement: bulk writes without a row loop."""
+        self.con.register(name, table)
+        try:
+            yield
+        finally:
+            self.con.unregister(name)
+
     def _exec(self, sql: str, params: Any = None) -> None:
         """Run a statement and drain its result: DuckDB 2 refuses new work while a result is unread."""
         self.con.execute(sql, params if params is not None else []).fetchall()
@@ -121,13 +131,10 @@ class Store:
             "content_hash": pa.array(list(hashes), pa.string()),
         })
         before = self.count_items()
-        self.con.register("incoming", batch)
-        try:
+        with self._registered("incoming", batch):
             self._exec("""
                 INSERT INTO items SELECT seq, id, text, view, gold, content_hash, epoch(now())
                 FROM incoming WHERE id NOT IN (SELECT id FROM items)""")
-        finally:
-            self.con.unregister("incoming")
         return self.count_items() - before
 
     def count_items(self) -> int:
@@ -142,26 +149,20 @@ class Store:
     def conflicting_ids(self, ids: Sequence[str], hashes: Sequence[str]) -> list[str]:
         """Ids already stored with a different text: re-ingesting must not silently change an item."""
         batch = pa.table({"id": pa.array(list(ids), pa.string()), "h": pa.array(list(hashes), pa.string())})
-        self.con.register("incoming", batch)
-        try:
+        with self._registered("incoming", batch):
             rows = self.con.execute("""SELECT i.id FROM items i JOIN incoming n ON i.id = n.id
                                        WHERE i.content_hash <> n.h ORDER BY i.seq LIMIT 10""").fetchall()
-        finally:
-            self.con.unregister("incoming")
         return [r[0] for r in rows]
 
     # ---- LLM answer cache (the AnswerCache protocol) ------------------------------------------------
     def get_answers(self, keys: Sequence[str]) -> dict[str, ChatAnswer]:
         if not keys:
             return {}
-        self.con.register("wanted", pa.table({"key": pa.array(list(set(keys)), pa.string())}))
-        try:
+        with self._registered("wanted", pa.table({"key": pa.array(list(set(keys)), pa.string())})):
             rows = self.con.execute("""
                 SELECT a.key, content, finish_reason, prompt_tokens, completion_tokens, cached_tokens,
                        top_logprobs, latency_s, attempts
                 FROM llm_answers a JOIN wanted w ON a.key = w.key""").fetchall()
-        finally:
-            self.con.unregister("wanted")
         out = {}
         for k, content, fin, pt, ct, cached, tlp, lat, att in rows:
             top = [[(t, lp) for t, lp in pos] for pos in json.loads(tlp)] if tlp else None
@@ -201,11 +202,8 @@ class Store:
             "request_key": [r[1] for r in rows], "label": pa.array([r[2] for r in rows], pa.int32()),
             "confidence": pa.array([r[3] for r in rows], pa.float64()),
             "demo_ids": [json.dumps(r[4]) for r in rows]})
-        self.con.register("incoming", batch)
-        try:
+        with self._registered("incoming", batch):
             self._exec("INSERT OR REPLACE INTO annotations SELECT * FROM incoming")
-        finally:
-            self.con.unregister("incoming")
 
     def round_annotations(self, round_: int) -> dict[str, int]:
         """How a round's stored annotations came out; empty when the round has none yet."""
@@ -233,11 +231,8 @@ class Store:
             "probs": pa.array([json.dumps([round(float(p), 5) for p in row]) for row in probs], pa.string()),
             "loss": pa.array(np.where(np.isnan(losses), None, losses).tolist(), pa.float64()),
             "clean": pa.array(clean.astype(bool))})
-        self.con.register("incoming", batch)
-        try:
+        with self._registered("incoming", batch):
             self._exec("INSERT OR REPLACE INTO slm_scores SELECT * FROM incoming")
-        finally:
-            self.con.unregister("incoming")
 
     def scores(self, round_: int) -> dict[str, np.ndarray]:
         t = self.con.execute("""SELECT s.item_id, s.probs FROM slm_scores s JOIN items i ON i.id = s.item_id
