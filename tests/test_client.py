@@ -68,6 +68,7 @@ def test_key_is_stable_and_sensitive_to_every_field():
         dataclasses.replace(a, logprobs=True),
         dataclasses.replace(a, top_logprobs=3),
         dataclasses.replace(a, template_version="t2"),
+        dataclasses.replace(a, seed=7),
     ]
     keys = {r.key() for r in changed}
     assert len(keys) == len(changed) and a.key() not in keys

@@ -58,6 +58,8 @@ def test_generates_per_class_deduped_and_without_prototypes():
     body = server.requests[0]
     assert len(shown_prototypes(body)) == 5 and body["temperature"] >= 0.7 and body["max_tokens"] >= 10 * 60
     assert "logprobs" not in body
+    seeds = [b["seed"] for b in server.requests if not is_check(b)]
+    assert len(set(seeds)) == len(seeds)  # one fixed sampling seed per class and try
 
 
 def test_prototype_draws_are_seeded_and_answers_cached():

@@ -42,11 +42,12 @@ class ChatRequest:
     logprobs: bool
     top_logprobs: int
     template_version: str
+    seed: int | None = None                 # sampling seed, for reproducible answers at temperature > 0
 
     @classmethod
     def build(cls, messages: Sequence[Mapping[str, str]], cfg: LLMConfig, template_version: str, *,
               temperature: float | None = None, max_tokens: int | None = None,
-              logprobs: bool | None = None) -> ChatRequest:
+              logprobs: bool | None = None, seed: int | None = None) -> ChatRequest:
         """A request from chat messages and the job's LLM settings (overrides for e.g. generation)."""
         want_logprobs = cfg.logprobs if logprobs is None else logprobs
         return cls(
@@ -57,15 +58,19 @@ class ChatRequest:
             logprobs=want_logprobs,
             top_logprobs=cfg.top_logprobs if want_logprobs else 0,  # unused fields must not split keys
             template_version=template_version,
+            seed=seed,
         )
 
     def key(self) -> str:
-        """sha256 hex of the canonical JSON of all fields."""
+        """sha256 hex of the canonical JSON of all fields (`seed` only when set, so seedless keys are stable)."""
+        fields = {"messages": [list(m) for m in self.messages], "model": self.model,
+                  "temperature": float(self.temperature), "max_tokens": self.max_tokens,
+                  "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
+                  "template_version": self.template_version}
+        if self.seed is not None:
+            fields["seed"] = self.seed
         canonical = json.dumps(
-            {"messages": [list(m) for m in self.messages], "model": self.model,
-             "temperature": float(self.temperature), "max_tokens": self.max_tokens,
-             "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
-             "template_version": self.template_version},
+            fields,
             sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -223,6 +228,8 @@ class LLMClient:
     def _payload(self, request: ChatRequest) -> dict[str, Any]:
         payload: dict[str, Any] = {"model": request.model, "messages": request.as_messages(),
                                    "temperature": request.temperature, "max_tokens": request.max_tokens}
+        if request.seed is not None:
+            payload["seed"] = request.seed
         if request.logprobs and self._logprobs_supported:
             payload["logprobs"] = True
             if request.top_logprobs:

@@ -32,6 +32,11 @@ def _draw(texts: Sequence[str], k: int, seed: int, class_idx: int, attempt: int)
     return [texts[i] for i in rng.sample(range(len(texts)), min(k, len(texts)))]
 
 
+def _sampling_seed(seed: int, class_idx: int, attempt: int) -> int:
+    """A fixed sampling seed per (job seed, class, try): a fresh run writes the same demos."""
+    return random.Random(f"sample:{seed}:{class_idx}:{attempt}").randrange(2**31)
+
+
 def _zero_shot(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
                texts: Sequence[str], progress: ProgressFn = None) -> list[int | None]:
     """The LLM's zero-shot label of each text (None = no label), asked exactly like an annotation."""
@@ -60,7 +65,8 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
         requests = [
             ChatRequest.build(generation_messages(task_description, verbalizer, c, draws[c], per_class),
                               cfg, TEMPLATE_VERSION, temperature=max(cfg.temperature, MIN_TEMPERATURE),
-                              max_tokens=per_class * TOKENS_PER_ITEM, logprobs=False)
+                              max_tokens=per_class * TOKENS_PER_ITEM, logprobs=False,
+                              seed=_sampling_seed(seed, c, attempt))
             for c in pending]
         answers = client.complete_many(requests, progress)
         seen.update(dedupe_key(t) for draw in draws.values() for t in draw)
