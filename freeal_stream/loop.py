@@ -170,13 +170,14 @@ class FreeALRun:
         allowed = {p[1].key() for p in fresh[:n]}
         return [p for p in plan if p[1].key() in paid or p[1].key() in allowed]
 
+    def llm_label_array(self) -> np.ndarray:
+        """Each pool item's latest LLM label as a class index; -1 where there is none (not asked, no label)."""
+        llm = self.store.llm_labels()
+        return np.array([-1 if llm.get(x) is None else llm[x] for x in self.pool.ids], dtype=int)
+
     def train(self, round_: int) -> tuple[SLMResult, np.ndarray]:
         """Robust self-training on every LLM label so far (unlabelled rows join the consistency term)."""
-        llm_labels = self.store.llm_labels()
-        labels = np.full(len(self.pool), -1, dtype=int)
-        for item_id, lab in llm_labels.items():
-            if lab is not None and item_id in self.pool.pos:
-                labels[self.pool.pos[item_id]] = lab
+        labels = self.llm_label_array()
         views = self._views(labels)
         mode = resolve_mode(self.job.slm, len(self.pool), int((labels >= 0).sum()))
         self.progress.say(f"[round {round_} train] SLM in {mode} mode on {int((labels >= 0).sum())} LLM labels "
@@ -291,17 +292,16 @@ class FreeALRun:
         """Which pool positions go to the LLM this round."""
         fr = self.job.freeal
         annotated = self.store.annotated_ids()
+        unannotated = np.array([i for i, x in enumerate(self.pool.ids) if x not in annotated], dtype=int)
         if fr.schedule == "full":
             if round_ == 1:
-                return np.array([i for i, x in enumerate(self.pool.ids) if x not in annotated], dtype=int)
+                return unannotated
             # refinement: everything outside the SLM's clean sets (including no-label rows) is asked again
-            llm = self.store.llm_labels()
-            labels = np.array([-1 if llm.get(x) is None else llm[x] for x in self.pool.ids])
-            _, clean = select_demo_pool(labels, result.losses, result.embeddings, fr.clean_ratio, 1)
+            _, clean = select_demo_pool(self.llm_label_array(), result.losses, result.embeddings,
+                                        fr.clean_ratio, 1)
             keep = np.zeros(len(self.pool), bool)
             keep[clean] = True
             return np.flatnonzero(~keep)
-        unannotated = np.array([i for i, x in enumerate(self.pool.ids) if x not in annotated], dtype=int)
         n = budget_policy.round_size(len(unannotated), fr.query_fraction)
         probs = result.probs[unannotated] if result is not None else None
         ids = np.array(self.pool.ids, dtype=object)[unannotated]
@@ -316,12 +316,10 @@ class FreeALRun:
         model = SLM.load(Path(info["model_path"]))
         self.progress.say(f"resuming after round {round_}: loading its SLM from {info['model_path']}")
         probs, emb = model.predict_proba(self.pool.texts), model.embed(self.pool.texts)
+        labels = self.llm_label_array()
+        has = np.flatnonzero(labels >= 0)
         losses = np.full(len(self.pool), np.nan)
-        llm = self.store.llm_labels()
-        for item_id, lab in llm.items():
-            if lab is not None and item_id in self.pool.pos:
-                p = self.pool.pos[item_id]
-                losses[p] = -np.log(max(float(probs[p, lab]), 1e-12))
+        losses[has] = -np.log(np.maximum(probs[has, labels[has]], 1e-12))  # the CE the trainer reports
         result = SLMResult(probs=probs, embeddings=emb, losses=losses, clean=np.zeros(len(self.pool), bool),
                            mode=info["metrics"].get("slm_mode", ""), history=[], model=model)
         demos = self.store.demo_pool(round_)
