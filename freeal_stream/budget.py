@@ -1,18 +1,14 @@
 """Budget policy, apart from selection: how many requests a round may send before it starts.
 
-A round's cost is estimated before it is spent (input and output tokens), the round is shrunk to fit
-what is left, and the run stops cleanly at the cap instead of discovering the overrun afterwards.
+A round's cost is estimated before it is spent (input and output tokens, with the per-request estimate
+the rate limiter uses: `llm.ratelimit.estimate_tokens`), the round is shrunk to fit what is left, and
+the run stops cleanly at the cap instead of discovering the overrun afterwards.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from freeal_stream.config import BudgetConfig
-
-
-def estimate_tokens(prompt_chars: int, max_tokens: int) -> int:
-    """Input tokens (~4 characters a token, rounded up) plus the output tokens the request may produce."""
-    return -(-prompt_chars // 4) + max_tokens
 
 
 @dataclass(frozen=True)

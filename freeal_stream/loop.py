@@ -22,6 +22,7 @@ from freeal_stream.llm.client import ChatRequest, LLMClient
 from freeal_stream.llm.demo_generation import generate_demos
 from freeal_stream.llm.prompts import (TEMPLATE_VERSION, annotation_messages, clean_paraphrase,
                                        paraphrase_max_tokens, paraphrase_messages)
+from freeal_stream.llm.ratelimit import estimate_tokens
 from freeal_stream.llm.verbalizer import Verbalizer
 from freeal_stream.progress import Progress
 from freeal_stream.slm.encoder import Encoder, cached_embed
@@ -158,8 +159,7 @@ class FreeALRun:
             return plan
         paid = self.store.get_answers([p[1].key() for p in plan])
         fresh = [p for p in plan if p[1].key() not in paid]
-        est = np.mean([budget_policy.estimate_tokens(sum(len(c) for _, c in p[1].messages), p[1].max_tokens)
-                       for p in fresh]) if fresh else 0.0
+        est = np.mean([estimate_tokens(p[1].messages, p[1].max_tokens) for p in fresh]) if fresh else 0.0
         s = self.store.spent()
         n = budget_policy.affordable(len(fresh), est, budget_policy.Spent(
             s["requests"], s["prompt_tokens"] + s["completion_tokens"]), self.job.budget)

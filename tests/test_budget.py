@@ -1,10 +1,12 @@
-from freeal_stream.budget import Spent, affordable, estimate_tokens, round_size
+from freeal_stream.budget import Spent, affordable, round_size
 from freeal_stream.config import BudgetConfig
+from freeal_stream.llm.ratelimit import estimate_tokens
 
 
 def test_estimate_counts_input_and_output():
-    assert estimate_tokens(400, 5) == 105
-    assert estimate_tokens(401, 0) == 101
+    """The budget's per-request estimate (shared with the rate limiter): ~4 characters a token, plus output."""
+    assert estimate_tokens([("user", "x" * 396)], 5) == 105
+    assert estimate_tokens([("user", "x" * 397)], 0) == 101
 
 
 def test_affordable_respects_each_cap():
