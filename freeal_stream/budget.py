@@ -1,30 +1,94 @@
-"""Budget policy, apart from selection: how many requests a round may send before it starts.
+"""Budget policy, apart from selection: what a request costs, how much of a round fits, when to stop.
 
-A round's cost is estimated before it is spent (input and output tokens, with the per-request estimate
-the rate limiter uses: `llm.ratelimit.estimate_tokens`), the round is shrunk to fit what is left, and
-the run stops cleanly at the cap instead of discovering the overrun afterwards.
+A round's cost is estimated before it is spent (input tokens from the prompt, output tokens at the
+request's cap, input billed at the full, uncached price: an estimate that can only err high), the round
+is shrunk to fit what is left, and while it runs `BudgetGuard` admits chunks of requests only while
+spent + reserved stays under every cap, so a cap is never exceeded by more than the requests in flight.
 """
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
-from freeal_stream.config import BudgetConfig
+from freeal_stream.config import BudgetConfig, Price
+from freeal_stream.llm.ratelimit import estimate_tokens
+
+
+class BudgetConfigError(ValueError):
+    """The budget cannot be enforced as written (e.g. a money cap without a price for the model)."""
 
 
 @dataclass(frozen=True)
 class Spent:
-    requests: int
-    tokens: int
+    requests: int = 0
+    tokens: int = 0
+    cost: float = 0.0
+
+    def __add__(self, other: "Spent") -> "Spent":
+        return Spent(self.requests + other.requests, self.tokens + other.tokens, self.cost + other.cost)
+
+    def __sub__(self, other: "Spent") -> "Spent":
+        return Spent(self.requests - other.requests, self.tokens - other.tokens, self.cost - other.cost)
 
 
-def affordable(wanted: int, tokens_per_request: float, spent: Spent, budget: BudgetConfig) -> int:
-    """How many of `wanted` requests fit in what is left of the budget (0 when it is exhausted)."""
-    n = wanted
-    if budget.max_requests is not None:
-        n = min(n, max(0, budget.max_requests - spent.requests))
-    if budget.max_tokens is not None and tokens_per_request > 0:
-        n = min(n, max(0, int((budget.max_tokens - spent.tokens) // tokens_per_request)))
-    return n
+def price_for(budget: BudgetConfig, model: str) -> Price | None:
+    """The model's price; a money cap without one is refused, since it could not be kept."""
+    price = budget.prices.get(model)
+    if price is None and budget.max_cost is not None:
+        raise BudgetConfigError(
+            f"budget.max_cost is set but budget.prices has no entry for model '{model}'. Fix: add "
+            f"'budget: {{prices: {{{model}: {{input: ..., cached_input: ..., output: ...}}}}}}' "
+            "(money per million tokens), or drop max_cost")
+    return price
+
+
+def cost(price: Price | None, prompt_tokens: float, cached_tokens: float, completion_tokens: float) -> float:
+    """Money for one request's (or a sum of requests') tokens; 0 without a price."""
+    if price is None:
+        return 0.0
+    cached_price = price.input if price.cached_input is None else price.cached_input
+    return ((prompt_tokens - cached_tokens) * price.input + cached_tokens * cached_price
+            + completion_tokens * price.output) / 1e6
+
+
+def spent_from_usage(usage: Sequence[Mapping[str, float]], budget: BudgetConfig) -> Spent:
+    """Spent from per-model usage rows (model, requests, prompt_tokens, cached_tokens, completion_tokens)."""
+    total = Spent()
+    for u in usage:
+        total = total + Spent(int(u["requests"]), int(u["prompt_tokens"] + u["completion_tokens"]),
+                              cost(budget.prices.get(u["model"]), u["prompt_tokens"], u["cached_tokens"],
+                                   u["completion_tokens"]))
+    return total
+
+
+def estimate(messages: Sequence[tuple[str, str]], max_tokens: int, price: Price | None) -> Spent:
+    """One request before it is sent: as many output tokens as allowed, no prefix-cache discount."""
+    tokens = estimate_tokens(messages, max_tokens)
+    return Spent(1, tokens, cost(price, tokens - max_tokens, 0, max_tokens))
+
+
+def headroom(spent: Spent, budget: BudgetConfig) -> Spent | None:
+    """What is left under each cap (math.inf where there is none); None when nothing is capped."""
+    if budget.max_requests is None and budget.max_tokens is None and budget.max_cost is None:
+        return None
+    left = lambda cap, used: math.inf if cap is None else max(0.0, cap - used)  # noqa: E731
+    return Spent(left(budget.max_requests, spent.requests), left(budget.max_tokens, spent.tokens),
+                 left(budget.max_cost, spent.cost))
+
+
+def affordable(estimates: Sequence[Spent], spent: Spent, budget: BudgetConfig) -> int:
+    """How many of the requests (in order) fit in what is left of the budget (0 when it is exhausted)."""
+    left = headroom(spent, budget)
+    if left is None:
+        return len(estimates)
+    used = Spent()
+    for n, e in enumerate(estimates):
+        used = used + e
+        if used.requests > left.requests or used.tokens > left.tokens or used.cost > left.cost + 1e-12:
+            return n
+    return len(estimates)
 
 
 def round_size(pool_size: int, fraction: float) -> int:
@@ -32,3 +96,31 @@ def round_size(pool_size: int, fraction: float) -> int:
     if pool_size <= 0:
         return 0
     return max(1, min(pool_size, int(round(pool_size * fraction))))
+
+
+class BudgetGuard:
+    """The cap at dispatch time: spent (as stored) + reserved for work in flight never passes a cap.
+
+    Answers are stored before a chunk's task returns, so once `release` runs the stored spend holds what
+    the reservation stood for. Thread-safe: annotator results may be collected from another thread.
+    """
+
+    def __init__(self, budget: BudgetConfig, spent: Callable[[], Spent]):
+        self.budget, self._spent = budget, spent
+        self._reserved = Spent()
+        self._lock = threading.Lock()
+        self.refused = 0
+
+    def admit(self, estimates: Sequence[Spent]) -> int:
+        """Reserve the longest prefix of `estimates` that fits; returns its length."""
+        with self._lock:
+            n = affordable(estimates, self._spent() + self._reserved, self.budget)
+            for e in estimates[:n]:
+                self._reserved = self._reserved + e
+            self.refused += len(estimates) - n
+            return n
+
+    def release(self, estimates: Sequence[Spent]) -> None:
+        with self._lock:
+            for e in estimates:
+                self._reserved = self._reserved - e

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -15,114 +14,94 @@ from freeal_stream.progress import Progress
 EXPORT_FORMATS = {".csv": "CSV", ".parquet": "PARQUET", ".jsonl": "JSON", ".json": "JSON"}
 
 
-def _llm_endpoint(job: JobConfig, stack: contextlib.ExitStack, progress: Progress) -> tuple[str, str, bool]:
-    """(base_url, model name, is_local): the job's endpoint, or the embedded server started for this run."""
-    if job.llm.base_url:
-        return job.llm.base_url, job.llm.model, False
-    from freeal_stream.local_llm import LocalLLMServer
-
-    server = LocalLLMServer(model=job.llm.model, context_size=job.llm.context_size,
-                            threads=job.llm.server_threads)
-    progress.say(f"starting the embedded llama.cpp server ({job.llm.model}) on 127.0.0.1")
-    base_url = server.start()
-    stack.callback(server.stop)
-    return base_url, server.model_name, True
+def _prepare_process(job: JobConfig) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
+    _prepare_process(job)
     progress = Progress()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
+    from freeal_stream.loop import FreeALRun, format_round
+    from freeal_stream.session import ingest, open_session
 
-    torch.set_num_threads(job.slm.threads)
-    from freeal_stream.llm.client import LLMClient
-    from freeal_stream.loop import FreeALRun, api_key, format_round, ingest, open_state
-
-    store = open_state(job)
-    with contextlib.ExitStack() as stack:
-        stack.callback(store.close)
-        ingest(job, store, progress)
-        base_url, model, local = _llm_endpoint(job, stack, progress)
-        client = LLMClient(job.llm, base_url, api_key(job, local), cache=store)
-        rounds = FreeALRun(job, store, client, model, progress).run()
+    with open_session(job, progress, args.address) as session:
+        ingest(job, session.store, progress)
+        rounds = FreeALRun(session, progress).run()
         progress.say("\nper-round figures:")
         for m in rounds:
             progress.say("  " + format_round(m))
-        _print_summary(store, progress)
+        _print_summary(session.store, job, progress)
     return 0
 
 
-def _print_summary(store: Any, progress: Progress) -> None:
-    counts = store.label_counts_by_source()
-    spent = store.spent()
-    progress.say(f"labels by source: {counts}; LLM spent: {spent['requests']} requests, "
-                 f"{spent['prompt_tokens'] + spent['completion_tokens']} tokens "
-                 f"({spent['cached_tokens']} prompt tokens from the server's prefix cache)")
-    _register_outputs(store)
-    rows = store.con.execute("""SELECT count(*), count(*) FILTER (WHERE l.gold = c.name)
-                                FROM labels_out l JOIN class_names c ON c.idx = l.label
-                                WHERE l.gold IS NOT NULL""").fetchall()
-    n, right = rows[0]
+def _print_summary(store: Any, job: JobConfig, progress: Progress) -> None:
+    from freeal_stream.status import format_status, job_status
+
+    st = job_status(store, job)
+    for line in format_status(st)[1:5]:
+        progress.say(line)
+    n, right = store.gold_agreement(job.task.class_names)
     if n:
         progress.say(f"final labels vs gold (reporting only): {right / n:.3f} on {n} items")
 
 
-def _register_outputs(store: Any) -> None:
-    """Views `labels_out` and `class_names` on the store connection, with the class names of the stored job."""
-    store.create_label_views(list(json.loads(store.get_meta("job"))["task"]["classes"]))
+def _stored_class_names(store: Any) -> list[str]:
+    """The class names of the job that made the state (the label indices in it refer to these)."""
+    return list(json.loads(store.get_meta("job"))["task"]["classes"])
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
+def _open_state_file(job: JobConfig) -> Any:
     from freeal_stream.store import Store
 
     db = job.state_path / "freeal.duckdb"
     if not db.exists():
-        print(f"no state yet at {db}: run `freeal-stream run {args.job}` first")
-        return 1
-    store = Store(db)
-    try:
-        progress = Progress(stream=sys.stdout)
-        progress.say(f"state: {db}; items: {store.count_items()}; annotated by the LLM: "
-                     f"{len(store.annotated_ids())}")
-        from freeal_stream.loop import format_round
+        raise FileNotFoundError(f"no state yet at {db}: run `freeal-stream run {job.source_file}` first")
+    return Store(db)
 
-        for r in store.rounds():
-            progress.say(f"  round {r['round']}: {r['phase']}" +
-                         (f" — {format_round(r['metrics'])}" if r["metrics"] else ""))
-        _print_summary(store, progress)
-    finally:
-        store.close()
+
+def _running_service(job: JobConfig) -> Any:
+    """A client for the service running on this job's state, or None (then the DuckDB file is free)."""
+    from freeal_stream.service.client import ServiceClient, find_service
+
+    url = find_service(job.state_path)
+    return ServiceClient(url, os.environ.get(job.service.token_env)) if url else None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    from freeal_stream.status import format_status, job_status
+
+    running = _running_service(job)
+    if running is not None:
+        st = running.status()
+    else:
+        store = _open_state_file(job)
+        try:
+            st = job_status(store, job)
+        finally:
+            store.close()
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print("\n".join(format_status(st)))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     job = load_job(args.job)
-    from freeal_stream.store import Store
-
     out = Path(args.output)
     fmt = EXPORT_FORMATS.get(out.suffix.lower())
     if fmt is None:
         print(f"cannot export to '{out.suffix}': use one of {sorted(EXPORT_FORMATS)}", file=sys.stderr)
         return 2
-    db = job.state_path / "freeal.duckdb"
-    if not db.exists():
-        print(f"no state at {db}: run the job first", file=sys.stderr)
-        return 1
-    store = Store(db)
+    store = _open_state_file(job)
     try:
-        _register_outputs(store)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        store.con.execute(f"""COPY (SELECT l.id, l.text, c.name AS label, l.source, l.confidence,
-                                           cl.name AS llm_label, cs.name AS slm_label
-                                    FROM labels_out l LEFT JOIN class_names c ON c.idx = l.label
-                                    LEFT JOIN class_names cl ON cl.idx = l.llm_label
-                                    LEFT JOIN class_names cs ON cs.idx = l.slm_label
-                                    ORDER BY l.seq) TO '{tmp}' (FORMAT {fmt})""").fetchall()
+        n = store.export(str(tmp), fmt, _stored_class_names(store))
         tmp.replace(out)
-        n = store.count_items()
     finally:
         store.close()
     print(f"exported {n} rows to {out}")
@@ -135,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or resume) a job until its rounds or budget are done")
     r.add_argument("job", help="job YAML file")
+    r.add_argument("--address", help="Ray cluster to run on (default: ray.address, $RAY_ADDRESS, else a local Ray)")
     r.set_defaults(func=cmd_run)
-    s = sub.add_parser("status", help="show rounds, spend and label sources of a job's state")
+    s = sub.add_parser("status", help="show spend, budget left, estimate to finish, rounds and label sources")
     s.add_argument("job")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=cmd_status)
     e = sub.add_parser("export", help="write id, text, label, source, confidence (and the LLM's and the SLM's "
                                       "own labels) to CSV/Parquet/JSONL")
@@ -154,7 +135,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from freeal_stream.sources import DataError
     from freeal_stream.store import StateError
 
-    return ConfigError, DataError, StateError, FatalLLMError, ModelNotAvailable, ServerStartError
+    from freeal_stream.actors.annotators import AnnotatorError
+    from freeal_stream.budget import BudgetConfigError
+    from strategies.base import StrategyError
+
+    return (ConfigError, DataError, StateError, FatalLLMError, ModelNotAvailable, ServerStartError, AnnotatorError,
+            BudgetConfigError, StrategyError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,16 +160,70 @@ class FreeALConfig:
 
 
 @dataclass(frozen=True)
+class Price:
+    """A model's token prices, in money units (e.g. USD) per million tokens."""
+
+    input: float
+    output: float
+    cached_input: float | None = None   # null = same as input
+
+    def validate(self) -> None:
+        _check(self.input >= 0 and self.output >= 0 and (self.cached_input or 0) >= 0, "prices must be >= 0")
+
+
+@dataclass(frozen=True)
 class BudgetConfig:
-    """Hard caps on what the LLM may cost; null = no cap."""
+    """Hard caps on what the LLM may cost; null = no cap. `max_cost` needs a price for the job's model."""
 
     max_requests: int | None = None
     max_tokens: int | None = None
+    max_cost: float | None = None
+    prices: dict[str, Price] = field(default_factory=dict)   # model name -> per-million-token prices
 
     def validate(self) -> None:
-        for name in ("max_requests", "max_tokens"):
+        for name in ("max_requests", "max_tokens", "max_cost"):
             v = getattr(self, name)
             _check(v is None or v >= 0, f"{name} must be >= 0 or null")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where the actors run. No address (and no RAY_ADDRESS) = a local Ray started for the job."""
+
+    address: str | None = None
+    local_cpus: int = 0                  # CPUs of the local Ray; 0 = all of this machine's
+    annotators: int = 2                  # annotator actors; they split the job's concurrency and rate limits
+    scorers: int = 1                     # embedding / batch-inference actors
+    chunk_size: int = 16                 # requests per annotator task (prompts sharing a prefix stay together)
+    max_restarts: int = 5                # replacements of dead actors per run before it gives up
+    annotator_resources: dict[str, float] = field(default_factory=dict)   # e.g. {annotator: 1} to pin
+    scorer_resources: dict[str, float] = field(default_factory=dict)
+    trainer_resources: dict[str, float] = field(default_factory=dict)
+    trainer_gpu: Literal["auto", "always", "never"] = "auto"   # auto = a GPU when the cluster has one
+
+    def validate(self) -> None:
+        _check(self.local_cpus >= 0, "local_cpus must be >= 0 (0 = all)")
+        _check(self.annotators >= 1 and self.scorers >= 1, "annotators and scorers must be >= 1")
+        _check(self.chunk_size >= 1, "chunk_size must be >= 1")
+        _check(self.max_restarts >= 0, "max_restarts must be >= 0")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """`freeal-stream serve`: where data comes in and what starts a round."""
+
+    host: str = "127.0.0.1"              # any other address needs a bearer token (token_env)
+    port: int = 8765                     # 0 = any free port (the URL is written to state_dir/service.json)
+    token_env: str = "FREEAL_SERVICE_TOKEN"
+    inbox: str | None = None             # folder watched for new data files; null = state_dir/inbox
+    min_new_items: int = 1               # a round starts once this many never-annotated items wait...
+    round_every_s: float = 0.0           # ...or, when > 0, at most this long after the first one arrived
+    poll_s: float = 1.0                  # how often the inbox and the pool are looked at
+
+    def validate(self) -> None:
+        _check(0 <= self.port <= 65535, "port must be in [0, 65535]")
+        _check(self.min_new_items >= 1, "min_new_items must be >= 1")
+        _check(self.round_every_s >= 0 and self.poll_s > 0, "round_every_s must be >= 0 and poll_s > 0")
 
 
 @dataclass(frozen=True)
@@ -192,6 +246,8 @@ class JobConfig:
     freeal: FreeALConfig = field(default_factory=FreeALConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     state_dir: str = ".freeal/{name}"
     seed: int = 0
     source_file: str = field(default="", compare=False)
@@ -203,6 +259,10 @@ class JobConfig:
     @property
     def data_path(self) -> Path:
         return Path(self.data.path)
+
+    @property
+    def inbox_path(self) -> Path:
+        return Path(self.service.inbox) if self.service.inbox else self.state_path / "inbox"
 
 
 _FIXES = {
@@ -299,9 +359,13 @@ def parse_job(raw: dict[str, Any], file: str | Path = "<job>") -> JobConfig:
     base = Path(file).resolve().parent if file != "<job>" else Path.cwd()
     data_path = Path(os.path.expanduser(job.data.path))
     state = Path(os.path.expanduser(job.state_dir.format(name=job.name)))
+    inbox = job.service.inbox
+    if inbox is not None:
+        inbox = str((base / Path(os.path.expanduser(inbox))).resolve())
     job = dataclasses.replace(
         job,
         data=dataclasses.replace(job.data, path=str((base / data_path).resolve())),
+        service=dataclasses.replace(job.service, inbox=inbox),
         state_dir=str((base / state).resolve()),
         source_file=file,
     )

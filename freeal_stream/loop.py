@@ -1,65 +1,44 @@
-"""FreeAL rounds: the full loop and the budgeted multi-round schedule.
+"""The coordinator: FreeAL rounds (the full loop and the budgeted multi-round schedule) over actors.
 
-One round = the LLM annotates a set of items with retrieved demos, then the SLM is trained robustly on
-every LLM label so far and picks the next demo pool. Each finished round is recorded in the store; a
-rerun skips finished rounds and, inside an unfinished one, the answer cache replays what was paid for.
+One round = choose items, store the plan (items + the demos each prompt shows), the annotators ask the
+LLM (labels are committed as chunks come back), the trainer actor trains the SLM robustly on every LLM
+label so far, the scores, the model's files and the next demo pool are stored. A rerun skips finished
+rounds; an unfinished one resumes at its stored phase: the stored plan rebuilds the same requests, so
+answers already paid for come from the store, and training is simply run again.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 
 from freeal_stream import budget as budget_policy
-from freeal_stream.config import JobConfig, job_to_dict
 from freeal_stream.demos import group_queries, retrieve_for_groups, select_demo_pool
-from freeal_stream.llm.client import ChatRequest, LLMClient
+from freeal_stream.llm.client import ChatAnswer, ChatRequest
 from freeal_stream.llm.demo_generation import generate_demos
 from freeal_stream.llm.prompts import (TEMPLATE_VERSION, annotation_messages, clean_paraphrase,
                                        paraphrase_max_tokens, paraphrase_messages)
-from freeal_stream.llm.ratelimit import estimate_tokens
 from freeal_stream.llm.verbalizer import Verbalizer
 from freeal_stream.progress import Progress
-from freeal_stream.slm.encoder import Encoder, cached_embed
-from freeal_stream.slm.trainer import SLMResult, resolve_mode, train_slm
-from freeal_stream.sources import read_items
-from freeal_stream.store import StateError, Store
+from freeal_stream.session import Session, spent_now
+from freeal_stream.slm.encoder import EmbeddingCache, cache_key
+from freeal_stream.slm.model import write_model_files
+from freeal_stream.slm.trainer import SLMResult, resolve_mode
 from strategies.base import QueryContext
+from strategies.select import select
+from strategies.shards import array_shards
 from strategies.registry import load_strategy
 
-# Fields that may change between runs on the same state: they steer how far the job goes, not what its
-# finished rounds mean. Anything else changed would mix incompatible rounds, so resuming is refused.
-RESUMABLE_FIELDS = {"budget", "freeal.rounds", "llm.concurrency", "llm.requests_per_minute",
-                    "llm.tokens_per_minute", "llm.timeout_s", "llm.max_retries", "llm.server_threads",
-                    "slm.threads", "slm.device", "slm.epochs", "name", "state_dir"}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k not in ("classes", "params"):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def check_resumable(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Fields whose change makes the stored rounds meaningless for this job (empty = resumable)."""
-    a, b = _flatten(stored), _flatten(current)
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    return [k for k in changed if k not in RESUMABLE_FIELDS and k.split(".")[0] not in RESUMABLE_FIELDS]
+Demo = tuple[str, str, int, str]   # (demo id, text, class index, source)
 
 
 @dataclass
 class Pool:
-    """The job's items as aligned columns; positions index every per-item array in a run."""
+    """The job's items as aligned columns; positions index every per-item array in a round."""
 
     ids: list[str]
     texts: list[str]
@@ -74,122 +53,169 @@ class Pool:
         return len(self.ids)
 
 
-class FreeALRun:
-    """Runs a job's rounds against one store, one LLM client and one progress printer."""
+@dataclass
+class Scored:
+    """The latest SLM's view of the pool: what retrieval, selection and refinement read."""
 
-    def __init__(self, job: JobConfig, store: Store, client: LLMClient, model_name: str,
-                 progress: Progress | None = None):
-        self.job, self.store, self.client = job, store, client
-        self.llm_cfg = dataclasses.replace(job.llm, model=model_name)  # the name the endpoint serves
+    round: int
+    files: dict[str, bytes]      # the model, to score items that arrive later
+    probs: np.ndarray
+    embeddings: np.ndarray
+    losses: np.ndarray
+    demos: list[Demo]
+
+
+class FreeALRun:
+    """Runs a job's rounds with a session's actors; all state goes to (and comes back from) the store."""
+
+    def __init__(self, session: Session, progress: Progress | None = None):
+        self.s, self.job, self.store = session, session.job, session.store
+        self.llm_cfg = dataclasses.replace(self.job.llm, model=session.model_name)
         self.progress = progress or Progress()
-        self.verbalizer = Verbalizer(job.task.classes)
-        self.n_classes = len(job.task.classes)
-        self.strategy = load_strategy(job.strategy.name, job.strategy.params)
-        self.pool = Pool(**store.items())
-        self.encoder = Encoder(job.slm.encoder, max_length=job.slm.max_length)
-        self._base_emb: np.ndarray | None = None
+        self.verbalizer = Verbalizer(self.job.task.classes)
+        self.n_classes = len(self.job.task.classes)
+        self.strategy = load_strategy(self.job.strategy.name, self.job.strategy.params)
+        self.pool = Pool(**self.store.items())
+        self.scored: Scored | None = None
+        self._emb_cache = EmbeddingCache(self.job.state_path / "embeddings",
+                                         cache_key(self.job.slm.encoder, self.job.slm.max_length))
 
     # ---- pieces -----------------------------------------------------------------------------------
+    def refresh_pool(self) -> int:
+        """Take in items ingested since the pool was read (they join this round); returns how many."""
+        n_before = len(self.pool)
+        self.pool = Pool(**self.store.items())
+        added = len(self.pool) - n_before
+        if added and self.scored is not None and self.scored.round == 0:
+            self.scored = None   # no SLM yet: rebuilt from the frozen encoder for the whole pool
+        elif added and self.scored is not None:
+            new = self.pool.texts[n_before:]
+            self.progress.say(f"scoring {added} new items with round {self.scored.round}'s SLM")
+            probs, emb = self.s.scorers.score(f"round-{self.scored.round}", self.scored.files, new)
+            self.scored.probs = np.concatenate([self.scored.probs, probs])
+            self.scored.embeddings = np.concatenate([self.scored.embeddings, emb])
+            self.scored.losses = np.concatenate([self.scored.losses, np.full(added, np.nan)])
+        return added
+
     def base_embeddings(self) -> np.ndarray:
-        """Frozen-encoder embeddings of the pool, for round 1's retrieval (before any SLM exists)."""
-        if self._base_emb is None:
-            self.progress.say(f"embedding {len(self.pool)} texts with the frozen encoder (cached)")
-            self._base_emb = cached_embed(self.encoder, self.pool.texts, self.job.state_path / "embeddings")
-        return self._base_emb
+        """Frozen-encoder embeddings of the pool (round 1's retrieval), computed by the scorers, cached."""
+        missing = sum(1 for t in self.pool.texts if not self._emb_cache.has(t))
+        if missing:
+            self.progress.say(f"embedding {missing} texts with the frozen encoder ({len(self.s.scorers.actors)} "
+                              "scorer actors)")
+        return self._emb_cache.get(self.pool.texts, self.s.scorers.embed)
 
     def gold_index(self) -> np.ndarray:
         """Gold labels as class indices (-1 = none or not a class name); used only for reporting."""
         names = {n: i for i, n in enumerate(self.job.task.class_names)}
         return np.array([names.get(g, -1) if g is not None else -1 for g in self.pool.golds])
 
-    def initial_demos(self) -> list[tuple[str, str, int, str]]:
+    def initial_demos(self) -> list[Demo]:
         """Round 0's pool: demos the LLM writes itself from unlabelled prototypes (or stored ones)."""
         stored = self.store.demo_pool(0)
         if stored or self.job.freeal.demos_per_prompt == 0:
             return stored
         self.progress.say("generating demonstrations from unlabelled prototypes")
         fr = self.job.freeal
-        pairs = generate_demos(self.client, self.llm_cfg, self.job.task.description, self.verbalizer, self.pool.texts,
-                               prototypes=fr.prototypes, per_class=fr.generated_per_class, seed=self.job.seed,
+        pairs = generate_demos(self.s.annotators, self.llm_cfg, self.job.task.description, self.verbalizer,
+                               self.pool.texts, prototypes=fr.prototypes, per_class=fr.generated_per_class,
+                               seed=self.job.seed,
                                progress=lambda d, t, _l: self.progress.update("demo generation", d, t))
         demos = [(f"gen-{n}", text, label, source) for n, (text, label, source) in enumerate(pairs)]
         self.store.set_demo_pool(0, demos)
         return demos
 
-    def annotate(self, round_: int, targets: np.ndarray, demos: list[tuple[str, str, int, str]],
-                 demo_emb: np.ndarray, query_emb: np.ndarray) -> dict[str, int]:
-        """Ask the LLM for the labels of `targets` (pool positions), within budget; store the outcome."""
+    def plan(self, targets: np.ndarray, demos: list[Demo], demo_emb: np.ndarray, query_emb: np.ndarray
+             ) -> list[tuple[str, list[str]]]:
+        """(item id, demo ids) per target: queries grouped to share one retrieved demo block."""
         fr = self.job.freeal
         demo_labels = np.array([d[2] for d in demos], dtype=int)
         groups = group_queries(query_emb[targets], demo_emb, fr.demo_group_size)
         demo_lists = retrieve_for_groups(query_emb[targets], groups, demo_emb, demo_labels,
                                          fr.demos_per_prompt, self.n_classes)
-        plan: list[tuple[int, ChatRequest, list[str]]] = []
-        for g, dl in zip(groups, demo_lists):
-            shots = [(demos[d][1], demos[d][2]) for d in dl]
-            for q in targets[g]:
-                msgs = annotation_messages(self.job.task.description, self.verbalizer, shots, self.pool.texts[q])
-                req = ChatRequest.build(msgs, self.llm_cfg, TEMPLATE_VERSION)
-                plan.append((int(q), req, [demos[d][0] for d in dl]))
-        plan = self._fit_budget(plan)
+        return [(self.pool.ids[q], [demos[d][0] for d in dl]) for g, dl in zip(groups, demo_lists)
+                for q in targets[g]]
+
+    def _request(self, item_id: str, demo_ids: list[str], demos: dict[str, Demo]) -> ChatRequest:
+        shots = [(demos[d][1], demos[d][2]) for d in demo_ids]
+        msgs = annotation_messages(self.job.task.description, self.verbalizer, shots,
+                                   self.pool.texts[self.pool.pos[item_id]])
+        return ChatRequest.build(msgs, self.llm_cfg, TEMPLATE_VERSION)
+
+    def annotate(self, round_: int, plan: list[tuple[str, list[str]]], demos: list[Demo]) -> None:
+        """Ask the LLM for the planned labels not yet stored; each chunk's labels are committed on arrival."""
+        by_id = {d[0]: d for d in demos}
+        done = self.store.annotated_in_round(round_)
+        todo = [(i, d) for i, d in plan if i not in done]
+        if len(todo) < len(plan):
+            self.progress.say(f"round {round_}: {len(plan) - len(todo)} of {len(plan)} planned labels already "
+                              "stored; asking for the rest")
+        requests = [self._request(i, d, by_id) for i, d in todo]
         stage = f"round {round_} annotate"
 
-        def report(done: int, total: int, ledger: Any) -> None:
-            self.progress.update(stage, done, total, f"sent={ledger.requests_sent} "
+        def report(n: int, total: int, ledger: Any) -> None:
+            self.progress.update(stage, n, total, f"sent={ledger.requests_sent} "
                                  f"tok={ledger.prompt_tokens + ledger.completion_tokens} "
                                  f"cached={ledger.cached_tokens}")
 
-        answers = self.client.complete_many([p[1] for p in plan], progress=report)
-        rows, counts = [], {"requested": len(plan), "labelled": 0, "no_label": 0, "failed": 0}
-        for (q, req, demo_ids), ans in zip(plan, answers):
-            if ans.content is None:
-                counts["failed"] += 1  # not stored as annotated: the item stays in the pool for a rerun
-                continue
-            label = self.verbalizer.parse(ans.content)
-            probs = self.verbalizer.probs_from_logprobs(ans.top_logprobs)
-            conf = float(probs[label]) if (label is not None and probs is not None) else None
-            counts["labelled" if label is not None else "no_label"] += 1
-            rows.append((self.pool.ids[q], ans.key, label, conf, demo_ids))
-        self.store.add_annotations(round_, rows)
-        return counts
+        def commit(idx: list[int], answers: list[ChatAnswer]) -> None:
+            rows = []
+            for k, ans in zip(idx, answers):
+                if ans.content is None:
+                    continue   # failed or not admitted: not stored, so the item stays in the pool
+                label = self.verbalizer.parse(ans.content)
+                probs = self.verbalizer.probs_from_logprobs(ans.top_logprobs)
+                conf = float(probs[label]) if (label is not None and probs is not None) else None
+                rows.append((todo[k][0], ans.key, label, conf, todo[k][1]))
+            self.store.add_annotations(round_, rows)
 
-    def _fit_budget(self, plan: list[tuple[int, ChatRequest, list[str]]]) -> list[tuple[int, ChatRequest, list[str]]]:
-        """Shrink a round to what the budget can pay for, keeping already-paid requests (they are free)."""
-        if not plan or (self.job.budget.max_requests is None and self.job.budget.max_tokens is None):
-            return plan
-        paid = self.store.get_answers([p[1].key() for p in plan])
-        fresh = [p for p in plan if p[1].key() not in paid]
-        est = np.mean([estimate_tokens(p[1].messages, p[1].max_tokens) for p in fresh]) if fresh else 0.0
-        s = self.store.spent()
-        n = budget_policy.affordable(len(fresh), est, budget_policy.Spent(
-            s["requests"], s["prompt_tokens"] + s["completion_tokens"]), self.job.budget)
-        if n < len(fresh):
-            self.progress.say(f"budget: sending {n} of {len(fresh)} new requests "
-                              f"(~{est:.0f} tokens each; spent {s['requests']} requests, "
-                              f"{s['prompt_tokens'] + s['completion_tokens']} tokens)")
-        allowed = {p[1].key() for p in fresh[:n]}
-        return [p for p in plan if p[1].key() in paid or p[1].key() in allowed]
+        self.s.annotators.complete_many(requests, progress=report, on_answers=commit)
+
+    def fit_budget(self, requests: list[ChatRequest]) -> int:
+        """How many of `requests` (in order) the budget pays for; stored answers are free."""
+        if budget_policy.headroom(budget_policy.Spent(), self.job.budget) is None:
+            return len(requests)
+        paid = self.store.get_answers([r.key() for r in requests])
+        fresh = [budget_policy.estimate(r.messages, r.max_tokens, self.s.price) for r in requests
+                 if r.key() not in paid]
+        n_fresh = budget_policy.affordable(fresh, spent_now(self.store, self.job), self.job.budget)
+        if n_fresh == len(fresh):
+            return len(requests)
+        n = seen = 0
+        for r in requests:   # the longest prefix holding at most n_fresh unpaid requests
+            seen += r.key() not in paid
+            if seen > n_fresh:
+                break
+            n += 1
+        return n
 
     def llm_label_array(self) -> np.ndarray:
         """Each pool item's latest LLM label as a class index; -1 where there is none (not asked, no label)."""
         llm = self.store.llm_labels()
         return np.array([-1 if llm.get(x) is None else llm[x] for x in self.pool.ids], dtype=int)
 
-    def train(self, round_: int) -> tuple[SLMResult, np.ndarray]:
-        """Robust self-training on every LLM label so far (unlabelled rows join the consistency term)."""
+    def train(self, round_: int) -> tuple[SLMResult, dict[str, bytes], np.ndarray]:
+        """Robust self-training on every LLM label so far, in the trainer actor; scores and model stored."""
         labels = self.llm_label_array()
         views = self._views(labels)
-        mode = resolve_mode(self.job.slm, len(self.pool), int((labels >= 0).sum()))
-        self.progress.say(f"[round {round_} train] SLM in {mode} mode on {int((labels >= 0).sum())} LLM labels "
-                          f"+ {int((labels < 0).sum())} unlabelled texts (views: {self._view_kind()})")
-        result = train_slm(self.pool.texts, labels, self.n_classes, self.job.slm, self.job.freeal, views=views,
-                           seed=self.job.seed + round_, cache_dir=self.job.state_path / "embeddings",
-                           progress=lambda msg: self.progress.say(f"[round {round_} train] {msg}"))
-        model_dir = self.job.state_path / "models" / f"round-{round_}"
-        result.model.save(model_dir)
+        n_lab = int((labels >= 0).sum())
+        mode = resolve_mode(self.job.slm, len(self.pool), n_lab)
+        say = lambda msg: self.progress.say(f"[round {round_} train] {msg}")  # noqa: E731
+        say(f"SLM in {mode} mode on {n_lab} LLM labels + {len(self.pool) - n_lab} unlabelled texts "
+            f"(views: {self._view_kind()})")
+        self.base_embeddings()   # head mode reads them from the cache the scorers fill
+        ref = self.s.trainer.train.remote(self.pool.texts, labels, self.n_classes, self.job.slm, self.job.freeal,
+                                          views, self.job.seed + round_, str(self.job.state_path / "embeddings"))
+        while not ray.wait([ref], timeout=2.0)[0]:
+            for msg in ray.get(self.s.trainer.messages.remote()):
+                say(msg)
+        result, files = ray.get(ref)
+        for msg in ray.get(self.s.trainer.messages.remote()):
+            say(msg)
+        model_dir = write_model_files(files, self.job.state_path / "models" / f"round-{round_}")
         self.store.add_scores(round_, self.pool.ids, result.probs, result.losses, result.clean)
         self.store.set_phase(round_, self.job.freeal.schedule, "trained", model_path=str(model_dir))
-        return result, labels
+        return result, files, labels
 
     def _view_kind(self) -> str:
         kind = self.job.slm.views
@@ -208,19 +234,18 @@ class FreeALRun:
 
     def _paraphrases(self, rows: np.ndarray) -> list[str | None]:
         """LLM rewrites of the LLM-labelled rows (cached and budgeted like annotations); None elsewhere."""
-        plan = [(int(i), ChatRequest.build(paraphrase_messages(self.pool.texts[i]), self.llm_cfg, TEMPLATE_VERSION,
-                                           max_tokens=paraphrase_max_tokens(self.pool.texts[i]), logprobs=False), [])
-                for i in rows]
-        plan = self._fit_budget(plan)
-        answers = self.client.complete_many(
-            [p[1] for p in plan], progress=lambda d, t, _l: self.progress.update("paraphrase views", d, t))
+        requests = [ChatRequest.build(paraphrase_messages(self.pool.texts[i]), self.llm_cfg, TEMPLATE_VERSION,
+                                      max_tokens=paraphrase_max_tokens(self.pool.texts[i]), logprobs=False)
+                    for i in rows]
+        requests = requests[:self.fit_budget(requests)]
+        answers = self.s.annotators.complete_many(
+            requests, progress=lambda d, t, _l: self.progress.update("paraphrase views", d, t))
         views: list[str | None] = [None] * len(self.pool)
-        for (i, _, _), ans in zip(plan, answers):
+        for i, ans in zip(rows, answers):
             views[i] = clean_paraphrase(ans.content)
         return views
 
-    def demo_pool_from(self, round_: int, result: SLMResult, labels: np.ndarray
-                       ) -> tuple[list[tuple[str, str, int, str]], np.ndarray]:
+    def demo_pool_from(self, round_: int, result: SLMResult, labels: np.ndarray) -> tuple[list[Demo], np.ndarray]:
         """The SLM's feedback: k medoids of each class's R% smallest-loss rows; returns (pool, clean rows)."""
         fr = self.job.freeal
         idx, clean = select_demo_pool(labels, result.losses, result.embeddings, fr.clean_ratio,
@@ -229,16 +254,19 @@ class FreeALRun:
         self.store.set_demo_pool(round_, demos)
         return demos, clean
 
-    def metrics(self, round_: int, started: float, counts: dict[str, int], result: SLMResult,
-                labels: np.ndarray, clean: np.ndarray, n_demos: int, ledger_before: dict[str, int]) -> dict[str, Any]:
+    def metrics(self, round_: int, started: float, planned: int, result: SLMResult, labels: np.ndarray,
+                clean: np.ndarray, n_demos: int, before: dict[str, int]) -> dict[str, Any]:
         gold = self.gold_index()
         spent = self.store.spent()
+        stored = self.store.round_annotations(round_) or {"requested": 0, "labelled": 0, "no_label": 0}
         m: dict[str, Any] = {
             "round": round_, "seconds": round(time.time() - started, 1), "slm_mode": result.mode,
-            **{f"llm_{k}": v for k, v in counts.items()},
+            "pool": len(self.pool), "llm_requested": planned, "llm_labelled": stored["labelled"],
+            "llm_no_label": stored["no_label"], "llm_failed": planned - stored["requested"],
             "annotated_total": int((labels >= 0).sum()), "demo_pool": n_demos, "clean_set": int(len(clean)),
-            **{f"{k}_round": spent[k] - ledger_before[k] for k in spent},
+            **{f"{k}_round": spent[k] - before[k] for k in spent},
             **{f"{k}_total": v for k, v in spent.items()},
+            "cost_total": round(spent_now(self.store, self.job).cost, 6),
         }
         if (gold >= 0).any():
             has = gold >= 0
@@ -249,81 +277,118 @@ class FreeALRun:
         return m
 
     # ---- schedules --------------------------------------------------------------------------------
-    def run(self) -> list[dict[str, Any]]:
-        done = {r["round"] for r in self.store.rounds() if r["phase"] == "done"}
-        fr = self.job.freeal
-        demos = self.initial_demos()
-        query_emb = self.base_embeddings()
-        demo_emb = self.encoder.embed([d[1] for d in demos]) if demos else query_emb[:0]
-        result: SLMResult | None = None
-        for round_ in range(1, fr.rounds + 1):
-            if round_ in done:
-                continue
-            if result is None and round_ > 1:
-                result, demos, demo_emb, query_emb = self._reload(round_ - 1)
-            started, before = time.time(), self.store.spent()
-            counts = self.store.round_annotations(round_)
-            if counts:  # stored before the last run stopped: selecting again would pay for a second P%
-                self.progress.say(f"round {round_}/{fr.rounds}: its {counts['requested']} annotations are "
-                                  "already stored; resuming at training")
-                wanted = counts["requested"]
-            else:
-                targets = self._targets(round_, result)
-                if len(targets) == 0:
-                    self.progress.say(f"round {round_}: nothing left to annotate; stopping")
-                    break
-                self.store.set_phase(round_, fr.schedule, "annotating")
-                self.progress.say(f"round {round_}/{fr.rounds}: {len(targets)} texts to the LLM "
-                                  f"({'refinement' if fr.schedule == 'full' and round_ > 1 else fr.schedule})")
-                counts, wanted = self.annotate(round_, targets, demos, demo_emb, query_emb), len(targets)
-            result, labels = self.train(round_)
-            demos, clean = self.demo_pool_from(round_, result, labels)
-            demo_emb = result.embeddings[[self.pool.pos[d[0]] for d in demos]]
-            query_emb = result.embeddings
-            m = self.metrics(round_, started, counts, result, labels, clean, len(demos), before)
-            self.store.set_phase(round_, fr.schedule, "done", metrics=m)
-            self.progress.say(format_round(m))
-            if counts["requested"] < wanted:
-                self.progress.say("budget exhausted: stopping after this round")
+    def run(self, last_round: int | None = None) -> list[dict[str, Any]]:
+        """Rounds 1..last_round (default: the job's `freeal.rounds`) that are not done yet."""
+        last_round = last_round or self.job.freeal.rounds
+        for round_ in range(1, last_round + 1):
+            if not self.run_round(round_):
                 break
         return [r["metrics"] for r in self.store.rounds() if r["phase"] == "done"]
 
-    def _targets(self, round_: int, result: SLMResult | None) -> np.ndarray:
+    def next_round(self) -> int:
+        rounds = self.store.rounds()
+        return (rounds[-1]["round"] + (rounds[-1]["phase"] == "done")) if rounds else 1
+
+    def run_round(self, round_: int) -> bool:
+        """Run (or finish) one round; False when the run should stop (nothing left, budget spent)."""
+        phases = {r["round"]: r["phase"] for r in self.store.rounds()}
+        if phases.get(round_) == "done":
+            return True
+        fr = self.job.freeal
+        self.refresh_pool()
+        if self.scored is None or self.scored.round != round_ - 1:
+            self.scored = self._scored_after(round_ - 1)
+        demos = self.scored.demos
+        started, before = time.time(), self.store.spent()
+        plan = self.store.round_plan(round_) if phases.get(round_) else []
+        if not phases.get(round_):
+            query_emb = self.scored.embeddings
+            demo_emb = self._demo_embeddings(demos, query_emb)
+            targets = self._targets(round_)
+            if len(targets) == 0:
+                self.progress.say(f"round {round_}: nothing left to annotate; stopping")
+                return False
+            plan = self.plan(targets, demos, demo_emb, query_emb)
+            by_id = {d[0]: d for d in demos}
+            n = self.fit_budget([self._request(i, d, by_id) for i, d in plan])
+            if n == 0:
+                self.progress.say(f"round {round_}: the budget is spent; stopping (raise budget caps to go on)")
+                return False
+            if n < len(plan):
+                self.progress.say(f"budget: round {round_} sends {n} of {len(plan)} planned requests")
+            plan = plan[:n]
+            self.store.set_round_plan(round_, plan)
+            self.store.set_phase(round_, fr.schedule, "annotating")
+            self.progress.say(f"round {round_}/{max(fr.rounds, round_)}: {len(plan)} texts to the LLM "
+                              f"({'refinement' if fr.schedule == 'full' and round_ > 1 else fr.schedule})")
+        if phases.get(round_) in (None, "annotating"):
+            self.annotate(round_, plan, demos)
+            self.store.set_phase(round_, fr.schedule, "annotated")
+        else:
+            self.progress.say(f"round {round_}: its annotations are stored; resuming at training")
+        result, files, labels = self.train(round_)
+        new_demos, clean = self.demo_pool_from(round_, result, labels)
+        self.scored = Scored(round_, files, result.probs, result.embeddings, result.losses, new_demos)
+        m = self.metrics(round_, started, len(plan), result, labels, clean, len(new_demos), before)
+        self.store.set_phase(round_, fr.schedule, "done", metrics=m)
+        self.progress.say(format_round(m))
+        if self.s.guard.refused:
+            self.progress.say("budget exhausted: stopping after this round")
+            return False
+        return True
+
+    def _demo_embeddings(self, demos: list[Demo], query_emb: np.ndarray) -> np.ndarray:
+        """Demo vectors in the space the queries are in (pool items: their row; generated: the encoder)."""
+        if not demos:
+            return query_emb[:0]
+        if all(d[0] in self.pool.pos for d in demos):
+            return query_emb[[self.pool.pos[d[0]] for d in demos]]
+        return self._emb_cache.get([d[1] for d in demos], self.s.scorers.embed)
+
+    def _targets(self, round_: int) -> np.ndarray:
         """Which pool positions go to the LLM this round."""
         fr = self.job.freeal
         annotated = self.store.annotated_ids()
         unannotated = np.array([i for i, x in enumerate(self.pool.ids) if x not in annotated], dtype=int)
         if fr.schedule == "full":
-            if round_ == 1:
+            if self.scored.round == 0:
                 return unannotated
-            # refinement: everything outside the SLM's clean sets (including no-label rows) is asked again
-            _, clean = select_demo_pool(self.llm_label_array(), result.losses, result.embeddings,
+            # refinement: everything outside the SLM's clean sets (no-label and new rows included) again
+            _, clean = select_demo_pool(self.llm_label_array(), self.scored.losses, self.scored.embeddings,
                                         fr.clean_ratio, 1)
             keep = np.zeros(len(self.pool), bool)
             keep[clean] = True
             return np.flatnonzero(~keep)
         n = budget_policy.round_size(len(unannotated), fr.query_fraction)
-        probs = result.probs[unannotated] if result is not None else None
-        ids = np.array(self.pool.ids, dtype=object)[unannotated]
-        chosen = self.strategy.query(ids, n, QueryContext(round=round_, probs=probs, seed=self.job.seed))
+        trained = self.scored.round > 0
+        left = budget_policy.headroom(spent_now(self.store, self.job), self.job.budget)
+        ctx = QueryContext(round=round_, seed=self.job.seed, n_classes=self.n_classes,
+                           budget_left=None if left is None or left.requests == float("inf") else int(left.requests))
+        shards = array_shards(np.array(self.pool.ids, dtype=object), rows=unannotated, needs=self.strategy.needs,
+                              probs=self.scored.probs if trained else None,
+                              embeddings=self.scored.embeddings if trained else None,
+                              llm_labels=self.llm_label_array() if "llm_labels" in self.strategy.needs else None,
+                              slm_labels=self.scored.probs.argmax(1) if trained else None)
+        chosen = select(self.strategy, shards, n, ctx)
         return np.array(sorted(self.pool.pos[x] for x in chosen), dtype=int)
 
-    def _reload(self, round_: int) -> tuple[SLMResult, list[tuple[str, str, int, str]], np.ndarray, np.ndarray]:
-        """Resume after round `round_` finished in an earlier run: its model and demo pool are in the store."""
-        from freeal_stream.slm.model import SLM  # local: only a resumed run needs to load a checkpoint
+    def _scored_after(self, round_: int) -> Scored:
+        """The pool as seen after round `round_` (0 = before any SLM: the frozen encoder, generated demos)."""
+        if round_ == 0:
+            emb = self.base_embeddings()
+            return Scored(0, {}, np.zeros((len(self.pool), 0)), emb, np.full(len(self.pool), np.nan),
+                          self.initial_demos())
+        from freeal_stream.slm.model import read_model_files
 
         info = next(r for r in self.store.rounds() if r["round"] == round_)
-        model = SLM.load(Path(info["model_path"]))
-        self.progress.say(f"resuming after round {round_}: loading its SLM from {info['model_path']}")
-        probs, emb = model.predict_proba(self.pool.texts), model.embed(self.pool.texts)
+        self.progress.say(f"resuming after round {round_}: scoring the pool with its SLM ({info['model_path']})")
+        files = read_model_files(info["model_path"])
+        probs, emb = self.s.scorers.score(f"round-{round_}", files, self.pool.texts)
         labels = self.llm_label_array()
         has = np.flatnonzero(labels >= 0)
         losses = np.full(len(self.pool), np.nan)
         losses[has] = -np.log(np.maximum(probs[has, labels[has]], 1e-12))  # the CE the trainer reports
-        result = SLMResult(probs=probs, embeddings=emb, losses=losses, clean=np.zeros(len(self.pool), bool),
-                           mode=info["metrics"].get("slm_mode", ""), history=[], model=model)
-        demos = self.store.demo_pool(round_)
-        return result, demos, emb[[self.pool.pos[d[0]] for d in demos]], emb
+        return Scored(round_, files, probs, emb, losses, self.store.demo_pool(round_))
 
 
 def format_round(m: dict[str, Any]) -> str:
@@ -334,43 +399,3 @@ def format_round(m: dict[str, Any]) -> str:
             f"{m['llm_no_label']}, failed {m['llm_failed']} | requests {m['requests_round']} tokens "
             f"{m['prompt_tokens_round'] + m['completion_tokens_round']} (cached {m['cached_tokens_round']}) "
             f"| clean set {m['clean_set']} demos {m['demo_pool']} | SLM {m['slm_mode']}{acc}")
-
-
-def ingest(job: JobConfig, store: Store, progress: Progress) -> int:
-    """Load the job's data file into the store; ids already there are kept as they are."""
-    batch = read_items(job.data)
-    clash = store.conflicting_ids(batch.ids, batch.hashes)
-    if clash:
-        raise StateError(f"{job.data.path}: ids {clash} are already stored with a different text. Fix: give "
-                         "changed texts new ids, or use a new state_dir")
-    added = store.add_items(batch.ids, batch.texts, batch.views, batch.golds, batch.hashes)
-    msg = f"ingested {added} new items ({store.count_items()} in the store)"
-    if batch.skipped_empty:
-        msg += f"; skipped {batch.skipped_empty} rows with an empty text"
-    progress.say(msg)
-    return added
-
-
-def open_state(job: JobConfig) -> Store:
-    """Open the job's store, refusing an incompatible config change (budget and rounds may change)."""
-    import json
-
-    store = Store(job.state_path / "freeal.duckdb")
-    current = job_to_dict(job)
-    stored = store.get_meta("job")
-    if stored is not None:
-        diff = check_resumable(json.loads(stored), current)
-        if diff:
-            store.close()
-            raise StateError(f"{job.state_path}: state was made by a different job config; changed fields: "
-                             f"{', '.join(diff)}. Fix: revert them, or set a new state_dir to start afresh")
-    store.set_meta("job", json.dumps(current))
-    return store
-
-
-def api_key(job: JobConfig, local: bool) -> str:
-    """The API key from the environment variable the job names (never from the job file)."""
-    key = os.environ.get(job.llm.api_key_env)
-    if key:
-        return key
-    return "local-server" if local else "not-set"

@@ -42,6 +42,11 @@ CREATE TABLE IF NOT EXISTS demo_pools (
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, kind VARCHAR, phase VARCHAR, started_at DOUBLE, finished_at DOUBLE,
     model_path VARCHAR, metrics JSON);
+CREATE TABLE IF NOT EXISTS round_plan (
+    round INTEGER NOT NULL, position INTEGER NOT NULL, item_id VARCHAR NOT NULL, demo_ids JSON NOT NULL,
+    PRIMARY KEY (round, position));
+CREATE TABLE IF NOT EXISTS ingested_files (
+    digest VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, added INTEGER NOT NULL, ingested_at DOUBLE NOT NULL);
 """
 
 # The label of record per item. An LLM label stands unless a later (or same-round) SLM put it in the
@@ -122,7 +127,11 @@ class Store:
     # ---- items ------------------------------------------------------------------------------------
     def add_items(self, ids: Sequence[str], texts: Sequence[str], views: Sequence[str | None],
                   golds: Sequence[str | None], hashes: Sequence[str]) -> int:
-        """Insert items whose id is new; returns how many were added (re-ingesting a file adds nothing)."""
+        """Insert items whose id and text are both new; returns how many were added.
+
+        Deduplicated by id and by content hash (within the batch too, first one wins), so re-ingesting a
+        file, or the same text under a second id, adds nothing and is never paid for twice.
+        """
         start = _first(self.con.execute("SELECT coalesce(max(seq), -1) + 1 FROM items"))[0]
         batch = pa.table({
             "seq": pa.array(np.arange(start, start + len(ids), dtype=np.int64)),
@@ -134,8 +143,27 @@ class Store:
         with self._registered("incoming", batch):
             self._exec("""
                 INSERT INTO items SELECT seq, id, text, view, gold, content_hash, epoch(now())
-                FROM incoming WHERE id NOT IN (SELECT id FROM items)""")
+                FROM incoming n
+                WHERE id NOT IN (SELECT id FROM items) AND content_hash NOT IN (SELECT content_hash FROM items)
+                QUALIFY row_number() OVER (PARTITION BY content_hash ORDER BY seq) = 1
+                    AND row_number() OVER (PARTITION BY id ORDER BY seq) = 1""")
         return self.count_items() - before
+
+    def file_ingested(self, digest: str) -> bool:
+        """Whether a data file with this sha256 was ingested before (inbox: a file dropped twice)."""
+        return _first(self.con.execute("SELECT count(*) FROM ingested_files WHERE digest = ?", [digest]))[0] > 0
+
+    def ingest_file(self, digest: str, name: str, batch: Any) -> int:
+        """Add a file's items and remember its digest in one transaction: a crash leaves neither or both."""
+        self._exec("BEGIN TRANSACTION")
+        try:
+            added = self.add_items(batch.ids, batch.texts, batch.views, batch.golds, batch.hashes)
+            self._exec("INSERT OR IGNORE INTO ingested_files VALUES (?, ?, ?, epoch(now()))", [digest, name, added])
+            self._exec("COMMIT")
+        except BaseException:
+            self._exec("ROLLBACK")
+            raise
+        return added
 
     def count_items(self) -> int:
         return _first(self.con.execute("SELECT count(*) FROM items"))[0]
@@ -190,6 +218,14 @@ class Store:
                                 FROM llm_answers"""))
         return {"requests": r[0], "prompt_tokens": r[1], "completion_tokens": r[2], "cached_tokens": r[3]}
 
+    def usage_by_model(self) -> list[dict[str, Any]]:
+        """Per model: requests and tokens of the answers of record (what the budget prices)."""
+        rows = self.con.execute("""SELECT model, count(*), coalesce(sum(prompt_tokens), 0),
+                                   coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0)
+                                   FROM llm_answers GROUP BY model ORDER BY model""").fetchall()
+        return [{"model": m, "requests": n, "prompt_tokens": p, "cached_tokens": c, "completion_tokens": o}
+                for m, n, p, c, o in rows]
+
     # ---- annotations, scores, demos ---------------------------------------------------------------
     def add_annotations(self, round_: int, rows: Iterable[tuple[str, str, int | None, float | None, list[str]]]
                         ) -> None:
@@ -204,6 +240,26 @@ class Store:
             "demo_ids": [json.dumps(r[4]) for r in rows]})
         with self._registered("incoming", batch):
             self._exec("INSERT OR REPLACE INTO annotations SELECT * FROM incoming")
+
+    def set_round_plan(self, round_: int, plan: Sequence[tuple[str, list[str]]]) -> None:
+        """A round's chosen items and the demos each prompt shows, stored before any is sent: a resumed
+        round rebuilds exactly these requests (same keys, so answers already paid come from the cache)."""
+        self._exec("DELETE FROM round_plan WHERE round = ?", [round_])
+        if plan:
+            batch = pa.table({"round": pa.array([round_] * len(plan), pa.int32()),
+                              "position": pa.array(np.arange(len(plan), dtype=np.int32)),
+                              "item_id": [p[0] for p in plan], "demo_ids": [json.dumps(p[1]) for p in plan]})
+            with self._registered("incoming", batch):
+                self._exec("INSERT INTO round_plan SELECT * FROM incoming")
+
+    def round_plan(self, round_: int) -> list[tuple[str, list[str]]]:
+        rows = self.con.execute("SELECT item_id, demo_ids FROM round_plan WHERE round = ? ORDER BY position",
+                                [round_]).fetchall()
+        return [(i, json.loads(d)) for i, d in rows]
+
+    def annotated_in_round(self, round_: int) -> set[str]:
+        return {r[0] for r in self.con.execute("SELECT item_id FROM annotations WHERE round = ?",
+                                               [round_]).fetchall()}
 
     def round_annotations(self, round_: int) -> dict[str, int]:
         """How a round's stored annotations came out; empty when the round has none yet."""
@@ -272,8 +328,33 @@ class Store:
                  "model_path": r[5], "metrics": json.loads(r[6]) if r[6] else {}} for r in rows]
 
     # ---- outputs ----------------------------------------------------------------------------------
-    def labels_relation(self) -> duckdb.DuckDBPyRelation:
-        return self.con.sql(_LABELS_SQL)
+    def labels_rows(self) -> list[tuple]:
+        """(seq, id, text, gold, label, source, confidence, llm_label, slm_label) per item."""
+        return self.con.execute(_LABELS_SQL).fetchall()
+
+    def labels_since(self, since: int, limit: int, class_names: Sequence[str]) -> dict[str, Any]:
+        """Items with seq >= since, in ingestion order, with their label of record (null: not labelled yet)."""
+        rows = self.con.execute(f"""SELECT seq, id, label, source, confidence FROM ({_LABELS_SQL})
+                                    WHERE seq >= ? ORDER BY seq LIMIT ?""", [since, limit]).fetchall()
+        items = [{"seq": q, "id": i, "label": None if lab is None else class_names[lab], "source": src,
+                  "confidence": conf} for q, i, lab, src, conf in rows]
+        return {"items": items, "next": (rows[-1][0] + 1) if rows else since}
+
+    def gold_agreement(self, class_names: Sequence[str]) -> tuple[int, int]:
+        """(items with a gold label, of which the label of record agrees): for reporting only."""
+        rows = self.con.execute(f"SELECT gold, label FROM ({_LABELS_SQL}) WHERE gold IS NOT NULL").fetchall()
+        return len(rows), sum(1 for g, lab in rows if lab is not None and class_names[lab] == g)
+
+    def export(self, path: str, fmt: str, class_names: Sequence[str]) -> int:
+        """Write every item's label of record (with both models' own labels) to `path`; returns the rows."""
+        self.create_label_views(class_names)
+        self._exec(f"""COPY (SELECT l.id, l.text, c.name AS label, l.source, l.confidence,
+                                    cl.name AS llm_label, cs.name AS slm_label
+                             FROM labels_out l LEFT JOIN class_names c ON c.idx = l.label
+                             LEFT JOIN class_names cl ON cl.idx = l.llm_label
+                             LEFT JOIN class_names cs ON cs.idx = l.slm_label
+                             ORDER BY l.seq) TO '{path.replace("'", "''")}' (FORMAT {fmt})""")
+        return self.count_items()
 
     def create_label_views(self, class_names: Sequence[str]) -> None:
         """Temp views `labels_out` (the label of record per item) and `class_names` (index -> name)."""

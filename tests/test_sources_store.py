@@ -5,7 +5,7 @@ import pytest
 
 from freeal_stream.config import DataConfig, parse_job
 from freeal_stream.llm.client import ChatAnswer, ChatRequest
-from freeal_stream.loop import check_resumable
+from freeal_stream.session import check_resumable
 from freeal_stream.config import job_to_dict
 from freeal_stream.sources import DataError, read_items
 from freeal_stream.store import StateError, Store
@@ -75,7 +75,7 @@ def test_label_of_record_llm_unless_slm_flags_it_noisy(tmp_path):
     s.add_scores(2, ["a", "b", "c", "d"], probs, np.array([0.1, np.nan, np.nan, 2.0]),
                  np.array([True, False, False, False]))
     s.add_annotations(3, [("e", "k5", 1, 0.6, [])])  # labelled after the last SLM: nothing judged it yet
-    rows = {r[1]: r for r in s.labels_relation().fetchall()}
+    rows = {r[1]: r for r in s.labels_rows()}
     assert rows["a"][4:7] == (1, "llm round 2", 0.8)  # the SLM kept it in the clean split
     assert rows["b"][4:6] == (0, "slm round 2")  # the LLM gave no label: the SLM's prediction stands
     assert rows["c"][4:6] == (1, "slm round 2")  # never annotated

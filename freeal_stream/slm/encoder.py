@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -67,6 +68,11 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return nn.functional.normalize(pooled, p=2, dim=-1)
 
 
+def cache_key(encoder: str, max_length: int) -> str:
+    """What frozen embeddings depend on, besides the text (no model needs loading to know it)."""
+    return f"{canonical_encoder_name(encoder)}|max_length={max_length}"
+
+
 class Encoder(nn.Module):
     """A transformer plus mean pooling; `forward` keeps gradients (fine-tuning), `embed` does not."""
 
@@ -89,8 +95,7 @@ class Encoder(nn.Module):
 
     @property
     def cache_key(self) -> str:
-        """What frozen embeddings depend on, besides the text."""
-        return f"{self.name}|max_length={self.max_length}"
+        return cache_key(self.name, self.max_length)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded to the longest text of this batch only (dynamic padding)."""
@@ -126,9 +131,10 @@ def text_key(text: str) -> str:
 class EmbeddingCache:
     """Frozen embeddings on disk, keyed by (encoder, max_length) and the sha1 of each text.
 
-    Stored as append-only chunks (`chunk-NNNNN.npy` + `.keys`, the keys file written last), so a later
-    round adds only its new texts and an interrupted write never leaves a half-valid index. One writer
-    at a time per cache folder.
+    Stored as append-only chunks (`chunk-<time>-<pid>.npy` + `.keys`, the keys file written last), so a
+    later round adds only its new texts and an interrupted write never leaves a half-valid index. Chunk
+    names are unique per writer, so processes sharing a folder (the coordinator's scorers, the trainer)
+    never overwrite each other; a miss re-reads the folder before computing.
     """
 
     def __init__(self, cache_dir: Path, key: str):
@@ -140,18 +146,31 @@ class EmbeddingCache:
             meta.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
         self._index: dict[str, tuple[int, int]] = {}
         self._chunks: list[np.ndarray] = []
+        self._loaded: set[str] = set()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Index chunks written since we last looked (by another process sharing this folder)."""
         for keys_file in sorted(self.dir.glob("chunk-*.keys")):
+            if keys_file.name in self._loaded:
+                continue
             arr = np.load(keys_file.with_suffix(".npy"), mmap_mode="r")
             for row, k in enumerate(keys_file.read_text(encoding="utf-8").split()):
                 self._index[k] = (len(self._chunks), row)
             self._chunks.append(arr)
+            self._loaded.add(keys_file.name)
 
     def __len__(self) -> int:
         return len(self._index)
 
+    def has(self, text: str) -> bool:
+        return text_key(text) in self._index
+
     def get(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
         """Embeddings of `texts`, calling `compute` only on texts never seen under this key."""
         keys = [text_key(t) for t in texts]
+        if any(k not in self._index for k in keys):
+            self._refresh()
         missing: dict[str, str] = {}
         for k, t in zip(keys, texts):
             if k not in self._index and k not in missing:
@@ -163,7 +182,7 @@ class EmbeddingCache:
         return np.stack([self._chunks[c][r] for c, r in (self._index[k] for k in keys)]).astype(np.float32)
 
     def _append(self, keys: list[str], emb: np.ndarray) -> None:
-        stem = self.dir / f"chunk-{len(self._chunks):05d}"
+        stem = self.dir / f"chunk-{time.time_ns():020d}-{os.getpid()}"
         tmp = stem.with_suffix(".npy.tmp")
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(emb, dtype=np.float32))
@@ -174,6 +193,7 @@ class EmbeddingCache:
         for row, k in enumerate(keys):
             self._index[k] = (len(self._chunks), row)
         self._chunks.append(np.load(stem.with_suffix(".npy"), mmap_mode="r"))
+        self._loaded.add(stem.with_suffix(".keys").name)
 
 
 def cached_embed(encoder: Encoder, texts: Sequence[str], cache_dir: Path | None, batch_size: int = 64

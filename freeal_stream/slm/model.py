@@ -88,3 +88,26 @@ class SLM(nn.Module):
         module.load_state_dict(load_file(str(directory / _WEIGHTS), device=str(model.device)))
         model.eval()
         return model
+
+
+def model_files(model: SLM) -> dict[str, bytes]:
+    """The saved model as file name -> bytes: how a model travels between nodes (no shared disk needed)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="freeal-slm-") as tmp:
+        return read_model_files(model.save(tmp))
+
+
+def read_model_files(directory: str | Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.name in (_WEIGHTS, _META)}
+
+
+def write_model_files(files: dict[str, bytes], directory: str | Path) -> Path:
+    """Write `model_files` output as a loadable model folder (weights first, the JSON that names it last)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in sorted(files, key=lambda n: n == _META):
+        tmp = directory / (name + ".tmp")
+        tmp.write_bytes(files[name])
+        tmp.replace(directory / name)
+    return directory

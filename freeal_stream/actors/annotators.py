@@ -1,0 +1,220 @@
+"""A supervised pool of annotator actors that send chat requests for the coordinator.
+
+Each annotator is an `LLMClient` in its own process with a 1/N share of the job's concurrency and of
+its request and token rate limits, so together they stay under the job's limits. The pool sends chunks
+of consecutive requests (prompts that share a demo prefix stay on one annotator and hit its server's
+prefix cache), admits each chunk through the budget guard, and replaces an annotator that dies: its
+chunk is sent again, and answers it stored before dying come back from the store, not the API.
+Ray's ActorPool does neither (it does not replace dead actors), hence this small supervisor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from freeal_stream import budget as budget_policy
+from freeal_stream.actors.runtime import Secret
+from freeal_stream.config import LLMConfig
+from freeal_stream.llm.client import ChatAnswer, ChatRequest, Ledger, LLMClient
+
+log = logging.getLogger(__name__)
+
+BUDGET_ERROR = "budget_exhausted"   # a request the budget did not admit (not sent, not stored)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Annotator:
+    """One LLM client process. Restarts are the pool's job (a new actor, not a re-run __init__)."""
+
+    def __init__(self, cfg: LLMConfig, base_url: str, api_key: Secret | None, store: Any):
+        self.client = LLMClient(cfg, base_url, api_key.value if api_key else None, cache=store)
+
+    def complete(self, requests: list[ChatRequest]) -> tuple[list[ChatAnswer], Ledger]:
+        """Answers for one chunk, and what sending it cost (the ledger since the last call)."""
+        before = dataclasses.replace(self.client.ledger, failures=dict(self.client.ledger.failures))
+        answers = self.client.complete_many(requests)
+        return answers, _ledger_delta(self.client.ledger, before)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def _ledger_delta(now: Ledger, before: Ledger) -> Ledger:
+    failures = {k: v - before.failures.get(k, 0) for k, v in now.failures.items() if v - before.failures.get(k, 0)}
+    return Ledger(**{f.name: getattr(now, f.name) - getattr(before, f.name)
+                     for f in dataclasses.fields(Ledger) if f.name != "failures"}, failures=failures)
+
+
+def _add_ledger(total: Ledger, part: Ledger) -> None:
+    for f in dataclasses.fields(Ledger):
+        if f.name == "failures":
+            for k, v in part.failures.items():
+                total.failures[k] = total.failures.get(k, 0) + v
+        else:
+            setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
+
+
+def share(cfg: LLMConfig, n: int) -> LLMConfig:
+    """One annotator's part of the job's concurrency and rate limits (0 = unlimited stays 0)."""
+    part = lambda v: 0 if v == 0 else max(1, v // n)  # noqa: E731
+    return dataclasses.replace(cfg, concurrency=max(1, math.ceil(cfg.concurrency / n)),
+                               requests_per_minute=part(cfg.requests_per_minute),
+                               tokens_per_minute=part(cfg.tokens_per_minute))
+
+
+class AnnotatorError(RuntimeError):
+    """The pool could not keep annotators alive (too many deaths): the run stops, resumable."""
+
+
+@dataclass
+class _Chunk:
+    positions: list[int]            # indices into the unique-request list
+    estimates: list[budget_policy.Spent]
+
+
+class AnnotatorPool:
+    """`complete_many` like `LLMClient`'s, run by N supervised annotator actors."""
+
+    def __init__(self, cfg: LLMConfig, base_url: str, api_key: str | None, store: Any, *, size: int,
+                 chunk_size: int, max_restarts: int, resources: dict[str, float] | None = None,
+                 guard: budget_policy.BudgetGuard | None = None, price: Any = None):
+        self.cfg, self.base_url, self.store = cfg, base_url, store
+        self._key = Secret(api_key) if api_key else None
+        self._actor_cfg = share(cfg, size)
+        self.size, self.chunk_size, self.max_restarts = size, chunk_size, max_restarts
+        self.resources = resources or {}
+        self.guard, self.price = guard, price
+        self.ledger = Ledger()
+        self.restarts = 0
+        self.actors = [self._new_actor() for _ in range(size)]
+
+    def _new_actor(self) -> Any:
+        return Annotator.options(resources=self.resources).remote(self._actor_cfg, self.base_url, self._key,
+                                                                   self.store)
+
+    def node_ids(self) -> list[str]:
+        return ray.get([a.node_id.remote() for a in self.actors])
+
+    def complete_many(self, requests: Sequence[ChatRequest],
+                      progress: Callable[[int, int, Ledger], None] | None = None,
+                      on_answers: Callable[[list[int], list[ChatAnswer]], None] | None = None
+                      ) -> list[ChatAnswer]:
+        """Answers in the order of `requests`. Stored answers are read, not sent; duplicates go once.
+
+        `on_answers(indices, answers)` sees each batch as it completes (so labels are committed as they
+        arrive). A request the budget does not admit comes back failed with error BUDGET_ERROR.
+        """
+        keys = [r.key() for r in requests]
+        where: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            where.setdefault(k, []).append(i)
+        answers: dict[str, ChatAnswer] = self.store.get_answers(list(where)) if keys else {}
+        self.ledger.cache_hits += sum(len(where[k]) for k in answers)
+        done = 0
+
+        def deliver(batch: list[ChatAnswer]) -> None:
+            nonlocal done
+            idx = [i for a in batch for i in where[a.key]]
+            for a in batch:
+                answers[a.key] = a
+            done += len(idx)
+            if on_answers is not None and idx:
+                on_answers(idx, [answers[keys[i]] for i in idx])
+            if progress is not None:
+                progress(done, len(keys), self.ledger)
+
+        if answers:
+            deliver(list(answers.values()))
+        unique = [requests[where[k][0]] for k in where if k not in answers]
+        chunks = [list(range(s, min(s + self.chunk_size, len(unique))))
+                  for s in range(0, len(unique), self.chunk_size)]
+        for refused in self._run_chunks(unique, chunks, deliver):
+            deliver([_not_admitted(unique[p].key()) for p in refused])
+        return [answers[k] for k in keys]
+
+    def _run_chunks(self, unique: list[ChatRequest], chunks: list[list[int]],
+                    deliver: Callable[[list[ChatAnswer]], None]) -> list[list[int]]:
+        """Keep each annotator busy with (up to) two chunks; returns the positions the budget refused."""
+        queue = list(reversed(chunks))
+        running: dict[Any, tuple[int, _Chunk]] = {}   # ObjectRef -> (actor slot, chunk)
+        refused: list[list[int]] = []
+        load = [0] * self.size
+
+        def submit(slot: int, chunk: _Chunk) -> None:
+            ref = self.actors[slot].complete.remote([unique[p] for p in chunk.positions])
+            running[ref] = (slot, chunk)
+            load[slot] += 1
+
+        while queue or running:
+            for slot in range(self.size):
+                while queue and load[slot] < 2:
+                    positions = queue.pop()
+                    est = [budget_policy.estimate(unique[p].messages, unique[p].max_tokens, self.price)
+                           for p in positions]
+                    n = self.guard.admit(est) if self.guard is not None else len(positions)
+                    if n < len(positions):   # the cap is reached: send what fits, refuse the rest
+                        refused.append(positions[n:])
+                        refused.extend(reversed(queue))
+                        queue.clear()
+                    if n:
+                        submit(slot, _Chunk(positions[:n], est[:n]))
+            if not running:
+                break
+            ready, _ = ray.wait(list(running), num_returns=1)
+            slot, chunk = running.pop(ready[0])
+            load[slot] -= 1
+            try:
+                batch, spent = ray.get(ready[0])
+            except RayTaskError as e:
+                self._release(chunk)
+                raise (e.cause or e) from None   # e.g. FatalLLMError: the same clean message as in-process
+            except RayActorError:
+                self._replace(slot)
+                self._release(chunk)
+                queue.append(chunk.positions)   # sent again first; stored answers come from the store
+                continue
+            self._release(chunk)
+            _add_ledger(self.ledger, spent)
+            deliver(batch)
+        return refused
+
+    def _release(self, chunk: _Chunk) -> None:
+        if self.guard is not None:
+            self.guard.release(chunk.estimates)
+
+    def _replace(self, slot: int) -> None:
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise AnnotatorError(f"annotator actors died {self.restarts} times (ray.max_restarts = "
+                                 f"{self.max_restarts}); everything answered so far is stored. Fix: check the "
+                                 "Ray logs (/tmp/ray/session_latest/logs) and rerun to resume")
+        log.warning("annotator %d died; starting a replacement (%d/%d)", slot, self.restarts, self.max_restarts)
+        self.actors[slot] = self._new_actor()
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+
+def _not_admitted(key: str) -> ChatAnswer:
+    return ChatAnswer(key=key, content=None, finish_reason=None, prompt_tokens=0, completion_tokens=0,
+                      cached_tokens=0, top_logprobs=None, latency_s=0.0, attempts=0, error=BUDGET_ERROR,
+                      from_cache=False)
+
+
+def wait_for_actors(pool: AnnotatorPool, timeout_s: float = 120.0) -> None:
+    """Block until every annotator has started (placement on a pinned node can take a moment)."""
+    deadline = time.monotonic() + timeout_s
+    ready, pending = ray.wait([a.node_id.remote() for a in pool.actors], num_returns=pool.size,
+                              timeout=max(0.0, deadline - time.monotonic()))
+    if pending:
+        raise AnnotatorError(f"{len(pending)} of {pool.size} annotator actors could not be placed within "
+                             f"{timeout_s:.0f} s (resources asked: {pool.resources or 'none'}). Fix: check "
+                             "ray.annotator_resources against the cluster's nodes (`ray status`)")

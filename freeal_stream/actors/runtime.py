@@ -1,0 +1,47 @@
+"""Connecting to Ray: a cluster when one is named, else a local Ray right-sized for this machine."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+from freeal_stream.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A value (an API key) that must travel to actors but never be printed, logged or stored."""
+
+    value: str
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
+def start_ray(cfg: RayConfig, address: str | None = None) -> str:
+    """Join the cluster at `address` / `ray.address` / $RAY_ADDRESS, or start a local Ray; returns where.
+
+    The local Ray gets no dashboard and this process's environment (so workers import this very
+    checkout); actors that only wait on HTTP or DuckDB ask for 0 CPUs, so 2 cores are enough.
+    """
+    if ray.is_initialized():
+        return "already connected"
+    target = address or cfg.address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # else Ray writes an auth token under ~/.ray
+    if target:
+        ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
+        return f"Ray cluster at {target}"
+    cpus = cfg.local_cpus or os.cpu_count() or 1
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             configure_logging=True)
+    return f"local Ray ({cpus} CPUs)"
+
+
+def cluster_has_gpu() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,105 @@
+"""Scorer actors: batch inference over the pool (frozen embeddings, a trained SLM's probabilities).
+
+Texts are cut into shards and spread over the scorers; a scorer that dies is replaced and its shard
+sent again (inference has no side effects, so a retry is always safe).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=1, max_restarts=0)
+class Scorer:
+    def __init__(self, encoder: str, max_length: int, threads: int):
+        import torch
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.set_num_threads(threads)
+        self.encoder_name, self.max_length = encoder, max_length
+        self._encoder: Any = None
+        self._model: tuple[str, Any] | None = None   # (model tag, SLM)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Frozen-encoder embeddings (round 1's retrieval, head-mode inputs)."""
+        if self._encoder is None:
+            from freeal_stream.slm.encoder import Encoder
+
+            self._encoder = Encoder(self.encoder_name, self.max_length)
+        return self._encoder.embed(texts)
+
+    def score(self, tag: str, files: dict[str, bytes], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(probs, embeddings) of `texts` under the model whose files are given (loaded once per tag)."""
+        if self._model is None or self._model[0] != tag:
+            from freeal_stream.slm.model import SLM, write_model_files
+
+            with tempfile.TemporaryDirectory(prefix="freeal-slm-") as tmp:
+                self._model = (tag, SLM.load(write_model_files(files, tmp)))
+        model = self._model[1]
+        emb = model.embed(texts)
+        logits = model.logits_from_embeddings(emb)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True), emb
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+class ScorerPool:
+    """N scorers; `map` spreads shards over them and replaces the ones that die."""
+
+    def __init__(self, encoder: str, max_length: int, threads: int, *, size: int, shard_size: int = 2048,
+                 resources: dict[str, float] | None = None, max_restarts: int = 5):
+        self._args = (encoder, max_length, threads)
+        self.resources = resources or {}
+        self.shard_size, self.max_restarts, self.restarts = shard_size, max_restarts, 0
+        self.actors = [self._new() for _ in range(size)]
+
+    def _new(self) -> Any:
+        return Scorer.options(resources=self.resources).remote(*self._args)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        parts = self._map(lambda a, shard: a.embed.remote(shard), list(texts))
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+    def score(self, tag: str, files: dict[str, bytes], texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        ref = ray.put(files)
+        parts = self._map(lambda a, shard: a.score.remote(tag, ref, shard), list(texts))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _map(self, call: Callable[[Any, list[str]], Any], texts: list[str]) -> list[Any]:
+        shards = [texts[s:s + self.shard_size] for s in range(0, len(texts), self.shard_size)]
+        out: list[Any] = [None] * len(shards)
+        todo = list(range(len(shards)))[::-1]
+        running: dict[Any, tuple[int, int]] = {}   # ref -> (actor slot, shard)
+        busy: set[int] = set()
+        while todo or running:
+            for slot in range(len(self.actors)):
+                if todo and slot not in busy:
+                    i = todo.pop()
+                    running[call(self.actors[slot], shards[i])] = (slot, i)
+                    busy.add(slot)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            slot, i = running.pop(ready[0])
+            busy.discard(slot)
+            try:
+                out[i] = ray.get(ready[0])
+            except RayActorError:
+                self.restarts += 1
+                if self.restarts > self.max_restarts:
+                    raise
+                log.warning("scorer %d died; starting a replacement", slot)
+                self.actors[slot] = self._new()
+                todo.append(i)
+        return out
+
+    def node_ids(self) -> list[str]:
+        return ray.get([a.node_id.remote() for a in self.actors])

@@ -1,0 +1,158 @@
+"""One job's running parts: Ray, the store actor, the LLM endpoint and the worker actors.
+
+`run` and `serve` both open a session, hand it to the coordinator (`loop.FreeALRun`) and close it;
+closing stops the store actor first, so the DuckDB file is free for the next process the moment the
+command returns.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from freeal_stream import budget as budget_policy
+from freeal_stream.actors.annotators import AnnotatorPool, wait_for_actors
+from freeal_stream.actors.runtime import cluster_has_gpu, start_ray
+from freeal_stream.actors.scorers import ScorerPool
+from freeal_stream.actors.store_actor import StoreProxy, start_store
+from freeal_stream.actors.trainer import start_trainer
+from freeal_stream.config import JobConfig, job_to_dict
+from freeal_stream.progress import Progress
+from freeal_stream.sources import Batch, read_items
+from freeal_stream.store import StateError
+
+# Fields that may change between runs on the same state: they steer how far the job goes or where it
+# runs, not what its finished rounds mean. Anything else changed would mix incompatible rounds.
+RESUMABLE_FIELDS = {"budget", "freeal.rounds", "llm.concurrency", "llm.requests_per_minute",
+                    "llm.tokens_per_minute", "llm.timeout_s", "llm.max_retries", "llm.server_threads",
+                    "slm.threads", "slm.device", "slm.epochs", "name", "state_dir", "ray", "service"}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("classes", "params", "prices") and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resumable(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Fields whose change makes the stored rounds meaningless for this job (empty = resumable)."""
+    a, b = _flatten(stored), _flatten(current)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return [k for k in changed if k not in RESUMABLE_FIELDS and k.split(".")[0] not in RESUMABLE_FIELDS]
+
+
+def api_key(job: JobConfig, local: bool) -> str | None:
+    """The API key from the environment variable the job names (never from the job file)."""
+    return os.environ.get(job.llm.api_key_env) or ("local-server" if local else None)
+
+
+@dataclass
+class Session:
+    job: JobConfig
+    store: StoreProxy
+    annotators: AnnotatorPool
+    scorers: ScorerPool
+    trainer: Any
+    model_name: str          # the name the endpoint serves (the embedded server's own name)
+    price: Any
+    guard: budget_policy.BudgetGuard
+    where: str
+
+
+def spent_now(store: Any, job: JobConfig) -> budget_policy.Spent:
+    return budget_policy.spent_from_usage(store.usage_by_model(), job.budget)
+
+
+def _open_store(job: JobConfig) -> StoreProxy:
+    """The store actor for the job's state, refusing an incompatible config change."""
+    from ray.exceptions import RayActorError
+
+    try:
+        store = start_store(job.state_path / "freeal.duckdb")
+    except RayActorError as e:
+        cause = getattr(e, "error_msg", str(e))
+        if "in use by another process" in cause:
+            raise StateError(f"{job.state_path / 'freeal.duckdb'} is in use by another process. Fix: wait for "
+                             "the other freeal-stream run or service on this state directory to finish "
+                             "(or stop it), or use another state_dir") from None
+        raise
+    current = job_to_dict(job)
+    stored = store.get_meta("job")
+    if stored is not None:
+        diff = check_resumable(json.loads(stored), current)
+        if diff:
+            store.close()
+            raise StateError(f"{job.state_path}: state was made by a different job config; changed fields: "
+                             f"{', '.join(diff)}. Fix: revert them, or set a new state_dir to start afresh")
+    store.set_meta("job", json.dumps(current))
+    return store
+
+
+def add_batch(store: Any, batch: Batch, source: str) -> int:
+    """Add a batch of items; the same id with a different text is refused (it would change a label's meaning)."""
+    clash = store.conflicting_ids(batch.ids, batch.hashes)
+    if clash:
+        raise StateError(f"{source}: ids {clash} are already stored with a different text. Fix: give "
+                         "changed texts new ids, or use a new state_dir")
+    return store.add_items(batch.ids, batch.texts, batch.views, batch.golds, batch.hashes)
+
+
+def ingest(job: JobConfig, store: Any, progress: Progress) -> int:
+    """Load the job's data file into the store; items already there (same id or same text) are kept."""
+    batch = read_items(job.data)
+    added = add_batch(store, batch, job.data.path)
+    msg = f"ingested {added} new items ({store.count_items()} in the store)"
+    if batch.skipped_empty:
+        msg += f"; skipped {batch.skipped_empty} rows with an empty text"
+    progress.say(msg)
+    return added
+
+
+@contextlib.contextmanager
+def open_session(job: JobConfig, progress: Progress, address: str | None = None):
+    """Start everything a job needs; stop it all (store first) on the way out."""
+    with contextlib.ExitStack() as stack:
+        where = start_ray(job.ray, address)
+        import ray
+
+        stack.callback(lambda: ray.shutdown() if not (address or job.ray.address or os.environ.get("RAY_ADDRESS"))
+                       else None)
+        store = _open_store(job)
+        stack.callback(store.close)
+        base_url, model, local = _llm_endpoint(job, stack, progress)
+        price = budget_policy.price_for(job.budget, model)
+        guard = budget_policy.BudgetGuard(job.budget, lambda: spent_now(store, job))
+        llm_cfg = dataclasses.replace(job.llm, model=model)
+        annotators = AnnotatorPool(llm_cfg, base_url, api_key(job, local), store, size=job.ray.annotators,
+                                   chunk_size=job.ray.chunk_size, max_restarts=job.ray.max_restarts,
+                                   resources=job.ray.annotator_resources, guard=guard, price=price)
+        stack.callback(annotators.shutdown)
+        wait_for_actors(annotators)
+        scorers = ScorerPool(job.slm.encoder, job.slm.max_length, job.slm.threads, size=job.ray.scorers,
+                             resources=job.ray.scorer_resources, max_restarts=job.ray.max_restarts)
+        trainer = start_trainer(job.ray, job.slm.threads, cluster_has_gpu())
+        progress.say(f"running on {where}: {job.ray.annotators} annotators, {job.ray.scorers} scorers, 1 trainer, "
+                     f"1 store writer")
+        yield Session(job, store, annotators, scorers, trainer, model, price, guard, where)
+
+
+def _llm_endpoint(job: JobConfig, stack: contextlib.ExitStack, progress: Progress) -> tuple[str, str, bool]:
+    """(base_url, model name, is_local): the job's endpoint, or the embedded server started for this run."""
+    if job.llm.base_url:
+        return job.llm.base_url, job.llm.model, False
+    from freeal_stream.local_llm import LocalLLMServer
+
+    server = LocalLLMServer(model=job.llm.model, context_size=job.llm.context_size,
+                            threads=job.llm.server_threads)
+    progress.say(f"starting the embedded llama.cpp server ({job.llm.model}) on 127.0.0.1")
+    base_url = server.start()
+    stack.callback(server.stop)
+    return base_url, server.model_name, True

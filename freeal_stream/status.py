@@ -1,0 +1,85 @@
+"""What a job's state says: spend against the caps, an estimate to finish, rounds, pool and label sources.
+
+One function over anything with the Store's methods (the store itself, or the store actor's proxy
+inside a running service), so `freeal-stream status` and `GET /status` report the same figures.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from freeal_stream import budget as budget_policy
+from freeal_stream.config import JobConfig
+
+
+def _plain(s: budget_policy.Spent | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    fix = lambda v: None if v == math.inf else v  # noqa: E731
+    return {"requests": fix(s.requests), "tokens": fix(s.tokens), "cost": fix(round(s.cost, 6))}
+
+
+def remaining_requests(job: JobConfig, rounds: list[dict[str, Any]], unannotated: int) -> int:
+    """Requests the rounds not yet done would send, at the job's P and with today's pool (no new data)."""
+    done = [r for r in rounds if r["phase"] == "done"]
+    left = max(0, job.freeal.rounds - len(done))
+    if job.freeal.schedule == "budgeted":
+        total, u = 0, unannotated
+        for _ in range(left):
+            n = budget_policy.round_size(u, job.freeal.query_fraction)
+            total, u = total + n, u - n
+        return total
+    last = done[-1]["metrics"].get("llm_requested", 0) if done else unannotated
+    return left * (last if done else unannotated)
+
+
+def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
+    """The state as plain data (JSON-ready)."""
+    rounds = store.rounds()
+    spent = budget_policy.spent_from_usage(store.usage_by_model(), job.budget)
+    raw = store.spent()
+    n_items = store.count_items()
+    annotated = len(store.annotated_ids())
+    todo = remaining_requests(job, rounds, n_items - annotated)
+    per_req = (spent.tokens / spent.requests, spent.cost / spent.requests) if spent.requests else None
+    return {
+        "job": job.name,
+        "items": n_items,
+        "annotated_by_llm": annotated,
+        "never_annotated": n_items - annotated,
+        "labels_by_source": store.label_counts_by_source(),
+        "rounds": [{"round": r["round"], "phase": r["phase"], **({"metrics": r["metrics"]} if r["metrics"] else {})}
+                   for r in rounds],
+        "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"]},
+        "left": _plain(budget_policy.headroom(spent, job.budget)),
+        "estimate_to_finish": {
+            "requests": todo,
+            "tokens": round(todo * per_req[0]) if per_req else None,
+            "cost": round(todo * per_req[1], 6) if per_req else None,
+            "basis": "the rounds left at the job's P on the current pool, at the mean cost per request so far",
+        },
+    }
+
+
+def format_status(st: dict[str, Any]) -> list[str]:
+    """Human-readable lines for `freeal-stream status`."""
+    from freeal_stream.loop import format_round
+
+    money = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    s, left, est = st["spent"], st["left"], st["estimate_to_finish"]
+    lines = [f"job {st['job']}: {st['items']} items; annotated by the LLM {st['annotated_by_llm']}; never "
+             f"annotated {st['never_annotated']}",
+             f"labels by source: {st['labels_by_source']}",
+             f"spent: {s['requests']} requests, {s['tokens']} tokens ({s['cached_tokens']} prompt tokens from the "
+             f"server's prefix cache), cost {money(s['cost'])}"]
+    if left is None:
+        lines.append("left: no budget caps set")
+    else:
+        lines.append("left: " + ", ".join(f"{k} {'unlimited' if v is None else (money(v) if k == 'cost' else v)}"
+                                          for k, v in left.items()))
+    lines.append(f"estimated to finish: {est['requests']} requests"
+                 + (f", ~{est['tokens']} tokens, cost ~{money(est['cost'])}" if est["tokens"] is not None else ""))
+    for r in st["rounds"]:
+        lines.append(f"  round {r['round']}: {r['phase']}"
+                     + (f" — {format_round(r['metrics'])}" if r.get("metrics") else ""))
+    return lines
