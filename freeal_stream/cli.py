@@ -1,4 +1,4 @@
-"""freeal-stream command line: run | status | export."""
+"""freeal-stream command line: run | serve | ingest | status | export."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,56 @@ def cmd_run(args: argparse.Namespace) -> int:
         for m in rounds:
             progress.say("  " + format_round(m))
         _print_summary(session.store, job, progress)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    _prepare_process(job)
+    progress = Progress()
+    import signal
+
+    from freeal_stream.serve import Service
+    from freeal_stream.session import ingest, open_session
+
+    with open_session(job, progress, args.address) as session:
+        ingest(job, session.store, progress)
+        service = Service(session, progress)
+        signal.signal(signal.SIGTERM, lambda *_: service.stop.set())
+        try:
+            service.serve()
+        except KeyboardInterrupt:
+            service.stop.set()
+        progress.say("service stopped; everything accepted is stored (rerun `serve` to go on)")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Add data files: through the running service's API, or straight into the state when none runs."""
+    job = load_job(args.job)
+    from freeal_stream.serve import read_data_file
+
+    running = _running_service(job)
+    total = 0
+    for name in args.files:
+        batch = read_data_file(job, Path(name))
+        if running is not None:
+            items = [{"id": i, "text": t, "view": v, "gold": g}
+                     for i, t, v, g in zip(batch.ids, batch.texts, batch.views, batch.golds)]
+            added = sum(running.add_items(items[k:k + 5000])["added"] for k in range(0, len(items), 5000))
+        else:
+            from freeal_stream.session import add_batch
+            from freeal_stream.store import Store
+
+            store = Store(job.state_path / "freeal.duckdb")
+            try:
+                added = add_batch(store, batch, name)
+            finally:
+                store.close()
+        total += added
+        print(f"{name}: {added} new items of {len(batch.ids)}"
+              + (f" (skipped {batch.skipped_empty} empty texts)" if batch.skipped_empty else ""))
+    print(f"{total} new items {'sent to the running service' if running else 'stored'}; they join the next round")
     return 0
 
 
@@ -120,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("job")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=cmd_status)
+    sv = sub.add_parser("serve", help="run the job as a service: label new data from the inbox folder and the "
+                                      "HTTP API as it arrives")
+    sv.add_argument("job")
+    sv.add_argument("--address", help="Ray cluster to run on (default: ray.address, $RAY_ADDRESS, else a local Ray)")
+    sv.set_defaults(func=cmd_serve)
+    i = sub.add_parser("ingest", help="add data files to a job (through its running service, if one runs)")
+    i.add_argument("job")
+    i.add_argument("files", nargs="+", help="CSV / JSONL / Parquet files with the job's columns")
+    i.set_defaults(func=cmd_ingest)
     e = sub.add_parser("export", help="write id, text, label, source, confidence (and the LLM's and the SLM's "
                                       "own labels) to CSV/Parquet/JSONL")
     e.add_argument("job")
@@ -132,6 +191,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already names the problem and the fix: print it, no traceback."""
     from freeal_stream.llm.client import FatalLLMError
     from freeal_stream.local_llm import ModelNotAvailable, ServerStartError
+    from freeal_stream.service.client import ServiceError
     from freeal_stream.sources import DataError
     from freeal_stream.store import StateError
 
@@ -140,7 +200,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from strategies.base import StrategyError
 
     return (ConfigError, DataError, StateError, FatalLLMError, ModelNotAvailable, ServerStartError, AnnotatorError,
-            BudgetConfigError, StrategyError, FileNotFoundError)
+            BudgetConfigError, StrategyError, FileNotFoundError, ServiceError)
 
 
 def main(argv: list[str] | None = None) -> int:

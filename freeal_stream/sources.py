@@ -1,6 +1,7 @@
 """Read a job's data file (CSV, JSONL or Parquet) into columns, with errors that name the file and column."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ class Batch:
     golds: list[str | None]
     hashes: list[str]
     skipped_empty: int
+    ids_from_rows: bool = False   # no id column: ids are row numbers, unique only within this file
 
 
 def content_hash(text: str) -> str:
@@ -42,8 +44,12 @@ def detect_format(path: Path, declared: str) -> str:
     return fmt
 
 
-def read_items(cfg: DataConfig) -> Batch:
-    """Read the whole file; empty texts are skipped and counted, duplicate ids are an error."""
+def read_items(cfg: DataConfig, optional: frozenset[str] = frozenset()) -> Batch:
+    """Read the whole file; empty texts are skipped and counted, duplicate ids are an error.
+
+    `optional` names column settings (e.g. 'gold_column') that a file may lack: later files dropped into
+    a service's inbox need only the text.
+    """
     path = Path(cfg.path)
     if not path.exists():
         raise DataError(f"{path}: data file not found. Fix: check data.path (relative to the job file)")
@@ -62,7 +68,9 @@ def read_items(cfg: DataConfig) -> Batch:
     wanted = {"text_column": cfg.text_column, "id_column": cfg.id_column,
               "augmented_column": cfg.augmented_column, "gold_column": cfg.gold_column}
     for field, col in wanted.items():
-        if col is not None and col not in columns:
+        if col is not None and col not in columns and field in optional:
+            cfg = dataclasses.replace(cfg, **{field: None})
+        elif col is not None and col not in columns:
             raise DataError(f"{path}: no column '{col}' (data.{field}); the file has {columns}. "
                             f"Fix: set data.{field} to one of those")
     pos = {c: i for i, c in enumerate(columns)}
@@ -72,7 +80,7 @@ def read_items(cfg: DataConfig) -> Batch:
             return None
         return str(row[pos[name]])
 
-    out = Batch([], [], [], [], [], 0)
+    out = Batch([], [], [], [], [], 0, ids_from_rows=cfg.id_column is None)
     seen: dict[str, int] = {}
     for n, row in enumerate(rows):
         text = col(cfg.text_column, row)

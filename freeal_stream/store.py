@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS round_plan (
     round INTEGER NOT NULL, position INTEGER NOT NULL, item_id VARCHAR NOT NULL, demo_ids JSON NOT NULL,
     PRIMARY KEY (round, position));
 CREATE TABLE IF NOT EXISTS ingested_files (
-    digest VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, added INTEGER NOT NULL, ingested_at DOUBLE NOT NULL);
+    digest VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, ingested_at DOUBLE NOT NULL);
 """
 
 # The label of record per item. An LLM label stands unless a later (or same-round) SLM put it in the
@@ -153,17 +153,13 @@ class Store:
         """Whether a data file with this sha256 was ingested before (inbox: a file dropped twice)."""
         return _first(self.con.execute("SELECT count(*) FROM ingested_files WHERE digest = ?", [digest]))[0] > 0
 
-    def ingest_file(self, digest: str, name: str, batch: Any) -> int:
-        """Add a file's items and remember its digest in one transaction: a crash leaves neither or both."""
-        self._exec("BEGIN TRANSACTION")
-        try:
-            added = self.add_items(batch.ids, batch.texts, batch.views, batch.golds, batch.hashes)
-            self._exec("INSERT OR IGNORE INTO ingested_files VALUES (?, ?, ?, epoch(now()))", [digest, name, added])
-            self._exec("COMMIT")
-        except BaseException:
-            self._exec("ROLLBACK")
-            raise
-        return added
+    def remember_file(self, digest: str, name: str) -> None:
+        self._exec("INSERT OR IGNORE INTO ingested_files VALUES (?, ?, epoch(now()))", [digest, name])
+
+    def unscored_count(self) -> int:
+        """Items no SLM round has scored yet: what arrived since the last round's pool was taken."""
+        return _first(self.con.execute("""SELECT count(*) FROM items WHERE id NOT IN (
+            SELECT item_id FROM slm_scores WHERE round = (SELECT max(round) FROM slm_scores))"""))[0]
 
     def count_items(self) -> int:
         return _first(self.con.execute("SELECT count(*) FROM items"))[0]

@@ -38,6 +38,8 @@ class Scorer:
 
     def score(self, tag: str, files: dict[str, bytes], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(probs, embeddings) of `texts` under the model whose files are given (loaded once per tag)."""
+        import torch
+
         if self._model is None or self._model[0] != tag:
             from freeal_stream.slm.model import SLM, write_model_files
 
@@ -45,9 +47,8 @@ class Scorer:
                 self._model = (tag, SLM.load(write_model_files(files, tmp)))
         model = self._model[1]
         emb = model.embed(texts)
-        logits = model.logits_from_embeddings(emb)
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True), emb
+        probs = torch.softmax(torch.from_numpy(model.logits_from_embeddings(emb)), dim=-1).numpy()
+        return probs, emb   # computed exactly as the trainer computes them, so a resumed run matches
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

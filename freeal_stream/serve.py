@@ -1,0 +1,120 @@
+"""`freeal-stream serve`: keep labelling as data arrives.
+
+Data comes in through the inbox folder and the HTTP API, both on background threads that hand batches
+to the store actor (so an item is committed the moment it is accepted). The main thread runs rounds:
+first the job's own rounds, then one more whenever enough new items wait (`service.min_new_items`) or
+new items have waited `service.round_every_s`. A round takes its pool when it starts, so an item that
+arrives mid-round is stored at once and joins the next round; it is never half-labelled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from freeal_stream.config import JobConfig
+from freeal_stream.loop import FreeALRun
+from freeal_stream.progress import Progress
+from freeal_stream.service.client import SERVICE_FILE, write_service_file
+from freeal_stream.service.http_api import ApiHandlers, ApiServer
+from freeal_stream.service.inbox import Inbox
+from freeal_stream.session import Session, add_batch
+from freeal_stream.sources import Batch, content_hash, read_items
+from freeal_stream.status import job_status
+
+
+def batch_from_items(items: list[dict[str, Any]]) -> Batch:
+    """API items as a batch; an item without an id is named by its text's hash (the same text, the same id)."""
+    texts = [str(it["text"]) for it in items]
+    hashes = [content_hash(t) for t in texts]
+    ids = [str(it["id"]) if it.get("id") is not None else f"h-{h[:16]}" for it, h in zip(items, hashes)]
+    return Batch(ids, texts, [it.get("view") for it in items],
+                 [None if it.get("gold") is None else str(it["gold"]) for it in items], hashes, 0)
+
+
+def read_data_file(job: JobConfig, path: Path) -> Batch:
+    """A dropped file, read with the job's column settings (only the text column is required); without an
+    id column, ids are content hashes (row numbers would collide with the rows of earlier files)."""
+    batch = read_items(dataclasses.replace(job.data, path=str(path), format="auto"),
+                       optional=frozenset({"id_column", "gold_column", "augmented_column"}))
+    if batch.ids_from_rows:
+        batch.ids = [f"h-{h[:16]}" for h in batch.hashes]
+    return batch
+
+
+class Service:
+    """The running service around one session."""
+
+    def __init__(self, session: Session, progress: Progress):
+        self.s, self.job, self.store, self.progress = session, session.job, session.store, progress
+        self.run = FreeALRun(session, progress)
+        self.stop = threading.Event()
+        self.class_names = self.job.task.class_names
+
+    # ---- ways in ----------------------------------------------------------------------------------
+    def add_items(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        added = add_batch(self.store, batch_from_items(items), "POST /items")
+        return {"received": len(items), "added": added, "duplicates": len(items) - added}
+
+    def ingest_file(self, path: Path) -> int:
+        added = add_batch(self.store, read_data_file(self.job, path), path.name)
+        self.progress.say(f"inbox: {path.name}: {added} new items")
+        return added
+
+    def status(self) -> dict[str, Any]:
+        return {**job_status(self.store, self.job), "service": {"waiting_for_a_round": self.store.unscored_count()}}
+
+    def labels(self, since: int, limit: int) -> dict[str, Any]:
+        return self.store.labels_since(since, limit, self.class_names)
+
+    # ---- rounds -----------------------------------------------------------------------------------
+    def _due(self, waiting: int, first_seen: float | None) -> bool:
+        svc = self.job.service
+        if waiting >= svc.min_new_items:
+            return True
+        return bool(waiting and svc.round_every_s and first_seen is not None
+                    and time.monotonic() - first_seen >= svc.round_every_s)
+
+    def serve(self) -> None:
+        """Run until `stop` is set (SIGTERM / Ctrl-C): the job's rounds, then rounds as data arrives."""
+        svc = self.job.service
+        token = os.environ.get(svc.token_env) or None
+        inbox = Inbox(self.job.inbox_path, self.ingest_file, settle_s=max(0.5, svc.poll_s),
+                      seen=self.store.file_ingested, remember=self.store.remember_file)
+        api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels), host=svc.host, port=svc.port,
+                        token=token)
+        url = api.start()
+        service_file = write_service_file(self.job.state_path, url, os.getpid())
+        watcher = threading.Thread(target=inbox.watch, args=(self.stop, svc.poll_s), daemon=True,
+                                   name="inbox")
+        watcher.start()
+        self.progress.say(f"serving {self.job.name}: API {url} ({'token required' if token else 'no token'}), "
+                          f"inbox {inbox.root}")
+        try:
+            self.run.run()   # the job's own rounds first (resumed if they were under way)
+            first_seen: float | None = None
+            while not self.stop.is_set():
+                waiting = self.store.unscored_count()
+                first_seen = (first_seen or time.monotonic()) if waiting else None
+                if self._due(waiting, first_seen):
+                    round_ = self.run.next_round()
+                    self.progress.say(f"{waiting} new items: starting round {round_}")
+                    if not self.run.run_round(round_):
+                        self.progress.say("no round possible now (budget spent or nothing to annotate); "
+                                          "new items are stored and will be labelled when it is")
+                        self.stop.wait(max(30.0, svc.poll_s))
+                    first_seen = None
+                    continue
+                self.stop.wait(svc.poll_s)
+        finally:
+            self.stop.set()
+            api.stop()
+            watcher.join(timeout=10)
+            if service_file.exists():
+                service_file.unlink()
+
+
+__all__ = ["Service", "SERVICE_FILE", "batch_from_items", "read_data_file"]
