@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies.base import QueryContext
+from strategies.base import Candidates, QueryContext, QueryStrategy, Shard
+from strategies.order import top
 
 
-class RandomStrategy:
-    def query(self, ids: np.ndarray, n: int, ctx: QueryContext) -> np.ndarray:
-        rng = np.random.default_rng([ctx.seed, ctx.round])
-        n = min(n, len(ids))
-        return ids[np.sort(rng.choice(len(ids), size=n, replace=False))] if n else ids[:0]
+class RandomStrategy(QueryStrategy):
+    """Every item scores 0, so the canonical tie-break, a hash of (seed, round, id), decides: a seeded uniform
+    draw that is the same however the pool is sharded, and a new one each round."""
+
+    name = "random"
+
+    def candidates(self, shard: Shard, n: int, ctx: QueryContext) -> Candidates:
+        return top(shard.ids, np.zeros(len(shard)), n, ctx)
