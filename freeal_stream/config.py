@@ -362,8 +362,13 @@ def parse_job(raw: dict[str, Any], file: str | Path = "<job>") -> JobConfig:
     inbox = job.service.inbox
     if inbox is not None:
         inbox = str((base / Path(os.path.expanduser(inbox))).resolve())
+    strategy = job.strategy
+    file_part, sep, cls = strategy.name.rpartition(":")
+    if sep and file_part.endswith(".py") and not Path(file_part).is_absolute():   # path/to/file.py:Class
+        strategy = dataclasses.replace(strategy, name=f"{(base / file_part).resolve()}:{cls}")
     job = dataclasses.replace(
         job,
+        strategy=strategy,
         data=dataclasses.replace(job.data, path=str((base / data_path).resolve())),
         service=dataclasses.replace(job.service, inbox=inbox),
         state_dir=str((base / state).resolve()),

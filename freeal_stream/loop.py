@@ -63,6 +63,7 @@ class Scored:
     embeddings: np.ndarray
     losses: np.ndarray
     demos: list[Demo]
+    prev_labels: np.ndarray | None = None   # the SLM before this one's predictions (-1: not scored)
 
 
 class FreeALRun:
@@ -95,6 +96,8 @@ class FreeALRun:
             self.scored.probs = np.concatenate([self.scored.probs, probs])
             self.scored.embeddings = np.concatenate([self.scored.embeddings, emb])
             self.scored.losses = np.concatenate([self.scored.losses, np.full(added, np.nan)])
+            if self.scored.prev_labels is not None:
+                self.scored.prev_labels = np.concatenate([self.scored.prev_labels, np.full(added, -1)])
         return added
 
     def base_embeddings(self) -> np.ndarray:
@@ -328,7 +331,8 @@ class FreeALRun:
             self.progress.say(f"round {round_}: its annotations are stored; resuming at training")
         result, files, labels = self.train(round_)
         new_demos, clean = self.demo_pool_from(round_, result, labels)
-        self.scored = Scored(round_, files, result.probs, result.embeddings, result.losses, new_demos)
+        self.scored = Scored(round_, files, result.probs, result.embeddings, result.losses, new_demos,
+                             prev_labels=self._slm_labels(round_ - 1))
         m = self.metrics(round_, started, len(plan), result, labels, clean, len(new_demos), before)
         self.store.set_phase(round_, fr.schedule, "done", metrics=m)
         self.progress.say(format_round(m))
@@ -366,9 +370,9 @@ class FreeALRun:
                            budget_left=None if left is None or left.requests == float("inf") else int(left.requests))
         shards = array_shards(np.array(self.pool.ids, dtype=object), rows=unannotated, needs=self.strategy.needs,
                               probs=self.scored.probs if trained else None,
-                              embeddings=self.scored.embeddings if trained else None,
+                              embeddings=self.scored.embeddings,   # the frozen encoder's before any SLM
                               llm_labels=self.llm_label_array() if "llm_labels" in self.strategy.needs else None,
-                              slm_labels=self.scored.probs.argmax(1) if trained else None)
+                              slm_labels=self.scored.prev_labels)
         chosen = select(self.strategy, shards, n, ctx)
         return np.array(sorted(self.pool.pos[x] for x in chosen), dtype=int)
 
@@ -388,7 +392,15 @@ class FreeALRun:
         has = np.flatnonzero(labels >= 0)
         losses = np.full(len(self.pool), np.nan)
         losses[has] = -np.log(np.maximum(probs[has, labels[has]], 1e-12))  # the CE the trainer reports
-        return Scored(round_, files, probs, emb, losses, self.store.demo_pool(round_))
+        return Scored(round_, files, probs, emb, losses, self.store.demo_pool(round_),
+                      prev_labels=self._slm_labels(round_ - 1))
+
+    def _slm_labels(self, round_: int) -> np.ndarray | None:
+        """Round `round_`'s SLM predictions for the pool (-1 for items it never scored); None before round 1."""
+        if round_ < 1:
+            return None
+        preds = self.store.slm_preds(round_)
+        return np.array([preds.get(x, -1) for x in self.pool.ids], dtype=int)
 
 
 def format_round(m: dict[str, Any]) -> str:

@@ -286,10 +286,8 @@ class Store:
         with self._registered("incoming", batch):
             self._exec("INSERT OR REPLACE INTO slm_scores SELECT * FROM incoming")
 
-    def scores(self, round_: int) -> dict[str, np.ndarray]:
-        t = self.con.execute("""SELECT s.item_id, s.probs FROM slm_scores s JOIN items i ON i.id = s.item_id
-                                WHERE round = ? ORDER BY i.seq""", [round_]).fetchall()
-        return {k: np.asarray(json.loads(p), dtype=np.float32) for k, p in t}
+    def slm_preds(self, round_: int) -> dict[str, int]:
+        return dict(self.con.execute("SELECT item_id, pred FROM slm_scores WHERE round = ?", [round_]).fetchall())
 
     def set_demo_pool(self, round_: int, demos: Sequence[tuple[str, str, int, str]]) -> None:
         """demos: (demo_id, text, label, source) in pool order."""

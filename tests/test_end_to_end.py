@@ -10,33 +10,9 @@ import pytest
 import yaml
 
 from freeal_stream.cli import main
+from tests.helpers import make_job
 
 pytestmark = pytest.mark.integration
-DEMO = Path(__file__).resolve().parents[1] / "jobs"
-
-
-def make_job(tmp_path: Path, n_per_class: int, **overrides) -> Path:
-    """A copy of the demo job on a small stratified subset of its data, with its state under tmp_path."""
-    with open(DEMO / "data" / "support_tickets.csv", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    picked, seen = [], {}
-    for r in rows:
-        if seen.get(r["label"], 0) < n_per_class:
-            seen[r["label"]] = seen.get(r["label"], 0) + 1
-            picked.append(r)
-    data = tmp_path / "items.csv"
-    with open(data, "w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "text", "label"])
-        w.writeheader()
-        w.writerows(picked)
-    job = yaml.safe_load((DEMO / "demo.yaml").read_text())
-    job["data"]["path"] = str(data)
-    job["state_dir"] = str(tmp_path / "state")
-    for section, values in overrides.items():
-        job[section] = {**job.get(section, {}), **values} if isinstance(values, dict) else values
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job, sort_keys=False))  # class order is part of the prompt
-    return path
 
 
 def state(tmp_path: Path) -> duckdb.DuckDBPyConnection:
@@ -112,39 +88,9 @@ def test_budget_cap_shrinks_the_round_and_stops_cleanly(tmp_path, capsys):
                    budget={"max_requests": 10})
     assert main(["run", str(job)]) == 0
     err = capsys.readouterr().err
-    assert "budget: sending 2 of 4 new requests" in err and "budget exhausted" in err
+    assert "budget: round 2 sends 2 of 4 planned requests" in err and "the budget is spent" in err
     con = state(tmp_path)
     assert con.execute("SELECT count(*) FROM llm_answers").fetchone()[0] == 10
     assert con.execute("SELECT count(*) FROM rounds WHERE phase = 'done'").fetchone()[0] == 2
     assert con.execute("SELECT count(*) FROM slm_scores WHERE round = 2").fetchone()[0] == 16
     con.close()
-
-
-def test_crash_during_training_resumes_without_a_second_selection(tmp_path, monkeypatch):
-    """A run killed after round 1's annotations were stored must not pick another P% for round 1."""
-    import freeal_stream.loop as loop
-
-    job = make_job(tmp_path, 4, llm={"model": "smollm2-135m-instruct"}, slm={"mode": "head"},
-                   freeal={"rounds": 2, "query_fraction": 0.5, "demos_per_prompt": 0})
-    real_train = loop.train_slm
-
-    def crash(*args, **kwargs):
-        raise RuntimeError("killed mid-training")
-
-    monkeypatch.setattr(loop, "train_slm", crash)
-    with pytest.raises(RuntimeError, match="killed mid-training"):
-        main(["run", str(job)])
-    con = state(tmp_path)
-    first = con.execute("SELECT item_id FROM annotations WHERE round = 1 ORDER BY item_id").fetchall()
-    answers = con.execute("SELECT count(*) FROM llm_answers").fetchone()[0]
-    con.close()
-    assert len(first) == 8 and answers == 8
-
-    monkeypatch.setattr(loop, "train_slm", real_train)
-    assert main(["run", str(job)]) == 0
-    con = state(tmp_path)
-    again = con.execute("SELECT item_id FROM annotations WHERE round = 1 ORDER BY item_id").fetchall()
-    per_round = con.execute("SELECT round, count(*) FROM annotations GROUP BY 1 ORDER BY 1").fetchall()
-    answers_after = con.execute("SELECT count(*) FROM llm_answers").fetchone()[0]
-    con.close()
-    assert again == first and per_round == [(1, 8), (2, 4)] and answers_after == 12

@@ -143,13 +143,13 @@ class AnnotatorPool:
                     deliver: Callable[[list[ChatAnswer]], None]) -> list[list[int]]:
         """Keep each annotator busy with (up to) two chunks; returns the positions the budget refused."""
         queue = list(reversed(chunks))
-        running: dict[Any, tuple[int, _Chunk]] = {}   # ObjectRef -> (actor slot, chunk)
+        running: dict[Any, tuple[int, Any, _Chunk]] = {}   # ObjectRef -> (actor slot, actor, chunk)
         refused: list[list[int]] = []
         load = [0] * self.size
 
         def submit(slot: int, chunk: _Chunk) -> None:
             ref = self.actors[slot].complete.remote([unique[p] for p in chunk.positions])
-            running[ref] = (slot, chunk)
+            running[ref] = (slot, self.actors[slot], chunk)
             load[slot] += 1
 
         while queue or running:
@@ -168,7 +168,7 @@ class AnnotatorPool:
             if not running:
                 break
             ready, _ = ray.wait(list(running), num_returns=1)
-            slot, chunk = running.pop(ready[0])
+            slot, actor, chunk = running.pop(ready[0])
             load[slot] -= 1
             try:
                 batch, spent = ray.get(ready[0])
@@ -176,7 +176,8 @@ class AnnotatorPool:
                 self._release(chunk)
                 raise (e.cause or e) from None   # e.g. FatalLLMError: the same clean message as in-process
             except RayActorError:
-                self._replace(slot)
+                if self.actors[slot] is actor:   # its other chunk in flight fails too: replace once
+                    self._replace(slot)
                 self._release(chunk)
                 queue.append(chunk.positions)   # sent again first; stored answers come from the store
                 continue

@@ -30,6 +30,9 @@ class StoreActor:
 
         return os.getpid()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def close(self) -> None:
         self.store.close()
 
