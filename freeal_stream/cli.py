@@ -40,9 +40,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     _prepare_process(job)
     progress = Progress()
+    import logging
     import signal
 
     from freeal_stream.serve import Service
+
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("freeal_stream.service").setLevel(logging.INFO)   # what the inbox did with each file
     from freeal_stream.session import ingest, open_session
 
     with open_session(job, progress, args.address) as session:

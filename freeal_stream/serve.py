@@ -60,9 +60,7 @@ class Service:
         return {"received": len(items), "added": added, "duplicates": len(items) - added}
 
     def ingest_file(self, path: Path) -> int:
-        added = add_batch(self.store, read_data_file(self.job, path), path.name)
-        self.progress.say(f"inbox: {path.name}: {added} new items")
-        return added
+        return add_batch(self.store, read_data_file(self.job, path), path.name)
 
     def status(self) -> dict[str, Any]:
         return {**job_status(self.store, self.job), "service": {"waiting_for_a_round": self.store.unscored_count()}}
