@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import RayActorError
 
 from freeal_stream import budget as budget_policy
 from freeal_stream.demos import group_queries, retrieve_for_groups, select_demo_pool
@@ -207,18 +208,31 @@ class FreeALRun:
         say(f"SLM in {mode} mode on {n_lab} LLM labels + {len(self.pool) - n_lab} unlabelled texts "
             f"(views: {self._view_kind()})")
         self.base_embeddings()   # head mode reads them from the cache the scorers fill
-        ref = self.s.trainer.train.remote(self.pool.texts, labels, self.n_classes, self.job.slm, self.job.freeal,
-                                          views, self.job.seed + round_, str(self.job.state_path / "embeddings"))
-        while not ray.wait([ref], timeout=2.0)[0]:
-            for msg in ray.get(self.s.trainer.messages.remote()):
-                say(msg)
-        result, files = ray.get(ref)
-        for msg in ray.get(self.s.trainer.messages.remote()):
-            say(msg)
+        args = (self.pool.texts, labels, self.n_classes, self.job.slm, self.job.freeal, views, self.job.seed + round_,
+                str(self.job.state_path / "embeddings"))
+        while True:
+            try:
+                result, files = self._train_remote(args, say)
+                break
+            except RayActorError:   # killed or out of memory: training has no side effects, run it again
+                say("the trainer actor died; starting a new one and training again")
+                self.s.replace_trainer()
         model_dir = write_model_files(files, self.job.state_path / "models" / f"round-{round_}")
         self.store.add_scores(round_, self.pool.ids, result.probs, result.losses, result.clean)
         self.store.set_phase(round_, self.job.freeal.schedule, "trained", model_path=str(model_dir))
         return result, files, labels
+
+    def _train_remote(self, args: tuple, say: Any) -> tuple[SLMResult, dict[str, bytes]]:
+        """Train in the trainer actor, relaying its progress lines while it works."""
+        trainer = self.s.trainer
+        ref = trainer.train.remote(*args)
+        while not ray.wait([ref], timeout=2.0)[0]:
+            for msg in ray.get(trainer.messages.remote()):
+                say(msg)
+        result, files = ray.get(ref)
+        for msg in ray.get(trainer.messages.remote()):
+            say(msg)
+        return result, files
 
     def _view_kind(self) -> str:
         kind = self.job.slm.views

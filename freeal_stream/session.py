@@ -65,6 +65,16 @@ class Session:
     price: Any
     guard: budget_policy.BudgetGuard
     where: str
+    trainer_restarts: int = 0
+
+    def replace_trainer(self) -> None:
+        """A new trainer actor after the last one died (a restarted actor would re-run __init__ anyway)."""
+        self.trainer_restarts += 1
+        if self.trainer_restarts > self.job.ray.max_restarts:
+            raise StateError(f"the trainer actor died {self.trainer_restarts} times (ray.max_restarts = "
+                             f"{self.job.ray.max_restarts}); the labels so far are stored. Fix: check the Ray logs "
+                             "(/tmp/ray/session_latest/logs; out of memory?) and rerun to resume")
+        self.trainer = start_trainer(self.job.ray, self.job.slm.threads, cluster_has_gpu())
 
 
 def spent_now(store: Any, job: JobConfig) -> budget_policy.Spent:

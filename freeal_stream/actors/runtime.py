@@ -37,7 +37,7 @@ def start_ray(cfg: RayConfig, address: str | None = None) -> str:
     if target:
         ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
         return f"Ray cluster at {target}"
-    cpus = cfg.local_cpus or os.cpu_count() or 1
+    cpus = max(2, cfg.local_cpus or os.cpu_count() or 1)   # the trainer and a scorer take one logical CPU each
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              configure_logging=True)
     return f"local Ray ({cpus} CPUs)"
