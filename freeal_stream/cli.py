@@ -162,13 +162,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _address_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to run on (default: ray.address, $RAY_ADDRESS, else a local Ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="freeal-stream", description="Label text data sets with an LLM and a "
                                 "robustly self-trained small model (FreeAL), within an API budget.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or resume) a job until its rounds or budget are done")
     r.add_argument("job", help="job YAML file")
-    r.add_argument("--address", help="Ray cluster to run on (default: ray.address, $RAY_ADDRESS, else a local Ray)")
+    _address_option(r)
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="show spend, budget left, estimate to finish, rounds and label sources")
     s.add_argument("job")
@@ -177,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the job as a service: label new data from the inbox folder and the "
                                       "HTTP API as it arrives")
     sv.add_argument("job")
-    sv.add_argument("--address", help="Ray cluster to run on (default: ray.address, $RAY_ADDRESS, else a local Ray)")
+    _address_option(sv)
     sv.set_defaults(func=cmd_serve)
     i = sub.add_parser("ingest", help="add data files to a job (through its running service, if one runs)")
     i.add_argument("job")

@@ -130,11 +130,11 @@ def ingest(job: JobConfig, store: Any, progress: Progress) -> int:
 def open_session(job: JobConfig, progress: Progress, address: str | None = None):
     """Start everything a job needs; stop it all (store first) on the way out."""
     with contextlib.ExitStack() as stack:
-        where = start_ray(job.ray, address)
-        import ray
+        where, started = start_ray(job.ray, address)
+        if started:
+            import ray
 
-        stack.callback(lambda: ray.shutdown() if not (address or job.ray.address or os.environ.get("RAY_ADDRESS"))
-                       else None)
+            stack.callback(ray.shutdown)
         store = _open_store(job)
         stack.callback(store.close)
         base_url, model, local = _llm_endpoint(job, stack, progress)

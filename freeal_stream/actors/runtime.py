@@ -24,23 +24,25 @@ class Secret:
     __str__ = __repr__
 
 
-def start_ray(cfg: RayConfig, address: str | None = None) -> str:
-    """Join the cluster at `address` / `ray.address` / $RAY_ADDRESS, or start a local Ray; returns where.
+def start_ray(cfg: RayConfig, address: str | None = None) -> tuple[str, bool]:
+    """Join the cluster at `address` / `ray.address` / $RAY_ADDRESS, or start a local Ray.
+
+    Returns (where, whether this call started Ray: then the caller shuts it down when done).
 
     The local Ray gets no dashboard and this process's environment (so workers import this very
     checkout); actors that only wait on HTTP or DuckDB ask for 0 CPUs, so 2 cores are enough.
     """
     if ray.is_initialized():
-        return "already connected"
+        return "the Ray this process is connected to", False
     target = address or cfg.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # else Ray writes an auth token under ~/.ray
     if target:
         ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
-        return f"Ray cluster at {target}"
+        return f"Ray cluster at {target}", False
     cpus = max(2, cfg.local_cpus or os.cpu_count() or 1)   # the trainer and a scorer take one logical CPU each
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              configure_logging=True)
-    return f"local Ray ({cpus} CPUs)"
+    return f"local Ray ({cpus} CPUs)", True
 
 
 def cluster_has_gpu() -> bool:
