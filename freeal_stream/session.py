@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from freeal_stream.actors.trainer import start_trainer
 from freeal_stream.config import JobConfig, job_to_dict
 from freeal_stream.progress import Progress
 from freeal_stream.sources import Batch, read_items
-from freeal_stream.store import StateError
+from freeal_stream.store import StateError, Store
 
 # Fields that may change between runs on the same state: they steer how far the job goes or where it
 # runs, not what its finished rounds mean. Anything else changed would mix incompatible rounds.
@@ -81,19 +82,25 @@ def spent_now(store: Any, job: JobConfig) -> budget_policy.Spent:
     return budget_policy.spent_from_usage(store.usage_by_model(), job.budget)
 
 
-def _open_store(job: JobConfig) -> StoreProxy:
-    """The store actor for the job's state, refusing an incompatible config change."""
-    from ray.exceptions import RayActorError
+def _open_store(job: JobConfig, wait_s: float = 15.0) -> StoreProxy:
+    """The store actor for the job's state, refusing an incompatible config change.
 
-    try:
-        store = start_store(job.state_path / "freeal.duckdb")
-    except RayActorError as e:
-        cause = getattr(e, "error_msg", str(e))
-        if "in use by another process" in cause:
-            raise StateError(f"{job.state_path / 'freeal.duckdb'} is in use by another process. Fix: wait for "
-                             "the other freeal-stream run or service on this state directory to finish "
-                             "(or stop it), or use another state_dir") from None
-        raise
+    A file still held is retried for `wait_s`: after a `kill -9` the dead run's actors take a moment
+    (~2-3 s measured) to notice and let go of it.
+    """
+    path = job.state_path / "freeal.duckdb"
+    deadline = time.monotonic() + wait_s
+    while True:   # probed here, so a held file never becomes a failed actor (and its traceback)
+        try:
+            Store(path).close()
+            break
+        except StateError:
+            if time.monotonic() > deadline:
+                raise StateError(f"{path} is in use by another process. Fix: wait for the other freeal-stream run "
+                                 "or service on this state directory to finish (or stop it), or use another "
+                                 "state_dir") from None
+            time.sleep(1.0)
+    store = start_store(path)
     current = job_to_dict(job)
     stored = store.get_meta("job")
     if stored is not None:

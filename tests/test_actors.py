@@ -37,10 +37,12 @@ def requests(n: int, cfg: LLMConfig) -> list[ChatRequest]:
     return [ChatRequest.build([{"role": "user", "content": f"text {i}"}], cfg, "t") for i in range(n)]
 
 
-def test_share_splits_concurrency_and_limits():
-    cfg = LLMConfig(concurrency=5, requests_per_minute=600, tokens_per_minute=0)
-    part = share(cfg, 2)
-    assert (part.concurrency, part.requests_per_minute, part.tokens_per_minute) == (3, 300, 0)
+def test_shares_add_up_to_the_jobs_limits():
+    parts = share(LLMConfig(concurrency=5, requests_per_minute=601, tokens_per_minute=0), 2)
+    assert [(p.concurrency, p.requests_per_minute, p.tokens_per_minute) for p in parts] == [(3, 301, 0), (2, 300, 0)]
+    one = share(LLMConfig(concurrency=1), 2)   # a one-slot server: one annotator, never 2 requests at once
+    assert [p.concurrency for p in one] == [1]
+    assert len(share(LLMConfig(concurrency=8, requests_per_minute=3), 4)) == 3
 
 
 def test_a_killed_annotator_is_replaced_and_nothing_stored_is_sent_again(store):

@@ -1,7 +1,7 @@
 """A supervised pool of annotator actors that send chat requests for the coordinator.
 
-Each annotator is an `LLMClient` in its own process with a 1/N share of the job's concurrency and of
-its request and token rate limits, so together they stay under the job's limits. The pool sends chunks
+Each annotator is an `LLMClient` in its own process with a share of the job's concurrency and of its
+request and token rate limits; the shares add up to the job's limits, so together they stay under them. The pool sends chunks
 of consecutive requests (prompts that share a demo prefix stay on one annotator and hit its server's
 prefix cache), admits each chunk through the budget guard, and replaces an annotator that dies: its
 chunk is sent again, and answers it stored before dying come back from the store, not the API.
@@ -61,12 +61,18 @@ def _add_ledger(total: Ledger, part: Ledger) -> None:
             setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
 
 
-def share(cfg: LLMConfig, n: int) -> LLMConfig:
-    """One annotator's part of the job's concurrency and rate limits (0 = unlimited stays 0)."""
-    part = lambda v: 0 if v == 0 else max(1, v // n)  # noqa: E731
-    return dataclasses.replace(cfg, concurrency=max(1, math.ceil(cfg.concurrency / n)),
-                               requests_per_minute=part(cfg.requests_per_minute),
-                               tokens_per_minute=part(cfg.tokens_per_minute))
+def share(cfg: LLMConfig, n: int) -> list[LLMConfig]:
+    """Per-annotator parts of the job's concurrency and rate limits that add up to exactly the job's.
+
+    Fewer than `n` annotators when a limit is smaller than `n` (each needs at least 1 of each limit; a
+    limit of 0 means unlimited and stays 0).
+    """
+    limits = [v for v in (cfg.concurrency, cfg.requests_per_minute, cfg.tokens_per_minute) if v > 0]
+    k = max(1, min([n, *limits]))
+    part = lambda v, i: 0 if v == 0 else v // k + (i < v % k)  # noqa: E731
+    return [dataclasses.replace(cfg, concurrency=part(cfg.concurrency, i),
+                                requests_per_minute=part(cfg.requests_per_minute, i),
+                                tokens_per_minute=part(cfg.tokens_per_minute, i)) for i in range(k)]
 
 
 class AnnotatorError(RuntimeError):
@@ -87,16 +93,16 @@ class AnnotatorPool:
                  guard: budget_policy.BudgetGuard | None = None, price: Any = None):
         self.cfg, self.base_url, self.store = cfg, base_url, store
         self._key = Secret(api_key) if api_key else None
-        self._actor_cfg = share(cfg, size)
-        self.size, self.chunk_size, self.max_restarts = size, chunk_size, max_restarts
+        self._actor_cfgs = share(cfg, size)
+        self.size, self.chunk_size, self.max_restarts = len(self._actor_cfgs), chunk_size, max_restarts
         self.resources = resources or {}
         self.guard, self.price = guard, price
         self.ledger = Ledger()
         self.restarts = 0
-        self.actors = [self._new_actor() for _ in range(size)]
+        self.actors = [self._new_actor(slot) for slot in range(self.size)]
 
-    def _new_actor(self) -> Any:
-        return Annotator.options(resources=self.resources).remote(self._actor_cfg, self.base_url, self._key,
+    def _new_actor(self, slot: int) -> Any:
+        return Annotator.options(resources=self.resources).remote(self._actor_cfgs[slot], self.base_url, self._key,
                                                                    self.store)
 
     def node_ids(self) -> list[str]:
@@ -197,7 +203,7 @@ class AnnotatorPool:
                                  f"{self.max_restarts}); everything answered so far is stored. Fix: check the "
                                  "Ray logs (/tmp/ray/session_latest/logs) and rerun to resume")
         log.warning("annotator %d died; starting a replacement (%d/%d)", slot, self.restarts, self.max_restarts)
-        self.actors[slot] = self._new_actor()
+        self.actors[slot] = self._new_actor(slot)
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -197,6 +197,7 @@ class LLMClient:
     async def _send_all(self, todo: list[tuple[str, ChatRequest]],
                         on_answer: Callable[[str, ChatAnswer], None]) -> None:
         slots = asyncio.Semaphore(self.cfg.concurrency)
+        self._store_lock = asyncio.Lock()
         api = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or _NO_KEY,
                                  max_retries=0, timeout=self.cfg.timeout_s)
         try:
@@ -219,8 +220,9 @@ class LLMClient:
         finally:
             slots.release()
         if answer.error is None:
-            if self.cache is not None:
-                self.cache.put_answer(request, answer)   # stored before it counts: never paid twice
+            if self.cache is not None:   # stored before it counts: never paid twice
+                async with self._store_lock:   # off the event loop (the store may be an actor), one at a time
+                    await asyncio.to_thread(self.cache.put_answer, request, answer)
         else:
             self.ledger.failures[answer.error] = self.ledger.failures.get(answer.error, 0) + 1
         on_answer(key, answer)
