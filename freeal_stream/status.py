@@ -36,7 +36,9 @@ def remaining_requests(job: JobConfig, rounds: list[dict[str, Any]], unannotated
 def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
     """The state as plain data (JSON-ready)."""
     rounds = store.rounds()
-    spent = budget_policy.spent_from_usage(store.usage_by_model(), job.budget)
+    usage = store.usage_by_model()
+    spent = budget_policy.spent_from_usage(usage, job.budget)
+    priced = bool(usage) and all(u["model"] in job.budget.prices for u in usage)
     raw = store.spent()
     n_items = store.count_items()
     annotated = len(store.annotated_ids())
@@ -50,7 +52,7 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
         "labels_by_source": store.label_counts_by_source(),
         "rounds": [{"round": r["round"], "phase": r["phase"], **({"metrics": r["metrics"]} if r["metrics"] else {})}
                    for r in rounds],
-        "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"]},
+        "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"], "priced": priced},
         "left": _plain(budget_policy.headroom(spent, job.budget)),
         "estimate_to_finish": {
             "requests": todo,
@@ -71,14 +73,16 @@ def format_status(st: dict[str, Any]) -> list[str]:
              f"annotated {st['never_annotated']}",
              f"labels by source: {st['labels_by_source']}",
              f"spent: {s['requests']} requests, {s['tokens']} tokens ({s['cached_tokens']} prompt tokens from the "
-             f"server's prefix cache), cost {money(s['cost'])}"]
+             f"server's prefix cache), " + (f"cost {money(s['cost'])}" if s["priced"] else
+                                             "cost not known (no budget.prices for the model)")]
     if left is None:
         lines.append("left: no budget caps set")
     else:
         lines.append("left: " + ", ".join(f"{k} {'unlimited' if v is None else (money(v) if k == 'cost' else v)}"
                                           for k, v in left.items()))
     lines.append(f"estimated to finish: {est['requests']} requests"
-                 + (f", ~{est['tokens']} tokens, cost ~{money(est['cost'])}" if est["tokens"] is not None else ""))
+                 + (f", ~{est['tokens']} tokens" if est["tokens"] is not None else "")
+                 + (f", cost ~{money(est['cost'])}" if est["cost"] is not None and s["priced"] else ""))
     for r in st["rounds"]:
         lines.append(f"  round {r['round']}: {r['phase']}"
                      + (f" — {format_round(r['metrics'])}" if r.get("metrics") else ""))
