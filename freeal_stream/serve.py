@@ -23,6 +23,7 @@ from freeal_stream.service.http_api import ApiHandlers, ApiServer
 from freeal_stream.service.inbox import Inbox
 from freeal_stream.session import Session, add_batch
 from freeal_stream.sources import Batch, content_hash, read_items
+from freeal_stream.store import StateError
 from freeal_stream.status import job_status
 
 
@@ -84,7 +85,11 @@ class Service:
                       seen=self.store.file_ingested, remember=self.store.remember_file)
         api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels), host=svc.host, port=svc.port,
                         token=token)
-        url = api.start()
+        try:
+            url = api.start()
+        except OSError as e:
+            raise StateError(f"cannot listen on {svc.host}:{svc.port} ({e.strerror}). Fix: stop what uses that "
+                             "port, or set service.port in the job file (0 = any free port)") from None
         service_file = write_service_file(self.job.state_path, url, os.getpid())
         watcher = threading.Thread(target=inbox.watch, args=(self.stop, svc.poll_s), daemon=True,
                                    name="inbox")
