@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from freeal_stream.config import JobConfig
+from freeal_stream.config import ConfigError, JobConfig
 from freeal_stream.loop import FreeALRun
 from freeal_stream.progress import Progress
 from freeal_stream.service.client import SERVICE_FILE, write_service_file
@@ -83,8 +83,12 @@ class Service:
         token = os.environ.get(svc.token_env) or None
         inbox = Inbox(self.job.inbox_path, self.ingest_file, settle_s=max(0.5, svc.poll_s),
                       seen=self.store.file_ingested, remember=self.store.remember_file)
-        api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels), host=svc.host, port=svc.port,
-                        token=token)
+        try:
+            api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels), host=svc.host, port=svc.port,
+                            token=token)
+        except ValueError as e:   # a non-loopback address without a token
+            raise ConfigError(self.job.source_file, "service.host", str(e),
+                              f"set the environment variable {svc.token_env}, or use host 127.0.0.1") from None
         try:
             url = api.start()
         except OSError as e:
