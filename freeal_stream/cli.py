@@ -43,8 +43,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from freeal_stream.serve import Service
+    from freeal_stream.serve import Service, check_can_serve
 
+    check_can_serve(job)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("freeal_stream.service").setLevel(logging.INFO)   # what the inbox did with each file
     from freeal_stream.session import ingest, open_session

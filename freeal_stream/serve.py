@@ -19,7 +19,7 @@ from freeal_stream.config import ConfigError, JobConfig
 from freeal_stream.loop import FreeALRun
 from freeal_stream.progress import Progress
 from freeal_stream.service.client import SERVICE_FILE, write_service_file
-from freeal_stream.service.http_api import ApiHandlers, ApiServer
+from freeal_stream.service.http_api import ApiHandlers, ApiServer, is_loopback
 from freeal_stream.service.inbox import Inbox
 from freeal_stream.session import Session, add_batch
 from freeal_stream.sources import Batch, content_hash, read_items
@@ -44,6 +44,15 @@ def read_data_file(job: JobConfig, path: Path) -> Batch:
     if batch.ids_from_rows:
         batch.ids = [f"h-{h[:16]}" for h in batch.hashes]
     return batch
+
+
+def check_can_serve(job: JobConfig) -> None:
+    """Refuse, before anything starts, to serve beyond this machine without a token."""
+    svc = job.service
+    if not is_loopback(svc.host) and not os.environ.get(svc.token_env):
+        raise ConfigError(job.source_file, "service.host", f"'{svc.host}' is reachable from other machines and "
+                          f"no token is set", f"set the environment variable {svc.token_env} to a long random "
+                          "string (clients send it as 'Authorization: Bearer ...'), or use host 127.0.0.1")
 
 
 class Service:
@@ -83,12 +92,8 @@ class Service:
         token = os.environ.get(svc.token_env) or None
         inbox = Inbox(self.job.inbox_path, self.ingest_file, settle_s=max(0.5, svc.poll_s),
                       seen=self.store.file_ingested, remember=self.store.remember_file)
-        try:
-            api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels), host=svc.host, port=svc.port,
-                            token=token)
-        except ValueError as e:   # a non-loopback address without a token
-            raise ConfigError(self.job.source_file, "service.host", str(e),
-                              f"set the environment variable {svc.token_env}, or use host 127.0.0.1") from None
+        api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels), host=svc.host, port=svc.port,
+                        token=token)
         try:
             url = api.start()
         except OSError as e:

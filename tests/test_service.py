@@ -90,3 +90,11 @@ def test_service_labels_data_from_the_api_the_inbox_and_ingest(tmp_path):
     assert "inbox: more.csv ingested (2 added)" in text and "inbox: again.csv duplicate file" in text
     st = json.loads(cli("status", str(job), "--json").stdout)   # straight from the file once it stopped
     assert st["items"] == 45 and st["rounds"][-1]["phase"] == "done" and st["rounds"][-1]["round"] >= 2
+
+
+def test_serving_beyond_localhost_needs_a_token(tmp_path, monkeypatch):
+    from freeal_stream.cli import main
+
+    job = make_job(tmp_path, 2, service={"host": "0.0.0.0"})
+    monkeypatch.delenv("FREEAL_SERVICE_TOKEN", raising=False)
+    assert main(["serve", str(job)]) == 2   # refused before Ray, the LLM or the store start
