@@ -42,9 +42,10 @@ class Progress:
             return
         self._last = now
         elapsed = now - self._start
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = done / elapsed if elapsed > 0.5 else 0.0   # no rate from a stage's first instant
         eta = fmt_duration((total - done) / rate) if rate > 0 and not final else "-"
-        line = f"[{stage}] {done}/{total} {rate:.2f}/s ETA {eta} {extra}".rstrip()
+        speed = f"{rate:.2f}/s" if rate > 0 else "-/s"
+        line = f"[{stage}] {done}/{total} {speed} ETA {eta} {extra}".rstrip()
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         if final and self.tty:
             self.stream.write("\n")
