@@ -103,11 +103,16 @@ class FreeALRun:
 
     def base_embeddings(self) -> np.ndarray:
         """Frozen-encoder embeddings of the pool (round 1's retrieval), computed by the scorers, cached."""
-        missing = sum(1 for t in self.pool.texts if not self._emb_cache.has(t))
-        if missing:
-            self.progress.say(f"embedding {missing} texts with the frozen encoder ({len(self.s.scorers.actors)} "
-                              "scorer actors)")
-        return self._emb_cache.get(self.pool.texts, self.s.scorers.embed)
+        return self._emb_cache.get(self.pool.texts, self._embed_by_scorers)
+
+    def embed_missing(self) -> None:
+        """Fill the frozen-embedding cache for texts not in it yet, loading nothing (the trainer reads it)."""
+        self._emb_cache.fill(self.pool.texts, self._embed_by_scorers)
+
+    def _embed_by_scorers(self, texts: list[str]) -> np.ndarray:
+        self.progress.say(f"embedding {len(texts)} texts with the frozen encoder ({len(self.s.scorers.actors)} "
+                          "scorer actors)")
+        return self.s.scorers.embed(texts)
 
     def gold_index(self) -> np.ndarray:
         """Gold labels as class indices (-1 = none or not a class name); used only for reporting."""
@@ -207,7 +212,7 @@ class FreeALRun:
         say = lambda msg: self.progress.say(f"[round {round_} train] {msg}")  # noqa: E731
         say(f"SLM in {mode} mode on {n_lab} LLM labels + {len(self.pool) - n_lab} unlabelled texts "
             f"(views: {self._view_kind()})")
-        self.base_embeddings()   # head mode reads them from the cache the scorers fill
+        self.embed_missing()   # head mode reads them from the cache the scorers fill
         args = (self.pool.texts, labels, self.n_classes, self.job.slm, self.job.freeal, views, self.job.seed + round_,
                 str(self.job.state_path / "embeddings"))
         while True:
@@ -361,7 +366,7 @@ class FreeALRun:
             return query_emb[:0]
         if all(d[0] in self.pool.pos for d in demos):
             return query_emb[[self.pool.pos[d[0]] for d in demos]]
-        return self._emb_cache.get([d[1] for d in demos], self.s.scorers.embed)
+        return self._emb_cache.get([d[1] for d in demos], self._embed_by_scorers)
 
     def _targets(self, round_: int) -> np.ndarray:
         """Which pool positions go to the LLM this round."""

@@ -163,11 +163,8 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._index)
 
-    def has(self, text: str) -> bool:
-        return text_key(text) in self._index
-
-    def get(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-        """Embeddings of `texts`, calling `compute` only on texts never seen under this key."""
+    def fill(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> int:
+        """Compute and store the texts never seen under this key; returns how many (nothing is loaded)."""
         keys = [text_key(t) for t in texts]
         if any(k not in self._index for k in keys):
             self._refresh()
@@ -177,9 +174,14 @@ class EmbeddingCache:
                 missing[k] = t
         if missing:
             self._append(list(missing), compute(list(missing.values())))
-        if not keys:
+        return len(missing)
+
+    def get(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+        """Embeddings of `texts`, calling `compute` only on texts never seen under this key."""
+        if not texts:
             return compute([])
-        return np.stack([self._chunks[c][r] for c, r in (self._index[k] for k in keys)]).astype(np.float32)
+        self.fill(texts, compute)
+        return np.stack([self._chunks[c][r] for c, r in (self._index[text_key(t)] for t in texts)]).astype(np.float32)
 
     def _append(self, keys: list[str], emb: np.ndarray) -> None:
         stem = self.dir / f"chunk-{time.time_ns():020d}-{os.getpid()}"
