@@ -239,6 +239,18 @@ class FreeALRun:
             say(msg)
         return result, files
 
+    def label_new_with_slm(self) -> int:
+        """Score the items no round has seen with the latest SLM (no LLM cost), for when no round can run."""
+        if self.scored is None or self.scored.round == 0:
+            return 0
+        self.refresh_pool()
+        new = self.store.unscored_ids()
+        at = [self.pool.pos[i] for i in new if i in self.pool.pos]
+        if at:
+            self.store.add_scores(self.scored.round, [self.pool.ids[i] for i in at], self.scored.probs[at],
+                                  np.full(len(at), np.nan), np.zeros(len(at), bool))
+        return len(at)
+
     def _view_kind(self) -> str:
         kind = self.job.slm.views
         if kind == "auto":

@@ -73,7 +73,7 @@ class Service:
         return add_batch(self.store, read_data_file(self.job, path), path.name)
 
     def status(self) -> dict[str, Any]:
-        return {**job_status(self.store, self.job), "service": {"waiting_for_a_round": self.store.unscored_count()}}
+        return {**job_status(self.store, self.job), "service": {"waiting_for_a_round": len(self.store.unscored_ids())}}
 
     def labels(self, since: int, limit: int) -> dict[str, Any]:
         return self.store.labels_since(since, limit, self.class_names)
@@ -109,15 +109,18 @@ class Service:
             self.run.run()   # the job's own rounds first (resumed if they were under way)
             first_seen: float | None = None
             while not self.stop.is_set():
-                waiting = self.store.unscored_count()
+                waiting = len(self.store.unscored_ids())
                 first_seen = (first_seen or time.monotonic()) if waiting else None
                 if self._due(waiting, first_seen):
                     round_ = self.run.next_round()
                     self.progress.say(f"{waiting} new items: starting round {round_}")
                     if not self.run.run_round(round_):
-                        self.progress.say("no round possible now (budget spent or nothing to annotate); "
-                                          "new items are stored and will be labelled when it is")
-                        self.stop.wait(max(30.0, svc.poll_s))
+                        n = self.run.label_new_with_slm()
+                        self.progress.say(f"no round possible now (budget spent or nothing to annotate): {n} new "
+                                          "items labelled by the latest SLM; the LLM sees new items once a round "
+                                          "can run")
+                        if not n:   # no SLM yet to label them: look again later, not in a tight loop
+                            self.stop.wait(max(30.0, svc.poll_s))
                     first_seen = None
                     continue
                 self.stop.wait(svc.poll_s)

@@ -156,10 +156,11 @@ class Store:
     def remember_file(self, digest: str, name: str) -> None:
         self._exec("INSERT OR IGNORE INTO ingested_files VALUES (?, ?, epoch(now()))", [digest, name])
 
-    def unscored_count(self) -> int:
-        """Items no SLM round has scored yet: what arrived since the last round's pool was taken."""
-        return _first(self.con.execute("""SELECT count(*) FROM items WHERE id NOT IN (
-            SELECT item_id FROM slm_scores WHERE round = (SELECT max(round) FROM slm_scores))"""))[0]
+    def unscored_ids(self) -> list[str]:
+        """Items the latest SLM round has not scored: what arrived since that round's pool was taken."""
+        return [r[0] for r in self.con.execute("""SELECT id FROM items WHERE id NOT IN (
+            SELECT item_id FROM slm_scores WHERE round = (SELECT max(round) FROM slm_scores)) ORDER BY seq""")
+                .fetchall()]
 
     def count_items(self) -> int:
         return _first(self.con.execute("SELECT count(*) FROM items"))[0]

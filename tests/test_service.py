@@ -98,3 +98,27 @@ def test_serving_beyond_localhost_needs_a_token(tmp_path, monkeypatch):
     job = make_job(tmp_path, 2, service={"host": "0.0.0.0"})
     monkeypatch.delenv("FREEAL_SERVICE_TOKEN", raising=False)
     assert main(["serve", str(job)]) == 2   # refused before Ray, the LLM or the store start
+
+
+def test_with_the_budget_spent_new_items_get_the_latest_slms_labels(tmp_path):
+    """No LLM money left: new data is still labelled, by the last round's SLM, without a request."""
+    log = tmp_path / "serve.log"
+    with FakeOpenAIServer(respond) as server:
+        job = make_job(tmp_path, 6, llm={"base_url": server.base_url, "model": "kw"},
+                       slm={"mode": "head", "epochs": 3},
+                       freeal={"rounds": 1, "query_fraction": 0.5, "demos_per_prompt": 0},
+                       budget={"max_requests": 12}, service={"port": 0, "min_new_items": 1, "poll_s": 0.5})
+        proc = cli_process("serve", str(job), log=log)
+        try:
+            url = wait_for(lambda: find_service(tmp_path / "state"), 180, "the service", log)
+            api = ServiceClient(url)
+            wait_for(lambda: any(r["phase"] == "done" for r in api.status()["rounds"]), 300, "round 1", log)
+            sent = len(server.requests)
+            assert api.add_items([{"id": "late", "text": "My parcel was never delivered"}])["added"] == 1
+            item = wait_for(lambda: [x for x in api.labels(since=24, limit=10)["items"] if x["label"]], 120,
+                            "the late item's label", log)
+            assert item[0]["id"] == "late" and item[0]["source"] == "slm round 1"
+            assert len(server.requests) == sent
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0
