@@ -73,7 +73,7 @@ class Service:
         return add_batch(self.store, read_data_file(self.job, path), path.name)
 
     def status(self) -> dict[str, Any]:
-        return {**job_status(self.store, self.job), "service": {"waiting_for_a_round": len(self.store.unscored_ids())}}
+        return {**job_status(self.store, self.job), "service": {"waiting_for_a_round": self.store.unscored_count()}}
 
     def labels(self, since: int, limit: int) -> dict[str, Any]:
         return self.store.labels_since(since, limit, self.class_names)
@@ -109,7 +109,7 @@ class Service:
             self.run.run()   # the job's own rounds first (resumed if they were under way)
             first_seen: float | None = None
             while not self.stop.is_set():
-                waiting = len(self.store.unscored_ids())
+                waiting = self.store.unscored_count()
                 first_seen = (first_seen or time.monotonic()) if waiting else None
                 if self._due(waiting, first_seen):
                     round_ = self.run.next_round()

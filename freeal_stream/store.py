@@ -76,6 +76,10 @@ FROM pick
 """
 
 
+_UNSCORED_SQL = """SELECT seq, id FROM items WHERE id NOT IN (
+    SELECT item_id FROM slm_scores WHERE round = (SELECT max(round) FROM slm_scores))"""
+
+
 def _first(result: duckdb.DuckDBPyConnection) -> Any:
     """The first row, with the result drained (DuckDB 2 blocks the connection on a half-read result)."""
     rows = result.fetchall()
@@ -158,9 +162,11 @@ class Store:
 
     def unscored_ids(self) -> list[str]:
         """Items the latest SLM round has not scored: what arrived since that round's pool was taken."""
-        return [r[0] for r in self.con.execute("""SELECT id FROM items WHERE id NOT IN (
-            SELECT item_id FROM slm_scores WHERE round = (SELECT max(round) FROM slm_scores)) ORDER BY seq""")
-                .fetchall()]
+        return [r[0] for r in self.con.execute(f"SELECT id FROM ({_UNSCORED_SQL}) ORDER BY seq").fetchall()]
+
+    def unscored_count(self) -> int:
+        """How many `unscored_ids` there are, without moving them (the service asks every poll)."""
+        return _first(self.con.execute(f"SELECT count(*) FROM ({_UNSCORED_SQL})"))[0]
 
     def count_items(self) -> int:
         return _first(self.con.execute("SELECT count(*) FROM items"))[0]
