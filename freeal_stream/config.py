@@ -81,6 +81,9 @@ class LLMConfig:
     tokens_per_minute: int = 0
     timeout_s: float = 120.0
     max_retries: int = 5
+    circuit_failures: int = 5          # consecutive failures (any request) that open the circuit breaker
+    circuit_cooldown_s: float = 5.0    # first pause once open; doubles while probes keep failing
+    give_up_after_s: float = 300.0     # failing this long means the endpoint is dead: the run stops
     server_threads: int = 0
     context_size: int = 4096
 
@@ -93,6 +96,9 @@ class LLMConfig:
                "rate limits must be >= 0 (0 = unlimited)")
         _check(self.timeout_s > 0, "timeout_s must be > 0")
         _check(self.max_retries >= 0, "max_retries must be >= 0")
+        _check(self.circuit_failures >= 1, "circuit_failures must be >= 1")
+        _check(self.circuit_cooldown_s >= 0 and self.give_up_after_s > 0,
+               "circuit_cooldown_s must be >= 0 and give_up_after_s > 0")
         _check(self.api_key_env.replace("_", "").isalnum(),
                "api_key_env is the NAME of an environment variable (e.g. OPENAI_API_KEY), never the key")
         _check(not self.api_key_env.startswith("sk-"),

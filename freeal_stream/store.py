@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS llm_answers (
     key VARCHAR PRIMARY KEY, model VARCHAR, request JSON, content VARCHAR, finish_reason VARCHAR,
     prompt_tokens INTEGER, completion_tokens INTEGER, cached_tokens INTEGER, top_logprobs JSON,
     latency_s DOUBLE, attempts INTEGER, created_at DOUBLE);
+CREATE TABLE IF NOT EXISTS llm_failures (
+    key VARCHAR NOT NULL, model VARCHAR, error VARCHAR NOT NULL, attempts INTEGER, created_at DOUBLE);
 CREATE TABLE IF NOT EXISTS annotations (
     item_id VARCHAR NOT NULL, round INTEGER NOT NULL, request_key VARCHAR NOT NULL, label INTEGER,
     confidence DOUBLE, demo_ids JSON, PRIMARY KEY (item_id, round));
@@ -213,6 +215,16 @@ class Store:
              answer.content, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens,
              answer.cached_tokens, json.dumps(answer.top_logprobs) if answer.top_logprobs else None,
              answer.latency_s, answer.attempts, time.time()])
+
+    def record_failure(self, request: ChatRequest, answer: ChatAnswer) -> None:
+        """Log a request that got no answer (after its retries): nothing paid, asked again by a later round."""
+        self._exec("INSERT INTO llm_failures VALUES (?, ?, ?, ?, ?)",
+                   [answer.key, request.model, answer.error, answer.attempts, time.time()])
+
+    def failure_counts(self) -> dict[str, int]:
+        """Failed requests by kind (e.g. timeout_exhausted), over the job's life."""
+        return dict(self.con.execute("SELECT error, count(*) FROM llm_failures GROUP BY error ORDER BY error")
+                    .fetchall())
 
     def spent(self) -> dict[str, int]:
         """What the LLM has cost so far, from the answers of record (cache hits cost nothing)."""

@@ -18,6 +18,7 @@ class MemoryCache:
     def __init__(self) -> None:
         self.answers: dict[str, ChatAnswer] = {}
         self.puts: list[str] = []
+        self.failures: list[str] = []
 
     def get_answers(self, keys):
         return {k: self.answers[k] for k in keys if k in self.answers}
@@ -26,6 +27,10 @@ class MemoryCache:
         assert request.key() == answer.key
         self.puts.append(answer.key)
         self.answers[answer.key] = answer
+
+    def record_failure(self, request, answer):
+        assert request.key() == answer.key and answer.error
+        self.failures.append(answer.error)
 
 
 def make_cfg(**kw) -> LLMConfig:
@@ -219,6 +224,7 @@ def test_5xx_exhausted_is_reported_not_cached():
         [answer] = client.complete_many([req("a")])
     assert answer.error == "http_500_exhausted" and answer.attempts == 3 and answer.content is None
     assert cache.answers == {} and client.ledger.failures == {"http_500_exhausted": 1}
+    assert cache.failures == ["http_500_exhausted"]   # recorded as an outcome, not as an answer
 
 
 def test_dropped_connection_is_retried():

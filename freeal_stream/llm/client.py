@@ -22,6 +22,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from freeal_stream.config import LLMConfig
+from freeal_stream.llm.breaker import CircuitBreaker, EndpointDead
 from freeal_stream.llm.ratelimit import RateLimiter, estimate_tokens
 from freeal_stream.llm.retry import BadResponse, Failure, RetryPolicy, classify
 
@@ -102,6 +103,8 @@ class AnswerCache(Protocol):
 
     def put_answer(self, request: ChatRequest, answer: ChatAnswer) -> None: ...
 
+    def record_failure(self, request: ChatRequest, answer: ChatAnswer) -> None: ...
+
 
 class FatalLLMError(RuntimeError):
     """A problem no retry fixes (bad key, unknown model, no server); its message never holds the key."""
@@ -159,6 +162,7 @@ class LLMClient:
         self.ledger = Ledger()
         self._api_key = api_key
         self._limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+        self.breaker = CircuitBreaker(cfg.circuit_failures, cfg.circuit_cooldown_s, cfg.give_up_after_s)
         self._logprobs_supported = True   # until a server says otherwise, for this session
         self._heard_from_server = False
         self._refused = 0
@@ -219,12 +223,12 @@ class LLMClient:
             answer = await self._with_retries(api, key, request)
         finally:
             slots.release()
-        if answer.error is None:
-            if self.cache is not None:   # stored before it counts: never paid twice
-                async with self._store_lock:   # off the event loop (the store may be an actor), one at a time
-                    await asyncio.to_thread(self.cache.put_answer, request, answer)
-        else:
+        if answer.error is not None:
             self.ledger.failures[answer.error] = self.ledger.failures.get(answer.error, 0) + 1
+        if self.cache is not None:   # an answer is stored before it counts: never paid twice
+            record = self.cache.put_answer if answer.error is None else self.cache.record_failure
+            async with self._store_lock:   # off the event loop (the store may be an actor), one at a time
+                await asyncio.to_thread(record, request, answer)
         on_answer(key, answer)
 
     def _payload(self, request: ChatRequest) -> dict[str, Any]:
@@ -245,6 +249,7 @@ class LLMClient:
         while True:
             attempts += 1
             payload = self._payload(request)
+            await self._admit()
             await self._limiter.acquire(estimate)
             self.ledger.requests_sent += 1
             sent = time.monotonic()
@@ -254,6 +259,7 @@ class LLMClient:
             except (openai.OpenAIError, BadResponse) as exc:
                 failure = classify(exc)
                 self._check_fatal(failure)
+                self._tell_breaker(failure)
                 if failure.status == 400 and "logprobs" in payload and "logprob" in failure.message.lower():
                     log.warning("%s rejects logprobs; asking without them for the rest of this session",
                                 self.base_url)
@@ -273,12 +279,34 @@ class LLMClient:
                 await asyncio.sleep(wait)
                 continue
             self._heard_from_server = True
+            self.breaker.success()
             used = answer.prompt_tokens + answer.completion_tokens
             self._limiter.settle(estimate, used or estimate)   # no usage reported: keep the estimate
             self.ledger.prompt_tokens += answer.prompt_tokens
             self.ledger.completion_tokens += answer.completion_tokens
             self.ledger.cached_tokens += answer.cached_tokens
             return answer
+
+    async def _admit(self) -> None:
+        try:
+            await self.breaker.admit()
+        except EndpointDead as dead:
+            raise self._dead(dead) from None
+
+    def _tell_breaker(self, failure: Failure) -> None:
+        """Transient failures other than 429 count towards the breaker; any other answer shows the server is alive."""
+        try:
+            if failure.transient and failure.kind != "rate_limited":
+                self.breaker.failure(failure.kind)
+            elif not failure.transient:
+                self.breaker.success()
+        except EndpointDead as dead:
+            raise self._dead(dead) from None
+
+    def _dead(self, dead: EndpointDead) -> FatalLLMError:
+        return FatalLLMError(
+            f"{self.base_url} (model '{self.cfg.model}') looks down: {dead}. Everything answered so far is "
+            "stored; fix the endpoint (or raise llm.give_up_after_s) and run again to resume")
 
     def _check_fatal(self, failure: Failure) -> None:
         """Raise FatalLLMError for failures that would fail every request alike."""
