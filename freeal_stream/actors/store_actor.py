@@ -10,20 +10,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import ray
+from ray.exceptions import RayTaskError
 
-from freeal_stream.store import Store
+from freeal_stream.store import StateError, Store
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
 class StoreActor:
     def __init__(self, path: str):
+        self.path = path
         self.store = Store(Path(path))
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if method.startswith("_") or method in ("con",):
             raise AttributeError(f"Store.{method} is not part of the store's interface")
-        return getattr(self.store, method)(*args, **kwargs)
+        try:
+            return getattr(self.store, method)(*args, **kwargs)
+        except duckdb.Error as e:
+            if "No space left on device" in str(e):
+                # DuckDB rolls the failed commit back; every earlier commit is in the file or its WAL
+                raise StateError(f"{self.path}: No space left on device. Everything committed before is kept; "
+                                 "free space on that disk and run again to resume") from None
+            raise
 
     def pid(self) -> int:
         import os
@@ -48,7 +58,10 @@ class StoreProxy:
             raise AttributeError(method)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return ray.get(self.handle.call.remote(method, *args, **kwargs))
+            try:
+                return ray.get(self.handle.call.remote(method, *args, **kwargs))
+            except RayTaskError as e:   # raise what the Store raised, as an in-process Store would
+                raise (e.cause or e) from None
 
         call.__name__ = method
         return call

@@ -200,27 +200,34 @@ class LLMClient:
 
     async def _send_all(self, todo: list[tuple[str, ChatRequest]],
                         on_answer: Callable[[str, ChatAnswer], None]) -> None:
+        """A FatalLLMError stops new requests but lets those in flight finish and store their answers
+        (cancelling them could lose an answer already paid for); then it is raised."""
         slots = asyncio.Semaphore(self.cfg.concurrency)
         self._store_lock = asyncio.Lock()
+        self._fatal: FatalLLMError | None = None
         api = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or _NO_KEY,
                                  max_retries=0, timeout=self.cfg.timeout_s)
         try:
             async with asyncio.TaskGroup() as group:
                 for key, request in todo:
                     await slots.acquire()   # started strictly in the given order
+                    if self._fatal is not None:
+                        break
                     group.create_task(self._complete_one(api, key, request, slots, on_answer))
-        except BaseExceptionGroup as errors:
-            fatal = [e for e in errors.exceptions if isinstance(e, FatalLLMError)]
-            if fatal:
-                raise fatal[0] from None
-            raise
+        except BaseExceptionGroup as errors:   # e.g. the store failed: raise the first error as it was
+            raise errors.exceptions[0] from None
         finally:
             await api.close()
+        if self._fatal is not None:
+            raise self._fatal
 
     async def _complete_one(self, api: openai.AsyncOpenAI, key: str, request: ChatRequest,
                             slots: asyncio.Semaphore, on_answer: Callable[[str, ChatAnswer], None]) -> None:
         try:
             answer = await self._with_retries(api, key, request)
+        except FatalLLMError as fatal:
+            self._fatal = self._fatal or fatal
+            return
         finally:
             slots.release()
         if answer.error is not None:
