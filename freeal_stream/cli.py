@@ -1,4 +1,4 @@
-"""freeal-stream command line: run | serve | ingest | status | export."""
+"""freeal-stream command line: run | serve | ingest | status | quarantine | export."""
 from __future__ import annotations
 
 import argparse
@@ -65,30 +65,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Add data files: through the running service's API, or straight into the state when none runs."""
     job = load_job(args.job)
-    from freeal_stream.serve import read_data_file
+    from freeal_stream.intake import read_data_file
 
     running = _running_service(job)
     total = 0
     for name in args.files:
         batch = read_data_file(job, Path(name))
         if running is not None:
-            items = [{"id": i, "text": t, "view": v, "gold": g}
-                     for i, t, v, g in zip(batch.ids, batch.texts, batch.views, batch.golds)]
-            added = sum(running.add_items(items[k:k + 5000])["added"] for k in range(0, len(items), 5000))
+            added, extra = _send_to_service(running, batch, name)
         else:
-            from freeal_stream.session import add_batch
+            from freeal_stream.intake import add_batch
             from freeal_stream.store import Store
 
             store = Store(job.state_path / "freeal.duckdb")
             try:
-                added = add_batch(store, batch, name)
+                added, extra = add_batch(store, batch, name), 0
             finally:
                 store.close()
         total += added
-        print(f"{name}: {added} new items of {len(batch.ids)}"
-              + (f" (skipped {batch.skipped_empty} empty texts)" if batch.skipped_empty else ""))
-    print(f"{total} new items {'sent to the running service' if running else 'stored'}; they join the next round")
+        notes = [n for n in (batch.summary(), f"{extra} more quarantined by the service (ids already stored with "
+                             "another text)" if extra else "") if n]
+        print(f"{name}: {added} new items of {len(batch.ids)}" + (f"; {'; '.join(notes)}" if notes else ""))
+    print(f"{total} new items {'sent to the running service' if running else 'stored'}; they join the next round"
+          f"\nquarantined and flagged rows: `freeal-stream quarantine {args.job}`")
     return 0
+
+
+def _send_to_service(running: Any, batch: Any, name: str, chunk: int = 5000) -> tuple[int, int]:
+    """Post a file's items and its quarantined rows (recorded under the file's name); returns (added, how
+    many more rows the service quarantined)."""
+    items = [{"id": i, "text": t, "view": v, "gold": g}
+             for i, t, v, g in zip(batch.ids, batch.texts, batch.views, batch.golds)]
+    aside = [{"location": p.location, "line": p.line, "reason": p.reason, "detail": p.detail, "raw": p.raw}
+             for p in batch.problems if p.action == "quarantined"]
+    added = quarantined = 0
+    for k in range(0, max(len(items), len(aside)), chunk):
+        answer = running.add_items(items[k:k + chunk], source=name, quarantined=aside[k:k + chunk])
+        added += answer["added"]
+        quarantined += answer.get("quarantined", 0)
+    return added, quarantined - len(aside)
 
 
 def _print_summary(store: Any, job: JobConfig, progress: Progress) -> None:
@@ -144,6 +159,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    """List the rows set aside (quarantined) or labelled with a caveat (flagged), with where and why."""
+    job = load_job(args.job)
+    from freeal_stream.status import bad_input, format_bad_input
+
+    running = _running_service(job)
+    if running is not None:   # the file is held by the service: its status carries the first rows
+        report = running.status()["quarantine"]
+        report["rows"] = report["rows"][:args.limit]
+    else:
+        store = _open_state_file(job)
+        try:
+            report = bad_input(store, args.limit)
+        finally:
+            store.close()
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    print(format_bad_input(report))
+    for r in report["rows"]:
+        print(f"{r['source']} {r['location']}: {r['action']}, {r['reason']}: {r['detail']}")
+        print(f"    raw: {r['raw'][:200]!r}")
+    shown, total = len(report["rows"]), report["quarantined"] + report["flagged"]
+    if shown < total:
+        print(f"({shown} of {total} shown; --limit N shows more" + (", or stop the service to list them all)"
+                                                                   if running is not None else ")"))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     out = Path(args.output)
@@ -188,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("job")
     i.add_argument("files", nargs="+", help="CSV / JSONL / Parquet files with the job's columns")
     i.set_defaults(func=cmd_ingest)
+    q = sub.add_parser("quarantine", help="list the rows of the data that were quarantined (not labelled) or "
+                                          "flagged (labelled, with a caveat), with file, line and reason")
+    q.add_argument("job")
+    q.add_argument("--json", action="store_true", help="print counts and rows as JSON")
+    q.add_argument("--limit", type=int, default=1000, help="list at most this many rows (default 1000)")
+    q.set_defaults(func=cmd_quarantine)
     e = sub.add_parser("export", help="write id, text, label, source, confidence (and the LLM's and the SLM's "
                                       "own labels) to CSV/Parquet/JSONL")
     e.add_argument("job")

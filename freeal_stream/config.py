@@ -40,6 +40,16 @@ class DataConfig:
     id_column: str | None = None
     augmented_column: str | None = None
     gold_column: str | None = None
+    # Texts longer than this are kept whole in the store but flagged, and prompts show only their first
+    # max_text_chars characters (cut back to a word boundary, then " [...]"). 1000 characters (~250
+    # tokens) lets the query and 10 demos fit the default 4096-token context with room to spare.
+    max_text_chars: int = 1000
+
+    def validate(self) -> None:
+        _check(bool(self.text_column.strip()), "text_column must name a column")
+        _check(self.max_text_chars >= 50, "max_text_chars must be >= 50")
+        _check(self.id_column is None or self.id_column != self.text_column,
+               "id_column must differ from text_column")
 
 
 @dataclass(frozen=True)

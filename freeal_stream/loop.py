@@ -148,7 +148,7 @@ class FreeALRun:
     def _request(self, item_id: str, demo_ids: list[str], demos: dict[str, Demo]) -> ChatRequest:
         shots = [(demos[d][1], demos[d][2]) for d in demo_ids]
         msgs = annotation_messages(self.job.task.description, self.verbalizer, shots,
-                                   self.pool.texts[self.pool.pos[item_id]])
+                                   self.pool.texts[self.pool.pos[item_id]], self.job.data.max_text_chars)
         return ChatRequest.build(msgs, self.llm_cfg, TEMPLATE_VERSION)
 
     def annotate(self, round_: int, plan: list[tuple[str, list[str]]], demos: list[Demo]) -> None:
@@ -268,7 +268,8 @@ class FreeALRun:
 
     def _paraphrases(self, rows: np.ndarray) -> list[str | None]:
         """LLM rewrites of the LLM-labelled rows (cached and budgeted like annotations); None elsewhere."""
-        requests = [ChatRequest.build(paraphrase_messages(self.pool.texts[i]), self.llm_cfg, TEMPLATE_VERSION,
+        limit = self.job.data.max_text_chars
+        requests = [ChatRequest.build(paraphrase_messages(self.pool.texts[i], limit), self.llm_cfg, TEMPLATE_VERSION,
                                       max_tokens=paraphrase_max_tokens(self.pool.texts[i]), logprobs=False)
                     for i in rows]
         requests = requests[:self.fit_budget(requests)]

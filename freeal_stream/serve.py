@@ -8,7 +8,6 @@ arrives mid-round is stored at once and joins the next round; it is never half-l
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -21,29 +20,11 @@ from freeal_stream.progress import Progress
 from freeal_stream.service.client import SERVICE_FILE, write_service_file
 from freeal_stream.service.http_api import ApiHandlers, ApiServer, is_loopback
 from freeal_stream.service.inbox import Inbox
-from freeal_stream.session import Session, add_batch
-from freeal_stream.sources import Batch, content_hash, read_items
+from freeal_stream.intake import (add_api_items, batch_from_items, ingest_data_file, quarantine_rows,
+                                  read_data_file)
+from freeal_stream.session import Session
 from freeal_stream.store import StateError
 from freeal_stream.status import job_status
-
-
-def batch_from_items(items: list[dict[str, Any]]) -> Batch:
-    """API items as a batch; an item without an id is named by its text's hash (the same text, the same id)."""
-    texts = [str(it["text"]) for it in items]
-    hashes = [content_hash(t) for t in texts]
-    ids = [str(it["id"]) if it.get("id") is not None else f"h-{h[:16]}" for it, h in zip(items, hashes)]
-    return Batch(ids, texts, [it.get("view") for it in items],
-                 [None if it.get("gold") is None else str(it["gold"]) for it in items], hashes, 0)
-
-
-def read_data_file(job: JobConfig, path: Path) -> Batch:
-    """A dropped file, read with the job's column settings (only the text column is required); without an
-    id column, ids are content hashes (row numbers would collide with the rows of earlier files)."""
-    batch = read_items(dataclasses.replace(job.data, path=str(path), format="auto"),
-                       optional=frozenset({"id_column", "gold_column", "augmented_column"}))
-    if batch.ids_from_rows:
-        batch.ids = [f"h-{h[:16]}" for h in batch.hashes]
-    return batch
 
 
 def check_can_serve(job: JobConfig) -> None:
@@ -66,11 +47,13 @@ class Service:
 
     # ---- ways in ----------------------------------------------------------------------------------
     def add_items(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        added = add_batch(self.store, batch_from_items(items), "POST /items")
-        return {"received": len(items), "added": added, "duplicates": len(items) - added}
+        return add_api_items(self.store, self.job, items)
+
+    def quarantine(self, rows: list[dict[str, Any]], source: str) -> None:
+        quarantine_rows(self.store, rows, source)
 
     def ingest_file(self, path: Path) -> int:
-        return add_batch(self.store, read_data_file(self.job, path), path.name)
+        return ingest_data_file(self.store, self.job, path, self.progress.say)
 
     def status(self) -> dict[str, Any]:
         return {**job_status(self.store, self.job), "service": {"waiting_for_a_round": self.store.unscored_count()}}
@@ -92,8 +75,8 @@ class Service:
         token = os.environ.get(svc.token_env) or None
         inbox = Inbox(self.job.inbox_path, self.ingest_file, settle_s=max(0.5, svc.poll_s),
                       seen=self.store.file_ingested, remember=self.store.remember_file)
-        api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels), host=svc.host, port=svc.port,
-                        token=token)
+        api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels, self.quarantine), host=svc.host,
+                        port=svc.port, token=token)
         try:
             url = api.start()
         except OSError as e:
@@ -132,4 +115,5 @@ class Service:
                 service_file.unlink()
 
 
-__all__ = ["Service", "SERVICE_FILE", "batch_from_items", "read_data_file"]
+__all__ = ["Service", "SERVICE_FILE", "add_api_items", "batch_from_items", "ingest_data_file", "quarantine_rows",
+           "read_data_file"]

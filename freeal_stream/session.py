@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from freeal_stream.actors.store_actor import StoreProxy, start_store
 from freeal_stream.actors.trainer import start_trainer
 from freeal_stream.config import JobConfig, job_to_dict
 from freeal_stream.progress import Progress
-from freeal_stream.sources import Batch, read_items
+from freeal_stream.intake import add_batch, ingest  # noqa: F401  (re-exported: run and serve ingest through them)
 from freeal_stream.store import StateError, Store
 
 # Fields that may change between runs on the same state: they steer how far the job goes or where it
@@ -43,10 +44,26 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_NO_DEFAULT = object()
+
+
+def _default_of(key: str) -> Any:
+    """The default of job field 'section.name', so state written before a field existed resumes as if
+    it had held the default all along."""
+    section, _, name = key.partition(".")
+    cls = typing.get_type_hints(JobConfig).get(section)
+    if not name or not dataclasses.is_dataclass(cls):
+        return _NO_DEFAULT
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    return _NO_DEFAULT
+
+
 def check_resumable(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Fields whose change makes the stored rounds meaningless for this job (empty = resumable)."""
     a, b = _flatten(stored), _flatten(current)
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k, _default_of(k)) != b.get(k, _default_of(k)))
     return [k for k in changed if k not in RESUMABLE_FIELDS and k.split(".")[0] not in RESUMABLE_FIELDS]
 
 
@@ -111,26 +128,6 @@ def _open_store(job: JobConfig, wait_s: float = 15.0) -> StoreProxy:
                              f"{', '.join(diff)}. Fix: revert them, or set a new state_dir to start afresh")
     store.set_meta("job", json.dumps(current))
     return store
-
-
-def add_batch(store: Any, batch: Batch, source: str) -> int:
-    """Add a batch of items; the same id with a different text is refused (it would change a label's meaning)."""
-    clash = store.conflicting_ids(batch.ids, batch.hashes)
-    if clash:
-        raise StateError(f"{source}: ids {clash} are already stored with a different text. Fix: give "
-                         "changed texts new ids, or use a new state_dir")
-    return store.add_items(batch.ids, batch.texts, batch.views, batch.golds, batch.hashes)
-
-
-def ingest(job: JobConfig, store: Any, progress: Progress) -> int:
-    """Load the job's data file into the store; items already there (same id or same text) are kept."""
-    batch = read_items(job.data)
-    added = add_batch(store, batch, job.data.path)
-    msg = f"ingested {added} new items ({store.count_items()} in the store)"
-    if batch.skipped_empty:
-        msg += f"; skipped {batch.skipped_empty} rows with an empty text"
-    progress.say(msg)
-    return added
 
 
 @contextlib.contextmanager

@@ -1,22 +1,50 @@
-"""Read a job's data file (CSV, JSONL or Parquet) into columns, with errors that name the file and column."""
+"""Data files and posted items -> batches of items, with every bad row quarantined or flagged, never lost.
+
+The policy (README, "Bad input"): what makes a whole file unusable (missing, unreadable format, the text or
+id column absent, no gold value in the class list) is a `DataError` naming the file, the column and the fix,
+and nothing is stored. A bad row (unparsable, not UTF-8, empty text or id, an id reused with another text)
+is quarantined: kept with its raw content, location and reason, and not labelled. A usable row with a
+caveat (a text over `data.max_text_chars`, a gold label outside the classes) is stored and flagged.
+"""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-from dataclasses import dataclass
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import duckdb
+from typing import Any, Literal
 
 from freeal_stream.config import DataConfig
+from freeal_stream.readers import READERS, FileUnreadable, RawRecord
 
-_READERS = {"csv": "read_csv", "jsonl": "read_json", "parquet": "read_parquet"}
 _SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
              ".parquet": "parquet", ".pq": "parquet"}
 
 
 class DataError(ValueError):
     """The data file cannot be read as the job describes it."""
+
+
+Action = Literal["quarantined", "flagged"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A row quarantined (not stored as an item) or flagged (stored, with a caveat), as `status` lists it."""
+
+    action: Action
+    reason: str            # a short category, counted by status
+    detail: str            # names the row and the field, and the fix
+    location: str          # "line 7", "row 7", "items[2]"
+    line: int | None
+    raw: str
+    item_id: str | None = None
+
+    def as_row(self) -> tuple[Any, ...]:
+        """The store's column order (plain values: it crosses to the store actor)."""
+        return (self.location, self.line, self.action, self.reason, self.detail, self.item_id, self.raw)
 
 
 @dataclass
@@ -26,12 +54,68 @@ class Batch:
     views: list[str | None]
     golds: list[str | None]
     hashes: list[str]
-    skipped_empty: int
+    problems: list[Problem] = field(default_factory=list)
+    duplicates: int = 0           # rows repeating an earlier row's id and text: nothing new, skipped
     ids_from_rows: bool = False   # no id column: ids are row numbers, unique only within this file
+
+    @property
+    def quarantined(self) -> int:
+        return sum(p.action == "quarantined" for p in self.problems)
+
+    @property
+    def flagged(self) -> int:
+        return sum(p.action == "flagged" for p in self.problems)
+
+    @property
+    def skipped_empty(self) -> int:
+        return sum(p.reason == "empty text" for p in self.problems)
+
+    def quarantine_ids(self, ids: Iterable[str], reason: str, why: str) -> None:
+        """Move the items with these ids out of the batch into its quarantined problems."""
+        drop = set(ids)
+        keep = [k for k, i in enumerate(self.ids) if i not in drop]
+        for k in (k for k, i in enumerate(self.ids) if i in drop):
+            raw = json.dumps({"id": self.ids[k], "text": self.texts[k], "view": self.views[k], "gold": self.golds[k]},
+                             ensure_ascii=False)
+            self.problems.append(Problem("quarantined", reason, f"id '{self.ids[k]}': {why}", f"id '{self.ids[k]}'",
+                                         None, raw, self.ids[k]))
+        for name in ("ids", "texts", "views", "golds", "hashes"):
+            setattr(self, name, [getattr(self, name)[k] for k in keep])
+
+    def summary(self) -> str:
+        """'3 quarantined (empty text 2, not UTF-8 1); 1 flagged (long text 1)', or '' when nothing was."""
+        counts = Counter((p.action, p.reason) for p in self.problems)
+        return describe_counts([{"action": a, "reason": r, "count": n} for (a, r), n in counts.items()])
+
+
+def describe_counts(counts: Sequence[dict[str, Any]]) -> str:
+    """Rows per {action, reason, count} in one line (as a batch's or the store's are reported), '' if none."""
+    parts = []
+    for action in ("quarantined", "flagged"):
+        mine = sorted((c for c in counts if c["action"] == action), key=lambda c: c["reason"])
+        if mine:
+            parts.append(f"{sum(c['count'] for c in mine)} {action} ("
+                         + ", ".join(f"{c['reason']} {c['count']}" for c in mine) + ")")
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which field of a record holds what (the job's data columns, or the API's item fields)."""
+
+    text: str
+    id: str | None = None
+    view: str | None = None
+    gold: str | None = None
 
 
 def content_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def hash_id(content_hash: str) -> str:
+    """The id of an item that came without one: the same text always gets the same id."""
+    return f"h-{content_hash[:16]}"
 
 
 def detect_format(path: Path, declared: str) -> str:
@@ -44,60 +128,125 @@ def detect_format(path: Path, declared: str) -> str:
     return fmt
 
 
-def read_items(cfg: DataConfig, optional: frozenset[str] = frozenset()) -> Batch:
-    """Read the whole file; empty texts are skipped and counted, duplicate ids are an error.
+def _cell(values: dict[str, Any], name: str | None, where: str) -> str | None:
+    """A field as text (numbers are written out); raises TypeError naming the field for lists, objects..."""
+    if name is None:
+        return None
+    v = values.get(name)
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise TypeError(f"{where}: field '{name}' is a {type(v).__name__}, not a string. Fix: write it as a string")
+
+
+def truncation_note(text: str, max_chars: int) -> str:
+    return (f"the text has {len(text)} characters, over data.max_text_chars = {max_chars}: it is stored whole, "
+            f"the LLM sees its first {max_chars} characters (cut back to a word boundary) and the small model "
+            "its first slm.max_length tokens")
+
+
+def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: int,
+                class_names: Sequence[str] | None, default_id: Callable[[int, str], str],
+                ids_from_rows: bool = False) -> Batch:
+    """Check each record and sort it into the batch, its quarantined rows and its flagged rows.
+
+    Within a batch the first row with an id wins: the same id and text again is a plain duplicate (skipped),
+    the same id with another text is quarantined. `default_id(n, hash)` names rows without an id column.
+    """
+    out = Batch([], [], [], [], [], ids_from_rows=ids_from_rows)
+    classes = {c.strip().casefold(): c for c in class_names or ()}
+    seen: dict[str, tuple[str, str]] = {}    # id -> (hash, location of its first row)
+
+    def problem(r: RawRecord, action: Action, reason: str, detail: str, item_id: str | None = None) -> None:
+        raw = r.raw if r.raw is not None else json.dumps(r.values, default=str, ensure_ascii=False)
+        out.problems.append(Problem(action, reason, detail, r.location, r.line, raw, item_id))
+
+    for n, r in enumerate(records):
+        if r.values is None:
+            reason, detail = r.problem or ("unreadable row", f"{r.location}: cannot be read")
+            problem(r, "quarantined", reason, detail)
+            continue
+        try:
+            text = _cell(r.values, cols.text, r.location)
+            given_id = _cell(r.values, cols.id, r.location)
+            view, gold = _cell(r.values, cols.view, r.location), _cell(r.values, cols.gold, r.location)
+        except TypeError as e:
+            problem(r, "quarantined", "bad field type", str(e))
+            continue
+        if text is None or not text.strip():
+            problem(r, "quarantined", "empty text", f"{r.location}: field '{cols.text}' is empty or blank. "
+                    "Fix: give the row a text, or drop it")
+            continue
+        h = content_hash(text)
+        if cols.id is not None and (given_id is None or not given_id.strip()):
+            problem(r, "quarantined", "empty id", f"{r.location}: field '{cols.id}' is empty. Fix: give every row "
+                    "an id, or drop data.id_column to number rows")
+            continue
+        item_id = given_id if given_id is not None else default_id(n, h)
+        first = seen.get(item_id)
+        if first is not None:
+            if first[0] == h:
+                out.duplicates += 1
+            else:
+                problem(r, "quarantined", "id reused with another text",
+                        f"{r.location}: id '{item_id}' was first used by {first[1]} with a different text; the "
+                        "first is kept. Fix: give changed texts new ids", item_id)
+            continue
+        seen[item_id] = (h, r.location)
+        if gold is not None and classes:
+            known = classes.get(gold.strip().casefold())
+            if known is None:
+                problem(r, "flagged", "unknown gold label", f"{r.location}: gold label '{gold}' (field "
+                        f"'{cols.gold}') is not one of {list(classes.values())}; it is dropped, so it never counts "
+                        "in accuracy. Fix: correct the label, or the class names in task.classes", item_id)
+            gold = known
+        if len(text) > max_text_chars:
+            problem(r, "flagged", "long text", f"{r.location}: {truncation_note(text, max_text_chars)}", item_id)
+        out.ids.append(item_id)
+        out.texts.append(text)
+        out.views.append(view)
+        out.golds.append(gold)
+        out.hashes.append(h)
+    return out
+
+
+def read_items(cfg: DataConfig, optional: frozenset[str] = frozenset(),
+               class_names: Sequence[str] | None = None) -> Batch:
+    """Read the whole file into a batch; bad rows are quarantined or flagged (see the module's policy).
 
     `optional` names column settings (e.g. 'gold_column') that a file may lack: later files dropped into
-    a service's inbox need only the text.
+    a service's inbox need only the text. With `class_names`, gold labels are checked against them.
     """
     path = Path(cfg.path)
     if not path.exists():
         raise DataError(f"{path}: data file not found. Fix: check data.path (relative to the job file)")
     fmt = detect_format(path, cfg.format)
-    con = duckdb.connect()
-    opts = ", all_varchar = true" if fmt == "csv" else ""
     try:
-        rel = con.execute(f"SELECT * FROM {_READERS[fmt]}($p{opts})", {"p": str(path)})
-        columns = [d[0] for d in rel.description]
-        rows = rel.fetchall()
-    except duckdb.Error as e:
-        raise DataError(f"{path}: cannot be read as {fmt}: {e}".splitlines()[0]
-                        + " Fix: check the file, or set data.format") from None
-    finally:
-        con.close()
+        columns, records = READERS[fmt](path)
+    except (FileUnreadable, OSError) as e:
+        raise DataError(f"{path}: cannot be read as {fmt}: {e}. Fix: check the file, or set data.format") from None
     wanted = {"text_column": cfg.text_column, "id_column": cfg.id_column,
               "augmented_column": cfg.augmented_column, "gold_column": cfg.gold_column}
-    for field, col in wanted.items():
-        if col is not None and col not in columns and field in optional:
-            cfg = dataclasses.replace(cfg, **{field: None})
-        elif col is not None and col not in columns:
-            raise DataError(f"{path}: no column '{col}' (data.{field}); the file has {columns}. "
-                            f"Fix: set data.{field} to one of those")
-    pos = {c: i for i, c in enumerate(columns)}
+    present = {}
+    for setting, col in wanted.items():
+        if col is not None and col not in columns and setting not in optional:
+            raise DataError(f"{path}: no column '{col}' (data.{setting}); the file has {columns}. "
+                            f"Fix: set data.{setting} to one of those")
+        present[setting] = col if col in columns else None
+    cols = Columns(text=cfg.text_column, id=present["id_column"], view=present["augmented_column"],
+                   gold=present["gold_column"])
+    batch = build_batch(records, cols, max_text_chars=cfg.max_text_chars, class_names=class_names,
+                        default_id=lambda n, _h: f"row-{n}", ids_from_rows=cols.id is None)
+    _check_golds(path, cols, batch)
+    return batch
 
-    def col(name: str | None, row: tuple) -> str | None:
-        if name is None or row[pos[name]] is None:
-            return None
-        return str(row[pos[name]])
 
-    out = Batch([], [], [], [], [], 0, ids_from_rows=cfg.id_column is None)
-    seen: dict[str, int] = {}
-    for n, row in enumerate(rows):
-        text = col(cfg.text_column, row)
-        if text is None or not text.strip():
-            out.skipped_empty += 1
-            continue
-        item_id = col(cfg.id_column, row) if cfg.id_column else f"row-{n}"
-        if item_id is None:
-            raise DataError(f"{path}: row {n + 1} has an empty id in column '{cfg.id_column}'. "
-                            "Fix: give every row an id, or drop data.id_column to number rows")
-        if item_id in seen:
-            raise DataError(f"{path}: id '{item_id}' appears twice (rows {seen[item_id] + 1} and {n + 1}). "
-                            "Fix: make ids unique")
-        seen[item_id] = n
-        out.ids.append(item_id)
-        out.texts.append(text)
-        out.views.append(col(cfg.augmented_column, row))
-        out.golds.append(col(cfg.gold_column, row))
-        out.hashes.append(content_hash(text))
-    return out
+def _check_golds(path: Path, cols: Columns, batch: Batch) -> None:
+    """Refuse a file whose gold column has values but not one of them is a class: a config error, surely."""
+    unknown = sum(p.reason == "unknown gold label" for p in batch.problems)
+    if unknown and not any(g is not None for g in batch.golds):
+        sample = next(p.detail for p in batch.problems if p.reason == "unknown gold label")
+        raise DataError(f"{path}: none of the {unknown} values of column '{cols.gold}' (data.gold_column) is a "
+                        f"class of task.classes (first: {sample.split('; ')[0]}). Fix: make task.classes' names "
+                        "the labels the file uses, or set data.gold_column to the right column (or remove it)")

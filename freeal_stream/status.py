@@ -10,6 +10,7 @@ from typing import Any
 
 from freeal_stream import budget as budget_policy
 from freeal_stream.config import JobConfig
+from freeal_stream.sources import describe_counts
 
 
 def _plain(s: budget_policy.Spent | None) -> dict[str, Any] | None:
@@ -31,6 +32,25 @@ def remaining_requests(job: JobConfig, rounds: list[dict[str, Any]], unannotated
         return total
     last = done[-1]["metrics"].get("llm_requested", 0) if done else unannotated
     return left * (last if done else unannotated)
+
+
+STATUS_PROBLEM_ROWS = 100    # rows of bad input shown by `status --json` / GET /status (all: `quarantine`)
+_RAW_SHOWN = 300             # characters of a row's raw content shown there
+
+
+def bad_input(store: Any, limit: int, raw_chars: int | None = None) -> dict[str, Any]:
+    """Quarantined (not labelled) and flagged (labelled, with a caveat) rows: counts by reason, first rows."""
+    counts = store.problem_counts()
+    rows = store.problems(limit)
+    if raw_chars is not None:
+        rows = [{**r, "raw": r["raw"][:raw_chars] + ("..." if len(r["raw"]) > raw_chars else "")} for r in rows]
+    total = {a: sum(c["count"] for c in counts if c["action"] == a) for a in ("quarantined", "flagged")}
+    return {**total, "by_reason": counts, "rows": rows}
+
+
+def format_bad_input(q: dict[str, Any]) -> str:
+    """One line: 'bad input: 2 quarantined (empty text 1, not UTF-8 1); 1 flagged (long text 1)'."""
+    return "bad input: " + (describe_counts(q["by_reason"]) or "no row quarantined or flagged")
 
 
 def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
@@ -60,6 +80,8 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
             "cost": round(todo * per_req[1], 6) if per_req else None,
             "basis": "the rounds left at the job's P on the current pool, at the mean cost per request so far",
         },
+        "quarantine": bad_input(store, STATUS_PROBLEM_ROWS, _RAW_SHOWN),
+        "llm_failures": store.failure_counts(),
     }
 
 
@@ -83,6 +105,13 @@ def format_status(st: dict[str, Any]) -> list[str]:
     lines.append(f"estimated to finish: {est['requests']} requests"
                  + (f", ~{est['tokens']} tokens" if est["tokens"] is not None else "")
                  + (f", cost ~{money(est['cost'])}" if est["cost"] is not None and s["priced"] else ""))
+    if st.get("llm_failures"):
+        failed = st["llm_failures"]
+        lines.append(f"LLM requests failed after retries (not paid; asked again later): {sum(failed.values())} ("
+                     + ", ".join(f"{k} {n}" for k, n in failed.items()) + ")")
+    if st.get("quarantine"):
+        lines.append(format_bad_input(st["quarantine"]) + (f" — list them with `freeal-stream quarantine "
+                                                              f"<job>`" if st["quarantine"]["rows"] else ""))
     for r in st["rounds"]:
         lines.append(f"  round {r['round']}: {r['phase']}"
                      + (f" — {format_round(r['metrics'])}" if r.get("metrics") else ""))

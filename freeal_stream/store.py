@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS round_plan (
     PRIMARY KEY (round, position));
 CREATE TABLE IF NOT EXISTS ingested_files (
     digest VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, ingested_at DOUBLE NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    key VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, location VARCHAR NOT NULL, line BIGINT,
+    action VARCHAR NOT NULL, reason VARCHAR NOT NULL, detail VARCHAR NOT NULL, item_id VARCHAR,
+    raw VARCHAR NOT NULL, created_at DOUBLE NOT NULL);
 """
 
 # The label of record per item. An LLM label stands unless a later (or same-round) SLM put it in the
@@ -184,8 +188,42 @@ class Store:
         batch = pa.table({"id": pa.array(list(ids), pa.string()), "h": pa.array(list(hashes), pa.string())})
         with self._registered("incoming", batch):
             rows = self.con.execute("""SELECT i.id FROM items i JOIN incoming n ON i.id = n.id
-                                       WHERE i.content_hash <> n.h ORDER BY i.seq LIMIT 10""").fetchall()
+                                       WHERE i.content_hash <> n.h ORDER BY i.seq""").fetchall()
         return [r[0] for r in rows]
+
+    # ---- quarantined and flagged rows -------------------------------------------------------------
+    def add_problems(self, source: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Record bad rows (location, line, action, reason, detail, item_id, raw) of one source.
+
+        Keyed by a hash of all of it, so ingesting the same file again records nothing twice.
+        """
+        if not rows:
+            return
+        cols = list(zip(*rows))
+        batch = pa.table({"location": pa.array(cols[0], pa.string()),
+                          "line": pa.array(cols[1], pa.int64()), "action": pa.array(cols[2], pa.string()),
+                          "reason": pa.array(cols[3], pa.string()), "detail": pa.array(cols[4], pa.string()),
+                          "item_id": pa.array(cols[5], pa.string()), "raw": pa.array(cols[6], pa.string())})
+        with self._registered("incoming", batch):
+            self._exec("""INSERT OR IGNORE INTO quarantine
+                          SELECT key, $s, location, line, action, reason, detail, item_id, raw, epoch(now())
+                          FROM (SELECT *, md5(concat_ws(chr(31), $s, location, line, action, reason, detail,
+                                                        item_id, raw)) AS key FROM incoming)
+                          QUALIFY row_number() OVER (PARTITION BY key) = 1""", {"s": source})
+
+    def problem_counts(self) -> list[dict[str, Any]]:
+        """Rows per (action, reason), most frequent first: what `status` reports."""
+        rows = self.con.execute("""SELECT action, reason, count(*) FROM quarantine GROUP BY ALL
+                                   ORDER BY 3 DESC, 1, 2""").fetchall()
+        return [{"action": a, "reason": r, "count": n} for a, r, n in rows]
+
+    def problems(self, limit: int, action: str | None = None) -> list[dict[str, Any]]:
+        """The first `limit` recorded rows (optionally of one action), in the order they arrived."""
+        rows = self.con.execute("""SELECT source, location, line, action, reason, detail, item_id, raw
+                                   FROM quarantine WHERE ? IS NULL OR action = ?
+                                   ORDER BY created_at, source, line LIMIT ?""", [action, action, limit]).fetchall()
+        names = ("source", "location", "line", "action", "reason", "detail", "item_id", "raw")
+        return [dict(zip(names, r)) for r in rows]
 
     # ---- LLM answer cache (the AnswerCache protocol) ------------------------------------------------
     def get_answers(self, keys: Sequence[str]) -> dict[str, ChatAnswer]:

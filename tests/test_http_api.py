@@ -100,36 +100,54 @@ def test_items_as_a_list_or_as_json_lines(service):
 
 @pytest.mark.parametrize("body, content_type, expected", [
     (b'{"items": [', "application/json", "not JSON"),
-    (b'{"text": "x"}\nnot json\n', "application/x-ndjson", "line 2 is not JSON"),
+    (b'not json\n{"text": \n', "application/x-ndjson", "no line of the body is JSON"),
     (b'\xff\xfe', "application/json", "not UTF-8"),
     (b'[' * 6000, "application/json", "not JSON"),
     (b'[{"text": "x", "id": ' + b'9' * 5000 + b'}]', "application/json", "not JSON"),
     (b'{"items": []}', "application/json", "no items"),
     (b'{"rows": [{"text": "x"}]}', "application/json", '{"items": [...]}'),
-    (b'[{"text": "x"}, 3]', "application/json", "items[1]: must be a JSON object"),
-    (b'[{"text": "x"}, {"id": "b"}]', "application/json", "items[1].text"),
-    (b'[{"text": "x"}, {"text": "   "}]', "application/json", "items[1].text"),
-    (b'[{"text": 5}]', "application/json", "items[0].text"),
-    (b'[{"text": "x", "id": true}]', "application/json", "items[0].id"),
-    (b'[{"text": "x", "id": [1]}]', "application/json", "items[0].id"),
-    (b'[{"text": "x", "view": 3}]', "application/json", "items[0].view"),
-    (b'[{"text": "x", "gold": {}}]', "application/json", "items[0].gold"),
-    (b'[{"txt": "x"}]', "application/json", "items[0].txt: unknown field"),
+    (b'{"items": [{"text": "x"}], "quarantined": [{"raw": 1}]}', "application/json", "quarantined must be"),
 ])
-def test_bad_input_is_a_400_naming_what_is_wrong(service, body, content_type, expected):
+def test_an_unreadable_body_is_a_400_naming_what_is_wrong(service, body, content_type, expected):
     memory, server = service
     status, answer, _ = post_items(server.url, body, content_type)
     assert status == 400 and expected in answer["error"]
     assert memory.items == []
 
 
-def test_the_field_and_index_are_in_the_error_and_in_the_client_exception(service):
-    _, server = service
-    status, answer, _ = post_items(server.url, b'[{"text": "x"}, {"id": "b"}]')
-    assert (status, answer["index"], answer["field"]) == (400, 1, "text")
-    with pytest.raises(ServiceError, match=r"HTTP 400: items\[1\]\.text") as info:
-        ServiceClient(server.url).add_items([{"text": "x"}, {"id": "b"}])
-    assert info.value.status == 400
+@pytest.mark.parametrize("bad, content_type, expected", [
+    (b'3', "application/json", "items[1]: must be a JSON object"),
+    (b'{"id": "b"}', "application/json", "items[1].text"),
+    (b'{"text": "   "}', "application/json", "items[1].text"),
+    (b'{"text": 5}', "application/json", "items[1].text"),
+    (b'{"text": "y", "id": true}', "application/json", "items[1].id"),
+    (b'{"text": "y", "id": [1]}', "application/json", "items[1].id"),
+    (b'{"text": "y", "view": 3}', "application/json", "items[1].view"),
+    (b'{"text": "y", "gold": {}}', "application/json", "items[1].gold"),
+    (b'{"txt": "y"}', "application/json", "items[1].txt: unknown field"),
+    (b'not json', "application/x-ndjson", "line 2 is not JSON"),
+])
+def test_a_bad_item_is_quarantined_and_the_good_ones_are_taken(service, bad, content_type, expected):
+    memory, server = service
+    body = (b'[{"text": "x"}, ' + bad + b']') if content_type == "application/json" else b'{"text": "x"}\n' + bad
+    status, answer, _ = post_items(server.url, body, content_type)
+    assert status == 200 and [item["text"] for item in memory.items] == ["x"]
+    assert (answer["received"], answer["added"], answer["quarantined"]) == (2, 1, 1)
+    assert expected in answer["problems"][0]["detail"]
+
+
+def test_refused_items_reach_the_quarantine_handler_with_their_raw_content():
+    memory, got = MemoryService(), []
+    handlers = ApiHandlers(memory.add_items, memory.status, memory.labels, lambda rows, source: got.append(
+        (source, rows)))
+    with ApiServer(handlers) as server:
+        answer = ServiceClient(server.url).add_items(
+            [{"text": "x"}, {"id": "b"}], source="f.csv",
+            quarantined=[{"location": "line 3", "line": 3, "reason": "not UTF-8", "detail": "d", "raw": "\\xff"}])
+    assert answer["quarantined"] == 2 and answer["added"] == 1
+    [(source, rows)] = got
+    assert source == "f.csv" and [(r["location"], r["raw"]) for r in rows] == [("line 3", "\\xff"),
+                                                                                ("items[1]", '{"id": "b"}')]
 
 
 def test_too_large_is_a_413(service):

@@ -53,7 +53,7 @@ def test_service_labels_data_from_the_api_the_inbox_and_ingest(tmp_path):
             # the API: ids optional (content hash), the same text twice is one item
             got = api.add_items([{"text": "My refund never reached my card"}, {"id": "api-2", "text":
                                  "The app crashes on every upload"}, {"text": "My refund never reached my card"}])
-            assert got == {"received": 3, "added": 2, "duplicates": 1}
+            assert got == {"received": 3, "added": 2, "duplicates": 1, "quarantined": 0, "flagged": 0, "problems": []}
 
             # the inbox: written as .tmp then renamed; the same content under a second name adds nothing
             inbox = state / "inbox"

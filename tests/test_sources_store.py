@@ -37,10 +37,11 @@ def test_read_parquet_and_missing_column(tmp_path):
     assert read_items(DataConfig(path=str(p), text_column="body")).ids == ["row-0"]
 
 
-def test_duplicate_ids_rejected(tmp_path):
-    p = write(tmp_path / "d.csv", "id,text\na,one\na,two\n")
-    with pytest.raises(DataError, match="appears twice"):
-        read_items(DataConfig(path=p, id_column="id"))
+def test_duplicate_id_with_another_text_is_quarantined_keeping_the_first(tmp_path):
+    p = write(tmp_path / "d.csv", "id,text\na,one\na,two\na,one\n")
+    b = read_items(DataConfig(path=p, id_column="id"))
+    assert b.texts == ["one"] and b.duplicates == 1
+    assert [(q.reason, q.line, q.raw) for q in b.problems] == [("id reused with another text", 3, "a,two")]
 
 
 def answer(key, content="positive"):
@@ -105,3 +106,14 @@ def test_resume_compatibility():
     c = job_to_dict(parse_job({**base, "freeal": {"tau": 0.5}, "llm": {"model": "other"}}))
     assert check_resumable(a, b) == []
     assert check_resumable(a, c) == ["freeal.tau", "llm.model"]
+
+
+def test_state_from_before_a_new_field_resumes_when_the_field_holds_its_default():
+    from freeal_stream.config import DataConfig, LLMConfig
+
+    stored = {"data": {"path": "x.csv"}, "llm": {"model": "m"}}
+    current = {"data": {"path": "x.csv", "max_text_chars": DataConfig.max_text_chars},
+               "llm": {"model": "m", "circuit_failures": LLMConfig.circuit_failures}}
+    assert check_resumable(stored, current) == []
+    current["data"]["max_text_chars"] = 50   # a new field set away from its default does change the prompts
+    assert check_resumable(stored, current) == ["data.max_text_chars"]

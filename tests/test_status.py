@@ -1,6 +1,8 @@
 """`status` figures from a real store: spend priced per model, what is left, the estimate to finish."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from freeal_stream.config import parse_job
@@ -47,3 +49,17 @@ def test_status_says_when_cost_is_unknown(tmp_path):
     s.close()
     assert st["left"] is None and not st["spent"]["priced"]
     assert any("cost not known" in line for line in format_status(st))
+
+
+def test_status_lists_failed_requests_by_kind(tmp_path):
+    s = Store(tmp_path / "s.duckdb")
+    req = ChatRequest(messages=(("user", "hi"),), model="m", temperature=0.0, max_tokens=2, logprobs=False,
+                      top_logprobs=0, template_version="v")
+    for error in ("timeout_exhausted", "timeout_exhausted", "http_500_exhausted"):
+        s.record_failure(req, dataclasses.replace(answer(req.key()), content=None, error=error))
+    st = job_status(s, job())
+    s.close()
+    assert st["llm_failures"] == {"http_500_exhausted": 1, "timeout_exhausted": 2}
+    assert st["spent"]["requests"] == 0   # a failure is not an answer: nothing paid
+    assert any(line.startswith("LLM requests failed after retries (not paid; asked again later): 3 "
+                               "(http_500_exhausted 1, timeout_exhausted 2)") for line in format_status(st))

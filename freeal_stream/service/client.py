@@ -40,9 +40,19 @@ class ServiceClient:
         self._timeout_s = timeout_s
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
-    def add_items(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """Send items ({"text", optional "id", "view", "gold"}); returns the service's counts."""
-        return self._call("POST", "/items", {"items": [dict(item) for item in items]})
+    def add_items(self, items: Sequence[Mapping[str, Any]], source: str | None = None,
+                  quarantined: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+        """Send items ({"text", optional "id", "view", "gold"}); returns the service's counts.
+
+        `quarantined` rows ({"location", "line", "reason", "detail", "raw"}, e.g. a file's unreadable lines)
+        are recorded by the service under `source`, so no bad row is lost on the way.
+        """
+        payload: dict[str, Any] = {"items": [dict(item) for item in items]}
+        if source is not None:
+            payload["source"] = source
+        if quarantined:
+            payload["quarantined"] = [dict(row) for row in quarantined]
+        return self._call("POST", "/items", payload)
 
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/status")

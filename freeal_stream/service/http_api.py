@@ -6,7 +6,11 @@ needs ``Authorization: Bearer <token>``. The token is never logged or echoed.
 
 Endpoints (JSON in and out):
     POST /items    {"items": [{"id", "text", "view", "gold"}, ...]}, a JSON list of items, or JSON lines with
-                   Content-Type application/x-ndjson. Only ``text`` is required.
+                   Content-Type application/x-ndjson. Only ``text`` is required. A bad item (or a JSON line
+                   that does not parse) is quarantined, not refused: the answer counts it and names its
+                   field; only a body that is not JSON at all is a 400. The object form may also carry
+                   "source" (a name) and "quarantined" (rows a client's file reader set aside), which
+                   `freeal-stream ingest` sends so a file's bad rows are recorded under its name.
     GET  /status   the service's status
     GET  /labels   ?since=<int, default 0>&limit=<int, default 1000, at most 10000>
     GET  /health   {"ok": true}, no token needed
@@ -33,6 +37,7 @@ TOKEN_ENV = "FREEAL_SERVICE_TOKEN"
 MAX_BODY_BYTES = 32 << 20
 MAX_ITEMS = 50_000
 MAX_LABELS_LIMIT = 10_000
+MAX_LISTED_PROBLEMS = 50   # quarantined/flagged items named in one POST /items answer (all are stored)
 # A body refused unread (401, 404, 413...) and smaller than this is read and dropped, so the client gets the
 # answer rather than a reset connection (closing a socket with unread data resets it).
 _DRAIN_LIMIT = 256 << 20
@@ -54,6 +59,17 @@ class ApiHandlers:
     add_items: Callable[[list[dict[str, Any]]], dict[str, Any]]
     status: Callable[[], dict[str, Any]]
     labels: Callable[[int, int], dict[str, Any]]
+    # records refused items: (rows of {"location", "line", "reason", "detail", "raw"}, source name)
+    quarantine: Callable[[list[dict[str, Any]], str], None] | None = None
+
+
+@dataclass(frozen=True)
+class PostedItems:
+    """A POST /items body: the valid items, and the refused ones as quarantine rows."""
+
+    items: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    source: str = "POST /items"
 
 
 class ApiError(Exception):
@@ -63,6 +79,7 @@ class ApiError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.field = (detail or {}).get("field")
         self.body = {"error": message, **(detail or {})}
         self.headers = headers or {}
 
@@ -80,45 +97,88 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
-def parse_items(body: bytes, content_type: str, max_items: int = MAX_ITEMS) -> list[dict[str, Any]]:
-    """The validated items of a POST /items body; raises ApiError naming the item and field at fault."""
+def parse_items(body: bytes, content_type: str, max_items: int = MAX_ITEMS) -> PostedItems:
+    """The items of a POST /items body, bad ones set aside with the item and field at fault.
+
+    Raises ApiError only when the body as a whole cannot be read (not UTF-8, not JSON, the wrong shape).
+    """
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"the body is not UTF-8 (bad byte at offset {exc.start})") from None
+    rejected: list[dict[str, Any]] = []
+    source, sent_aside = "POST /items", []
     if content_type in _NDJSON_TYPES:
-        items = []
-        # split on "\n" only: str.splitlines would also split on U+2028 inside a JSON string
-        for number, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except _JSON_ERRORS as exc:
-                    raise ApiError(400, f"line {number} is not JSON: {exc}", {"line": number}) from None
+        items, lines = _ndjson_items(text, rejected)
+        where = [f"line {n}" for n in lines]
     else:
         try:
             doc = json.loads(text)
         except _JSON_ERRORS as exc:
             raise ApiError(400, f"the body is not JSON: {exc} (for JSON lines, send Content-Type "
                                 "application/x-ndjson)") from None
-        items = doc["items"] if isinstance(doc, dict) and list(doc) == ["items"] else doc
+        items = doc
+        if isinstance(doc, dict) and "items" in doc and set(doc) <= {"items", "source", "quarantined"}:
+            items, source, sent_aside = doc["items"], doc.get("source", source), doc.get("quarantined", [])
+            _check_envelope(source, sent_aside)
         if not isinstance(items, list):
             raise ApiError(400, 'the body must be {"items": [...]} or a JSON list of items')
-    if not items:
+        lines = list(range(len(items)))
+        where = [f"items[{index}]" for index in lines]
+    if not items and not rejected and not sent_aside:
         raise ApiError(400, "the request holds no items")
-    if len(items) > max_items:
-        raise ApiError(413, f"{len(items)} items in one request; the limit is {max_items}: split the batch")
-    for index, item in enumerate(items):
-        _check_item(index, item)
-    return items
+    if len(items) + len(rejected) + len(sent_aside) > max_items:
+        raise ApiError(413, f"{len(items) + len(rejected) + len(sent_aside)} items in one request; the limit is "
+                            f"{max_items}: split the batch")
+    good = []
+    for line, place, item in zip(lines, where, items):
+        try:
+            _check_item(place, item)
+            good.append(item)
+        except ApiError as exc:
+            rejected.append({"location": place, "line": line, "reason": "invalid item", "field": exc.field,
+                             "detail": str(exc), "raw": json.dumps(item, ensure_ascii=False)})
+    return PostedItems(good, list(sent_aside) + rejected, source)
 
 
-def _check_item(index: int, item: Any) -> None:
+def _ndjson_items(text: str, rejected: list[dict[str, Any]]) -> tuple[list[Any], list[int]]:
+    """Parsed lines and their line numbers; broken lines go to `rejected` (all of them broken: a 400)."""
+    items, lines = [], []
+    # split on "\n" only: str.splitlines would also split on U+2028 inside a JSON string
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+                lines.append(number)
+            except _JSON_ERRORS as exc:
+                rejected.append({"location": f"line {number}", "line": number, "reason": "broken JSON line",
+                                 "field": None, "detail": f"line {number} is not JSON: {exc}", "raw": line})
+    if rejected and not items:
+        raise ApiError(400, f"no line of the body is JSON ({rejected[0]['detail']})", {"line": rejected[0]["line"]})
+    return items, lines
+
+
+_ASIDE_FIELDS = {"location": str, "reason": str, "detail": str, "raw": str}
+
+
+def _check_envelope(source: Any, rows: Any) -> None:
+    """The optional "source" and "quarantined" parts of an object body (a program's, not a person's input)."""
+    if not isinstance(source, str) or not 0 < len(source) <= 300:
+        raise ApiError(400, "source must be a non-empty string of at most 300 characters", {"field": "source"})
+    if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in _ASIDE_FIELDS.items())
+            and (r.get("line") is None or (isinstance(r["line"], int) and not isinstance(r["line"], bool)))
+            for r in rows):
+        raise ApiError(400, "quarantined must be a list of {location, line, reason, detail, raw} objects",
+                       {"field": "quarantined"})
+
+
+def _check_item(where: str, item: Any) -> None:
     def bad(name: str, why: str) -> ApiError:
-        return ApiError(400, f"items[{index}].{name}: {why}", {"index": index, "field": name})
+        return ApiError(400, f"{where}.{name}: {why}", {"field": name})
 
     if not isinstance(item, dict):
-        raise ApiError(400, f"items[{index}]: must be a JSON object", {"index": index})
+        raise ApiError(400, f"{where}: must be a JSON object")
     for name in item:
         if name not in _ITEM_FIELDS:
             raise bad(name, f"unknown field; an item has {', '.join(_ITEM_FIELDS)}")
@@ -133,6 +193,21 @@ def _check_item(index: int, item: Any) -> None:
     gold = item.get("gold")
     if isinstance(gold, bool) or not isinstance(gold, (str, int, type(None))):
         raise bad("gold", "must be a string, an integer or null")
+
+
+def post_items(handlers: ApiHandlers, posted: PostedItems) -> dict[str, Any]:
+    """Quarantine the refused items, store the rest, and answer with both counts (and the first problems)."""
+    if posted.rejected and handlers.quarantine is not None:
+        handlers.quarantine(posted.rejected, posted.source)
+    answer = (handlers.add_items(posted.items) if posted.items
+              else {"received": 0, "added": 0, "duplicates": 0, "flagged": 0})
+    if not posted.rejected:
+        return answer
+    refused = [{"location": r["location"], "action": "quarantined", "reason": r["reason"], "detail": r["detail"]}
+               for r in posted.rejected[:MAX_LISTED_PROBLEMS]]
+    return {**answer, "received": answer["received"] + len(posted.rejected),
+            "quarantined": answer.get("quarantined", 0) + len(posted.rejected),
+            "problems": (refused + answer.get("problems", []))[:MAX_LISTED_PROBLEMS]}
 
 
 class _Server(ThreadingHTTPServer):
@@ -191,7 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path != "/health":
             self._authorize(api.token)
         routes: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
-            "/items": ("POST", lambda: api.handlers.add_items(self._items())),
+            "/items": ("POST", lambda: post_items(api.handlers, self._items())),
             "/status": ("GET", api.handlers.status),
             "/labels": ("GET", lambda: api.handlers.labels(*_labels_query(url.query))),
             "/health": ("GET", lambda: {"ok": True}),
@@ -211,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(401, f"missing or wrong token: send 'Authorization: Bearer <{TOKEN_ENV}>'",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    def _items(self) -> list[dict[str, Any]]:
+    def _items(self) -> PostedItems:
         api = self.server.api
         length = self._body_length()
         if length is None:
