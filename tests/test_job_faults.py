@@ -1,52 +1,17 @@
 """A whole job against a flaky endpoint: 429 storms (with and without Retry-After), 5xx, timeouts, dropped
-connections, garbage bodies, empty and two-label answers. The job ends with every row labelled, and no
+connections, garbage bodies, empty, truncated, foreign-language and two-label answers. The job ends with every row labelled, and no
 answer that was stored is ever asked for again."""
 from __future__ import annotations
-
-import dataclasses
-import random
-import threading
 
 import duckdb
 import pytest
 
-from tests.fake_openai_server import FakeOpenAIServer, body_hash, drop, error, garbage, ok
+from tests.fake_openai_server import FakeOpenAIServer
+from tests.faults import Flaky
 from freeal_stream.store import _LABELS_SQL
 from tests.helpers import cli_process, make_job
-from tests.keyword_llm import respond
 
 pytestmark = pytest.mark.integration
-
-FAULTS = {
-    "429 with Retry-After": lambda: error(429, headers={"Retry-After": "0.2"}),
-    "429 without Retry-After": lambda: error(429),
-    "500": lambda: error(500),
-    "503": lambda: error(503),
-    "timeout": lambda: dataclasses.replace(ok("billing"), delay_s=3.0),
-    "dropped connection": drop,
-    "garbage body": garbage,
-    "empty answer": lambda: ok(""),
-    "two labels": lambda: ok("billing technical"),
-}
-
-
-class Flaky:
-    """Faults on ~35% of requests (seeded), the deterministic keyword answer otherwise."""
-
-    def __init__(self, seed: int = 7):
-        self.rng = random.Random(seed)
-        self.lock = threading.Lock()
-        self.injected: dict[str, int] = {}
-        self.answered: dict[str, int] = {}   # body hash -> real answers delivered (what a provider bills)
-
-    def __call__(self, body):
-        with self.lock:
-            kind = self.rng.choice(list(FAULTS)) if self.rng.random() < 0.35 else None
-            if kind:
-                self.injected[kind] = self.injected.get(kind, 0) + 1
-            else:
-                self.answered[body_hash(body)] = self.answered.get(body_hash(body), 0) + 1
-        return FAULTS[kind]() if kind else respond(body)
 
 
 def test_job_survives_a_flaky_endpoint(tmp_path):
@@ -68,8 +33,8 @@ def test_job_survives_a_flaky_endpoint(tmp_path):
     con.close()
     assert n_items == 40 and unlabelled == 0   # every row has a label of record (the LLM's or the SLM's)
     # retries only resend what failed: no request got a real answer twice, and each real answer is stored
-    # (plus those that were faults in disguise: empty and two-label answers are stored as 'no label')
+    # (plus the faults that arrive as answers: stored as 'no label', see faults.ANSWERED_FAULTS)
     assert max(flaky.answered.values()) == 1
-    assert stored == len(flaky.answered) + flaky.injected.get("empty answer", 0) + flaky.injected.get("two labels", 0)
+    assert stored == flaky.paid_answers()
     assert len(server_requests) == sum(flaky.injected.values()) + len(flaky.answered)
     assert "round 2 done" in log.read_text()
