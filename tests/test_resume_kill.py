@@ -158,7 +158,10 @@ def test_killed_run_resumes_to_the_same_labels_without_paying_twice(tmp_path, re
     assert labels == ref_labels
 
 
-def test_store_actor_killed_mid_annotation_is_restarted_and_the_run_finishes(tmp_path, reference):
+@pytest.mark.parametrize("actor", ["StoreActor", "Annotator", "Trainer"])
+def test_an_actor_killed_mid_round_is_replaced_and_the_run_finishes(tmp_path, reference, actor):
+    """SIGKILL of the store writer or an annotator mid-annotation, or of the trainer mid-training: Ray restarts
+    or the coordinator replaces it, and the same run ends with the uninterrupted run's labels."""
     ref_labels, ref_requests = reference
     log = tmp_path / "run.log"
     with FakeOpenAIServer(slow_respond) as server:
@@ -167,14 +170,15 @@ def test_store_actor_killed_mid_annotation_is_restarted_and_the_run_finishes(tmp
         start = {}
 
         def ready(text: str) -> bool:
+            if actor == "Trainer":
+                return "[round 2 train] epoch 2/" in text
             if "round 2/3:" in text and "n" not in start:
                 start["n"] = len(server.requests)
             return "n" in start and len(server.requests) >= start["n"] + 5
         wait_for(p, log, ready)
-        [store_pid] = actor_pids(p.pid, "StoreActor")
-        os.kill(store_pid, signal.SIGKILL)
-        assert p.wait(timeout=600) == 0, log.read_text()[-3000:]   # Ray restarts the writer; no rerun needed
-        assert actor_pids(p.pid, "StoreActor") == []
+        victim = actor_pids(p.pid, actor)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert p.wait(timeout=600) == 0, log.read_text()[-3000:]   # no rerun needed
         repeated = repeated_requests(server)
         assert repeated <= CONCURRENCY and len(server.requests) <= ref_requests + CONCURRENCY
     assert exported_labels(job, tmp_path) == ref_labels
