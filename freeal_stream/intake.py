@@ -75,7 +75,7 @@ def batch_from_items(items: list[dict[str, Any]], data: DataConfig | None = None
                for k, it in enumerate(items)]
     limit = data.max_text_chars if data else DataConfig.max_text_chars
     return build_batch(records, _API_COLUMNS, max_text_chars=limit, class_names=class_names,
-                       default_id=lambda _n, h: hash_id(h))
+                       default_id=lambda _n, h: hash_id(h), ids_optional=True)
 
 
 def _item_id(item: dict[str, Any]) -> str:

@@ -148,11 +148,12 @@ def truncation_note(text: str, max_chars: int) -> str:
 
 def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: int,
                 class_names: Sequence[str] | None, default_id: Callable[[int, str], str],
-                ids_from_rows: bool = False) -> Batch:
+                ids_from_rows: bool = False, ids_optional: bool = False) -> Batch:
     """Check each record and sort it into the batch, its quarantined rows and its flagged rows.
 
     Within a batch the first row with an id wins: the same id and text again is a plain duplicate (skipped),
-    the same id with another text is quarantined. `default_id(n, hash)` names rows without an id column.
+    the same id with another text is quarantined. `default_id(n, hash)` names rows without an id column, and
+    with `ids_optional` (API items) also rows that give none; a blank id is always quarantined.
     """
     out = Batch([], [], [], [], [], ids_from_rows=ids_from_rows)
     classes = {c.strip().casefold(): c for c in class_names or ()}
@@ -179,7 +180,8 @@ def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: 
                     "Fix: give the row a text, or drop it")
             continue
         h = content_hash(text)
-        if cols.id is not None and (given_id is None or not given_id.strip()):
+        blank_id = given_id is not None and not given_id.strip()
+        if blank_id or (cols.id is not None and given_id is None and not ids_optional):
             problem(r, "quarantined", "empty id", f"{r.location}: field '{cols.id}' is empty. Fix: give every row "
                     "an id, or drop data.id_column to number rows")
             continue

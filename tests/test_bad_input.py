@@ -303,6 +303,16 @@ def test_post_items_quarantines_the_bad_items_and_stores_the_good_ones(tmp_path,
     assert "items[2].text: missing or empty" in rows["items[2]"]["detail"]
 
 
+def test_post_items_may_mix_items_with_and_without_ids(tmp_path, store):
+    """An API item's id is optional (its text's hash names it); only a blank id is refused."""
+    job = make_job(tmp_path, tmp_path / "unused.csv")
+    answer = add_api_items(store, job, [{"text": "no id here"}, {"id": "a", "text": "with an id"},
+                                        {"text": "no id here"}, {"id": "", "text": "blank id"}])
+    assert (answer["added"], answer["duplicates"], answer["quarantined"]) == (2, 1, 1)
+    assert [p["reason"] for p in answer["problems"]] == ["empty id"]
+    assert "a" in stored(store) and any(i.startswith("h-") for i in stored(store))
+
+
 def test_ingest_through_a_running_service_records_the_files_bad_rows_under_its_name(tmp_path, store):
     from freeal_stream.cli import _send_to_service
 
