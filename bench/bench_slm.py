@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,9 +19,13 @@ import pandas as pd
 import torch
 
 from freeal_stream.config import FreeALConfig, SLMConfig
-from freeal_stream.slm.trainer import Recipe, resolve_device, train_slm
+from freeal_stream.slm.trainer import Recipe, resolve_device
 
-CLASSES = ["negative", "positive"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# CLASSES, label_index, load_mr, write_merged are re-exported: bench_strategies_mr.py imports them from here
+from mr_data import (CACHE_DIR, CLASSES, DATA_DIR, RESULTS, bar_plot, label_index, load_mr,  # noqa: E402,F401
+                     mr_present, train_and_score, write_merged)
+
 CONDITIONS = {  # name -> (label column, recipe, use the back-translation view)
     "a_gold_ce": ("label", Recipe.plain_ce(), False),
     "b_gpt35_ce": ("gpt35_label", Recipe.plain_ce(), False),
@@ -31,51 +34,13 @@ CONDITIONS = {  # name -> (label column, recipe, use the back-translation view)
     "d_gpt35_robust_bt_global": ("gpt35_label", Recipe(per_class_split=False), True),
 }
 DEFAULT_CONDITIONS = "a_gold_ce,b_gpt35_ce,c_gpt35_robust_bt"
-ROOT = Path(__file__).resolve().parent
-
-
-def label_index(column: pd.Series) -> np.ndarray:
-    """Class names -> indices; empty (the LLM gave no usable answer) -> -1."""
-    pos = {c: i for i, c in enumerate(CLASSES)}
-    return np.array([pos.get(v, -1) for v in column], dtype=np.int64)
-
-
-def load_mr(data_dir: Path, train_limit: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    train = pd.read_csv(data_dir / "mr" / "train.csv", keep_default_na=False)
-    test = pd.read_csv(data_dir / "mr" / "test.csv", keep_default_na=False)
-    if train_limit and train_limit < len(train):
-        from sklearn.model_selection import train_test_split
-        train, _ = train_test_split(train, train_size=train_limit, stratify=train["label"], random_state=0)
-        train = train.reset_index(drop=True)
-    return train, test
 
 
 def run_one(name: str, train: pd.DataFrame, test: pd.DataFrame, cfg: SLMConfig, seed: int,
             cache_dir: Path) -> dict:
     column, recipe, use_view = CONDITIONS[name]
-    labels, gold = label_index(train[column]), label_index(train["label"])
-    views = train["backtranslation"].tolist() if use_view else None
-    t0 = time.perf_counter()
-    result = train_slm(train["text"].tolist(), labels, len(CLASSES), cfg, FreeALConfig(), views=views,
-                       recipe=recipe, seed=seed, cache_dir=cache_dir if cfg.mode == "head" else None,
-                       progress=lambda msg: print(f"  [{name} seed {seed}] {msg}", flush=True))
-    train_s = time.perf_counter() - t0
-    test_acc = float((result.model.predict_proba(test["text"].tolist()).argmax(1) == label_index(test["label"])).mean())
-    rows = sum(h["rows"] for h in result.history)
-    loop_s = sum(h["seconds"] - h["split_seconds"] for h in result.history)
-    has, right = labels >= 0, labels == gold
-    clean = result.clean
-    return {
-        "seed": seed, "test_acc": test_acc,
-        "train_acc_vs_gold": float((result.probs.argmax(1) == gold).mean()),
-        "label_acc_on_labelled": float(right[has].mean()),
-        "n_labelled": int(has.sum()), "n_clean": int(clean.sum()),
-        # of the rows kept as clean, how many carry the gold label; and how many right labels were kept
-        "clean_precision": float(right[clean].mean()) if recipe.gmm else None,
-        "clean_recall": float((clean & right).sum() / max(1, (has & right).sum())) if recipe.gmm else None,
-        "samples_per_s": rows / max(loop_s, 1e-9), "train_seconds": train_s,
-        "history": result.history,
-    }
+    metrics, _ = train_and_score(train, test, column, recipe, use_view, cfg, FreeALConfig(), seed, cache_dir, name)
+    return metrics
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -98,16 +63,6 @@ def print_table(key: str, summary: dict[str, dict]) -> None:
               f"{s['n_clean_mean']:>8.0f} {s['samples_per_s_mean']:>10.1f} {s['train_seconds_mean']:>8.0f}")
 
 
-def write_merged(out: Path, key: str, entry: dict) -> None:
-    """Merge under `key` so a finetune run does not erase the head results (and vice versa)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
-    data[key] = entry
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=["head", "finetune"], default="head")
@@ -116,15 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=SLMConfig.epochs)
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
     ap.add_argument("--conditions", default=DEFAULT_CONDITIONS, help="comma-separated, from: " + ", ".join(CONDITIONS))
-    ap.add_argument("--data-dir", type=Path, default=ROOT.parent.parent / "shared" / "data")
-    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/freeal-stream-cache"),
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR,
                     help="frozen-embedding cache (head mode); kept out of the repo")
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "slm_mr.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "slm_mr.json")
     args = ap.parse_args(argv)
 
-    if not (args.data_dir / "mr" / "train.csv").exists():
-        print(f"skip: MR data not found under {args.data_dir} (expected mr/train.csv, mr/test.csv); "
-              "pass --data-dir to point at it", file=sys.stderr)
+    if not mr_present(args.data_dir):
         return 0
     unknown = set(args.conditions.split(",")) - set(CONDITIONS)
     if unknown:
@@ -149,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
              "summary": summary, "runs": runs}
     write_merged(args.out, key, entry)
     print_table(key, summary)
-    print(f"\nwrote {args.out} [{key}]")
+    png = args.out.with_name(f"{args.out.stem}_{key}.png")
+    bar_plot(png, list(summary), [s["test_acc_mean"] * 100 for s in summary.values()],
+             [s["test_acc_std"] * 100 for s in summary.values()], f"MR, {key}, seeds {seeds}")
+    print(f"\nwrote {args.out} [{key}] and {png}")
     return 0
 
 

@@ -6,6 +6,8 @@ behind `slm.mode: auto`'s `finetune_min_labels`: with a few hundred LLM labels, 
 
     .venv/bin/freeal-stream run jobs/demo.yaml      # first, once
     .venv/bin/python bench/bench_slm_modes.py jobs/demo.yaml [--settings head:6,finetune:6,finetune:15]
+    .venv/bin/python bench/bench_slm_modes.py jobs/demo.yaml --settings head:6 --warmups 1,2,3 --seeds 0,1,2 \
+        --out bench/results/slm_modes_demo_warmup.json      # the warm-up default on few noisy labels
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("job")
     ap.add_argument("--settings", default="head:6,finetune:6,finetune:15", help="mode:epochs,...")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated")
+    ap.add_argument("--warmups", default="", help="freeal.warmup_epochs values to compare (default: the job's)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "slm_modes_demo.json"))
     args = ap.parse_args()
     job = load_job(args.job)
@@ -43,23 +46,27 @@ def main() -> None:
     has = labels >= 0
     print(f"{len(texts)} texts, {int(has.sum())} LLM labels, {(labels[has] == gold[has]).mean():.3f} right")
     results = []
-    for setting in args.settings.split(","):
+    warmups = [int(w) for w in args.warmups.split(",")] if args.warmups else [job.freeal.warmup_epochs]
+    runs = [(setting, w, seed, recipe) for setting in args.settings.split(",") for w in warmups
+            for seed in map(int, args.seeds.split(",")) for recipe in ("robust", "plain_ce")
+            if recipe == "robust" or w == warmups[0]]   # plain CE has no warm-up
+    for setting, warmup, seed, recipe_name in runs:
         mode, epochs = setting.split(":")
-        for recipe_name, recipe in (("robust", Recipe()), ("plain_ce", Recipe.plain_ce())):
-            cfg = dataclasses.replace(job.slm, mode=mode, epochs=int(epochs))
-            t0 = time.perf_counter()
-            r = train_slm(texts, labels, len(names), cfg, job.freeal, recipe=recipe, seed=args.seed,
-                          cache_dir=job.state_path / "embeddings")
-            pred = r.probs.argmax(1)
-            row = {"mode": mode, "epochs": int(epochs), "recipe": recipe_name,
-                   "acc_all": round(float((pred == gold).mean()), 3),
-                   "acc_never_annotated": round(float((pred[~has] == gold[~has]).mean()), 3) if (~has).any() else None,
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            print(json.dumps(row), flush=True)
-            results.append(row)
+        recipe = Recipe() if recipe_name == "robust" else Recipe.plain_ce()
+        cfg = dataclasses.replace(job.slm, mode=mode, epochs=int(epochs))
+        t0 = time.perf_counter()
+        r = train_slm(texts, labels, len(names), cfg, dataclasses.replace(job.freeal, warmup_epochs=warmup),
+                      recipe=recipe, seed=seed, cache_dir=job.state_path / "embeddings")
+        pred = r.probs.argmax(1)
+        row = {"mode": mode, "epochs": int(epochs), "recipe": recipe_name, "warmup_epochs": warmup, "seed": seed,
+               "acc_all": round(float((pred == gold).mean()), 3),
+               "acc_never_annotated": round(float((pred[~has] == gold[~has]).mean()), 3) if (~has).any() else None,
+               "seconds": round(time.perf_counter() - t0, 1)}
+        print(json.dumps(row), flush=True)
+        results.append(row)
     out = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "job": args.job, "n_texts": len(texts),
            "n_llm_labels": int(has.sum()), "llm_label_acc": round(float((labels[has] == gold[has]).mean()), 3),
-           "seed": args.seed, "results": results}
+           "seeds": args.seeds, "results": results}
     Path(args.out).write_text(json.dumps(out, indent=1))
 
 
