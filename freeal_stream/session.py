@@ -153,7 +153,7 @@ def open_session(job: JobConfig, progress: Progress, address: str | None = None)
         scorers = ScorerPool(job.slm.encoder, job.slm.max_length, job.slm.threads, size=job.ray.scorers,
                              resources=job.ray.scorer_resources, max_restarts=job.ray.max_restarts)
         trainer = start_trainer(job.ray, job.slm.threads, cluster_has_gpu())
-        progress.say(f"running on {where}: {job.ray.annotators} annotators, {job.ray.scorers} scorers, 1 trainer, "
+        progress.say(f"running on {where}: {annotators.size} annotators, {job.ray.scorers} scorers, 1 trainer, "
                      f"1 store writer")
         yield Session(job, store, annotators, scorers, trainer, model, price, guard, where)
 
