@@ -359,6 +359,7 @@ class FreeALRun:
         if phases.get(round_) in (None, "annotating"):
             self.annotate(round_, plan, demos)
             self.store.set_phase(round_, fr.schedule, "annotated")
+            self._warn_if_one_class(round_)
         else:
             self.progress.say(f"round {round_}: its annotations are stored; resuming at training")
         result, files, labels = self.train(round_)
@@ -381,6 +382,16 @@ class FreeALRun:
             return query_emb[[self.pool.pos[d[0]] for d in demos]]
         return self._emb_cache.get([d[1] for d in demos], self._embed_by_scorers)
 
+    def _warn_if_one_class(self, round_: int, enough: int = 20) -> None:
+        """Say so when a round's LLM labels all name one class: the LLM cannot tell the classes apart (or the
+        demos mislead it), and training on one class teaches the SLM nothing."""
+        counts = self.store.round_label_counts(round_)
+        if len(counts) == 1 and sum(counts.values()) >= enough and self.n_classes > 1:
+            (label, n), = counts.items()
+            self.progress.say(f"warning: all {n} LLM labels of round {round_} are '{self.job.task.class_names[label]}'; "
+                              "the LLM may be unable to tell the classes apart. Check task.description, the class "
+                              "words and the demos (status and export show them) before spending more")
+
     def _targets(self, round_: int) -> np.ndarray:
         """Which pool positions go to the LLM this round."""
         fr = self.job.freeal
@@ -389,11 +400,14 @@ class FreeALRun:
         if fr.schedule == "full":
             if self.scored.round == 0:
                 return unannotated
-            # refinement: everything outside the SLM's clean sets (no-label and new rows included) again
+            # refinement: everything outside the SLM's clean sets (no-label and new rows included) again, but
+            # a text goes to the LLM at most twice (METHOD.md): later rounds only refine what is new
             _, clean = select_demo_pool(self.llm_label_array(), self.scored.losses, self.scored.embeddings,
                                         fr.clean_ratio, 1)
             keep = np.zeros(len(self.pool), bool)
             keep[clean] = True
+            twice = self.store.asked_twice()
+            keep[[p for p, x in enumerate(self.pool.ids) if x in twice]] = True
             return np.flatnonzero(~keep)
         n = budget_policy.round_size(len(unannotated), fr.query_fraction)
         trained = self.scored.round > 0

@@ -325,6 +325,16 @@ class Store:
     def annotated_ids(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT DISTINCT item_id FROM annotations").fetchall()}
 
+    def asked_twice(self) -> set[str]:
+        """Items the LLM has already annotated in two rounds: the method asks about a text at most twice."""
+        return {r[0] for r in self.con.execute(
+            "SELECT item_id FROM annotations GROUP BY item_id HAVING count(*) >= 2").fetchall()}
+
+    def round_label_counts(self, round_: int) -> dict[int, int]:
+        """How many of a round's LLM labels went to each class."""
+        return dict(self.con.execute("SELECT label, count(*) FROM annotations WHERE round = ? AND label IS NOT NULL "
+                                     "GROUP BY label", [round_]).fetchall())
+
     def llm_labels(self) -> dict[str, int | None]:
         """Each annotated item's latest LLM label (None = the LLM gave no usable label)."""
         rows = self.con.execute("""SELECT item_id, arg_max(label, round) FROM annotations
