@@ -330,11 +330,11 @@ class FreeALRun:
         if phases.get(round_) == "done":
             return True
         fr = self.job.freeal
+        started, before = time.time(), self.store.spent()   # round 1's cost includes generating its demos
         self.refresh_pool()
         if self.scored is None or self.scored.round != round_ - 1:
             self.scored = self._scored_after(round_ - 1)
         demos = self.scored.demos
-        started, before = time.time(), self.store.spent()
         plan = self.store.round_plan(round_) if phases.get(round_) else []
         if not phases.get(round_):
             query_emb = self.scored.embeddings

@@ -2,6 +2,8 @@
 all name one class is called out."""
 from __future__ import annotations
 
+import json
+
 import duckdb
 import pytest
 
@@ -26,8 +28,12 @@ def test_a_text_goes_to_the_llm_at_most_twice(tmp_path):
     text, con = run(tmp_path, respond, rounds=4)
     most = con.execute("SELECT max(n) FROM (SELECT count(*) AS n FROM annotations GROUP BY item_id)").fetchone()[0]
     refined = con.execute("SELECT count(DISTINCT item_id) FROM annotations WHERE round = 2").fetchone()[0]
+    by_round = [json.loads(m)["requests_round"] for (m,) in
+                con.execute("SELECT metrics FROM rounds WHERE metrics IS NOT NULL ORDER BY round").fetchall()]
+    paid = con.execute("SELECT count(*) FROM llm_answers").fetchone()[0]
     con.close()
     assert most == 2 and refined > 0
+    assert sum(by_round) == paid   # the rounds' books add up: round 1 includes generating its demos
     assert "warning: all" not in text
 
 
