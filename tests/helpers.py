@@ -5,7 +5,9 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
@@ -45,3 +47,14 @@ def cli_process(*args: str, log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "freeal_stream.cli", *args], stdout=out,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, log: Path) -> Any:
+    """Poll `cond` until it returns something truthy (returned); on timeout fail with the end of `log`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; service log:\n{log.read_text()[-3000:]}")

@@ -16,20 +16,10 @@ import duckdb
 from freeal_stream.service.client import ServiceClient, find_service
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.faults import Flaky
-from tests.helpers import cli_process, make_job
+from tests.helpers import cli_process, make_job, wait_for
 from tests.keyword_llm import EXAMPLES
 
 INITIAL_PER_CLASS = 10
-
-
-def _wait(cond, timeout_s: float, what: str, log: Path) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; service log:\n{log.read_text()[-3000:]}")
 
 
 def _new_item(n: int, rng: random.Random) -> dict[str, str]:
@@ -52,7 +42,7 @@ def run_soak(tmp: Path, seconds: float, seed: int = 7, fault_rate: float = 0.3) 
         state, inbox = tmp / "state", tmp / "state" / "inbox"
         proc = cli_process("serve", str(job), log=log)
         try:
-            api = ServiceClient(_wait(lambda: find_service(state), 240, "the service", log))
+            api = ServiceClient(wait_for(lambda: find_service(state), 240, "the service", log))
             started = time.monotonic()
             n = 0
             while time.monotonic() - started < seconds:
@@ -81,7 +71,7 @@ def run_soak(tmp: Path, seconds: float, seed: int = 7, fault_rate: float = 0.3) 
                     since = page["next"]
                 got = {x["id"] for x in items if x["label"]}
                 return set(sent) <= got and items
-            _wait(all_labelled, 600, "every ingested item to be labelled", log)
+            wait_for(all_labelled, 600, "every ingested item to be labelled", log)
         finally:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=180)

@@ -8,27 +8,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from freeal_stream.service.client import ServiceClient, find_service
 from tests.fake_openai_server import FakeOpenAIServer
-from tests.helpers import ROOT, cli_process, make_job
+from tests.helpers import ROOT, cli_process, make_job, wait_for
 from tests.keyword_llm import respond
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(cond, timeout_s: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; service log:\n{log.read_text()[-3000:]}")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
