@@ -6,7 +6,6 @@ Kept apart from `session` and `serve` so that reading data needs neither Ray nor
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,8 +70,7 @@ def batch_from_items(items: list[dict[str, Any]], data: DataConfig | None = None
                      class_names: Sequence[str] | None = None) -> Batch:
     """API items as a batch, checked as file rows are; an item without an id is named by its text's hash
     (the same text, the same id). Problems are located by the item's id, which the client knows."""
-    records = [RawRecord(f"id '{_item_id(it)}'", k, it, json.dumps(it, ensure_ascii=False, default=str))
-               for k, it in enumerate(items)]
+    records = [RawRecord(f"id '{_item_id(it)}'", k, it) for k, it in enumerate(items)]   # raw: built if a problem
     limit = data.max_text_chars if data else DataConfig.max_text_chars
     return build_batch(records, _API_COLUMNS, max_text_chars=limit, class_names=class_names,
                        default_id=lambda _n, h: hash_id(h), ids_optional=True)
