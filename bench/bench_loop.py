@@ -187,7 +187,8 @@ def run_schedule(dataset: str, schedule: str, seed: int, data_path: Path, train:
     from freeal_stream.config import load_job
     from freeal_stream.loop import FreeALRun, format_round
     from freeal_stream.progress import Progress
-    from freeal_stream.session import ingest, open_session
+    from freeal_stream.intake import ingest
+    from freeal_stream.session import open_session
 
     state = args.work / f"state_{dataset}_{schedule}_s{seed}_n{len(train)}"
     if args.fresh and state.exists():

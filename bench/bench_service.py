@@ -58,10 +58,9 @@ from freeal_stream.config import DataConfig, LLMConfig  # noqa: E402
 from freeal_stream.llm.client import ChatAnswer, ChatRequest, LLMClient  # noqa: E402
 from freeal_stream.llm.prompts import TEMPLATE_VERSION, annotation_messages  # noqa: E402
 from freeal_stream.llm.verbalizer import Verbalizer  # noqa: E402
-from freeal_stream.serve import batch_from_items  # noqa: E402
+from freeal_stream.intake import add_batch, batch_from_items  # noqa: E402
 from freeal_stream.service.client import ServiceClient  # noqa: E402
 from freeal_stream.service.http_api import ApiHandlers, ApiServer  # noqa: E402
-from freeal_stream.session import add_batch  # noqa: E402
 from freeal_stream.sources import content_hash, read_items  # noqa: E402
 from freeal_stream.store import Store  # noqa: E402
 

@@ -23,8 +23,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     _prepare_process(job)
     progress = Progress()
+    from freeal_stream.intake import ingest
     from freeal_stream.loop import FreeALRun, format_round
-    from freeal_stream.session import ingest, open_session
+    from freeal_stream.session import open_session
 
     with open_session(job, progress, args.address) as session:
         ingest(job, session.store, progress)
@@ -48,7 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_can_serve(job)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("freeal_stream.service").setLevel(logging.INFO)   # what the inbox did with each file
-    from freeal_stream.session import ingest, open_session
+    from freeal_stream.intake import ingest
+    from freeal_stream.session import open_session
 
     with open_session(job, progress, args.address) as session:
         ingest(job, session.store, progress)

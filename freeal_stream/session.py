@@ -23,7 +23,6 @@ from freeal_stream.actors.store_actor import StoreProxy, start_store
 from freeal_stream.actors.trainer import start_trainer
 from freeal_stream.config import JobConfig, job_to_dict
 from freeal_stream.progress import Progress
-from freeal_stream.intake import add_batch, ingest  # noqa: F401  (re-exported: run and serve ingest through them)
 from freeal_stream.store import StateError, Store
 
 # Fields that may change between runs on the same state: they steer how far the job goes or where it

@@ -11,7 +11,8 @@ import ray
 from freeal_stream.config import load_job
 from freeal_stream.loop import FreeALRun
 from freeal_stream.progress import Progress
-from freeal_stream.session import ingest, open_session
+from freeal_stream.intake import ingest
+from freeal_stream.session import open_session
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.helpers import make_job
 from tests.keyword_llm import respond
