@@ -147,6 +147,8 @@ def zero_shot_pass(run: Any, texts: list[str], gold: np.ndarray, say: Any) -> di
 
 def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: list[str], test_gold: np.ndarray,
                  wall: float, before: dict[str, int]) -> dict[str, Any]:
+    from freeal_stream.store import LABEL_RULES
+
     store, names = run.store, run.job.task.class_names
     m = next(r["metrics"] for r in store.rounds() if r["round"] == round_)
     ids = run.pool.ids
@@ -158,7 +160,8 @@ def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: 
     t0 = time.time()
     probs, _ = run.s.scorers.score(f"round-{round_}", run.scored.files, test_texts)
     test_s = time.time() - t0
-    n, right = store.gold_agreement(names)
+    rule = run.job.freeal.label_of_record
+    by_rule = {r: store.gold_agreement(names, r) for r in LABEL_RULES}
     demos = store.demo_pool(round_)
     demo_right = [gold_by_id[d[0]] == d[2] for d in demos if d[0] in gold_by_id]
     rec = {
@@ -170,8 +173,10 @@ def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: 
         "slm_pool_acc": m.get("slm_acc"),
         "slm_test_acc": acc(probs.argmax(1), test_gold), "test_n": int(len(test_gold)),
         "test_scoring_s": round(test_s, 1),
-        "labels_of_record_acc": round(right / n, 4) if n else None,
-        "labels_by_source": store.label_counts_by_source(),
+        "labels_of_record_acc": round(by_rule[rule][1] / by_rule[rule][0], 4) if by_rule[rule][0] else None,
+        "labels_of_record_acc_by_rule": {r: round(right / n, 4) if n else None for r, (n, right) in by_rule.items()},
+        "labels_by_source": store.label_counts_by_source(rule),
+        "llm_labels_disputed": store.disputed_count(),
         "clean_precision": m.get("clean_precision"),
         "demo_pool": len(demos), "demo_pool_acc": round(float(np.mean(demo_right)), 4) if demo_right else None,
         "usage_in_call": usage_delta(store.spent(), before),   # demo generation included in round 1

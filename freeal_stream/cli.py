@@ -114,7 +114,7 @@ def _print_summary(store: Any, job: JobConfig, progress: Progress) -> None:
     st = job_status(store, job)
     for line in format_status(st)[1:5]:
         progress.say(line)
-    n, right = store.gold_agreement(job.task.class_names)
+    n, right = store.gold_agreement(job.task.class_names, job.freeal.label_of_record)
     if n:
         progress.say(f"final labels vs gold (reporting only): {right / n:.3f} on {n} items")
 
@@ -201,7 +201,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        n = store.export(str(tmp), fmt, _stored_class_names(store))
+        n = store.export(str(tmp), fmt, _stored_class_names(store), job.freeal.label_of_record)
         tmp.replace(out)
     finally:
         store.close()

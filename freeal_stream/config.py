@@ -160,6 +160,11 @@ class FreeALConfig:
     query_fraction: float = 0.1         # P
     prototypes: int = 20                # Q, texts shown when generating demos
     generated_per_class: int = 10
+    # Whose label stands where the SLM puts an LLM label in its noisy split (the export marks those
+    # `disputed` either way). 'llm' (default): a strong LLM beats a small SLM there: with GPT-3.5's MR
+    # labels the SLM was right on 12% of them. 'slm': when the SLM is the stronger model, as with the
+    # bundled 0.5B LLM on the demo, where it was right on 97% (BENCHMARKS.md section 8b).
+    label_of_record: Literal["llm", "slm"] = "llm"
 
     def validate(self) -> None:
         _check(self.demos_per_prompt >= 0, "demos_per_prompt must be >= 0")
@@ -173,6 +178,7 @@ class FreeALConfig:
         _check(0.0 < self.query_fraction <= 1.0, "query_fraction must be in (0, 1]")
         _check(self.prototypes >= 1 and self.generated_per_class >= 1,
                "prototypes and generated_per_class must be >= 1")
+        _check(self.label_of_record in ("llm", "slm"), "label_of_record must be 'llm' or 'slm'")
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ class Service:
         return {**job_status(self.store, self.job), "service": {"waiting_for_a_round": self.store.unscored_count()}}
 
     def labels(self, since: int, limit: int) -> dict[str, Any]:
-        return self.store.labels_since(since, limit, self.class_names)
+        return self.store.labels_since(since, limit, self.class_names, self.job.freeal.label_of_record)
 
     # ---- rounds -----------------------------------------------------------------------------------
     def _due(self, waiting: int, first_seen: float | None) -> bool:

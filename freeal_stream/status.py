@@ -69,7 +69,9 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
         "items": n_items,
         "annotated_by_llm": annotated,
         "never_annotated": n_items - annotated,
-        "labels_by_source": store.label_counts_by_source(),
+        "labels_by_source": store.label_counts_by_source(job.freeal.label_of_record),
+        "label_of_record": job.freeal.label_of_record,
+        "llm_labels_disputed": store.disputed_count(),
         "rounds": [{"round": r["round"], "phase": r["phase"], **({"metrics": r["metrics"]} if r["metrics"] else {})}
                    for r in rounds],
         "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"], "priced": priced},
@@ -93,7 +95,10 @@ def format_status(st: dict[str, Any]) -> list[str]:
     s, left, est = st["spent"], st["left"], st["estimate_to_finish"]
     lines = [f"job {st['job']}: {st['items']} items; annotated by the LLM {st['annotated_by_llm']}; never "
              f"annotated {st['never_annotated']}",
-             f"labels by source: {st['labels_by_source']}",
+             f"labels by source: {st['labels_by_source']}; LLM labels the SLM disputes: {st['llm_labels_disputed']} "
+             f"(label_of_record '{st['label_of_record']}': "
+             + ("the LLM's label stands" if st["label_of_record"] == "llm" else "the SLM's prediction replaces it")
+             + "; `export` marks them)",
              f"spent: {s['requests']} requests, {s['tokens']} tokens ({s['cached_tokens']} prompt tokens from the "
              f"server's prefix cache), " + (f"cost {money(s['cost'])}" if s["priced"] else
                                              "cost not known (no budget.prices for the model)")]

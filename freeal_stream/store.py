@@ -55,9 +55,12 @@ CREATE TABLE IF NOT EXISTS quarantine (
     raw VARCHAR NOT NULL, created_at DOUBLE NOT NULL);
 """
 
-# The label of record per item. An LLM label stands unless a later (or same-round) SLM put it in the
-# noisy split: the method discards those labels, so the SLM's prediction replaces them. Texts the LLM never
-# labelled get the SLM's prediction.
+# The label of record per item, by the job's `freeal.label_of_record` rule. 'llm': an LLM label stands.
+# 'slm': an LLM label that a later (or same-round) SLM put in its noisy split is replaced by the SLM's
+# prediction. Either way texts the LLM never labelled get the SLM's prediction, and `disputed` marks the
+# LLM labels that the SLM put in its noisy split, so a user can review them.
+LABEL_RULES = ("llm", "slm")
+
 _LABELS_SQL = """
 WITH llm AS (
     SELECT item_id, arg_max(label, round) AS label, max(round) AS round,
@@ -69,17 +72,25 @@ slm AS (
     FROM slm_scores GROUP BY item_id),
 pick AS (
     SELECT i.seq, i.id, i.text, i.gold, llm.label AS llm_label, slm.label AS slm_label,
-           llm.label IS NOT NULL AND NOT coalesce(slm.round >= llm.round AND NOT slm.clean, false) AS use_llm,
+           coalesce(slm.round >= llm.round AND NOT slm.clean, false) AS disputed,
            llm.round AS llm_round, slm.round AS slm_round, llm.confidence AS llm_conf, slm.confidence AS slm_conf
-    FROM items i LEFT JOIN llm ON llm.item_id = i.id LEFT JOIN slm ON slm.item_id = i.id)
+    FROM items i LEFT JOIN llm ON llm.item_id = i.id LEFT JOIN slm ON slm.item_id = i.id),
+ruled AS (SELECT *, llm_label IS NOT NULL AND NOT (disputed AND {replace_disputed}) AS use_llm FROM pick)
 SELECT seq, id, text, gold,
        CASE WHEN use_llm THEN llm_label ELSE slm_label END AS label,
        CASE WHEN use_llm THEN 'llm round ' || llm_round
             WHEN slm_label IS NOT NULL THEN 'slm round ' || slm_round END AS source,
        CASE WHEN use_llm THEN llm_conf ELSE slm_conf END AS confidence,
-       llm_label, slm_label
-FROM pick
+       llm_label, slm_label, disputed
+FROM ruled
 """
+
+
+def _labels_sql(rule: str) -> str:
+    """The label-of-record query under `rule` (one of LABEL_RULES)."""
+    if rule not in LABEL_RULES:
+        raise ValueError(f"label_of_record must be one of {LABEL_RULES}, not {rule!r}")
+    return _LABELS_SQL.format(replace_disputed="true" if rule == "slm" else "false")
 
 
 _UNSCORED_SQL = """SELECT seq, id FROM items WHERE id NOT IN (
@@ -389,41 +400,45 @@ class Store:
                  "model_path": r[5], "metrics": json.loads(r[6]) if r[6] else {}} for r in rows]
 
     # ---- outputs ----------------------------------------------------------------------------------
-    def labels_rows(self) -> list[tuple]:
-        """(seq, id, text, gold, label, source, confidence, llm_label, slm_label) per item."""
-        return self.con.execute(_LABELS_SQL).fetchall()
+    def labels_rows(self, rule: str) -> list[tuple]:
+        """(seq, id, text, gold, label, source, confidence, llm_label, slm_label, disputed) per item."""
+        return self.con.execute(_labels_sql(rule)).fetchall()
 
-    def labels_since(self, since: int, limit: int, class_names: Sequence[str]) -> dict[str, Any]:
+    def labels_since(self, since: int, limit: int, class_names: Sequence[str], rule: str) -> dict[str, Any]:
         """Items with seq >= since, in ingestion order, with their label of record (null: not labelled yet)."""
-        rows = self.con.execute(f"""SELECT seq, id, label, source, confidence FROM ({_LABELS_SQL})
+        rows = self.con.execute(f"""SELECT seq, id, label, source, confidence FROM ({_labels_sql(rule)})
                                     WHERE seq >= ? ORDER BY seq LIMIT ?""", [since, limit]).fetchall()
         items = [{"seq": q, "id": i, "label": None if lab is None else class_names[lab], "source": src,
                   "confidence": conf} for q, i, lab, src, conf in rows]
         return {"items": items, "next": (rows[-1][0] + 1) if rows else since}
 
-    def gold_agreement(self, class_names: Sequence[str]) -> tuple[int, int]:
+    def gold_agreement(self, class_names: Sequence[str], rule: str) -> tuple[int, int]:
         """(items with a gold label, of which the label of record agrees): for reporting only."""
-        rows = self.con.execute(f"SELECT gold, label FROM ({_LABELS_SQL}) WHERE gold IS NOT NULL").fetchall()
+        rows = self.con.execute(f"SELECT gold, label FROM ({_labels_sql(rule)}) WHERE gold IS NOT NULL").fetchall()
         return len(rows), sum(1 for g, lab in rows if lab is not None and class_names[lab] == g)
 
-    def export(self, path: str, fmt: str, class_names: Sequence[str]) -> int:
+    def export(self, path: str, fmt: str, class_names: Sequence[str], rule: str) -> int:
         """Write every item's label of record (with both models' own labels) to `path`; returns the rows."""
-        self.create_label_views(class_names)
+        self.create_label_views(class_names, rule)
         self._exec(f"""COPY (SELECT l.id, l.text, c.name AS label, l.source, l.confidence,
-                                    cl.name AS llm_label, cs.name AS slm_label
+                                    cl.name AS llm_label, cs.name AS slm_label, l.disputed
                              FROM labels_out l LEFT JOIN class_names c ON c.idx = l.label
                              LEFT JOIN class_names cl ON cl.idx = l.llm_label
                              LEFT JOIN class_names cs ON cs.idx = l.slm_label
                              ORDER BY l.seq) TO '{path.replace("'", "''")}' (FORMAT {fmt})""")
         return self.count_items()
 
-    def create_label_views(self, class_names: Sequence[str]) -> None:
+    def create_label_views(self, class_names: Sequence[str], rule: str) -> None:
         """Temp views `labels_out` (the label of record per item) and `class_names` (index -> name)."""
         self._exec("CREATE OR REPLACE TEMP TABLE class_names (idx INTEGER, name VARCHAR)")
         self.con.executemany("INSERT INTO class_names VALUES (?, ?)", list(enumerate(class_names)))
-        self._exec(f"CREATE OR REPLACE TEMP VIEW labels_out AS {_LABELS_SQL}")
+        self._exec(f"CREATE OR REPLACE TEMP VIEW labels_out AS {_labels_sql(rule)}")
 
-    def label_counts_by_source(self) -> dict[str, int]:
+    def label_counts_by_source(self, rule: str) -> dict[str, int]:
         rows = self.con.execute(f"""SELECT coalesce(split_part(source, ' ', 1), 'none'), count(*)
-                                    FROM ({_LABELS_SQL}) GROUP BY 1""").fetchall()
+                                    FROM ({_labels_sql(rule)}) GROUP BY 1""").fetchall()
         return dict(rows)
+
+    def disputed_count(self) -> int:
+        """LLM labels that the SLM put in its noisy split (the same under either rule)."""
+        return _first(self.con.execute(f"SELECT count(*) FROM ({_labels_sql('llm')}) WHERE disputed"))[0]

@@ -232,7 +232,7 @@ def test_a_gold_label_outside_the_classes_is_flagged_and_dropped(tmp_path, store
     [row] = store.problems(10)
     assert (row["action"], row["reason"], row["location"]) == ("flagged", "unknown gold label", "line 4")
     assert "gold label 'negativ' (field 'gold') is not one of ['pos', 'neg']" in row["detail"]
-    assert store.gold_agreement(["pos", "neg"])[0] == 2
+    assert store.gold_agreement(["pos", "neg"], "llm")[0] == 2
 
 
 def test_no_gold_value_in_the_class_list_refuses_the_file_as_a_config_error(tmp_path, store):

@@ -47,6 +47,8 @@ def test_wrong_type_and_range():
 def test_bad_literal_lists_choices():
     e = err(with_(slm={"mode": "fast"}))
     assert e.field_path == "slm.mode" and "'finetune'" in e.fix
+    e = err(with_(freeal={"label_of_record": "majority"}))
+    assert e.field_path == "freeal.label_of_record" and "'slm'" in e.fix
 
 
 def test_shared_verbalizer_word_rejected():

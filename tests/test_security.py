@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
 
 from freeal_stream.config import ConfigError, parse_job
 from tests.fake_openai_server import FakeOpenAIServer, ok
@@ -118,8 +119,16 @@ def test_prompt_injection_can_at_worst_mislabel_its_own_row_and_the_slm_flags_it
     con.close()
     assert llm["inj-banana"] is None                                  # not a class word: no LLM label
     assert all(llm[i] == 3 for i in injected if i != "inj-banana")    # the worst case really happened
-    # the SLM learnt billing from the other rows: it puts the injected labels in its noisy split, so the
-    # label of record is its own prediction, not the injected one
+    # the SLM learnt billing from the other rows: it puts the injected labels in its noisy split, and the
+    # export marks them disputed with the SLM's own label beside them
     flagged = [i for i in injected if i != "inj-banana" and not clean[i]]
     assert len(flagged) >= 4, clean
+    assert all(labels[i]["disputed"] == "true" and labels[i]["slm_label"] == "billing" for i in flagged), labels
+    # under label_of_record 'slm' (a config change that needs no rerun) the SLM's prediction replaces them
+    spec = yaml.safe_load(job.read_text())
+    spec["freeal"]["label_of_record"] = "slm"
+    job.write_text(yaml.safe_dump(spec))
+    assert cli_process("export", str(job), str(out), log=tmp_path / "run.log").wait(timeout=120) == 0
+    with open(out, encoding="utf-8") as f:
+        labels = {r["id"]: r for r in csv.DictReader(f)}
     assert sum(labels[i]["label"] == "billing" for i in injected) >= 5, {i: labels[i]["label"] for i in injected}

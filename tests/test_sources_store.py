@@ -67,7 +67,7 @@ def test_store_items_idempotent_and_answer_cache(tmp_path):
     s.close()
 
 
-def test_label_of_record_llm_unless_slm_flags_it_noisy(tmp_path):
+def test_label_of_record_under_each_rule(tmp_path):
     s = Store(tmp_path / "s.duckdb")
     s.add_items(["a", "b", "c", "d", "e"], list("vwxyz"), [None] * 5, [None] * 5, list("12345"))
     s.add_annotations(1, [("a", "k1", 0, 0.9, []), ("b", "k2", None, None, []), ("d", "k4", 0, 0.7, [])])
@@ -76,14 +76,22 @@ def test_label_of_record_llm_unless_slm_flags_it_noisy(tmp_path):
     s.add_scores(2, ["a", "b", "c", "d"], probs, np.array([0.1, np.nan, np.nan, 2.0]),
                  np.array([True, False, False, False]))
     s.add_annotations(3, [("e", "k5", 1, 0.6, [])])  # labelled after the last SLM: nothing judged it yet
-    rows = {r[1]: r for r in s.labels_rows()}
-    assert rows["a"][4:7] == (1, "llm round 2", 0.8)  # the SLM kept it in the clean split
-    assert rows["b"][4:6] == (0, "slm round 2")  # the LLM gave no label: the SLM's prediction stands
-    assert rows["c"][4:6] == (1, "slm round 2")  # never annotated
-    assert rows["d"][4:7] == (1, "slm round 2", 0.9) and rows["d"][7:9] == (0, 1)  # noisy: SLM replaces it
-    assert rows["e"][4:6] == (1, "llm round 3")
-    assert s.label_counts_by_source() == {"llm": 2, "slm": 3}
+    for rule in ("llm", "slm"):
+        rows = {r[1]: r for r in s.labels_rows(rule)}
+        assert rows["a"][4:7] == (1, "llm round 2", 0.8) and not rows["a"][9]  # the SLM kept it clean
+        assert rows["b"][4:6] == (0, "slm round 2")  # the LLM gave no label: the SLM's prediction stands
+        assert rows["c"][4:6] == (1, "slm round 2")  # never annotated
+        assert rows["d"][7:10] == (0, 1, True)  # in the SLM's noisy split: disputed under either rule
+        assert rows["e"][4:6] == (1, "llm round 3") and not rows["e"][9]
+    # 'llm': the disputed LLM label stands; 'slm': the SLM's prediction replaces it
+    assert {r[1]: r for r in s.labels_rows("llm")}["d"][4:7] == (0, "llm round 1", 0.7)
+    assert {r[1]: r for r in s.labels_rows("slm")}["d"][4:7] == (1, "slm round 2", 0.9)
+    assert s.label_counts_by_source("llm") == {"llm": 3, "slm": 2}
+    assert s.label_counts_by_source("slm") == {"llm": 2, "slm": 3}
+    assert s.disputed_count() == 1
     assert s.llm_labels() == {"a": 1, "b": None, "d": 0, "e": 1}
+    with pytest.raises(ValueError, match="label_of_record"):
+        s.labels_rows("majority")
     s.close()
 
 
@@ -102,7 +110,8 @@ def test_second_writer_is_refused(tmp_path):
 def test_resume_compatibility():
     base = {"name": "t", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": "a", "b": "b"}}}
     a = job_to_dict(parse_job(base))
-    b = job_to_dict(parse_job({**base, "budget": {"max_requests": 5}, "freeal": {"rounds": 7}}))
+    b = job_to_dict(parse_job({**base, "budget": {"max_requests": 5},
+                               "freeal": {"rounds": 7, "label_of_record": "slm"}}))  # changes no stored round
     c = job_to_dict(parse_job({**base, "freeal": {"tau": 0.5}, "llm": {"model": "other"}}))
     assert check_resumable(a, b) == []
     assert check_resumable(a, c) == ["freeal.tau", "llm.model"]

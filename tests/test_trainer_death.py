@@ -42,6 +42,6 @@ def test_killed_trainer_is_replaced(tmp_path):
             rounds = FreeALRun(session, progress).run()
             killer.join(timeout=5)
             assert session.trainer is not first and session.trainer_restarts == 1
-            labelled = sum(1 for r in session.store.labels_rows() if r[4] is not None)
+            labelled = sum(1 for r in session.store.labels_rows("llm") if r[4] is not None)
     assert "the trainer actor died; starting a new one" in out.getvalue()
     assert [m["round"] for m in rounds] == [1] and labelled == 24

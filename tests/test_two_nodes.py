@@ -43,7 +43,7 @@ def test_a_job_runs_across_two_nodes_with_pinned_workers(tmp_path, two_nodes):
             assert ray.get(session.store.handle.node_id.remote()) == head != worker.node_id  # next to the state
             ingest(job, session.store, Progress())
             rounds = FreeALRun(session, Progress()).run()
-            labelled = [r for r in session.store.labels_rows() if r[4] is not None]
+            labelled = [r for r in session.store.labels_rows("llm") if r[4] is not None]
             n_items = session.store.count_items()
     assert [m["round"] for m in rounds] == [1, 2]
     assert len(labelled) == n_items == 24
