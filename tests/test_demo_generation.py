@@ -49,14 +49,14 @@ def client(server, cache=None) -> LLMClient:
 
 def test_generates_per_class_deduped_and_without_prototypes():
     with FakeOpenAIServer(writer) as server:
-        demos = generate_demos(client(server), CFG, "Sentiment of reviews.", VERB, TEXTS, 5, 10, seed=1)
+        demos = generate_demos(client(server), CFG, "Sentiment of reviews.", VERB, TEXTS, 5, 5, seed=1)
     assert demos == [(f"A positive example sentence number {i}.", 0, "generated") for i in range(1, 4)] + \
                     [(f"A negative example sentence number {i}.", 1, "generated") for i in range(1, 4)]
     checks = [b for b in server.requests if is_check(b)]
     # 3 per class, plus the off-topic line once (the second class's copy is a duplicate)
     assert len(checks) == 7 and all("logprobs" not in b for b in checks)
     body = server.requests[0]
-    assert len(shown_prototypes(body)) == 5 and body["temperature"] >= 0.7 and body["max_tokens"] >= 10 * 60
+    assert len(shown_prototypes(body)) == 5 and body["temperature"] >= 0.7 and body["max_tokens"] >= 5 * 60
     assert "logprobs" not in body
     seeds = [b["seed"] for b in server.requests if not is_check(b)]
     assert len(set(seeds)) == len(seeds)  # one fixed sampling seed per class and try
@@ -93,7 +93,7 @@ def test_empty_class_is_retried_then_filled_with_zero_shot_labelled_texts(caplog
     assert all("negative remark" in t for t, c, _ in demos if c == 1) and len([d for d in demos if d[1] == 1]) <= 3
     negative_draws = [protos for label, protos in calls if label == "negative"]
     assert len(negative_draws) == 3 and len(set(negative_draws)) == 3
-    assert "negative" in caplog.text and "no usable example" in caplog.text and "zero-shot" in caplog.text
+    assert "negative" in caplog.text and "too few usable examples" in caplog.text and "zero-shot" in caplog.text
 
 
 def test_class_the_llm_never_picks_is_left_out_with_a_warning(caplog):
@@ -116,3 +116,44 @@ def test_candidates_the_llm_labels_otherwise_are_dropped():
     with FakeOpenAIServer(contrary) as server:
         demos = generate_demos(client(server), CFG, "t", VERB, TEXTS, 5, 3, seed=2)
     assert demos and {c for _, c, _ in demos} == {0}
+
+
+def copier(body):
+    """A small model's failure: the prototypes it was shown, lightly edited or with the label appended."""
+    if is_check(body):
+        return judge(body)
+    label, protos = wanted(body), shown_prototypes(body)
+    lines = [f'{protos[0]}" - {label.capitalize()}', f"{protos[1].replace('film', 'movie')}",
+             f"{label.capitalize()}: {protos[2]}", f"A truly new {label} sentence, number one."]
+    return ok("\n".join(f"{i}. {t}" for i, t in enumerate(lines, 1)))
+
+
+def test_copies_of_prototypes_and_label_tags_never_become_demos():
+    with FakeOpenAIServer(copier) as server:
+        demos = generate_demos(client(server), CFG, "t", VERB, TEXTS, 5, 2, seed=3)
+    # the tag would have passed the zero-shot check (the judge reads label words); near-copies are dropped
+    assert sorted(t for t, _, _ in demos) == ["A truly new negative sentence, number one.",
+                                              "A truly new positive sentence, number one."]
+    checks = [b["messages"][-1]["content"] for b in server.requests if is_check(b)]
+    assert not any("unlabelled review" in c for c in checks)
+
+
+def test_a_class_with_too_few_examples_is_asked_again_then_topped_up(caplog):
+    def lopsided(body):
+        if is_check(body):
+            return judge(body)
+        if wanted(body) == "positive":
+            return writer(body)
+        return ok("1. The one negative example this model ever writes.")   # the same on every try
+
+    texts = TEXTS + [f"a negative remark number {i}" for i in range(30)]
+    with FakeOpenAIServer(lopsided) as server, caplog.at_level(logging.WARNING):
+        demos = generate_demos(client(server), CFG, "t", VERB, texts, 4, 4, seed=0)
+    by_class = {c: [(t, src) for t, cc, src in demos if cc == c] for c in (0, 1)}
+    assert len(by_class[0]) == 3 and all(src == "generated" for _, src in by_class[0])   # 3 of 4: enough
+    # 1 of 4 is under half: asked twice more, then topped up to 4 with texts labelled zero-shot
+    assert [src for _, src in by_class[1]] == ["generated"] + ["zero-shot"] * 3
+    assert all("negative remark" in t for t, src in by_class[1] if src == "zero-shot")
+    generations = [wanted(b) for b in server.requests if not is_check(b)]
+    assert generations.count("positive") == 1 and generations.count("negative") == 3
+    assert "too few usable examples for negative" in caplog.text

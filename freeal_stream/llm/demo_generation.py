@@ -1,13 +1,17 @@
 """Round 1's demonstration pool: the LLM writes labelled examples that imitate the unlabelled data.
 
 Zero-shot annotation is too noisy to start FreeAL from; self-generated demos fix that without a single
-human label. A small LLM often writes off-class texts or copies the prototypes, so each candidate is
-checked: copies are dropped, and the same LLM must label the candidate zero-shot as the class it was
-written for. Requests go through LLMClient like any other, so reruns are answered from the cache.
+human label. A small LLM often writes off-class texts or copies the prototypes (adding the label to
+them), so each candidate is checked: label tags are cut off, copies and near-copies of what it was shown
+are dropped, and the same LLM must label the candidate zero-shot as the class it was written for. A
+class left with fewer than half the examples asked for is asked again, then topped up, so one class
+cannot fill the pool. Requests go through LLMClient like any other, so reruns are answered from the cache.
 """
 from __future__ import annotations
 
+import difflib
 import logging
+import math
 import random
 from typing import Callable, Sequence
 
@@ -24,12 +28,23 @@ MAX_TRIES = 3
 MIN_TEMPERATURE = 0.7   # writing varied examples needs sampling even when annotation runs at 0
 TOKENS_PER_ITEM = 80    # room for one item of up to ~60 words plus its numbering
 FALLBACK_DRAW_PER_DEMO = 4  # texts labelled zero-shot per fallback demo wanted: a rare class needs a wide draw
+COPY_SIMILARITY = 0.8   # difflib ratio to a shown prototype at which a candidate counts as a copy of it
 
 
 def _draw(texts: Sequence[str], k: int, seed: int, class_idx: int, attempt: int) -> list[str]:
     """A reproducible draw of prototypes, different per class and per try."""
     rng = random.Random(f"{seed}:{class_idx}:{attempt}")
     return [texts[i] for i in rng.sample(range(len(texts)), min(k, len(texts)))]
+
+
+def _is_near_copy(key: str, shown: Sequence[str]) -> bool:
+    """True when `key` (a dedupe_key) is at least COPY_SIMILARITY alike to one of the `shown` keys."""
+    for proto in shown:
+        m = difflib.SequenceMatcher(None, key, proto, autojunk=False)
+        if m.real_quick_ratio() >= COPY_SIMILARITY and m.quick_ratio() >= COPY_SIMILARITY \
+                and m.ratio() >= COPY_SIMILARITY:
+            return True
+    return False
 
 
 def _sampling_seed(seed: int, class_idx: int, attempt: int) -> int:
@@ -50,15 +65,18 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
                    seed: int, progress: ProgressFn = None) -> list[tuple[str, int, str]]:
     """Up to `per_class` (text, class_idx, source) demos per class; source 'generated' or 'zero-shot'.
 
-    A class that yields no validated example is asked again with another prototype draw (up to
-    MAX_TRIES in all). If it still has none, its demos are unlabelled texts that the LLM labels
-    zero-shot as that class (source 'zero-shot'): weaker, but every class stays in the prompt, and
-    still no human label is used. A class the LLM never picks is left out with a warning.
+    A class that yields fewer than half of `per_class` validated examples is asked again with another
+    prototype draw (up to MAX_TRIES in all). If it is still short, it is topped up with unlabelled texts
+    that the LLM labels zero-shot as that class (source 'zero-shot'): weaker, but every class keeps a fair
+    share of the prompt, and still no human label is used. A class the LLM never picks is left out with a
+    warning.
     """
     if not unlabelled_texts:
         raise ValueError("demo generation needs unlabelled texts to imitate")
     kept: dict[int, list[str]] = {c: [] for c in range(len(verbalizer))}
+    enough = math.ceil(per_class / 2)
     seen: set[str] = set()
+    shown: list[str] = []
     pending = list(kept)
     for attempt in range(MAX_TRIES):
         draws = {c: _draw(unlabelled_texts, prototypes, seed, c, attempt) for c in pending}
@@ -69,42 +87,46 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
                               seed=_sampling_seed(seed, c, attempt))
             for c in pending]
         answers = client.complete_many(requests, progress)
-        seen.update(dedupe_key(t) for draw in draws.values() for t in draw)
+        shown += [dedupe_key(t) for draw in draws.values() for t in draw]
+        seen.update(shown)
         candidates: list[tuple[str, int]] = []
         for c, answer in zip(pending, answers):
-            for item in parse_generated(answer.content or "", per_class, verbalizer=verbalizer):
-                if dedupe_key(item) not in seen:
-                    seen.add(dedupe_key(item))
-                    candidates.append((item, c))
+            fresh = []   # parsed past per_class: copies are dropped before the cap, not after
+            for item in parse_generated(answer.content or "", 2 * per_class, verbalizer=verbalizer):
+                key = dedupe_key(item)
+                if key not in seen and not _is_near_copy(key, shown):
+                    seen.add(key)
+                    fresh.append((item, c))
+            candidates += fresh[:per_class - len(kept[c])]
         verdicts = _zero_shot(client, cfg, task_description, verbalizer, [t for t, _ in candidates], progress)
         for (item, c), verdict in zip(candidates, verdicts):
-            if verdict == c:  # the LLM must agree that the example belongs to the class it was written for
+            if verdict == c and len(kept[c]) < per_class:  # the LLM must agree on the class it was written for
                 kept[c].append(item)
-        pending = [c for c in pending if not kept[c]]
+        pending = [c for c in pending if len(kept[c]) < enough]
         if not pending:
             break
     demos = [(text, c, "generated") for c, texts in kept.items() for text in texts]
     if pending:
         n_draw = max(prototypes, FALLBACK_DRAW_PER_DEMO * per_class) * len(pending)
-        demos += _zero_shot_demos(client, cfg, task_description, verbalizer, unlabelled_texts, pending,
-                                  n_draw, per_class, seed, progress)
+        wanted = {c: per_class - len(kept[c]) for c in pending}
+        demos += _zero_shot_demos(client, cfg, task_description, verbalizer, unlabelled_texts, wanted,
+                                  n_draw, seed, progress)
+    for c in sorted(set(range(len(verbalizer))) - {c for _, c, _ in demos}):
+        log.warning("demo generation: no example of '%s', generated or labelled zero-shot; going on without it",
+                    verbalizer.names[c])
     return demos
 
 
 def _zero_shot_demos(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
-                     texts: Sequence[str], classes: list[int], n_draw: int, per_class: int,
+                     texts: Sequence[str], wanted: dict[int, int], n_draw: int,
                      seed: int, progress: ProgressFn = None) -> list[tuple[str, int, str]]:
-    """Fallback demos for `classes`: a seeded draw of unlabelled texts, kept where zero-shot says that class."""
-    names = ", ".join(verbalizer.names[c] for c in classes)
-    log.warning("demo generation: no usable example for %s after %d tries; using unlabelled texts the LLM "
-                "labels zero-shot as such", names, MAX_TRIES)
+    """Fallback demos, `wanted[c]` for class c: a seeded draw of unlabelled texts, kept where zero-shot says c."""
+    names = ", ".join(verbalizer.names[c] for c in wanted)
+    log.warning("demo generation: too few usable examples for %s after %d tries; topping up with unlabelled "
+                "texts the LLM labels zero-shot as such", names, MAX_TRIES)
     draw = _draw(texts, n_draw, seed, -1, MAX_TRIES)
     verdicts = _zero_shot(client, cfg, task_description, verbalizer, draw, progress)
     out: list[tuple[str, int, str]] = []
-    for c in classes:
-        chosen = [t for t, verdict in zip(draw, verdicts) if verdict == c][:per_class]
-        if not chosen:
-            log.warning("demo generation: the LLM labelled none of %d drawn texts as '%s'; going on without it",
-                        len(draw), verbalizer.names[c])
-        out += [(t, c, "zero-shot") for t in chosen]
+    for c, n in wanted.items():
+        out += [(t, c, "zero-shot") for t, verdict in zip(draw, verdicts) if verdict == c][:n]
     return out

@@ -27,6 +27,8 @@ _DEFUSE = str.maketrans("<>[]", "()()")
 _LIST_ITEM = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):\]-]|[-*\u2022])\s*(.*)$")
 _QUOTES = "\"'\u201c\u201d\u2018\u2019\u00ab\u00bb`"
 _TEXT_PREFIX = re.compile(r"^(?:text|example)\s*\d*\s*:\s*", re.IGNORECASE)
+_TAG_NAME = r"(?:(?:label|class|category|sentiment|topic)\s*[:=]\s*)?"
+_DASH = r"\-\u2013\u2014"   # escaped: it sits inside character classes
 
 
 DEFAULT_MAX_TEXT_CHARS = DataConfig.max_text_chars   # the default; callers pass the job's data.max_text_chars
@@ -130,19 +132,31 @@ def dedupe_key(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
+def _label_tag(verbalizer: Verbalizer) -> re.Pattern[str]:
+    """A class word written as a tag before or after an item: 'Positive: ...', '... - Positive', '... (label: x)'."""
+    words = "|".join(re.escape(w) for w in sorted(verbalizer.words, key=len, reverse=True))
+    return re.compile(rf"^\W*{_TAG_NAME}(?:{words})\s*[:{_DASH}|]\s+"
+                      rf"|\s*(?:[:{_DASH}|(\[]\s*){_TAG_NAME}(?:{words})\s*[)\]]?[.!]?\s*$", re.IGNORECASE)
+
+
 def parse_generated(text: str, max_items: int, *, verbalizer: Verbalizer | None = None) -> list[str]:
     """Items from numbered/bulleted lines, cleaned, length-checked and deduplicated (case-insensitive).
 
-    Lines that are not list items (preambles like 'Here are 10 examples:') are ignored; with a
-    verbalizer, items that are just a label word are dropped too.
+    Lines that are not list items (preambles like 'Here are 10 examples:') are ignored. With a
+    verbalizer, a class word written as a tag ('... - Positive') is cut off, since it would tell the
+    zero-shot check the answer (small models add one to texts they copied), and items that are just
+    a label word are dropped.
     """
     items: list[str] = []
     seen: set[str] = set()
+    tag = _label_tag(verbalizer) if verbalizer is not None else None
     for line in text.splitlines():
         match = _LIST_ITEM.match(line)
         if not match:
             continue
         item = _TEXT_PREFIX.sub("", match.group(1).strip()).strip().strip(_QUOTES).strip()
+        if tag is not None:
+            item = tag.sub("", item).strip().strip(_QUOTES).strip()
         n_words = len(item.split())
         if not MIN_ITEM_WORDS <= n_words <= MAX_ITEM_WORDS:
             continue

@@ -45,6 +45,11 @@ class Verbalizer:
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def words(self) -> list[str]:
+        """Every class word, normalised."""
+        return list(self._word_class)
+
     def parse(self, text: str | None) -> int | None:
         """The class the answer names, or None unless it is exactly one class word (after normalising)."""
         if text is None:
