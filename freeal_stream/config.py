@@ -162,7 +162,7 @@ class FreeALConfig:
     generated_per_class: int = 10
     # Whose label stands where the SLM puts an LLM label in its noisy split (the export marks those
     # `disputed` either way). 'llm' (default): a strong LLM beats a small SLM there: with GPT-3.5's MR
-    # labels the SLM was right on 12% of them. 'slm': when the SLM is the stronger model, as with the
+    # labels the SLM was right on 14% of them. 'slm': when the SLM is the stronger model, as with the
     # bundled 0.5B LLM on the demo, where it was right on 97% (BENCHMARKS.md section 8b).
     label_of_record: Literal["llm", "slm"] = "llm"
 
