@@ -3,12 +3,11 @@ connections, garbage bodies, empty, truncated, foreign-language and two-label an
 answer that was stored is ever asked for again."""
 from __future__ import annotations
 
-import duckdb
 import pytest
 
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.faults import Flaky
-from freeal_stream.store import _LABELS_SQL
+from freeal_stream.store import Store
 from tests.helpers import cli_process, make_job
 
 pytestmark = pytest.mark.integration
@@ -26,12 +25,11 @@ def test_job_survives_a_flaky_endpoint(tmp_path):
         assert p.wait(timeout=600) == 0, log.read_text()[-3000:]
         server_requests = list(server.requests)
     assert len(flaky.injected) >= 6, flaky.injected   # most kinds were really played
-    con = duckdb.connect(str(tmp_path / "state" / "freeal.duckdb"), read_only=True)
-    n_items = con.execute("SELECT count(*) FROM items").fetchone()[0]
-    unlabelled = con.execute(f"SELECT count(*) FROM ({_LABELS_SQL}) WHERE label IS NULL").fetchone()[0]
-    stored = con.execute("SELECT count(*) FROM llm_answers").fetchone()[0]
-    con.close()
-    assert n_items == 40 and unlabelled == 0   # every row has a label of record (the LLM's or the SLM's)
+    store = Store(tmp_path / "state" / "freeal.duckdb")
+    labels = [r[4] for r in store.labels_rows("llm")]
+    stored = store.spent()["requests"]
+    store.close()
+    assert len(labels) == 40 and None not in labels   # every row has a label of record (the LLM's or the SLM's)
     # retries only resend what failed: no request got a real answer twice, and each real answer is stored
     # (plus the faults that arrive as answers: stored as 'no label', see faults.ANSWERED_FAULTS)
     assert max(flaky.answered.values()) == 1
