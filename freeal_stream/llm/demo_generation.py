@@ -13,6 +13,7 @@ import difflib
 import logging
 import math
 import random
+import re
 from typing import Callable, Sequence
 
 from freeal_stream.config import LLMConfig
@@ -28,7 +29,8 @@ MAX_TRIES = 3
 MIN_TEMPERATURE = 0.7   # writing varied examples needs sampling even when annotation runs at 0
 TOKENS_PER_ITEM = 80    # room for one item of up to ~60 words plus its numbering
 FALLBACK_DRAW_PER_DEMO = 4  # texts labelled zero-shot per fallback demo wanted: a rare class needs a wide draw
-COPY_SIMILARITY = 0.8   # difflib ratio to a shown prototype at which a candidate counts as a copy of it
+COPY_SHARE = 0.8   # share of the shorter text's words found in the other, in order, at which one is a copy
+_WORD = re.compile(r"\w+")
 
 
 def _draw(texts: Sequence[str], k: int, seed: int, class_idx: int, attempt: int) -> list[str]:
@@ -37,12 +39,22 @@ def _draw(texts: Sequence[str], k: int, seed: int, class_idx: int, attempt: int)
     return [texts[i] for i in rng.sample(range(len(texts)), min(k, len(texts)))]
 
 
-def _is_near_copy(key: str, shown: Sequence[str]) -> bool:
-    """True when `key` (a dedupe_key) is at least COPY_SIMILARITY alike to one of the `shown` keys."""
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(_WORD.findall(text.casefold()))
+
+
+def _is_near_copy(words: tuple[str, ...], shown: Sequence[tuple[str, ...]]) -> bool:
+    """True when most words of the shorter of `words` and a `shown` text lie in the other, in runs of 2+.
+
+    Over the shorter text, so a prototype cut short, extended or with a word or two changed counts as a
+    copy; runs of at least two words, so common words matching here and there do not.
+    """
     for proto in shown:
-        m = difflib.SequenceMatcher(None, key, proto, autojunk=False)
-        if m.real_quick_ratio() >= COPY_SIMILARITY and m.quick_ratio() >= COPY_SIMILARITY \
-                and m.ratio() >= COPY_SIMILARITY:
+        shorter = min(len(words), len(proto))
+        if not shorter:
+            continue
+        blocks = difflib.SequenceMatcher(None, words, proto, autojunk=False).get_matching_blocks()
+        if sum(b.size for b in blocks if b.size >= 2) / shorter >= COPY_SHARE:
             return True
     return False
 
@@ -76,7 +88,7 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
     kept: dict[int, list[str]] = {c: [] for c in range(len(verbalizer))}
     enough = math.ceil(per_class / 2)
     seen: set[str] = set()
-    shown: list[str] = []
+    shown: list[tuple[str, ...]] = []
     pending = list(kept)
     for attempt in range(MAX_TRIES):
         draws = {c: _draw(unlabelled_texts, prototypes, seed, c, attempt) for c in pending}
@@ -87,14 +99,14 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
                               seed=_sampling_seed(seed, c, attempt))
             for c in pending]
         answers = client.complete_many(requests, progress)
-        shown += [dedupe_key(t) for draw in draws.values() for t in draw]
-        seen.update(shown)
+        seen.update(dedupe_key(t) for draw in draws.values() for t in draw)
+        shown += [_words(t) for draw in draws.values() for t in draw]
         candidates: list[tuple[str, int]] = []
         for c, answer in zip(pending, answers):
             fresh = []   # parsed past per_class: copies are dropped before the cap, not after
             for item in parse_generated(answer.content or "", 2 * per_class, verbalizer=verbalizer):
                 key = dedupe_key(item)
-                if key not in seen and not _is_near_copy(key, shown):
+                if key not in seen and not _is_near_copy(_words(item), shown):
                     seen.add(key)
                     fresh.append((item, c))
             candidates += fresh[:per_class - len(kept[c])]
