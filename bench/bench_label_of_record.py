@@ -28,10 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mr_data import CACHE_DIR, DATA_DIR, RESULTS, label_index, load_mr, mr_present, plot  # noqa: E402
 
 
-def summary(llm: np.ndarray, slm: np.ndarray, gold: np.ndarray, disputed: np.ndarray) -> dict:
-    """Accuracy of the labels of record under each rule, over items with an LLM label and a gold label."""
+def summary(llm: np.ndarray, slm: np.ndarray, slm_conf: np.ndarray, gold: np.ndarray, disputed: np.ndarray) -> dict:
+    """Accuracy of the labels of record under each rule, over items with an LLM label and a gold label, and
+    the SLM's mean confidence on its disputes (a gold-free figure a user can see)."""
     by_rule = {"llm": llm, "slm": np.where(disputed, slm, llm)}
     return {"n_llm_labelled": int(len(llm)), "n_disputed": int(disputed.sum()),
+            "slm_conf_on_disputed": round(float(slm_conf[disputed].mean()), 4) if disputed.any() else None,
             "acc": {rule: round(float((labels == gold).mean()), 4) for rule, labels in by_rule.items()},
             "slm_right_on_disputed": round(float((slm[disputed] == gold[disputed]).mean()), 4) if disputed.any()
             else None,
@@ -46,7 +48,8 @@ def from_state(state: Path) -> dict:
     store = Store(state / "freeal.duckdb")
     try:
         names = list(json.loads(store.get_meta("job"))["task"]["classes"])
-        rows = [r for r in store.labels_rows("llm") if r[7] is not None and r[3] in names]
+        # under 'slm' a disputed row's confidence is the SLM's own
+        rows = [r for r in store.labels_rows("slm") if r[7] is not None and r[3] in names]
     finally:
         store.close()
     if not rows:
@@ -54,7 +57,8 @@ def from_state(state: Path) -> dict:
     gold = np.array([names.index(r[3]) for r in rows])
     llm, disputed = np.array([r[7] for r in rows]), np.array([bool(r[9]) for r in rows])
     slm = np.array([-1 if r[8] is None else r[8] for r in rows])
-    return {"run": str(state), **summary(llm, slm, gold, disputed)}
+    slm_conf = np.array([r[6] if r[9] else np.nan for r in rows], dtype=float)
+    return {"run": str(state), **summary(llm, slm, slm_conf, gold, disputed)}
 
 
 def from_mr(data_dir: Path, seeds: list[int], cache_dir: Path) -> list[dict]:
@@ -73,7 +77,8 @@ def from_mr(data_dir: Path, seeds: list[int], cache_dir: Path) -> list[dict]:
                            progress=lambda msg: print(f"  [seed {seed}] {msg}", flush=True))
         disputed = ~result.clean[has]
         out.append({"run": f"MR, GPT-3.5 labels, robust head SLM, seed {seed}",
-                    **summary(labels[has], result.probs.argmax(1)[has], gold[has], disputed)})
+                    **summary(labels[has], result.probs.argmax(1)[has], result.probs.max(1)[has], gold[has],
+                              disputed)})
     return out
 
 
@@ -92,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("nothing to measure: pass --state DIR and/or --mr", file=sys.stderr)
         return 2
-    print(f"{'run':<72} {'LLM lab.':>8} {'disputed':>8} {'SLM right':>9} {'llm rule':>8} {'slm rule':>8}")
+    print(f"{'run':<72} {'LLM lab.':>8} {'disputed':>8} {'SLM conf':>8} {'SLM right':>9} {'llm rule':>8} "
+          f"{'slm rule':>8}")
     for r in runs:
         print(f"{r['run'][-72:]:<72} {r['n_llm_labelled']:>8} {r['n_disputed']:>8} "
+              f"{r['slm_conf_on_disputed'] if r['slm_conf_on_disputed'] is not None else '-':>8} "
               f"{r['slm_right_on_disputed'] if r['slm_right_on_disputed'] is not None else '-':>9} "
               f"{r['acc']['llm']:>8.4f} {r['acc']['slm']:>8.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

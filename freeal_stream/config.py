@@ -163,7 +163,7 @@ class FreeALConfig:
     # Whose label stands where the SLM puts an LLM label in its noisy split (the export marks those
     # `disputed` either way). 'llm' (default): a strong LLM beats a small SLM there: with GPT-3.5's MR
     # labels the SLM was right on 14% of them. 'slm': when the SLM is the stronger model, as with the
-    # bundled 0.5B LLM on the demo, where it was right on 97% (BENCHMARKS.md section 8b).
+    # bundled 0.5B LLM on the demo, where it was right on 91% (BENCHMARKS.md section 8b).
     label_of_record: Literal["llm", "slm"] = "llm"
 
     def validate(self) -> None:
