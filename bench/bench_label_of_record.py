@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         x = np.arange(len(runs))
         for k, rule in enumerate(("llm", "slm")):
             ax.bar(x + (k - 0.5) * 0.38, [r["acc"][rule] for r in runs], 0.38, label=f"label_of_record: {rule}")
-        ax.set_xticks(x, [Path(r["run"]).name[:28] for r in runs], rotation=15, ha="right", fontsize=7)
+        ax.set_xticks(x, [Path(r["run"]).name[-30:] for r in runs], rotation=15, ha="right", fontsize=7)
         ax.set_ylim(0.5, 1.0)
         ax.set_ylabel("labels of record right (LLM-labelled items)")
         ax.legend()
