@@ -33,7 +33,7 @@ from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.trainer import Recipe, train_slm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mr_data import (CACHE_DIR, CLASSES, DATA_DIR, RESULTS, demo_pool_precision, label_index, load_mr,  # noqa: E402
+from mr_data import (CLASSES, RESULTS, add_mr_args, demo_pool_precision, label_index, load_mr,  # noqa: E402
                      mean_std, mr_present, plot, views_of, write_merged)
 
 VAL_FRACTION = 0.2
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-grid", action="store_true", help="only plain CE and the warm-up sweep at 4 epochs")
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
     ap.add_argument("--skip-confirm", action="store_true", help="no test-set confirmation of the chosen config")
-    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="frozen-embedding cache (head mode)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "defaults_mr.json")
+    add_mr_args(ap, RESULTS / "defaults_mr.json")
     args = ap.parse_args(argv)
     if not mr_present(args.data_dir):
         return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mr_data import CACHE_DIR, DATA_DIR, RESULTS, label_index, load_mr, mr_present, plot  # noqa: E402
+from mr_data import RESULTS, add_mr_args, label_index, load_mr, mr_present, plot  # noqa: E402
 
 
 def summary(llm: np.ndarray, slm: np.ndarray, slm_conf: np.ndarray, gold: np.ndarray, disputed: np.ndarray) -> dict:
@@ -87,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state", type=Path, action="append", default=[], help="a job's state_dir (repeatable)")
     ap.add_argument("--mr", action="store_true", help="also MR with GPT-3.5's labels")
     ap.add_argument("--seeds", default="0,1", help="seeds for --mr")
-    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="frozen-embedding cache (head mode)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "label_of_record.json")
+    add_mr_args(ap, RESULTS / "label_of_record.json")
     args = ap.parse_args(argv)
     runs = [from_state(s) for s in args.state]
     if args.mr and mr_present(args.data_dir):
         runs += from_mr(args.data_dir, [int(s) for s in args.seeds.split(",")], args.cache_dir)
     if not runs:
+        if args.mr:   # MR is absent: mr_present printed the skip message
+            return 0
         print("nothing to measure: pass --state DIR and/or --mr", file=sys.stderr)
         return 2
     print(f"{'run':<72} {'LLM lab.':>8} {'disputed':>8} {'SLM conf':>8} {'SLM right':>9} {'llm rule':>8} "

@@ -33,7 +33,7 @@ from freeal_stream.slm.trainer import Recipe, train_slm
 from strategies.measures import uncertainty
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mr_data import (CACHE_DIR, CLASSES, DATA_DIR, RESULTS, label_index, load_mr, mean_std, mr_present,  # noqa: E402
+from mr_data import (CLASSES, RESULTS, add_mr_args, label_index, load_mr, mean_std, mr_present,  # noqa: E402
                      plot, train_and_score, write_merged)
 
 AL_BATCH = 0.05   # of the pool per query batch (and the random start); 10 retrainings to 50% on a slow box
@@ -118,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
     ap.add_argument("--skip-al", action="store_true", help="leave out the active-learning peer")
     ap.add_argument("--train-limit", type=int, default=None, help="stratified subset of the train set (smoke tests)")
-    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="frozen-embedding cache (head mode)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "peers_mr.json")
+    add_mr_args(ap, RESULTS / "peers_mr.json")
     args = ap.parse_args(argv)
     if not mr_present(args.data_dir):
         return 0

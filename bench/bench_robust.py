@@ -28,7 +28,7 @@ from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.trainer import Recipe, resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mr_data import (CACHE_DIR, DATA_DIR, RESULTS, bar_plot, load_mr, mean_std, mr_present,  # noqa: E402
+from mr_data import (RESULTS, add_mr_args, bar_plot, load_mr, mean_std, mr_present,  # noqa: E402
                      train_and_score, write_merged)
 
 CONDITIONS = {  # name -> (label column, recipe, use the back-translation view)
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=SLMConfig.epochs)
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
     ap.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated, from: " + ", ".join(CONDITIONS))
-    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="frozen-embedding cache (head mode)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "slm_robust.json")
+    add_mr_args(ap, RESULTS / "slm_robust.json")
     ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                     help="no training: merge the runs of the key that --mode/--epochs/--train-limit name from "
                          "these result files into --out (a run split over several processes)")

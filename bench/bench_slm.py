@@ -22,8 +22,7 @@ from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.trainer import Recipe, resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# CLASSES, label_index, load_mr, write_merged are re-exported: bench_strategies_mr.py imports them from here
-from mr_data import (CACHE_DIR, CLASSES, DATA_DIR, RESULTS, bar_plot, label_index, load_mr,  # noqa: E402,F401
+from mr_data import (RESULTS, add_mr_args, bar_plot, load_mr,  # noqa: E402
                      mr_present, train_and_score, write_merged)
 
 CONDITIONS = {  # name -> (label column, recipe, use the back-translation view)
@@ -71,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=SLMConfig.epochs)
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
     ap.add_argument("--conditions", default=DEFAULT_CONDITIONS, help="comma-separated, from: " + ", ".join(CONDITIONS))
-    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR,
-                    help="frozen-embedding cache (head mode); kept out of the repo")
-    ap.add_argument("--out", type=Path, default=RESULTS / "slm_mr.json")
+    add_mr_args(ap, RESULTS / "slm_mr.json")
     args = ap.parse_args(argv)
 
     if not mr_present(args.data_dir):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_slm import CLASSES, label_index, load_mr, write_merged
+from mr_data import CLASSES, RESULTS, add_mr_args, label_index, load_mr, mr_present, write_merged
 from freeal_stream.budget import round_size
 from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.trainer import train_slm
@@ -28,7 +28,6 @@ from strategies.registry import load_strategy
 from strategies.select import select
 from strategies.shards import array_shards
 
-ROOT = Path(__file__).resolve().parent
 STRATEGIES = {"random": ("random", {}), "uncertainty": ("uncertainty", {"measure": "entropy"}),
               "hybrid": ("hybrid", {"measure": "entropy"}), "diversity": ("diversity", {}),
               "disagreement": ("disagreement", {})}
@@ -104,14 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.1, help="P: share of the still-unannotated pool per round")
     ap.add_argument("--epochs", type=int, default=SLMConfig.epochs)
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
-    ap.add_argument("--data-dir", type=Path, default=ROOT.parent.parent / "shared" / "data")
-    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/freeal-stream-cache"))
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "strategies_mr.json")
+    add_mr_args(ap, RESULTS / "strategies_mr.json")
     args = ap.parse_args(argv)
 
-    if not (args.data_dir / "mr" / "train.csv").exists():
-        print(f"skip: MR data not found under {args.data_dir} (expected mr/train.csv, mr/test.csv); "
-              "pass --data-dir to point at it", file=sys.stderr)
+    if not mr_present(args.data_dir):
         return 0
     names = args.strategies.split(",")
     unknown = set(names) - set(STRATEGIES)

@@ -1,4 +1,5 @@
-"""Shared bits of the MR benches (bench_slm, bench_robust, bench_peers, bench_defaults): data loading,
+"""Shared bits of the MR benches (bench_slm, bench_robust, bench_peers, bench_defaults, bench_strategies_mr,
+bench_label_of_record): their common options, data loading,
 label indices, the train/test evaluation of one SLM, the demo-pool precision, JSON merge and plotting.
 
 MR lives in ../shared/data/mr/{train,test}.csv (never copied into the project); train has the gold
@@ -6,6 +7,7 @@ MR lives in ../shared/data/mr/{train,test}.csv (never copied into the project); 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -28,6 +30,14 @@ def label_index(column: pd.Series) -> np.ndarray:
     """Class names -> indices; empty (the LLM gave no usable answer) -> -1."""
     pos = {c: i for i, c in enumerate(CLASSES)}
     return np.array([pos.get(v, -1) for v in column], dtype=np.int64)
+
+
+def add_mr_args(ap: argparse.ArgumentParser, out: Path) -> None:
+    """The options every MR bench takes: where MR is, the frozen-embedding cache, the result file."""
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR,
+                    help="frozen-embedding cache (head mode); kept out of the repo")
+    ap.add_argument("--out", type=Path, default=out)
 
 
 def mr_present(data_dir: Path) -> bool:
