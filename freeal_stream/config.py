@@ -178,7 +178,6 @@ class FreeALConfig:
         _check(0.0 < self.query_fraction <= 1.0, "query_fraction must be in (0, 1]")
         _check(self.prototypes >= 1 and self.generated_per_class >= 1,
                "prototypes and generated_per_class must be >= 1")
-        _check(self.label_of_record in ("llm", "slm"), "label_of_record must be 'llm' or 'slm'")
 
 
 @dataclass(frozen=True)
