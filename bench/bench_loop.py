@@ -162,6 +162,7 @@ def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: 
     test_s = time.time() - t0
     rule = run.job.freeal.label_of_record
     by_rule = {r: store.gold_agreement(names, r) for r in LABEL_RULES}
+    by_source, disputed = store.label_counts(rule)
     demos = store.demo_pool(round_)
     demo_right = [gold_by_id[d[0]] == d[2] for d in demos if d[0] in gold_by_id]
     rec = {
@@ -175,8 +176,8 @@ def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: 
         "test_scoring_s": round(test_s, 1),
         "labels_of_record_acc": round(by_rule[rule][1] / by_rule[rule][0], 4) if by_rule[rule][0] else None,
         "labels_of_record_acc_by_rule": {r: round(right / n, 4) if n else None for r, (n, right) in by_rule.items()},
-        "labels_by_source": store.label_counts_by_source(rule),
-        "llm_labels_disputed": store.disputed_count(),
+        "labels_by_source": by_source,
+        "llm_labels_disputed": disputed,
         "clean_precision": m.get("clean_precision"),
         "demo_pool": len(demos), "demo_pool_acc": round(float(np.mean(demo_right)), 4) if demo_right else None,
         "usage_in_call": usage_delta(store.spent(), before),   # demo generation included in round 1

@@ -62,6 +62,7 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
     raw = store.spent()
     n_items = store.count_items()
     annotated = len(store.annotated_ids())
+    by_source, disputed = store.label_counts(job.freeal.label_of_record)
     todo = remaining_requests(job, rounds, n_items - annotated)
     per_req = (spent.tokens / spent.requests, spent.cost / spent.requests) if spent.requests else None
     return {
@@ -69,9 +70,9 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
         "items": n_items,
         "annotated_by_llm": annotated,
         "never_annotated": n_items - annotated,
-        "labels_by_source": store.label_counts_by_source(job.freeal.label_of_record),
+        "labels_by_source": by_source,
         "label_of_record": job.freeal.label_of_record,
-        "llm_labels_disputed": store.disputed_count(),
+        "llm_labels_disputed": disputed,
         "rounds": [{"round": r["round"], "phase": r["phase"], **({"metrics": r["metrics"]} if r["metrics"] else {})}
                    for r in rounds],
         "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"], "priced": priced},

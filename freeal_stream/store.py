@@ -434,11 +434,9 @@ class Store:
         self.con.executemany("INSERT INTO class_names VALUES (?, ?)", list(enumerate(class_names)))
         self._exec(f"CREATE OR REPLACE TEMP VIEW labels_out AS {_labels_sql(rule)}")
 
-    def label_counts_by_source(self, rule: str) -> dict[str, int]:
-        rows = self.con.execute(f"""SELECT coalesce(split_part(source, ' ', 1), 'none'), count(*)
+    def label_counts(self, rule: str) -> tuple[dict[str, int], int]:
+        """(labels of record by source: 'llm', 'slm', 'none'; LLM labels the SLM disputes), in one pass."""
+        rows = self.con.execute(f"""SELECT coalesce(split_part(source, ' ', 1), 'none'), count(*),
+                                           count(*) FILTER (WHERE disputed)
                                     FROM ({_labels_sql(rule)}) GROUP BY 1""").fetchall()
-        return dict(rows)
-
-    def disputed_count(self) -> int:
-        """LLM labels that the SLM put in its noisy split (the same under either rule)."""
-        return _first(self.con.execute(f"SELECT count(*) FROM ({_labels_sql('llm')}) WHERE disputed"))[0]
+        return {src: n for src, n, _ in rows}, sum(d for *_, d in rows)

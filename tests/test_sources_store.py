@@ -86,9 +86,8 @@ def test_label_of_record_under_each_rule(tmp_path):
     # 'llm': the disputed LLM label stands; 'slm': the SLM's prediction replaces it
     assert {r[1]: r for r in s.labels_rows("llm")}["d"][4:7] == (0, "llm round 1", 0.7)
     assert {r[1]: r for r in s.labels_rows("slm")}["d"][4:7] == (1, "slm round 2", 0.9)
-    assert s.label_counts_by_source("llm") == {"llm": 3, "slm": 2}
-    assert s.label_counts_by_source("slm") == {"llm": 2, "slm": 3}
-    assert s.disputed_count() == 1
+    assert s.label_counts("llm") == ({"llm": 3, "slm": 2}, 1)
+    assert s.label_counts("slm") == ({"llm": 2, "slm": 3}, 1)   # disputed the same under either rule
     assert s.llm_labels() == {"a": 1, "b": None, "d": 0, "e": 1}
     with pytest.raises(ValueError, match="label_of_record"):
         s.labels_rows("majority")

@@ -112,7 +112,7 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
             candidates += fresh[:per_class - len(kept[c])]
         verdicts = _zero_shot(client, cfg, task_description, verbalizer, [t for t, _ in candidates], progress)
         for (item, c), verdict in zip(candidates, verdicts):
-            if verdict == c and len(kept[c]) < per_class:  # the LLM must agree on the class it was written for
+            if verdict == c:  # the LLM must agree on the class it was written for (candidates fit per_class)
                 kept[c].append(item)
         pending = [c for c in pending if len(kept[c]) < enough]
         if not pending:
