@@ -156,6 +156,9 @@ def test_a_class_with_too_few_examples_is_asked_again_then_topped_up(caplog):
     # 1 of 4 is under half: asked twice more, then topped up to 4 with texts labelled zero-shot
     assert [src for _, src in by_class[1]] == ["generated"] + ["zero-shot"] * 3
     assert all("negative remark" in t for t, src in by_class[1] if src == "zero-shot")
+    # the top-up labels its draw (16 texts here) a slice at a time and stops once the class is full
+    top_up = [b for b in server.requests if is_check(b) and any(t in b["messages"][-1]["content"] for t in texts)]
+    assert 3 <= len(top_up) < 16
     generations = [wanted(b) for b in server.requests if not is_check(b)]
     assert generations.count("positive") == 1 and generations.count("negative") == 3
     assert "too few usable examples for negative" in caplog.text

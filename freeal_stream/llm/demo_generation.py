@@ -132,13 +132,23 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
 def _zero_shot_demos(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
                      texts: Sequence[str], wanted: dict[int, int], n_draw: int,
                      seed: int, progress: ProgressFn = None) -> list[tuple[str, int, str]]:
-    """Fallback demos, `wanted[c]` for class c: a seeded draw of unlabelled texts, kept where zero-shot says c."""
+    """Fallback demos, `wanted[c]` for class c: a seeded draw of unlabelled texts, kept where zero-shot says c.
+
+    The draw is labelled a slice at a time (twice what is still missing) and labelling stops once every
+    class has its share: a common class is filled after a few requests, only a rare one uses the whole draw.
+    """
     names = ", ".join(verbalizer.names[c] for c in wanted)
     log.warning("demo generation: too few usable examples for %s after %d tries; topping up with unlabelled "
                 "texts the LLM labels zero-shot as such", names, MAX_TRIES)
     draw = _draw(texts, n_draw, seed, -1, MAX_TRIES)
-    verdicts = _zero_shot(client, cfg, task_description, verbalizer, draw, progress)
+    missing = dict(wanted)
     out: list[tuple[str, int, str]] = []
-    for c, n in wanted.items():
-        out += [(t, c, "zero-shot") for t, verdict in zip(draw, verdicts) if verdict == c][:n]
+    start = 0
+    while start < len(draw) and any(missing.values()):
+        part = draw[start:start + 2 * sum(missing.values())]
+        start += len(part)
+        for text, verdict in zip(part, _zero_shot(client, cfg, task_description, verbalizer, part, progress)):
+            if verdict is not None and missing.get(verdict, 0) > 0:
+                out.append((text, verdict, "zero-shot"))
+                missing[verdict] -= 1
     return out
