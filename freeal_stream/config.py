@@ -154,7 +154,8 @@ class FreeALConfig:
     clean_ratio: float = 0.2            # R
     medoids_per_class: int = 50         # k
     mixup_alpha: float = 4.0            # Beta(a, a)
-    warmup_epochs: int = 1
+    warmup_epochs: int | None = None    # epochs of plain CE before the first clean/noisy split; null = by
+                                        # how many labels the SLM learns from (slm.trainer.resolve_warmup)
     rampup_epochs: int = 2
     rounds: int = 3
     query_fraction: float = 0.1         # P
@@ -173,7 +174,8 @@ class FreeALConfig:
         _check(0.0 < self.clean_ratio <= 1.0, "clean_ratio must be in (0, 1]")
         _check(self.medoids_per_class >= 1, "medoids_per_class must be >= 1")
         _check(self.mixup_alpha > 0, "mixup_alpha must be > 0")
-        _check(self.warmup_epochs >= 0 and self.rampup_epochs >= 0, "epoch counts must be >= 0")
+        _check((self.warmup_epochs or 0) >= 0 and self.rampup_epochs >= 0,
+               "warmup_epochs and rampup_epochs must be >= 0 (warmup_epochs null = chosen by label count)")
         _check(self.rounds >= 1, "rounds must be >= 1")
         _check(0.0 < self.query_fraction <= 1.0, "query_fraction must be in (0, 1]")
         _check(self.prototypes >= 1 and self.generated_per_class >= 1,

@@ -28,7 +28,7 @@ from freeal_stream.progress import Progress
 from freeal_stream.session import Session, spent_now
 from freeal_stream.slm.encoder import EmbeddingCache, cache_key
 from freeal_stream.slm.model import write_model_files
-from freeal_stream.slm.trainer import SLMResult, resolve_mode
+from freeal_stream.slm.trainer import SLMResult, resolve_mode, resolve_warmup
 from strategies.base import QueryContext
 from strategies.select import select
 from strategies.shards import array_shards
@@ -211,7 +211,7 @@ class FreeALRun:
         mode = resolve_mode(self.job.slm, len(self.pool), n_lab)
         say = lambda msg: self.progress.say(f"[round {round_} train] {msg}")  # noqa: E731
         say(f"SLM in {mode} mode on {n_lab} LLM labels + {len(self.pool) - n_lab} unlabelled texts "
-            f"(views: {self._view_kind()})")
+            f"(views: {self._view_kind()}; warm-up {resolve_warmup(self.job.freeal, n_lab)} epochs)")
         self.embed_missing()   # head mode reads them from the cache the scorers fill
         args = (self.pool.texts, labels, self.n_classes, self.job.slm, self.job.freeal, views, self.job.seed + round_,
                 str(self.job.state_path / "embeddings"))

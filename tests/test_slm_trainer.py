@@ -7,7 +7,8 @@ import pytest
 from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.encoder import EmbeddingCache, EncoderNotFound, resolve_encoder
 from freeal_stream.slm.model import SLM
-from freeal_stream.slm.trainer import Recipe, resolve_mode, train_slm
+from freeal_stream.slm.trainer import (LONG_WARMUP, LONG_WARMUP_MIN_LABELS, SHORT_WARMUP, Recipe, resolve_mode,
+                                       resolve_warmup, train_slm)
 
 FOOD = ["chef", "baked", "bread", "garlic", "soup", "recipe", "oven", "butter", "pasta", "kitchen", "spicy", "dinner"]
 SPORT = ["striker", "scored", "goal", "match", "referee", "stadium", "league", "coach", "team", "season", "tackle",
@@ -134,6 +135,27 @@ def test_resolve_mode():
     assert resolve_mode(auto, 100, 9) == "head"  # too few labels for fine-tuning to pay
     assert resolve_mode(SLMConfig(mode="head"), 5, 5) == "head"
     assert resolve_mode(SLMConfig(mode="finetune"), 10**9, 0) == "finetune"
+
+
+def test_resolve_warmup():
+    auto = FreeALConfig()
+    assert auto.warmup_epochs is None
+    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS - 1) == SHORT_WARMUP == 1   # few labels: split early
+    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS) == LONG_WARMUP == 3
+    assert resolve_warmup(FreeALConfig(warmup_epochs=0), 10**6) == 0   # a configured value always wins
+    assert resolve_warmup(FreeALConfig(warmup_epochs=2), 5) == 2
+
+
+def test_training_follows_the_warmup_chosen_by_label_count(cache_dir, monkeypatch):
+    texts, gold = make_texts(120, seed=0)
+    monkeypatch.setattr("freeal_stream.slm.trainer.LONG_WARMUP_MIN_LABELS", 100)
+    auto = FreeALConfig(rampup_epochs=2)
+    many = train_slm(texts, gold, 2, HEAD, auto, seed=0, cache_dir=cache_dir)
+    gold_few = np.where(np.arange(120) < 60, gold, -1)
+    few = train_slm(texts, gold_few, 2, HEAD, auto, seed=0, cache_dir=cache_dir)
+    assert [h["alpha"] for h in many.history] == [0, 0, 0, 0.5]   # 120 labels: 3 warm-up epochs
+    assert [h["alpha"] for h in few.history] == [0, 0.5, 1, 1]    # 60 labels: 1
+    assert many.history[2]["n_clean"] == 120 and many.history[3]["n_clean"] < 120   # the split starts after
 
 
 def test_rows_without_a_supplied_view_get_model_free_noise(cache_dir, monkeypatch):

@@ -110,7 +110,8 @@ def test_resume_compatibility():
     base = {"name": "t", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": "a", "b": "b"}}}
     a = job_to_dict(parse_job(base))
     b = job_to_dict(parse_job({**base, "budget": {"max_requests": 5},
-                               "freeal": {"rounds": 7, "label_of_record": "slm"}}))  # changes no stored round
+                               "freeal": {"rounds": 7, "label_of_record": "slm",   # changes no stored round
+                                          "warmup_epochs": 1}}))   # the default before it was chosen by label count
     c = job_to_dict(parse_job({**base, "freeal": {"tau": 0.5}, "llm": {"model": "other"}}))
     assert check_resumable(a, b) == []
     assert check_resumable(a, c) == ["freeal.tau", "llm.model"]
