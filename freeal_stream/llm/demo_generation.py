@@ -151,4 +151,5 @@ def _zero_shot_demos(client: LLMClient, cfg: LLMConfig, task_description: str, v
             if verdict is not None and missing.get(verdict, 0) > 0:
                 out.append((text, verdict, "zero-shot"))
                 missing[verdict] -= 1
-    return out
+    order = list(wanted)
+    return sorted(out, key=lambda demo: order.index(demo[1]))   # grouped by class, like the generated ones
