@@ -2,7 +2,7 @@
 
 MR train is split once (stratified by gold, random_state 0) into a fit part (80%) and a validation part
 (20%, its gold labels used only to score). Two label budgets: `all` = every fit row carries its GPT-3.5
-label; `1k` = 1,000 stratified fit rows carry it, the other fit rows are passed unlabelled (as the
+label; `1k` (or any row count, e.g. `250`) = 1,000 stratified fit rows carry it, the other fit rows are passed unlabelled (as the
 budgeted schedule does: they enter L_cr_u only). Swept: warmup_epochs x tau x epochs for the robust
 recipe, head_hidden at the defaults, plain CE at each epoch count as the reference; for a few of those
 SLMs the demo pool's precision over clean_ratio R x medoids k (select_demo_pool, as loop.demo_pool_from).
@@ -43,7 +43,6 @@ from mr_data import (CLASSES, RESULTS, add_mr_args, demo_pool_precision, label_i
                      mean_std, mr_present, plot, views_of, write_merged)
 
 VAL_FRACTION = 0.2
-BUDGET_1K = 1000
 WARMUPS, TAUS, EPOCHS, HIDDEN = (1, 2, 3), (0.5, 0.7, 0.9), (4, 8), (1024,)
 LONG_WARMUPS = (1, 2, 4)   # at the longer epoch count, tau at its default (a slow box: no full grid)
 DEMO_R, DEMO_K = (0.1, 0.2, 0.4), (10, 25, 50)
@@ -81,8 +80,9 @@ def budget_labels(fit: pd.DataFrame, budget: str) -> np.ndarray:
         flip = rng.choice(has, size=int(round(NOISY_FLIP * len(has))), replace=False)
         labels = labels.copy()
         labels[flip] = 1 - labels[flip]
-    if budget == "1k":
-        keep, _ = train_test_split(np.arange(len(fit)), train_size=BUDGET_1K, stratify=fit["label"], random_state=0)
+    if budget not in ("all", "noisy"):   # '1k', '250': that many stratified rows labelled
+        n = int(budget[:-1]) * 1000 if budget.endswith("k") else int(budget)
+        keep, _ = train_test_split(np.arange(len(fit)), train_size=n, stratify=fit["label"], random_state=0)
         masked = np.full(len(fit), -1)
         masked[keep] = labels[keep]
         labels = masked
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1", help="comma-separated, for the validation sweep")
     ap.add_argument("--confirm-seeds", default="0,1,2", help="comma-separated, for the test-set confirmation")
-    ap.add_argument("--budgets", default="all,1k", help="comma-separated, from: all, 1k, noisy (all + 15%% flipped)")
+    ap.add_argument("--budgets", default="all,1k", help="comma-separated, from: all, noisy (all + 15%% flipped), 1k or any row count (that many labelled)")
     ap.add_argument("--small-grid", action="store_true", help="only plain CE and the warm-up sweep at 4 epochs")
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
     ap.add_argument("--mode", choices=("head", "finetune"), default="head", help="SLM mode")
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                      "split": "train_test_split(MR train, test_size=0.2, stratify=gold, random_state=0)",
                      "budgets": {"all": "every fit row has its GPT-3.5 label",
                                  "noisy": f"all, then {NOISY_FLIP:.0%} of the labelled rows flipped (seed 0)",
-                                 "1k": "1,000 stratified fit rows labelled, the rest unlabelled (L_cr_u only)"},
+                                 "1k": "1,000 stratified fit rows labelled, the rest unlabelled (L_cr_u only); "
+                                       "a number N: N such rows"},
                      "default": DEFAULT, "sweep": sweep}
             write_merged(args.out, key, entry)
 
