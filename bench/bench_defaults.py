@@ -2,8 +2,8 @@
 
 MR train is split once (stratified by gold, random_state 0) into a fit part (80%) and a validation part
 (20%, its gold labels used only to score). Two label budgets: `all` = every fit row carries its GPT-3.5
-label; `1k` (or any row count, e.g. `250`) = 1,000 stratified fit rows carry it, the other fit rows are passed unlabelled (as the
-budgeted schedule does: they enter L_cr_u only). Swept: warmup_epochs x tau x epochs for the robust
+label; `1k` = 1,000 stratified fit rows carry it (any row count, e.g. `250`, works the same way), the other
+fit rows are passed unlabelled (as the budgeted schedule does: they enter L_cr_u only). Swept: warmup_epochs x tau x epochs for the robust
 recipe, head_hidden at the defaults, plain CE at each epoch count as the reference; for a few of those
 SLMs the demo pool's precision over clean_ratio R x medoids k (select_demo_pool, as loop.demo_pool_from).
 The best validation config per budget is then trained on the matching rows of the whole train set and
@@ -20,7 +20,8 @@ Fine-tune mode (the whole encoder; ~3x slower an epoch for the recipe than for C
 `--fit-limit` subset of the fit part, scored on the same validation rows; the test-set confirmation then
 trains on `load_mr`'s stratified subset of that size, the subset of BENCHMARKS 4b.3:
 
-    bench/bench_defaults.py --mode finetune --fit-limit 1000 --budgets all --small-grid --out bench/results/defaults_mr_finetune.json
+    bench/bench_defaults.py --mode finetune --fit-limit 1000 --budgets all --small-grid --threads 2 \
+        --out bench/results/defaults_mr_finetune.json
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1", help="comma-separated, for the validation sweep")
     ap.add_argument("--confirm-seeds", default="0,1,2", help="comma-separated, for the test-set confirmation")
-    ap.add_argument("--budgets", default="all,1k", help="comma-separated, from: all, noisy (all + 15%% flipped), 1k or any row count (that many labelled)")
+    ap.add_argument("--budgets", default="all,1k",
+                    help="comma-separated, from: all, noisy (all + 15%% flipped), 1k or any row count (that many labelled)")
     ap.add_argument("--small-grid", action="store_true", help="only plain CE and the warm-up sweep at 4 epochs")
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
     ap.add_argument("--mode", choices=("head", "finetune"), default="head", help="SLM mode")
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{budget}] {name:<32} val {mu * 100:.2f} ± {sd * 100:.2f}  "
                   f"({time.perf_counter() - t_start:.0f} s)", flush=True)
             entry = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": "2-core VM, shared, no GPU",
-                     "complete": False, "mode": args.mode, "threads": args.threads, "seeds": seeds, "confirm_seeds": confirm_seeds, "n_fit": len(fit), "n_val": len(val),
+                     "complete": False, "mode": args.mode, "threads": args.threads, "seeds": seeds,
+                     "confirm_seeds": confirm_seeds, "n_fit": len(fit), "n_val": len(val),
                      "split": "train_test_split(MR train, test_size=0.2, stratify=gold, random_state=0)",
                      "budgets": {"all": "every fit row has its GPT-3.5 label",
                                  "noisy": f"all, then {NOISY_FLIP:.0%} of the labelled rows flipped (seed 0)",
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         ax.grid(axis="x", alpha=0.3)
     n = len(next(iter(sweep.values())))
     png = args.out.with_suffix(".png")
-    plot(png, draw, f"{args.mode} recipe sweep ({len(fit):,} fit rows) on held-out MR train, GPT-3.5 labels, seeds {seeds}",
+    plot(png, draw,
+         f"{args.mode} recipe sweep ({len(fit):,} fit rows) on held-out MR train, GPT-3.5 labels, seeds {seeds}",
          figsize=(9, 0.3 * n + 1.5))
     print(f"\nchosen on validation: {chosen}\nwrote {args.out} and {png}")
     return 0

@@ -210,8 +210,9 @@ class FreeALRun:
         n_lab = int((labels >= 0).sum())
         mode = resolve_mode(self.job.slm, len(self.pool), n_lab)
         say = lambda msg: self.progress.say(f"[round {round_} train] {msg}")  # noqa: E731
+        warmup = resolve_warmup(self.job.freeal, n_lab, self.job.slm.epochs)
         say(f"SLM in {mode} mode on {n_lab} LLM labels + {len(self.pool) - n_lab} unlabelled texts "
-            f"(views: {self._view_kind()}; warm-up {resolve_warmup(self.job.freeal, n_lab)} epochs)")
+            f"(views: {self._view_kind()}; warm-up {warmup} epochs)")
         self.embed_missing()   # head mode reads them from the cache the scorers fill
         args = (self.pool.texts, labels, self.n_classes, self.job.slm, self.job.freeal, views, self.job.seed + round_,
                 str(self.job.state_path / "embeddings"))

@@ -140,10 +140,12 @@ def test_resolve_mode():
 def test_resolve_warmup():
     auto = FreeALConfig()
     assert auto.warmup_epochs is None
-    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS - 1) == SHORT_WARMUP == 1   # few labels: split early
-    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS) == LONG_WARMUP == 3
-    assert resolve_warmup(FreeALConfig(warmup_epochs=0), 10**6) == 0   # a configured value always wins
-    assert resolve_warmup(FreeALConfig(warmup_epochs=2), 5) == 2
+    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS - 1, 4) == SHORT_WARMUP == 1   # few labels: split early
+    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS, 4) == LONG_WARMUP == 3
+    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS, 3) == 2   # one epoch stays for the recipe
+    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS, 1) == 1   # (with one epoch there is nothing to leave)
+    assert resolve_warmup(FreeALConfig(warmup_epochs=0), 10**6, 4) == 0   # a configured value always wins
+    assert resolve_warmup(FreeALConfig(warmup_epochs=5), 5, 4) == 5
 
 
 def test_training_follows_the_warmup_chosen_by_label_count(cache_dir, monkeypatch):

@@ -88,11 +88,14 @@ def resolve_mode(cfg: SLMConfig, n_items: int, n_labelled: int) -> str:
     return "head"
 
 
-def resolve_warmup(freeal: FreeALConfig, n_labelled: int) -> int:
-    """The configured warm-up, or (null) 1 epoch on few labels and 3 on LONG_WARMUP_MIN_LABELS or more."""
+def resolve_warmup(freeal: FreeALConfig, n_labelled: int, epochs: int) -> int:
+    """The configured warm-up, or (null) 1 epoch on few labels and 3 on LONG_WARMUP_MIN_LABELS or more,
+    but never so long that fewer than one of `epochs` is left for the recipe (a chosen default must not
+    silently turn it into plain CE)."""
     if freeal.warmup_epochs is not None:
         return freeal.warmup_epochs
-    return LONG_WARMUP if n_labelled >= LONG_WARMUP_MIN_LABELS else SHORT_WARMUP
+    long_enough = LONG_WARMUP if n_labelled >= LONG_WARMUP_MIN_LABELS else SHORT_WARMUP
+    return max(SHORT_WARMUP, min(long_enough, epochs - 1))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -288,7 +291,7 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
     mode = resolve_mode(cfg, len(texts), n_labelled)
     model = SLM(cfg.encoder, mode, n_classes, cfg.max_length, cfg.head_hidden, resolve_device(cfg.device),
                 cache_dir)
-    epochs, warmup, rampup = cfg.epochs, resolve_warmup(freeal, n_labelled), freeal.rampup_epochs
+    epochs, warmup, rampup = cfg.epochs, resolve_warmup(freeal, n_labelled, cfg.epochs), freeal.rampup_epochs
 
     inputs: _Inputs
     if mode == "head":
