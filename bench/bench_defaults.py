@@ -3,9 +3,9 @@
 MR train is split once (stratified by gold, random_state 0) into a fit part (80%) and a validation part
 (20%, its gold labels used only to score). Two label budgets: `all` = every fit row carries its GPT-3.5
 label; `1k` = 1,000 stratified fit rows carry it (any row count, e.g. `250`, works the same way), the other
-fit rows are passed unlabelled (as the budgeted schedule does: they enter L_cr_u only). Swept: warmup_epochs x tau x epochs for the robust
-recipe, head_hidden at the defaults, plain CE at each epoch count as the reference; for a few of those
-SLMs the demo pool's precision over clean_ratio R x medoids k (select_demo_pool, as loop.demo_pool_from).
+fit rows are passed unlabelled (as the budgeted schedule does: they enter L_cr_u only). Swept: warmup_epochs
+x tau x epochs for the robust recipe, head_hidden at the defaults, plain CE at each epoch count as the
+reference; for a few of those SLMs the demo pool's precision over clean_ratio R x medoids k (select_demo_pool, as loop.demo_pool_from).
 The best validation config per budget is then trained on the matching rows of the whole train set and
 scored ONCE on the test set next to the current defaults (a confirmation, not a selection).
 

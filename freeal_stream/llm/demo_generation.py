@@ -148,7 +148,7 @@ def _zero_shot_demos(client: LLMClient, cfg: LLMConfig, task_description: str, v
         part = draw[start:start + 2 * sum(missing.values())]
         start += len(part)
         for text, verdict in zip(part, _zero_shot(client, cfg, task_description, verbalizer, part, progress)):
-            if verdict is not None and missing.get(verdict, 0) > 0:
+            if missing.get(verdict, 0) > 0:   # None (no label) and classes already full are skipped
                 out.append((text, verdict, "zero-shot"))
                 missing[verdict] -= 1
     order = list(wanted)
