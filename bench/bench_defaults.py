@@ -5,7 +5,8 @@ MR train is split once (stratified by gold, random_state 0) into a fit part (80%
 label; `1k` = 1,000 stratified fit rows carry it (any row count, e.g. `250`, works the same way), the other
 fit rows are passed unlabelled (as the budgeted schedule does: they enter L_cr_u only). Swept: warmup_epochs
 x tau x epochs for the robust recipe, head_hidden at the defaults, plain CE at each epoch count as the
-reference; for a few of those SLMs the demo pool's precision over clean_ratio R x medoids k (select_demo_pool, as loop.demo_pool_from).
+reference; for a few of those SLMs the demo pool's precision over clean_ratio R x medoids k
+(select_demo_pool, as loop.demo_pool_from).
 The best validation config per budget is then trained on the matching rows of the whole train set and
 scored ONCE on the test set next to the current defaults (a confirmation, not a selection).
 
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1", help="comma-separated, for the validation sweep")
     ap.add_argument("--confirm-seeds", default="0,1,2", help="comma-separated, for the test-set confirmation")
     ap.add_argument("--budgets", default="all,1k",
-                    help="comma-separated, from: all, noisy (all + 15%% flipped), 1k or any row count (that many labelled)")
+                    help="comma-separated, from: all, noisy (all + 15%% flipped), 1k or any row count "
+                         "(that many labelled)")
     ap.add_argument("--small-grid", action="store_true", help="only plain CE and the warm-up sweep at 4 epochs")
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
     ap.add_argument("--mode", choices=("head", "finetune"), default="head", help="SLM mode")
