@@ -38,11 +38,11 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from freeal_stream.config import FreeALConfig, SLMConfig
-from freeal_stream.slm.trainer import Recipe, train_slm
+from freeal_stream.slm.trainer import Recipe, resolve_warmup, train_slm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mr_data import (CLASSES, RESULTS, add_mr_args, demo_pool_precision, label_index, load_mr,  # noqa: E402
-                     mean_std, mr_present, plot, views_of, write_merged)
+                     mean_std, mr_present, plot, stratified_subset, views_of, write_merged)
 
 VAL_FRACTION = 0.2
 WARMUPS, TAUS, EPOCHS, HIDDEN = (1, 2, 3), (0.5, 0.7, 0.9), (4, 8), (1024,)
@@ -100,6 +100,15 @@ def fit_one(c: dict, rows: pd.DataFrame, labels: np.ndarray, seed: int, cache_di
                      seed=seed, cache_dir=cache_dir if mode == "head" else None)
 
 
+def trained_as(c: dict, labels: np.ndarray) -> dict:
+    """What `fit_one` trains for this config: a null warm-up as the trainer resolves it, and no warm-up or tau
+    for plain CE, so that two names for one training are trained once."""
+    if c["recipe"] != "robust":
+        return {**c, "warmup": None, "tau": None}
+    n_labelled = int((labels >= 0).sum())
+    return {**c, "warmup": resolve_warmup(FreeALConfig(warmup_epochs=c["warmup"]), n_labelled, c["epochs"])}
+
+
 def accuracy(result, rows: pd.DataFrame) -> float:
     return float((result.model.predict_proba(rows["text"].tolist()).argmax(1) == label_index(rows["label"])).mean())
 
@@ -125,12 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     confirm_seeds = [int(s) for s in args.confirm_seeds.split(",")]
     torch.set_num_threads(args.threads)
-    whole_train = load_mr(args.data_dir, None)[0]
-    train, test = load_mr(args.data_dir, args.fit_limit)   # train: what the test-set confirmation trains on
+    whole_train, test = load_mr(args.data_dir, None)
+    train = stratified_subset(whole_train, args.fit_limit)   # what the test-set confirmation trains on
     fit, val = train_test_split(whole_train, test_size=VAL_FRACTION, stratify=whole_train["label"], random_state=0)
-    if args.fit_limit:
-        fit, _ = train_test_split(fit, train_size=args.fit_limit, stratify=fit["label"], random_state=0)
-    fit, val = fit.reset_index(drop=True), val.reset_index(drop=True)
+    fit, val = stratified_subset(fit.reset_index(drop=True), args.fit_limit), val.reset_index(drop=True)
     gold_fit = label_index(fit["label"])
     print(f"held-out split of MR train: {len(fit)} fit / {len(val)} validation rows; seeds {seeds}", flush=True)
 
@@ -186,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             labels = budget_labels(train, budget)
             for tag, c in (("default robust", DEFAULT), ("chosen robust", chosen[budget]),
                            ("chosen plain CE", best_ce[budget])):
-                same = next((v["test_acc"] for v in confirm.get(budget, {}).values() if v["config"] == c), None)
+                same = next((v["test_acc"] for v in confirm.get(budget, {}).values()
+                             if trained_as(v["config"], labels) == trained_as(c, labels)), None)
                 accs = same or [accuracy(fit_one(c, train, labels, seed, args.cache_dir, args.threads, args.mode),
                                          test) for seed in confirm_seeds]   # the default chosen: not trained twice
                 mu, sd = mean_std(accs)

@@ -53,11 +53,16 @@ def load_mr(data_dir: Path, train_limit: int | None) -> tuple[pd.DataFrame, pd.D
     """(train, test); `train_limit` takes a stratified (by gold) subset of train, fixed random_state 0."""
     train = pd.read_csv(data_dir / "mr" / "train.csv", keep_default_na=False)
     test = pd.read_csv(data_dir / "mr" / "test.csv", keep_default_na=False)
-    if train_limit and train_limit < len(train):
-        from sklearn.model_selection import train_test_split
-        train, _ = train_test_split(train, train_size=train_limit, stratify=train["label"], random_state=0)
-        train = train.reset_index(drop=True)
-    return train, test
+    return stratified_subset(train, train_limit), test
+
+
+def stratified_subset(rows: pd.DataFrame, n: int | None) -> pd.DataFrame:
+    """n rows with the gold label shares of `rows` (random_state 0), or all of them when n is None or too big."""
+    if not n or n >= len(rows):
+        return rows
+    from sklearn.model_selection import train_test_split
+    part, _ = train_test_split(rows, train_size=n, stratify=rows["label"], random_state=0)
+    return part.reset_index(drop=True)
 
 
 def views_of(train: pd.DataFrame) -> list[str | None]:

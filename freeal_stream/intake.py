@@ -13,8 +13,8 @@ from typing import Any
 from freeal_stream.config import DataConfig, JobConfig
 from freeal_stream.progress import Progress
 from freeal_stream.readers import RawRecord
-from freeal_stream.service.http_api import MAX_LISTED_PROBLEMS
-from freeal_stream.sources import Batch, Columns, Problem, build_batch, content_hash, hash_id, read_items
+from freeal_stream.sources import (MAX_LISTED_PROBLEMS, Batch, Columns, Problem, build_batch, content_hash, hash_id,
+                                  read_items)
 
 
 def add_batch(store: Any, batch: Batch, source: str) -> int:

@@ -23,6 +23,9 @@ _SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"
              ".parquet": "parquet", ".pq": "parquet"}
 
 
+MAX_LISTED_PROBLEMS = 50   # quarantined/flagged items named in one POST /items answer (all are stored)
+
+
 class DataError(ValueError):
     """The data file cannot be read as the job describes it."""
 

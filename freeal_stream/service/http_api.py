@@ -31,13 +31,14 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from freeal_stream.sources import MAX_LISTED_PROBLEMS
+
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "FREEAL_SERVICE_TOKEN"
 MAX_BODY_BYTES = 32 << 20
 MAX_ITEMS = 50_000
 MAX_LABELS_LIMIT = 10_000
-MAX_LISTED_PROBLEMS = 50   # quarantined/flagged items named in one POST /items answer (all are stored)
 # A body refused unread (401, 404, 413...) and smaller than this is read and dropped, so the client gets the
 # answer rather than a reset connection (closing a socket with unread data resets it).
 _DRAIN_LIMIT = 256 << 20
