@@ -4,9 +4,10 @@ the SLM's clean set and demo pool are (issue 5, items 1 and 4).
 Conditions (same encoder, same seeds): (a) gold labels + plain CE (the ceiling); (b) GPT-3.5 labels +
 plain CE; (c) GPT-3.5 labels + the full robust recipe, `backtranslation` as the augmented view;
 (d) ablations of (c): without the GMM clean/noisy split, without consistency regularisation, without
-mixup. For every GPT-3.5 condition: precision against gold of the GMM clean set (SLMResult.clean) and of
-the demo pool that loop.demo_pool_from would build from that SLM (freeal_stream.demos.select_demo_pool
-with FreeALConfig's clean_ratio R and medoids_per_class k). Fixed epochs; nothing is selected on test.
+mixup; on request, one GMM over all rows instead of one per class. For every GPT-3.5 condition: precision
+against gold of the GMM clean set (SLMResult.clean) and of the demo pool that loop.demo_pool_from would
+build from that SLM (freeal_stream.demos.select_demo_pool with FreeALConfig's clean_ratio R and
+medoids_per_class k). Fixed epochs; nothing is selected on test.
 
     bench/bench_robust.py --mode head --seeds 0,1,2
     bench/bench_robust.py --mode finetune --train-limit 1000 --seeds 0,1,2 --conditions a_gold_ce,b_gpt35_ce,c_gpt35_robust_bt
@@ -38,7 +39,9 @@ CONDITIONS = {  # name -> (label column, recipe, use the back-translation view)
     "d_no_gmm": ("gpt35_label", Recipe(gmm=False), True),
     "d_no_consistency": ("gpt35_label", Recipe(consistency=False), True),
     "d_no_mixup": ("gpt35_label", Recipe(mixup=False), True),
+    "d_global_gmm": ("gpt35_label", Recipe(per_class_split=False), True),   # METHOD.md's one GMM, not one per class
 }
+ON_REQUEST = ("d_global_gmm",)   # not in the default run
 METRICS = ["test_acc", "train_acc_vs_gold", "n_clean", "clean_precision", "clean_recall", "demo_precision",
            "small_loss_precision", "train_seconds", "samples_per_s"]
 
@@ -87,10 +90,10 @@ def combine(key: str, sources: list[Path], out: Path) -> int:
     order = [n for n in CONDITIONS if n in runs]
     merged = {n: [runs[n][s] for s in sorted(runs[n])] for n in order}
     summary = {n: summarise(r) for n, r in merged.items()}
+    seeds = sorted({s for r in runs.values() for s in r})
     entry = {**base, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary, "runs": merged,
-             "seeds": sorted({s for r in runs.values() for s in r}),
-             "combined_from": [str(p) for p in sources],
-             "complete": all(len(r) == len(base["seeds"]) for r in merged.values())}
+             "seeds": seeds, "combined_from": [str(p) for p in sources],
+             "complete": all(len(r) == len(seeds) for r in merged.values())}   # every condition has every seed
     write_merged(out, key, entry)
     print_table(key, summary)
     refs = {"gold CE": summary["a_gold_ce"]["test_acc_mean"] * 100} if "a_gold_ce" in summary else {}
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-limit", type=int, default=None, help="stratified subset of the train set")
     ap.add_argument("--epochs", type=int, default=SLMConfig.epochs)
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
-    ap.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated, from: " + ", ".join(CONDITIONS))
+    ap.add_argument("--conditions", default=",".join(n for n in CONDITIONS if n not in ON_REQUEST),
+                    help="comma-separated, from: " + ", ".join(CONDITIONS))
     add_mr_args(ap, RESULTS / "slm_robust.json")
     ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                     help="no training: merge the runs of the key that --mode/--epochs/--train-limit name from "

@@ -1,4 +1,4 @@
-"""Shared bits of the MR benches (bench_slm, bench_robust, bench_peers, bench_defaults, bench_strategies_mr,
+"""Shared bits of the MR benches (bench_robust, bench_peers, bench_defaults, bench_strategies_mr,
 bench_label_of_record): their common options, data loading,
 label indices, the train/test evaluation of one SLM, the demo-pool precision, JSON merge and plotting.
 
