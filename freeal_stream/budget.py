@@ -12,11 +12,12 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from freeal_stream.errors import UserError
 from freeal_stream.config import BudgetConfig, Price
 from freeal_stream.llm.ratelimit import estimate_tokens
 
 
-class BudgetConfigError(ValueError):
+class BudgetConfigError(UserError):
     """The budget cannot be enforced as written (e.g. a money cap without a price for the model)."""
 
 

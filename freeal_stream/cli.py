@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from freeal_stream.config import ConfigError, JobConfig, load_job
+from freeal_stream.config import JobConfig, load_job
+from freeal_stream.errors import UserError
 from freeal_stream.progress import Progress
 
 EXPORT_FORMATS = {".csv": "CSV", ".parquet": "PARQUET", ".jsonl": "JSON", ".json": "JSON"}
@@ -24,7 +25,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _prepare_process(job)
     progress = Progress()
     from freeal_stream.intake import ingest
-    from freeal_stream.loop import FreeALRun, format_round
+    from freeal_stream.loop import FreeALRun
+    from freeal_stream.rounds.metrics import format_round
     from freeal_stream.session import open_session
 
     with open_session(job, progress, args.address) as session:
@@ -248,31 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message already names the problem and the fix: print it, no traceback."""
-    from freeal_stream.llm.client import FatalLLMError
-    from freeal_stream.local_llm import ModelNotAvailable, ServerStartError
-    from freeal_stream.service.client import ServiceError
-    from freeal_stream.sources import DataError
-    from freeal_stream.store import StateError
-
-    from freeal_stream.actors.annotators import AnnotatorError
-    from freeal_stream.budget import BudgetConfigError
-    from strategies.base import StrategyError
-
-    return (ConfigError, DataError, StateError, FatalLLMError, ModelNotAvailable, ServerStartError, AnnotatorError,
-            BudgetConfigError, StrategyError, FileNotFoundError, ServiceError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except Exception as e:
-        if isinstance(e, _user_errors()):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except (UserError, FileNotFoundError) as e:   # the message names the problem and the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: everything finished so far is in the state directory; rerun to resume",
               file=sys.stderr)

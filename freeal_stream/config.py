@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from freeal_stream.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A job file problem, phrased as: file, field, what is wrong, how to fix it."""
 
     def __init__(self, file: str | Path, field_path: str, problem: str, fix: str):

@@ -27,12 +27,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from freeal_stream.errors import UserError
 
-class ModelNotAvailable(RuntimeError):
+
+class ModelNotAvailable(UserError):
     """The model's GGUF cannot be found, joined or trusted; the message says how to fix it."""
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(UserError):
     """The llama.cpp child died or did not answer in time; the message carries the tail of its log."""
 
 

@@ -17,8 +17,10 @@ from typing import Any, NamedTuple
 
 import duckdb
 
+from freeal_stream.errors import FreealError
 
-class FileUnreadable(ValueError):
+
+class FileUnreadable(FreealError):
     """The file as a whole cannot be read in the declared format (the message says why)."""
 
 

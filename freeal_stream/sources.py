@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from freeal_stream.errors import UserError
 from freeal_stream.config import DataConfig
 from freeal_stream.readers import READERS, FileUnreadable, RawRecord
 
@@ -26,7 +27,7 @@ _SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"
 MAX_LISTED_PROBLEMS = 50   # quarantined/flagged items named in one POST /items answer (all are stored)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data file cannot be read as the job describes it."""
 
 

@@ -14,10 +14,12 @@ from typing import ClassVar, Iterable
 
 import numpy as np
 
+from freeal_stream.errors import UserError
+
 COLUMNS = frozenset({"probs", "embeddings", "llm_labels", "slm_labels"})
 
 
-class StrategyError(ValueError):
+class StrategyError(UserError):
     """A strategy could not be loaded, or misbehaved during selection; the round must not use its output."""
 
     def __init__(self, strategy: str, problem: str):
@@ -30,7 +32,8 @@ class Shard:
     """A slice of the selectable pool: ids plus the columns a strategy declared, aligned row by row.
 
     A column is None when the caller did not load it (the strategy did not ask) or it does not exist yet:
-    `probs` and `embeddings` come from the SLM, so they are None before the first SLM has been trained.
+    `probs` come from the SLM, so they are None before the first SLM has been trained (round 1); the loop's
+    `embeddings` are then the frozen encoder's (the space round 1's demos are retrieved in), later the SLM's.
     `slm_labels` is the label the *previous* round's SLM gave (one round older than `probs`), so a strategy
     can see which predictions moved. Labels are class indices, -1 = none.
     """

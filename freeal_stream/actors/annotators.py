@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from freeal_stream import budget as budget_policy
 from freeal_stream.actors.runtime import Secret
 from freeal_stream.config import LLMConfig
+from freeal_stream.errors import ActorsDied, UserError
 from freeal_stream.llm.client import ChatAnswer, ChatRequest, Ledger, LLMClient
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,6 @@ def share(cfg: LLMConfig, n: int) -> list[LLMConfig]:
     return [dataclasses.replace(cfg, concurrency=part(cfg.concurrency, i),
                                 requests_per_minute=part(cfg.requests_per_minute, i),
                                 tokens_per_minute=part(cfg.tokens_per_minute, i)) for i in range(k)]
-
-
-class AnnotatorError(RuntimeError):
-    """The pool could not keep annotators alive (too many deaths): the run stops, resumable."""
 
 
 @dataclass
@@ -199,9 +196,7 @@ class AnnotatorPool:
     def _replace(self, slot: int) -> None:
         self.restarts += 1
         if self.restarts > self.max_restarts:
-            raise AnnotatorError(f"annotator actors died {self.restarts} times (ray.max_restarts = "
-                                 f"{self.max_restarts}); everything answered so far is stored. Fix: check the "
-                                 "Ray logs (/tmp/ray/session_latest/logs) and rerun to resume")
+            raise ActorsDied("annotator", self.restarts, self.max_restarts)
         log.warning("annotator %d died; starting a replacement (%d/%d)", slot, self.restarts, self.max_restarts)
         self.actors[slot] = self._new_actor(slot)
 
@@ -222,6 +217,6 @@ def wait_for_actors(pool: AnnotatorPool, timeout_s: float = 120.0) -> None:
     ready, pending = ray.wait([a.node_id.remote() for a in pool.actors], num_returns=pool.size,
                               timeout=max(0.0, deadline - time.monotonic()))
     if pending:
-        raise AnnotatorError(f"{len(pending)} of {pool.size} annotator actors could not be placed within "
+        raise UserError(f"{len(pending)} of {pool.size} annotator actors could not be placed within "
                              f"{timeout_s:.0f} s (resources asked: {pool.resources or 'none'}). Fix: check "
                              "ray.annotator_resources against the cluster's nodes (`ray status`)")

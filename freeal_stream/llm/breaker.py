@@ -15,8 +15,10 @@ import asyncio
 import time
 from typing import Callable
 
+from freeal_stream.errors import FreealError
 
-class EndpointDead(Exception):
+
+class EndpointDead(FreealError):
     """Failures went on for longer than the breaker's give_up_after_s."""
 
 

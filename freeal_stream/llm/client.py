@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import openai
 from openai.types.chat import ChatCompletion
 
+from freeal_stream.errors import UserError
 from freeal_stream.config import LLMConfig
 from freeal_stream.llm.breaker import CircuitBreaker, EndpointDead
 from freeal_stream.llm.ratelimit import RateLimiter, estimate_tokens
@@ -106,7 +107,7 @@ class AnswerCache(Protocol):
     def record_failure(self, request: ChatRequest, answer: ChatAnswer) -> None: ...
 
 
-class FatalLLMError(RuntimeError):
+class FatalLLMError(UserError):
     """A problem no retry fixes (bad key, unknown model, no server); its message never holds the key."""
 
 

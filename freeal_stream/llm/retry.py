@@ -12,12 +12,13 @@ from typing import Any
 
 import openai
 
+from freeal_stream.errors import FreealError
 from freeal_stream.config import LLMConfig
 
 _TRANSIENT_STATUS = {408, 409, 429}
 
 
-class BadResponse(Exception):
+class BadResponse(FreealError):
     """A 200 whose body is not a usable chat completion (proxy error page, truncated JSON)."""
 
 

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from freeal_stream.errors import UserError
+
 SERVICE_FILE = "service.json"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(UserError):
     """The service refused a request (``status``: the HTTP code) or could not be reached (``status`` None)."""
 
     def __init__(self, message: str, status: int | None = None):

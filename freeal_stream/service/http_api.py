@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from freeal_stream.errors import FreealError
 from freeal_stream.sources import MAX_LISTED_PROBLEMS
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class PostedItems:
     source: str = "POST /items"
 
 
-class ApiError(Exception):
+class ApiError(FreealError):
     """A request the API refuses, with the status code and what to tell the client."""
 
     def __init__(self, status: int, message: str, detail: dict[str, Any] | None = None,

@@ -17,11 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from freeal_stream.errors import UserError
+
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 _PACKAGED = {DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"}
 
 
-class EncoderNotFound(ValueError):
+class EncoderNotFound(UserError):
     """The encoder named in the job is not available offline; the message says what to install."""
 
 
