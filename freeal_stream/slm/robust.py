@@ -1,4 +1,4 @@
-"""The functional core of robust self-training (METHOD.md section 2): pure functions, each testable alone."""
+"""The functional core of robust self-training (docs/METHOD.md section 3): pure functions, each testable alone."""
 from __future__ import annotations
 
 import warnings
@@ -76,7 +76,7 @@ def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def kl_consistency(aug_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
     """KL(S(x) ‖ S(x_aug)), batch mean; the original view is a fixed target, so only the aug side learns.
 
-    METHOD.md writes L_cr_u = KL(S(x^aug) ‖ S(x)) with the target side detached; this is that term in
+    docs/METHOD.md writes L_cr_u = KL(S(x^aug) ‖ S(x)) with the target side detached; this is that term in
     PyTorch's `kl_div(input=aug, target=orig)` convention, the direction UDA uses (the authors' code
     averages both directions, each with its own detached target).
     """
