@@ -52,7 +52,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The paper's figures (METHOD.md, "Reference figures"; GPT-3.5-Turbo + RoBERTa-base, full data, test accuracy).
+# The paper's figures (docs/METHOD.md, "Reference figures"; GPT-3.5-Turbo + RoBERTa-base, full data, test accuracy).
 PAPER = {
     "mr": {"llm_zero_shot": 90.05, "llm_after": 93.10, "slm_after": 90.20,
            "budgeted_slm_by_round": [81.20, 87.75, 88.95]},
@@ -131,13 +131,14 @@ def zero_shot_pass(run: Any, texts: list[str], gold: np.ndarray, say: Any) -> di
     from freeal_stream.llm.client import ChatRequest
     from freeal_stream.llm.prompts import TEMPLATE_VERSION, annotation_messages
 
-    store = run.store
-    reqs = [ChatRequest.build(annotation_messages(run.job.task.description, run.verbalizer, [], t), run.llm_cfg,
+    ctx = run.ctx
+    store = ctx.store
+    reqs = [ChatRequest.build(annotation_messages(ctx.job.task.description, ctx.verbalizer, [], t), ctx.llm,
                               TEMPLATE_VERSION) for t in texts]
     before, t0 = store.spent(), time.time()
-    answers = run.s.annotators.complete_many(
-        reqs, progress=lambda d, t, _l: run.progress.update("zero-shot pass", d, t))
-    labels = np.array([-1 if (p := run.verbalizer.parse(a.content)) is None else p for a in answers])
+    answers = ctx.session.annotators.complete_many(
+        reqs, progress=lambda d, t, _l: ctx.progress.update("zero-shot pass", d, t))
+    labels = np.array([-1 if (p := ctx.verbalizer.parse(a.content)) is None else p for a in answers])
     out = {**llm_figures(labels, gold), "seconds": round(time.time() - t0, 1),
            "usage": usage_delta(store.spent(), before)}
     say(f"zero-shot: acc {out['acc']} (on labelled {out['acc_on_labelled']}, no label {out['no_label']}), "
@@ -147,24 +148,29 @@ def zero_shot_pass(run: Any, texts: list[str], gold: np.ndarray, say: Any) -> di
 
 def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: list[str], test_gold: np.ndarray,
                  wall: float, before: dict[str, int]) -> dict[str, Any]:
+    from freeal_stream.actors.scorers import ShardInput
+    from freeal_stream.rounds.planning import llm_label_array
     from freeal_stream.store import LABEL_RULES
 
-    store, names = run.store, run.job.task.class_names
+    ctx = run.ctx
+    store, names = ctx.store, ctx.job.task.class_names
     m = next(r["metrics"] for r in store.rounds() if r["round"] == round_)
-    ids = run.pool.ids
+    ids = store.items_range(0, ctx.pool.size).ids
     gold = np.array([gold_by_id[i] for i in ids])
-    llm = run.llm_label_array()
-    asked = store.annotated_in_round(round_)
-    at = np.array([run.pool.pos[i] for i in asked], dtype=int)
-    annotated = np.array([run.pool.pos[i] for i in store.annotated_ids()], dtype=int)
+    llm = llm_label_array(ctx)
+    at = store.positions_of(sorted(store.annotated_in_round(round_)))
+    annotated = store.annotated_positions()
     t0 = time.time()
-    probs, _ = run.s.scorers.score(f"round-{round_}", run.scored.files, test_texts)
+    logits: list = []
+    ctx.session.scorers.score_shards(f"test-{round_}", run.latest.files, [(0, ShardInput(texts=test_texts))],
+                                     lambda _s, scores: logits.append(scores.logits))
+    probs = logits[0]
     test_s = time.time() - t0
-    rule = run.job.freeal.label_of_record
+    rule = ctx.job.freeal.label_of_record
     by_rule = {r: store.gold_agreement(names, r) for r in LABEL_RULES}
     by_source, disputed = store.label_counts(rule)
     demos = store.demo_pool(round_)
-    demo_right = [gold_by_id[d[0]] == d[2] for d in demos if d[0] in gold_by_id]
+    demo_right = [gold_by_id[d.id] == d.label for d in demos if d.id in gold_by_id]
     rec = {
         "round": round_, "metrics": m,
         "llm_this_round": llm_figures(llm[at], gold[at]) if len(at) else None,
@@ -191,7 +197,8 @@ def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: 
 def run_schedule(dataset: str, schedule: str, seed: int, data_path: Path, train: pd.DataFrame,
                  test: pd.DataFrame, args: argparse.Namespace, save: Any) -> dict[str, Any]:
     from freeal_stream.config import load_job
-    from freeal_stream.loop import FreeALRun, format_round
+    from freeal_stream.loop import FreeALRun
+    from freeal_stream.rounds.metrics import format_round
     from freeal_stream.progress import Progress
     from freeal_stream.intake import ingest
     from freeal_stream.session import open_session
@@ -217,9 +224,10 @@ def run_schedule(dataset: str, schedule: str, seed: int, data_path: Path, train:
         ingest(job, session.store, progress)
         run = FreeALRun(session, progress)
         entry["startup_s"] = round(time.time() - t_start, 1)
-        pool_gold = np.array([gold_by_id[i] for i in run.pool.ids])
+        items = session.store.items_range(0, run.ctx.pool.size)
+        pool_gold = np.array([gold_by_id[i] for i in items.ids])
         if schedule == "full" and not args.no_zero_shot:
-            entry["zero_shot"] = zero_shot_pass(run, run.pool.texts, pool_gold, say)
+            entry["zero_shot"] = zero_shot_pass(run, items.texts, pool_gold, say)
             save(entry)
         last = job.freeal.rounds
         for round_ in range(1, last + 1):
@@ -232,7 +240,7 @@ def run_schedule(dataset: str, schedule: str, seed: int, data_path: Path, train:
             if round_ == 1:
                 rec["demo_generation"] = {
                     "requests": rec["usage_in_call"]["requests"] - (rec["metrics"].get("requests_round") or 0),
-                    "demos": [{"text": d[1], "label": names[d[2]], "source": d[3]}
+                    "demos": [{"text": d.text, "label": names[d.label], "source": d.source}
                               for d in session.store.demo_pool(0)]}
             entry["rounds"].append(rec)
             say(format_round(rec["metrics"]))

@@ -39,7 +39,7 @@ CONDITIONS = {  # name -> (label column, recipe, use the back-translation view)
     "d_no_gmm": ("gpt35_label", Recipe(gmm=False), True),
     "d_no_consistency": ("gpt35_label", Recipe(consistency=False), True),
     "d_no_mixup": ("gpt35_label", Recipe(mixup=False), True),
-    "d_global_gmm": ("gpt35_label", Recipe(per_class_split=False), True),   # METHOD.md's one GMM, not one per class
+    "d_global_gmm": ("gpt35_label", Recipe(per_class_split=False), True),   # the paper's one GMM, not one per class
 }
 ON_REQUEST = ("d_global_gmm",)   # not in the default run
 METRICS = ["test_acc", "train_acc_vs_gold", "n_clean", "clean_precision", "clean_recall", "demo_precision",

@@ -40,7 +40,7 @@ class Service:
 
     def __init__(self, session: Session, progress: Progress):
         self.s, self.job, self.store, self.progress = session, session.job, session.store, progress
-        self.run = FreeALRun(session, progress)
+        self.rounds = FreeALRun(session, progress)
         self.stop = threading.Event()
         self.class_names = self.job.task.class_names
 
@@ -88,16 +88,16 @@ class Service:
         self.progress.say(f"serving {self.job.name}: API {url} ({'token required' if token else 'no token'}), "
                           f"inbox {inbox.root}")
         try:
-            self.run.run()   # the job's own rounds first (resumed if they were under way)
+            self.rounds.run()   # the job's own rounds first (resumed if they were under way)
             first_seen: float | None = None
             while not self.stop.is_set():
                 waiting = self.store.unscored_count()
                 first_seen = (first_seen or time.monotonic()) if waiting else None
                 if self._due(waiting, first_seen):
-                    round_ = self.run.next_round()
+                    round_ = self.rounds.next_round()
                     self.progress.say(f"{waiting} new items: starting round {round_}")
-                    if not self.run.run_round(round_):
-                        n = self.run.label_new_with_slm()
+                    if not self.rounds.run_round(round_):
+                        n = self.rounds.label_new_with_slm()
                         self.progress.say(f"no round possible now (budget spent or nothing to annotate): {n} new "
                                           "items labelled by the latest SLM; the LLM sees new items once a round "
                                           "can run")

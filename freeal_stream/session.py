@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from freeal_stream import budget as budget_policy
+from ray.actor import ActorHandle
+
 from freeal_stream.actors.annotators import AnnotatorPool, wait_for_actors
 from freeal_stream.actors.runtime import cluster_has_gpu, start_ray
 from freeal_stream.actors.scorers import ScorerPool
-from freeal_stream.actors.store_actor import StoreProxy, start_store
+from freeal_stream.actors.store_actor import start_store
 from freeal_stream.actors.trainer import start_trainer
-from freeal_stream.config import JobConfig, job_to_dict
+from freeal_stream.config import JobConfig, Price, job_to_dict
+from freeal_stream.errors import ActorsDied
 from freeal_stream.progress import Progress
 from freeal_stream.store import StateError, Store
 
@@ -74,32 +77,32 @@ def api_key(job: JobConfig, local: bool) -> str | None:
 
 @dataclass
 class Session:
+    """One job's running parts, as `open_session` started them."""
+
     job: JobConfig
-    store: StoreProxy
+    store: Store                          # the store actor's proxy: Store's methods, run by the one writer
     annotators: AnnotatorPool
     scorers: ScorerPool
-    trainer: Any
-    model_name: str          # the name the endpoint serves (the embedded server's own name)
-    price: Any
+    trainer: ActorHandle                  # the trainer actor (`actors.trainer.Trainer`)
+    model_name: str                       # the name the endpoint serves (the embedded server's own name)
+    price: Price | None                   # the model's token prices (None: no budget.prices entry)
     guard: budget_policy.BudgetGuard
-    where: str
+    where: str                            # where Ray runs, in words
     trainer_restarts: int = 0
 
     def replace_trainer(self) -> None:
         """A new trainer actor after the last one died (a restarted actor would re-run __init__ anyway)."""
         self.trainer_restarts += 1
         if self.trainer_restarts > self.job.ray.max_restarts:
-            raise StateError(f"the trainer actor died {self.trainer_restarts} times (ray.max_restarts = "
-                             f"{self.job.ray.max_restarts}); the labels so far are stored. Fix: check the Ray logs "
-                             "(/tmp/ray/session_latest/logs; out of memory?) and rerun to resume")
+            raise ActorsDied("trainer", self.trainer_restarts, self.job.ray.max_restarts)
         self.trainer = start_trainer(self.job.ray, self.job.slm.threads, cluster_has_gpu())
 
 
-def spent_now(store: Any, job: JobConfig) -> budget_policy.Spent:
+def spent_now(store: Store, job: JobConfig) -> budget_policy.Spent:
     return budget_policy.spent_from_usage(store.usage_by_model(), job.budget)
 
 
-def _open_store(job: JobConfig, wait_s: float = 15.0) -> StoreProxy:
+def _open_store(job: JobConfig, wait_s: float = 15.0) -> Store:
     """The store actor for the job's state, refusing an incompatible config change.
 
     A file still held is retried for `wait_s`: after a `kill -9` the dead run's actors take a moment

@@ -61,7 +61,7 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
     priced = bool(usage) and all(u["model"] in job.budget.prices for u in usage)
     raw = store.spent()
     n_items = store.count_items()
-    annotated = len(store.annotated_ids())
+    annotated = store.annotated_count()
     by_source, disputed = store.label_counts(job.freeal.label_of_record)
     todo = remaining_requests(job, rounds, n_items - annotated)
     per_req = (spent.tokens / spent.requests, spent.cost / spent.requests) if spent.requests else None
@@ -90,7 +90,7 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
 
 def format_status(st: dict[str, Any]) -> list[str]:
     """Human-readable lines for `freeal-stream status`."""
-    from freeal_stream.loop import format_round
+    from freeal_stream.rounds.metrics import format_round
 
     money = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     s, left, est = st["spent"], st["left"], st["estimate_to_finish"]

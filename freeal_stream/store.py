@@ -17,15 +17,20 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from freeal_stream.errors import UserError
 from freeal_stream.llm.client import ChatAnswer, ChatRequest
+from freeal_stream.records import Annotation, Demo, ItemColumns, PlanItem
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# The store process's DuckDB memory: large joins and sorts spill to `<state>/duckdb.tmp` beyond it, so a pool
+# of millions is labelled and exported in bounded memory.
+MEMORY_LIMIT = "1GB"
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS items (
     seq BIGINT PRIMARY KEY, id VARCHAR UNIQUE NOT NULL, text VARCHAR NOT NULL, view VARCHAR,
-    gold VARCHAR, content_hash VARCHAR NOT NULL, ingested_at DOUBLE NOT NULL);
+    gold VARCHAR, content_hash VARCHAR NOT NULL, ingested_at DOUBLE NOT NULL, pos BIGINT);
 CREATE TABLE IF NOT EXISTS llm_answers (
     key VARCHAR PRIMARY KEY, model VARCHAR, request JSON, content VARCHAR, finish_reason VARCHAR,
     prompt_tokens INTEGER, completion_tokens INTEGER, cached_tokens INTEGER, top_logprobs JSON,
@@ -37,7 +42,7 @@ CREATE TABLE IF NOT EXISTS annotations (
     confidence DOUBLE, demo_ids JSON, PRIMARY KEY (item_id, round));
 CREATE TABLE IF NOT EXISTS slm_scores (
     round INTEGER NOT NULL, item_id VARCHAR NOT NULL, pred INTEGER NOT NULL, confidence DOUBLE NOT NULL,
-    probs JSON, loss DOUBLE, clean BOOLEAN, PRIMARY KEY (round, item_id));
+    loss DOUBLE, clean BOOLEAN, PRIMARY KEY (round, item_id));
 CREATE TABLE IF NOT EXISTS demo_pools (
     round INTEGER NOT NULL, position INTEGER NOT NULL, demo_id VARCHAR NOT NULL, text VARCHAR NOT NULL,
     label INTEGER NOT NULL, source VARCHAR NOT NULL, PRIMARY KEY (round, position));
@@ -93,7 +98,7 @@ def _labels_sql(rule: str) -> str:
     return _LABELS_SQL.format(replace_disputed="true" if rule == "slm" else "false")
 
 
-_UNSCORED_SQL = """SELECT seq, id FROM items WHERE id NOT IN (
+_UNSCORED_SQL = """SELECT pos FROM items WHERE id NOT IN (
     SELECT item_id FROM slm_scores WHERE round = (SELECT max(round) FROM slm_scores))"""
 
 
@@ -103,8 +108,30 @@ def _first(result: duckdb.DuckDBPyConnection) -> Any:
     return rows[0] if rows else None
 
 
-class StateError(RuntimeError):
+def _item_columns(result: duckdb.DuckDBPyConnection) -> ItemColumns:
+    rows = result.fetchall()
+    cols = list(zip(*rows)) if rows else [(), (), (), ()]
+    return ItemColumns(*(list(c) for c in cols))
+
+
+class StateError(UserError):
     """The state directory cannot be used as asked (locked by another run, incompatible config...)."""
+
+
+def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    return {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                                      [table]).fetchall()}
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring a state file written by an older version to this schema (each step idempotent)."""
+    if "pos" not in _columns(con, "items"):   # v1 -> v2: dense pool positions, aligning per-item arrays on disk
+        con.execute("ALTER TABLE items ADD COLUMN pos BIGINT").fetchall()
+        con.execute("""UPDATE items SET pos = r.p FROM (SELECT seq AS s, row_number() OVER (ORDER BY seq) - 1 AS p
+                       FROM items) r WHERE items.seq = r.s""").fetchall()
+    if "probs" in _columns(con, "slm_scores"):   # v1 -> v2: per-item probabilities live in the round's array file
+        con.execute("ALTER TABLE slm_scores DROP COLUMN probs").fetchall()
+    con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]).fetchall()
 
 
 class Store:
@@ -118,8 +145,10 @@ class Store:
         except duckdb.IOException as e:
             raise StateError(f"{self.path} is in use by another process ({e}). Fix: wait for the other "
                              "freeal-stream run on this state directory to finish, or use another state_dir.")
+        self._exec(f"SET memory_limit = '{MEMORY_LIMIT}'")
+        self._exec("SET temp_directory = ?", [str(self.path.with_suffix(".tmp"))])
         self._exec(_DDL)
-        self._exec("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        _migrate(self.con)
 
     @contextlib.contextmanager
     def _registered(self, name: str, table: pa.Table) -> Iterator[None]:
@@ -163,11 +192,12 @@ class Store:
         before = self.count_items()
         with self._registered("incoming", batch):
             self._exec("""
-                INSERT INTO items SELECT seq, id, text, view, gold, content_hash, epoch(now())
-                FROM incoming n
-                WHERE id NOT IN (SELECT id FROM items) AND content_hash NOT IN (SELECT content_hash FROM items)
-                QUALIFY row_number() OVER (PARTITION BY content_hash ORDER BY seq) = 1
-                    AND row_number() OVER (PARTITION BY id ORDER BY seq) = 1""")
+                INSERT INTO items (seq, id, text, view, gold, content_hash, ingested_at, pos)
+                SELECT seq, id, text, view, gold, content_hash, epoch(now()), $n + row_number() OVER (ORDER BY seq) - 1
+                FROM (SELECT * FROM incoming
+                      WHERE id NOT IN (SELECT id FROM items) AND content_hash NOT IN (SELECT content_hash FROM items)
+                      QUALIFY row_number() OVER (PARTITION BY content_hash ORDER BY seq) = 1
+                          AND row_number() OVER (PARTITION BY id ORDER BY seq) = 1)""", {"n": before})
         return self.count_items() - before
 
     def file_ingested(self, digest: str) -> bool:
@@ -177,22 +207,45 @@ class Store:
     def remember_file(self, digest: str, name: str) -> None:
         self._exec("INSERT OR IGNORE INTO ingested_files VALUES (?, ?, epoch(now()))", [digest, name])
 
-    def unscored_ids(self) -> list[str]:
-        """Items the latest SLM round has not scored: what arrived since that round's pool was taken."""
-        return [r[0] for r in self.con.execute(f"SELECT id FROM ({_UNSCORED_SQL}) ORDER BY seq").fetchall()]
+    def unscored_positions(self) -> np.ndarray:
+        """Pool positions of the items the latest SLM round has not scored: what arrived since its pool was taken."""
+        rows = self.con.execute(f"SELECT pos FROM ({_UNSCORED_SQL}) ORDER BY pos").fetchnumpy()
+        return rows["pos"].astype(np.int64)
 
     def unscored_count(self) -> int:
-        """How many `unscored_ids` there are, without moving them (the service asks every poll)."""
+        """How many `unscored_positions` there are, without moving them (the service asks every poll)."""
         return _first(self.con.execute(f"SELECT count(*) FROM ({_UNSCORED_SQL})"))[0]
 
     def count_items(self) -> int:
         return _first(self.con.execute("SELECT count(*) FROM items"))[0]
 
-    def items(self) -> dict[str, list[Any]]:
-        """All items in ingestion order, as columns."""
-        rows = self.con.execute("SELECT id, text, view, gold FROM items ORDER BY seq").fetchall()
-        cols = list(zip(*rows)) if rows else [(), (), (), ()]
-        return {name: list(col) for name, col in zip(("ids", "texts", "views", "golds"), cols)}
+    def items_range(self, start: int, stop: int) -> ItemColumns:
+        """The items at pool positions start .. stop (ingestion order): a shard of the pool."""
+        return _item_columns(self.con.execute("""SELECT id, text, view, gold FROM items
+                                                 WHERE pos >= ? AND pos < ? ORDER BY pos""", [start, stop]))
+
+    def items_at(self, positions: Sequence[int]) -> ItemColumns:
+        """The items at these pool positions, in the order given."""
+        wanted = pa.table({"pos": pa.array(np.asarray(positions, dtype=np.int64)),
+                           "k": pa.array(np.arange(len(positions), dtype=np.int64))})
+        with self._registered("wanted", wanted):
+            return _item_columns(self.con.execute("""SELECT id, text, view, gold FROM items i JOIN wanted w
+                                                     ON i.pos = w.pos ORDER BY w.k"""))
+
+    def positions_of(self, ids: Sequence[str]) -> np.ndarray:
+        """Pool positions of these ids, in the order given (-1 for an id not stored)."""
+        wanted = pa.table({"id": pa.array(list(ids), pa.string()), "k": pa.array(np.arange(len(ids), dtype=np.int64))})
+        with self._registered("wanted", wanted):
+            rows = self.con.execute("""SELECT coalesce(i.pos, -1) FROM wanted w LEFT JOIN items i ON i.id = w.id
+                                       ORDER BY w.k""").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def item_flags(self, class_names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Small per-position columns of the whole pool: `gold` (class index, -1 = none) and `has_view`."""
+        rows = self.con.execute("""SELECT coalesce(list_position(?, gold) - 1, -1), view IS NOT NULL
+                                   FROM items ORDER BY pos""", [list(class_names)]).fetchnumpy()
+        names = list(rows)
+        return {"gold": rows[names[0]].astype(np.int64), "has_view": rows[names[1]].astype(bool)}
 
     def conflicting_ids(self, ids: Sequence[str], hashes: Sequence[str]) -> list[str]:
         """Ids already stored with a different text: re-ingesting must not silently change an item."""
@@ -291,35 +344,33 @@ class Store:
                 for m, n, p, c, o in rows]
 
     # ---- annotations, scores, demos ---------------------------------------------------------------
-    def add_annotations(self, round_: int, rows: Iterable[tuple[str, str, int | None, float | None, list[str]]]
-                        ) -> None:
-        """rows: (item_id, request_key, label or None = no label, confidence, demo ids used)."""
-        rows = list(rows)
+    def add_annotations(self, round_: int, rows: Sequence[Annotation]) -> None:
         if not rows:
             return
         batch = pa.table({
-            "item_id": [r[0] for r in rows], "round": pa.array([round_] * len(rows), pa.int32()),
-            "request_key": [r[1] for r in rows], "label": pa.array([r[2] for r in rows], pa.int32()),
-            "confidence": pa.array([r[3] for r in rows], pa.float64()),
-            "demo_ids": [json.dumps(r[4]) for r in rows]})
+            "item_id": [r.item_id for r in rows], "round": pa.array([round_] * len(rows), pa.int32()),
+            "request_key": [r.request_key for r in rows], "label": pa.array([r.label for r in rows], pa.int32()),
+            "confidence": pa.array([r.confidence for r in rows], pa.float64()),
+            "demo_ids": [json.dumps(list(r.demo_ids)) for r in rows]})
         with self._registered("incoming", batch):
             self._exec("INSERT OR REPLACE INTO annotations SELECT * FROM incoming")
 
-    def set_round_plan(self, round_: int, plan: Sequence[tuple[str, list[str]]]) -> None:
+    def set_round_plan(self, round_: int, plan: Sequence[PlanItem]) -> None:
         """A round's chosen items and the demos each prompt shows, stored before any is sent: a resumed
         round rebuilds exactly these requests (same keys, so answers already paid come from the cache)."""
         self._exec("DELETE FROM round_plan WHERE round = ?", [round_])
         if plan:
             batch = pa.table({"round": pa.array([round_] * len(plan), pa.int32()),
                               "position": pa.array(np.arange(len(plan), dtype=np.int32)),
-                              "item_id": [p[0] for p in plan], "demo_ids": [json.dumps(p[1]) for p in plan]})
+                              "item_id": [p.item_id for p in plan],
+                              "demo_ids": [json.dumps(list(p.demo_ids)) for p in plan]})
             with self._registered("incoming", batch):
                 self._exec("INSERT INTO round_plan SELECT * FROM incoming")
 
-    def round_plan(self, round_: int) -> list[tuple[str, list[str]]]:
+    def round_plan(self, round_: int) -> list[PlanItem]:
         rows = self.con.execute("SELECT item_id, demo_ids FROM round_plan WHERE round = ? ORDER BY position",
                                 [round_]).fetchall()
-        return [(i, json.loads(d)) for i, d in rows]
+        return [PlanItem(i, tuple(json.loads(d))) for i, d in rows]
 
     def annotated_in_round(self, round_: int) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT item_id FROM annotations WHERE round = ?",
@@ -333,49 +384,57 @@ class Store:
             return {}
         return {"requested": n, "labelled": labelled, "no_label": n - labelled, "failed": 0}
 
-    def annotated_ids(self) -> set[str]:
-        return {r[0] for r in self.con.execute("SELECT DISTINCT item_id FROM annotations").fetchall()}
+    def annotated_count(self) -> int:
+        return _first(self.con.execute("SELECT count(DISTINCT item_id) FROM annotations"))[0]
 
-    def asked_twice(self) -> set[str]:
-        """Items the LLM has already annotated in two rounds: the method asks about a text at most twice."""
-        return {r[0] for r in self.con.execute(
-            "SELECT item_id FROM annotations GROUP BY item_id HAVING count(*) >= 2").fetchall()}
+    def annotated_positions(self, min_rounds: int = 1) -> np.ndarray:
+        """Pool positions of the items the LLM has annotated in at least `min_rounds` rounds (the method asks
+        about a text at most twice)."""
+        rows = self.con.execute("""SELECT i.pos FROM annotations a JOIN items i ON i.id = a.item_id
+                                   GROUP BY i.pos HAVING count(*) >= ? ORDER BY i.pos""", [min_rounds]).fetchnumpy()
+        return rows["pos"].astype(np.int64)
 
     def round_label_counts(self, round_: int) -> dict[int, int]:
         """How many of a round's LLM labels went to each class."""
         return dict(self.con.execute("SELECT label, count(*) FROM annotations WHERE round = ? AND label IS NOT NULL "
                                      "GROUP BY label", [round_]).fetchall())
 
-    def llm_labels(self) -> dict[str, int | None]:
-        """Each annotated item's latest LLM label (None = the LLM gave no usable label)."""
-        rows = self.con.execute("""SELECT item_id, arg_max(label, round) FROM annotations
-                                   GROUP BY item_id""").fetchall()
-        return dict(rows)
+    def llm_label_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, labels) of every annotated item's latest LLM label (-1 = the LLM gave no usable label)."""
+        rows = self.con.execute("""SELECT i.pos, coalesce(arg_max(a.label, a.round), -1) AS label
+                                   FROM annotations a JOIN items i ON i.id = a.item_id
+                                   GROUP BY i.pos ORDER BY i.pos""").fetchnumpy()
+        return rows["pos"].astype(np.int64), rows["label"].astype(np.int64)
 
-    def add_scores(self, round_: int, ids: Sequence[str], probs: np.ndarray, losses: np.ndarray,
+    def add_scores(self, round_: int, positions: np.ndarray, probs: np.ndarray, losses: np.ndarray,
                    clean: np.ndarray) -> None:
+        """A round's SLM verdict on pool positions: prediction and confidence from `probs`, and the CE loss and
+        clean flag of the labelled ones (NaN / False elsewhere)."""
         batch = pa.table({
-            "round": pa.array(np.full(len(ids), round_, np.int32)), "item_id": pa.array(list(ids), pa.string()),
+            "pos": pa.array(np.asarray(positions, dtype=np.int64)),
             "pred": pa.array(probs.argmax(1).astype(np.int32)),
             "confidence": pa.array(probs.max(1).astype(np.float64)),
-            "probs": pa.array([json.dumps([round(float(p), 5) for p in row]) for row in probs], pa.string()),
             "loss": pa.array(np.where(np.isnan(losses), None, losses).tolist(), pa.float64()),
-            "clean": pa.array(clean.astype(bool))})
+            "clean": pa.array(np.asarray(clean, dtype=bool))})
         with self._registered("incoming", batch):
-            self._exec("INSERT OR REPLACE INTO slm_scores SELECT * FROM incoming")
+            self._exec("""INSERT OR REPLACE INTO slm_scores
+                          SELECT $r, i.id, n.pred, n.confidence, n.loss, n.clean
+                          FROM incoming n JOIN items i ON i.pos = n.pos""", {"r": round_})
 
-    def slm_preds(self, round_: int) -> dict[str, int]:
-        return dict(self.con.execute("SELECT item_id, pred FROM slm_scores WHERE round = ?", [round_]).fetchall())
+    def slm_predictions(self, round_: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, predicted class) of the items round `round_`'s SLM scored."""
+        rows = self.con.execute("""SELECT i.pos, s.pred FROM slm_scores s JOIN items i ON i.id = s.item_id
+                                   WHERE s.round = ? ORDER BY i.pos""", [round_]).fetchnumpy()
+        return rows["pos"].astype(np.int64), rows["pred"].astype(np.int64)
 
-    def set_demo_pool(self, round_: int, demos: Sequence[tuple[str, str, int, str]]) -> None:
-        """demos: (demo_id, text, label, source) in pool order."""
+    def set_demo_pool(self, round_: int, demos: Sequence[Demo]) -> None:
         self._exec("DELETE FROM demo_pools WHERE round = ?", [round_])
         if demos:
             self.con.executemany("INSERT INTO demo_pools VALUES (?, ?, ?, ?, ?, ?)",
-                                 [(round_, i, d[0], d[1], int(d[2]), d[3]) for i, d in enumerate(demos)])
+                                 [(round_, i, d.id, d.text, int(d.label), d.source) for i, d in enumerate(demos)])
 
-    def demo_pool(self, round_: int) -> list[tuple[str, str, int, str]]:
-        return [tuple(r) for r in self.con.execute(
+    def demo_pool(self, round_: int) -> list[Demo]:
+        return [Demo(*r) for r in self.con.execute(
             "SELECT demo_id, text, label, source FROM demo_pools WHERE round = ? ORDER BY position",
             [round_]).fetchall()]
 

@@ -44,8 +44,8 @@ def store(tmp_path):
 
 
 def stored(store: Store) -> dict[str, str]:
-    items = store.items()
-    return dict(zip(items["ids"], items["texts"]))
+    items = store.items_range(0, store.count_items())
+    return dict(zip(items.ids, items.texts))
 
 
 def quarantined(store: Store) -> list[tuple]:
@@ -228,7 +228,7 @@ def test_a_gold_label_outside_the_classes_is_flagged_and_dropped(tmp_path, store
     data.write_text("text,gold\nfine,pos\ngreat,POS \nawful,negativ\n")
     job = make_job(tmp_path, data, gold_column="gold")
     assert ingest_file(store, job, data) == 3
-    assert store.items()["golds"] == ["pos", "pos", None]   # matched case-insensitively; the typo is dropped
+    assert store.items_range(0, 3).golds == ["pos", "pos", None]   # matched case-insensitively; the typo is dropped
     [row] = store.problems(10)
     assert (row["action"], row["reason"], row["location"]) == ("flagged", "unknown gold label", "line 4")
     assert "gold label 'negativ' (field 'gold') is not one of ['pos', 'neg']" in row["detail"]

@@ -8,6 +8,7 @@ from freeal_stream.llm.client import ChatAnswer, ChatRequest
 from freeal_stream.session import check_resumable
 from freeal_stream.config import job_to_dict
 from freeal_stream.sources import DataError, read_items
+from freeal_stream.records import Annotation
 from freeal_stream.store import StateError, Store
 
 
@@ -54,7 +55,8 @@ def test_store_items_idempotent_and_answer_cache(tmp_path):
     s = Store(tmp_path / "s.duckdb")
     assert s.add_items(["a", "b"], ["x", "y"], [None, None], ["p", None], ["h1", "h2"]) == 2
     assert s.add_items(["a", "c"], ["x", "z"], [None, None], [None, None], ["h1", "h3"]) == 1
-    assert s.items()["ids"] == ["a", "b", "c"]
+    assert s.items_range(0, 10).ids == ["a", "b", "c"]
+    assert s.items_at([2, 0]).texts == ["z", "x"] and list(s.positions_of(["c", "zz", "a"])) == [2, -1, 0]
     assert s.conflicting_ids(["a", "b"], ["h1", "other"]) == ["b"]
     req = ChatRequest(messages=(("user", "hi"),), model="m", temperature=0.0, max_tokens=2, logprobs=True,
                       top_logprobs=2, template_version="v")
@@ -70,12 +72,12 @@ def test_store_items_idempotent_and_answer_cache(tmp_path):
 def test_label_of_record_under_each_rule(tmp_path):
     s = Store(tmp_path / "s.duckdb")
     s.add_items(["a", "b", "c", "d", "e"], list("vwxyz"), [None] * 5, [None] * 5, list("12345"))
-    s.add_annotations(1, [("a", "k1", 0, 0.9, []), ("b", "k2", None, None, []), ("d", "k4", 0, 0.7, [])])
-    s.add_annotations(2, [("a", "k3", 1, 0.8, ["d1"])])
+    s.add_annotations(1, [Annotation("a", "k1", 0, 0.9, ()), Annotation("b", "k2", None, None, ()),
+                          Annotation("d", "k4", 0, 0.7, ())])
+    s.add_annotations(2, [Annotation("a", "k3", 1, 0.8, ("d1",))])
     probs = np.array([[0.2, 0.8], [0.7, 0.3], [0.4, 0.6], [0.1, 0.9]])
-    s.add_scores(2, ["a", "b", "c", "d"], probs, np.array([0.1, np.nan, np.nan, 2.0]),
-                 np.array([True, False, False, False]))
-    s.add_annotations(3, [("e", "k5", 1, 0.6, [])])  # labelled after the last SLM: nothing judged it yet
+    s.add_scores(2, np.arange(4), probs, np.array([0.1, np.nan, np.nan, 2.0]), np.array([True, False, False, False]))
+    s.add_annotations(3, [Annotation("e", "k5", 1, 0.6, ())])  # labelled after the last SLM: nothing judged it yet
     for rule in ("llm", "slm"):
         rows = {r[1]: r for r in s.labels_rows(rule)}
         assert rows["a"][4:7] == (1, "llm round 2", 0.8) and not rows["a"][9]  # the SLM kept it clean
@@ -88,7 +90,9 @@ def test_label_of_record_under_each_rule(tmp_path):
     assert {r[1]: r for r in s.labels_rows("slm")}["d"][4:7] == (1, "slm round 2", 0.9)
     assert s.label_counts("llm") == ({"llm": 3, "slm": 2}, 1)
     assert s.label_counts("slm") == ({"llm": 2, "slm": 3}, 1)   # disputed the same under either rule
-    assert s.llm_labels() == {"a": 1, "b": None, "d": 0, "e": 1}
+    positions, labels = s.llm_label_positions()
+    assert list(positions) == [0, 1, 3, 4] and list(labels) == [1, -1, 0, 1]   # -1: the LLM gave no label
+    assert list(s.annotated_positions(min_rounds=2)) == [0]
     with pytest.raises(ValueError, match="label_of_record"):
         s.labels_rows("majority")
     s.close()
@@ -126,3 +130,25 @@ def test_state_from_before_a_new_field_resumes_when_the_field_holds_its_default(
     assert check_resumable(stored, current) == []
     current["data"]["max_text_chars"] = 50   # a new field set away from its default does change the prompts
     assert check_resumable(stored, current) == ["data.max_text_chars"]
+
+
+def test_a_version_1_state_file_is_migrated_on_open(tmp_path):
+    """Files written before pool positions existed get dense positions in ingestion order (gaps in seq and all),
+    and lose the per-item JSON probabilities (they live in array files now)."""
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("""CREATE TABLE items (seq BIGINT PRIMARY KEY, id VARCHAR UNIQUE NOT NULL, text VARCHAR NOT NULL,
+                   view VARCHAR, gold VARCHAR, content_hash VARCHAR NOT NULL, ingested_at DOUBLE NOT NULL)""")
+    con.execute("INSERT INTO items VALUES (0, 'a', 'x', NULL, NULL, 'h1', 0), (3, 'b', 'y', NULL, 'p', 'h2', 0)")
+    con.execute("""CREATE TABLE slm_scores (round INTEGER NOT NULL, item_id VARCHAR NOT NULL, pred INTEGER NOT NULL,
+                   confidence DOUBLE NOT NULL, probs JSON, loss DOUBLE, clean BOOLEAN, PRIMARY KEY (round, item_id))""")
+    con.execute("INSERT INTO slm_scores VALUES (1, 'a', 0, 0.9, '[0.9, 0.1]', NULL, false)")
+    con.close()
+    s = Store(path)
+    assert s.items_range(0, 5).ids == ["a", "b"] and s.get_meta("schema_version") == "2"
+    assert s.add_items(["c"], ["z"], [None], [None], ["h3"]) == 1 and list(s.positions_of(["c"])) == [2]
+    positions, preds = s.slm_predictions(1)
+    assert list(positions) == [0] and list(preds) == [0]
+    s.close()

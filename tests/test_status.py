@@ -8,6 +8,7 @@ import pytest
 from freeal_stream.config import parse_job
 from freeal_stream.llm.client import ChatRequest
 from freeal_stream.status import format_status, job_status, remaining_requests
+from freeal_stream.records import Annotation
 from freeal_stream.store import Store
 from tests.test_sources_store import answer
 
@@ -25,7 +26,7 @@ def test_status_prices_spend_and_estimates_the_rest(tmp_path):
     req = ChatRequest(messages=(("user", "hi"),), model="m", temperature=0.0, max_tokens=2, logprobs=False,
                       top_logprobs=0, template_version="v")
     s.put_answer(req, answer(req.key()))   # 10 prompt tokens (4 cached), 1 completion token
-    s.add_annotations(1, [("i0", req.key(), 0, 0.9, [])])
+    s.add_annotations(1, [Annotation("i0", req.key(), 0, 0.9, ())])
     s.set_phase(1, "budgeted", "done")
     j = job(max_requests=10, max_cost=1.0, prices={"m": {"input": 1000.0, "cached_input": 100.0, "output": 2000.0}})
     st = job_status(s, j)

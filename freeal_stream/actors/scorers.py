@@ -1,20 +1,40 @@
-"""Scorer actors: batch inference over the pool (frozen embeddings, a trained SLM's probabilities).
+"""Scorer actors: batch inference over the pool (frozen embeddings, a trained SLM's logits), a shard at a time.
 
-Texts are cut into shards and spread over the scorers; a scorer that dies is replaced and its shard
-sent again (inference has no side effects, so a retry is always safe).
+The coordinator hands out shards lazily (a shard's input is built only when a scorer is free to take it) and
+writes each result to disk as it comes back, so memory holds a few shards, never the pool. A scorer that
+dies is replaced and its shard sent again (inference has no side effects, so a retry is always safe).
 """
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
+from freeal_stream.errors import ActorsDied
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardInput:
+    """What a scorer needs for one shard: its texts (fine-tune mode, frozen embedding) or its frozen
+    embeddings (head mode: the SLM is a head over them)."""
+
+    texts: list[str] | None = None
+    emb: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ShardScores:
+    logits: np.ndarray            # (n, C)
+    emb: np.ndarray | None        # (n, d) the fine-tuned encoder's embeddings; None in head mode (the frozen ones)
 
 
 @ray.remote(num_cpus=1, max_restarts=0)
@@ -36,71 +56,93 @@ class Scorer:
             self._encoder = Encoder(self.encoder_name, self.max_length)
         return self._encoder.embed(texts)
 
-    def score(self, tag: str, files: dict[str, bytes], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(probs, embeddings) of `texts` under the model whose files are given (loaded once per tag)."""
-        import torch
-
+    def score(self, tag: str, files: dict[str, bytes], shard: ShardInput) -> ShardScores:
+        """The logits of a shard under the model whose files are given (loaded once per tag), computed exactly
+        as the trainer computes them."""
         if self._model is None or self._model[0] != tag:
             from freeal_stream.slm.model import SLM, write_model_files
 
             with tempfile.TemporaryDirectory(prefix="freeal-slm-") as tmp:
                 self._model = (tag, SLM.load(write_model_files(files, tmp)))
         model = self._model[1]
-        emb = model.embed(texts)
-        probs = torch.softmax(torch.from_numpy(model.logits_from_embeddings(emb)), dim=-1).numpy()
-        return probs, emb   # computed exactly as the trainer computes them, so a resumed run matches
+        emb = shard.emb if shard.emb is not None else model.embed(shard.texts or [])
+        return ShardScores(model.logits_from_embeddings(emb), None if shard.emb is not None else emb)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
 
 class ScorerPool:
-    """N scorers; `map` spreads shards over them and replaces the ones that die."""
+    """N scorers kept busy with shards; the ones that die are replaced."""
 
-    def __init__(self, encoder: str, max_length: int, threads: int, *, size: int, shard_size: int = 2048,
+    def __init__(self, encoder: str, max_length: int, threads: int, *, size: int,
                  resources: dict[str, float] | None = None, max_restarts: int = 5):
         self._args = (encoder, max_length, threads)
         self.resources = resources or {}
-        self.shard_size, self.max_restarts, self.restarts = shard_size, max_restarts, 0
+        self.max_restarts, self.restarts = max_restarts, 0
         self.actors = [self._new() for _ in range(size)]
 
     def _new(self) -> Any:
         return Scorer.options(resources=self.resources).remote(*self._args)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        parts = self._map(lambda a, shard: a.embed.remote(shard), list(texts))
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embeddings of a few texts (demos, paraphrases) in one call."""
+        return self._one(lambda a: a.embed.remote(texts))
 
-    def score(self, tag: str, files: dict[str, bytes], texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def embed_shards(self, shards: Iterable[tuple[int, list[str]]], on_done: Callable[[int, np.ndarray], None]
+                     ) -> None:
+        """Frozen embeddings of each (start, texts) shard, handed to `on_done(start, emb)` as they finish."""
+        self._run(shards, lambda a, texts: a.embed.remote(texts), on_done)
+
+    def score_shards(self, tag: str, files: dict[str, bytes], shards: Iterable[tuple[int, ShardInput]],
+                     on_done: Callable[[int, ShardScores], None]) -> None:
+        """The model's scores of each (start, input) shard, handed to `on_done(start, scores)` as they finish."""
         ref = ray.put(files)
-        parts = self._map(lambda a, shard: a.score.remote(tag, ref, shard), list(texts))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        self._run(shards, lambda a, shard: a.score.remote(tag, ref, shard), on_done)
 
-    def _map(self, call: Callable[[Any, list[str]], Any], texts: list[str]) -> list[Any]:
-        shards = [texts[s:s + self.shard_size] for s in range(0, len(texts), self.shard_size)]
-        out: list[Any] = [None] * len(shards)
-        todo = list(range(len(shards)))[::-1]
-        running: dict[Any, tuple[int, int]] = {}   # ref -> (actor slot, shard)
-        busy: set[int] = set()
-        while todo or running:
+    def _one(self, call: Callable[[Any], Any]) -> Any:
+        done: list[Any] = []
+        self._run(iter([(0, None)]), lambda a, _x: call(a), lambda _s, out: done.append(out))
+        return done[0]
+
+    def _run(self, shards: Iterable[tuple[int, Any]], call: Callable[[Any, Any], Any],
+             on_done: Callable[[int, Any], None]) -> None:
+        """Up to two shards in flight per scorer; a shard is taken from `shards` only when there is room."""
+        source: Iterator[tuple[int, Any]] = iter(shards)
+        retry: list[tuple[int, Any]] = []
+        running: dict[Any, tuple[int, Any, int, Any]] = {}   # ref -> (actor slot, actor, start, input)
+        load = [0] * len(self.actors)
+        exhausted = False
+        while True:
             for slot in range(len(self.actors)):
-                if todo and slot not in busy:
-                    i = todo.pop()
-                    running[call(self.actors[slot], shards[i])] = (slot, i)
-                    busy.add(slot)
+                while load[slot] < 2 and (retry or not exhausted):
+                    nxt = retry.pop() if retry else next(source, None)
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    actor = self.actors[slot]
+                    running[call(actor, nxt[1])] = (slot, actor, *nxt)
+                    load[slot] += 1
+            if not running:
+                return
             ready, _ = ray.wait(list(running), num_returns=1)
-            slot, i = running.pop(ready[0])
-            busy.discard(slot)
+            slot, actor, start, shard = running.pop(ready[0])
+            load[slot] -= 1
             try:
-                out[i] = ray.get(ready[0])
+                out = ray.get(ready[0])
             except RayActorError:
-                self.restarts += 1
-                if self.restarts > self.max_restarts:
-                    raise
-                log.warning("scorer %d died; starting a replacement", slot)
-                self.actors[slot] = self._new()
-                todo.append(i)
-        return out
+                if self.actors[slot] is actor:   # its other shard in flight fails too: replace once
+                    self._replace(slot)
+                retry.append((start, shard))
+                continue
+            on_done(start, out)
+
+    def _replace(self, slot: int) -> None:
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise ActorsDied("scorer", self.restarts, self.max_restarts)
+        log.warning("scorer %d died; starting a replacement", slot)
+        self.actors[slot] = self._new()
 
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])

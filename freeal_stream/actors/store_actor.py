@@ -7,14 +7,19 @@ idempotent upsert, so a retried call cannot duplicate anything.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import ray
 from ray.exceptions import RayTaskError
 
 from freeal_stream.store import StateError, Store
+
+
+# What crosses to the store actor: Store's public methods, nothing else (not its connection).
+STORE_METHODS = frozenset(name for name, _ in inspect.getmembers(Store, inspect.isfunction) if not name.startswith("_"))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
@@ -24,7 +29,7 @@ class StoreActor:
         self.store = Store(Path(path))
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if method.startswith("_") or method in ("con",):
+        if method not in STORE_METHODS:
             raise AttributeError(f"Store.{method} is not part of the store's interface")
         try:
             return getattr(self.store, method)(*args, **kwargs)
@@ -48,23 +53,18 @@ class StoreActor:
 
 
 class StoreProxy:
-    """Store's methods, run by the store actor; picklable, so actors hold one too (the answer cache)."""
+    """A `Store` whose methods run in the store actor: exactly Store's public methods (generated below, so the
+    two cannot drift apart), typed as `Store` by `start_store`. Picklable, so actors hold one too (the answer
+    cache)."""
 
     def __init__(self, handle: Any):
         self.handle = handle
 
-    def __getattr__(self, method: str) -> Any:
-        if method.startswith("_"):
-            raise AttributeError(method)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return ray.get(self.handle.call.remote(method, *args, **kwargs))
-            except RayTaskError as e:   # raise what the Store raised, as an in-process Store would
-                raise (e.cause or e) from None
-
-        call.__name__ = method
-        return call
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return ray.get(self.handle.call.remote(method, *args, **kwargs))
+        except RayTaskError as e:   # raise what the Store raised, as an in-process Store would
+            raise (e.cause or e) from None
 
     def close(self) -> None:
         """Close the file and stop the actor, so the next process can open the file."""
@@ -74,13 +74,25 @@ class StoreProxy:
             ray.kill(self.handle, no_restart=True)
 
 
-def start_store(path: Path) -> StoreProxy:
+def _forward(name: str) -> Any:
+    def call(self: StoreProxy, *args: Any, **kwargs: Any) -> Any:
+        return self._call(name, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = getattr(Store, name).__doc__
+    return call
+
+
+for _name in STORE_METHODS - {"close"}:
+    setattr(StoreProxy, _name, _forward(_name))
+
+
+def start_store(path: Path) -> Store:
     """Start the store actor for `path` on this node (the state directory lives here)."""
     node = ray.get_runtime_context().get_node_id()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     handle = StoreActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
         str(path))
-    proxy = StoreProxy(handle)
     ray.get(handle.pid.remote())   # surfaces StateError (file held by another process) here
-    return proxy
+    return cast(Store, StoreProxy(handle))

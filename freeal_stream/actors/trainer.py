@@ -1,21 +1,30 @@
 """The trainer actor: robust self-training of the SLM in its own process (on a GPU when there is one).
 
-It returns the scores and the model's files instead of writing them, so the coordinator (next to the
-state directory) stores them; a trainer on another node needs no shared disk. `messages` can be polled
-while `train` runs (the actor takes two calls at once), which is how the coordinator shows progress.
+It gets the rows to train on (the labelled ones and a sample of the rest for the consistency term) and
+returns the model's files instead of writing them, so a trainer on another node needs no shared disk; the
+scorers then score the whole pool with those files. `messages` can be polled while `train` runs (the actor
+takes two calls at once), which is how the coordinator shows progress.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import ray
 
 from freeal_stream.config import FreeALConfig, RayConfig, SLMConfig
 from freeal_stream.slm.model import model_files
-from freeal_stream.slm.trainer import SLMResult, train_slm
+from freeal_stream.slm.trainer import TrainingData, fit_slm
+
+
+@dataclass(frozen=True)
+class TrainedSLM:
+    """A trained model as files (they travel between nodes), with its mode and per-epoch history."""
+
+    files: dict[str, bytes]
+    mode: str
+    history: list[dict]
 
 
 @ray.remote(max_restarts=0, max_concurrency=2)
@@ -27,17 +36,10 @@ class Trainer:
         torch.set_num_threads(threads)
         self._messages: list[str] = []
 
-    def train(self, texts: Sequence[str], labels: np.ndarray, n_classes: int, slm: SLMConfig, freeal: FreeALConfig,
-              views: Sequence[str | None] | None, seed: int, cache_dir: str | None
-              ) -> tuple[SLMResult, dict[str, bytes]]:
-        cache = Path(cache_dir) if cache_dir else None
-        if cache is not None and not _writable(cache):
-            cache = None   # a node without the coordinator's disk: embed without the cache
-        result = train_slm(texts, labels, n_classes, slm, freeal, views=views, seed=seed, cache_dir=cache,
-                           progress=self._messages.append)
-        files = model_files(result.model)
-        result.model = None   # the files travel instead (small in head mode; no pickled torch modules)
-        return result, files
+    def train(self, data: TrainingData, n_classes: int, slm: SLMConfig, freeal: FreeALConfig, seed: int
+              ) -> TrainedSLM:
+        fitted = fit_slm(data, n_classes, slm, freeal, seed=seed, progress=self._messages.append)
+        return TrainedSLM(model_files(fitted.model), fitted.mode, fitted.history)
 
     def messages(self) -> list[str]:
         """Progress lines since the last call."""
@@ -46,14 +48,6 @@ class Trainer:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
-
-
-def _writable(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        return os.access(path, os.W_OK)
-    except OSError:
-        return False
 
 
 def start_trainer(cfg: RayConfig, threads: int, has_gpu: bool) -> Any:

@@ -102,6 +102,11 @@ def read_model_files(directory: str | Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.name in (_WEIGHTS, _META)}
 
 
+def model_mode(files: dict[str, bytes]) -> str:
+    """The mode ('head' | 'finetune') of a model given as files."""
+    return json.loads(files[_META])["mode"]
+
+
 def write_model_files(files: dict[str, bytes], directory: str | Path) -> Path:
     """Write `model_files` output as a loadable model folder (weights first, the JSON that names it last)."""
     directory = Path(directory)

@@ -1,4 +1,4 @@
-"""Robust self-training of the SLM on noisy LLM labels (METHOD.md section 2), in two modes.
+"""Robust self-training of the SLM on noisy LLM labels (docs/METHOD.md section 3), in two modes.
 
 `finetune` trains the whole encoder + a linear head; `head` freezes the encoder (embeddings computed once,
 cached on disk) and trains a small MLP, for pools too large to fine-tune on. Both share one loop: only
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.augment import feature_noise, perturb
+from freeal_stream.slm.encoder import Encoder, cached_embed
 from freeal_stream.slm.model import SLM
 from freeal_stream.slm.robust import (alpha_ramp, classwise_clean_split, gmm_clean_split, kl_consistency, mixup,
                                       soft_ce)
@@ -45,7 +46,7 @@ class Recipe:
     """Ablation switches; Recipe() is the full robust recipe.
 
     `per_class_split` fits the clean/noisy GMM within each LLM label instead of once over all rows
-    (METHOD.md's form, per_class_split=False). One global fit discards a whole class as 'noisy' whenever
+    (the paper's form, per_class_split=False; docs/METHOD.md section 3). One global fit discards a whole class as 'noisy' whenever
     the model still leans to the other class (MR, head mode, 10% labelled, short warm-up: test 50% global vs
     71% per class); with a trained model per-class was still +0.2..0.5 points better.
     """
@@ -162,7 +163,8 @@ class _TextInputs:
         return self.model.encoder.embed([self.texts[i] for i in idx], EMBED_BATCH)
 
 
-def _per_sample_ce(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def per_sample_ce(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each row's cross-entropy against its label: the loss the small-loss split and the demo filter rank by."""
     return F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long(), reduction="none").numpy()
 
 
@@ -199,7 +201,7 @@ def _split(model: SLM, inputs: _Inputs, labels: np.ndarray, epoch: int, freeal: 
            warmup: int, seed: int) -> _Split:
     labelled, unlabelled = np.flatnonzero(labels >= 0), np.flatnonzero(labels < 0)
     if recipe.gmm and epoch > warmup:
-        losses = _per_sample_ce(model.logits_from_embeddings(inputs.frozen(labelled)), labels[labelled])
+        losses = per_sample_ce(model.logits_from_embeddings(inputs.frozen(labelled)), labels[labelled])
         mask = _clean_split(losses, labels[labelled], freeal.tau, seed + epoch, recipe)
     else:
         mask = np.ones(len(labelled), dtype=bool)
@@ -262,49 +264,62 @@ def _run_epoch(model: SLM, inputs: _Inputs, labels: np.ndarray, split: _Split, a
     return {**{k: v / steps for k, v in sums.items()}, "rows": len(order)}
 
 
-def _check_inputs(texts: Sequence[str], labels: np.ndarray, n_classes: int,
-                  views: Sequence[str | None] | None) -> None:
-    if len(labels) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    if views is not None and len(views) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(views)} views")
-    if n_classes < 2:
-        raise ValueError("n_classes must be >= 2")
-    if len(labels) and (labels.min() < -1 or labels.max() >= n_classes):
-        raise ValueError(f"labels must be in [-1, {n_classes - 1}] (-1 = no label)")
+@dataclass(frozen=True)
+class TrainingData:
+    """The rows one SLM trains on, aligned: `labels` (-1 = no label: the row only enters L_cr_u) and, by mode,
+    the rows' frozen embeddings (head) or their texts (fine-tune), each with its consistency view where there
+    is one (head: `view_emb` where `has_view`; fine-tune: `views`, None = model-free perturbation)."""
+
+    labels: np.ndarray
+    emb: np.ndarray | None = None
+    view_emb: np.ndarray | None = None
+    has_view: np.ndarray | None = None
+    texts: Sequence[str] | None = None
+    views: Sequence[str | None] | None = None
+
+    @property
+    def mode(self) -> str:
+        return "head" if self.emb is not None else "finetune"
+
+    def check(self, n_classes: int) -> None:
+        rows = len(self.emb) if self.emb is not None else len(self.texts or [])
+        if (self.emb is None) == (self.texts is None):
+            raise ValueError("give either frozen embeddings (head mode) or texts (fine-tune mode)")
+        if len(self.labels) != rows:
+            raise ValueError(f"{rows} texts but {len(self.labels)} labels")
+        for name in ("view_emb", "has_view", "views"):
+            col = getattr(self, name)
+            if col is not None and len(col) != rows:
+                raise ValueError(f"{rows} texts but {len(col)} {name.replace('_emb', 's').replace('has_view', 'views')}")
+        if n_classes < 2:
+            raise ValueError("n_classes must be >= 2")
+        if len(self.labels) and (self.labels.min() < -1 or self.labels.max() >= n_classes):
+            raise ValueError(f"labels must be in [-1, {n_classes - 1}] (-1 = no label)")
 
 
-def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLMConfig, freeal: FreeALConfig, *,
-              views: Sequence[str | None] | None = None, recipe: Recipe = Recipe(), seed: int = 0,
-              progress: Callable[[str], None] | None = None, cache_dir: Path | None = None) -> SLMResult:
-    """Train an SLM from scratch on `labels` (-1 = no label) and predict every text.
+@dataclass
+class FittedSLM:
+    model: SLM
+    mode: str
+    history: list[dict]    # per epoch: epoch, alpha, loss terms, n_clean, n_pool, rows, seconds, samples_per_s
 
-    `views` are augmented texts (e.g. back-translations) for the consistency terms; None, for the whole
-    list or for one row, uses model-free noise. `cache_dir` stores frozen embeddings (head mode) so later rounds never re-embed a text.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    _check_inputs(texts, labels, n_classes, views)
+
+def fit_slm(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALConfig, *, recipe: Recipe = Recipe(),
+            seed: int = 0, progress: Callable[[str], None] | None = None) -> FittedSLM:
+    """Train an SLM from scratch on `data` with the robust recipe (docs/METHOD.md section 3)."""
+    labels = np.asarray(data.labels, dtype=np.int64)
+    data.check(n_classes)
     say = progress or (lambda _msg: None)
     torch.set_num_threads(cfg.threads)
     rng = seed_everything(seed)
     n_labelled = int((labels >= 0).sum())
-    mode = resolve_mode(cfg, len(texts), n_labelled)
-    model = SLM(cfg.encoder, mode, n_classes, cfg.max_length, cfg.head_hidden, resolve_device(cfg.device),
-                cache_dir)
+    model = SLM(cfg.encoder, data.mode, n_classes, cfg.max_length, cfg.head_hidden, resolve_device(cfg.device))
     epochs, warmup, rampup = cfg.epochs, resolve_warmup(freeal, n_labelled, cfg.epochs), freeal.rampup_epochs
-
     inputs: _Inputs
-    if mode == "head":
-        t0 = time.perf_counter()
-        say(f"embedding {len(texts):,} texts{'' if views is None else ' + views'} (frozen {model.encoder.name})")
-        emb = model.embed(texts, EMBED_BATCH)
-        has_view = None if views is None else np.array([v is not None for v in views])
-        view_emb = None if views is None else model.embed([v if v is not None else t for v, t in zip(views, texts)],
-                                                          EMBED_BATCH)
-        say(f"embeddings ready in {time.perf_counter() - t0:.0f} s")
-        inputs = _FrozenInputs(emb, view_emb, has_view, model.device)
+    if data.emb is not None:
+        inputs = _FrozenInputs(data.emb, data.view_emb, data.has_view, model.device)
     else:
-        inputs = _TextInputs(model, texts, views, rng)
+        inputs = _TextInputs(model, data.texts or [], data.views, rng)
 
     opt = _optimizer(model, cfg)
     if n_labelled == 0:  # e.g. the LLM gave no usable answer this round: report, don't crash the run
@@ -323,17 +338,56 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
         history.append(rec)
         say(f"epoch {epoch}/{epochs}: loss {rec['loss']:.3f} alpha {alpha:.2f} "
             f"clean {rec['n_clean']}/{n_labelled} {rec['samples_per_s']:.0f} samples/s")
+    model.eval()
+    return FittedSLM(model, data.mode, history)
 
-    all_rows = np.arange(len(texts))
-    embeddings = inputs.frozen(all_rows)
-    logits = model.logits_from_embeddings(embeddings)
-    probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+
+def final_split(logits: np.ndarray, labels: np.ndarray, tau: float, seed: int, recipe: Recipe = Recipe()
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(losses, clean) of the trained model on labelled rows: each row's CE (NaN where label == -1) and the
+    clean flag of the GMM small-loss split (every labelled row when the recipe has no GMM)."""
     labelled = labels >= 0
-    losses = np.full(len(texts), np.nan)
-    losses[labelled] = _per_sample_ce(logits[labelled], labels[labelled])
+    losses = np.full(len(labels), np.nan)
+    losses[labelled] = per_sample_ce(logits[labelled], labels[labelled])
     clean = labelled.copy()
     if recipe.gmm:
-        clean[labelled] = _clean_split(losses[labelled], labels[labelled], freeal.tau, seed, recipe)
-    model.eval()
+        clean[labelled] = _clean_split(losses[labelled], labels[labelled], tau, seed, recipe)
+    return losses, clean
+
+
+def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLMConfig, freeal: FreeALConfig, *,
+              views: Sequence[str | None] | None = None, recipe: Recipe = Recipe(), seed: int = 0,
+              progress: Callable[[str], None] | None = None, cache_dir: Path | None = None) -> SLMResult:
+    """Train an SLM on `labels` (-1 = no label) for `texts` and predict every text: `fit_slm` for a set that
+    fits in memory (benchmarks, tests; the coordinator feeds `fit_slm` rows of the pool itself).
+
+    `views` are augmented texts (e.g. back-translations) for the consistency terms; None, for the whole
+    list or for one row, uses model-free noise. `cache_dir` stores frozen embeddings (head mode).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    if views is not None and len(views) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(views)} views")
+    say = progress or (lambda _msg: None)
+    torch.set_num_threads(cfg.threads)
+    mode = resolve_mode(cfg, len(texts), int((labels >= 0).sum()))
+    if mode == "head":
+        t0 = time.perf_counter()
+        encoder = Encoder(cfg.encoder, cfg.max_length, resolve_device(cfg.device))
+        say(f"embedding {len(texts):,} texts{'' if views is None else ' + views'} (frozen {encoder.name})")
+        emb = cached_embed(encoder, texts, cache_dir, EMBED_BATCH)
+        has_view = None if views is None else np.array([v is not None for v in views])
+        view_emb = None if views is None else cached_embed(
+            encoder, [v if v is not None else t for v, t in zip(views, texts)], cache_dir, EMBED_BATCH)
+        say(f"embeddings ready in {time.perf_counter() - t0:.0f} s")
+        data = TrainingData(labels, emb=emb, view_emb=view_emb, has_view=has_view)
+    else:
+        data = TrainingData(labels, texts=texts, views=views)
+    fitted = fit_slm(data, n_classes, cfg, freeal, recipe=recipe, seed=seed, progress=progress)
+    embeddings = emb if mode == "head" else fitted.model.encoder.embed(texts, EMBED_BATCH)
+    logits = fitted.model.logits_from_embeddings(embeddings)
+    probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+    losses, clean = final_split(logits, labels, freeal.tau, seed, recipe)
     return SLMResult(probs=probs, embeddings=embeddings, losses=losses, clean=clean, mode=mode,
-                     history=history, model=model)
+                     history=fitted.history, model=fitted.model)

@@ -1,0 +1,54 @@
+"""What every step of a round works with: the job, its session's actors and store, the pool, the verbalizer."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from freeal_stream.config import JobConfig, LLMConfig
+from freeal_stream.llm.verbalizer import Verbalizer
+from freeal_stream.progress import Progress
+from freeal_stream.rounds.pool import Pool
+from freeal_stream.session import Session
+from freeal_stream.store import Store
+
+
+@dataclass
+class RoundContext:
+    session: Session
+    progress: Progress
+
+    @property
+    def job(self) -> JobConfig:
+        return self.session.job
+
+    @property
+    def store(self) -> Store:
+        return self.session.store
+
+    @cached_property
+    def llm(self) -> LLMConfig:
+        """The job's LLM settings with the model name the endpoint serves."""
+        return dataclasses.replace(self.job.llm, model=self.session.model_name)
+
+    @cached_property
+    def verbalizer(self) -> Verbalizer:
+        return Verbalizer(self.job.task.classes)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.job.task.classes)
+
+    @property
+    def arrays_dir(self) -> Path:
+        return self.job.state_path / "arrays"
+
+    @cached_property
+    def pool(self) -> Pool:
+        slm = self.job.slm
+        return Pool(self.store, self.arrays_dir, self.session.scorers, slm.encoder, slm.max_length,
+                    self.job.task.class_names, self.progress)
+
+    def say(self, msg: str) -> None:
+        self.progress.say(msg)

@@ -1,0 +1,136 @@
+"""A round's SLM: robust self-training on every LLM label so far, the pool scored with it, its demo pool.
+
+Training cost follows the labels, not the pool: the trainer gets the labelled rows and (for the consistency
+term on never-annotated texts) at most CONSISTENCY_SAMPLE others, drawn at random; below that, every row, as
+the paper does. Scoring the pool is the scorer actors' job, shard by shard (`scoring.score_pool`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from freeal_stream.actors.trainer import TrainedSLM
+from freeal_stream.demos import select_demo_pool
+from freeal_stream.records import Demo
+from freeal_stream.rounds.arrays import RowArray
+from freeal_stream.rounds.annotation import paraphrases
+from freeal_stream.rounds.context import RoundContext
+from freeal_stream.rounds.planning import llm_label_array, llm_losses
+from freeal_stream.rounds.scoring import score_pool
+from freeal_stream.rounds.state import SLMState, softmax
+from freeal_stream.slm.model import write_model_files
+from freeal_stream.slm.trainer import TrainingData, final_split, resolve_mode, resolve_warmup
+
+CONSISTENCY_SAMPLE = 50_000   # never-annotated rows a round's SLM sees in its consistency term, at most
+SCORE_WRITE_ROWS = 65536      # rows per write of the SLM's scores to the store
+
+
+def train_round(ctx: RoundContext, round_: int) -> Path:
+    """Train round `round_`'s SLM, score the pool with it and store its scores; returns the model's folder."""
+    job, pool = ctx.job, ctx.pool
+    labels = llm_label_array(ctx)
+    n_lab = int((labels >= 0).sum())
+    mode = resolve_mode(job.slm, pool.size, n_lab)
+    warmup = resolve_warmup(job.freeal, n_lab, job.slm.epochs)
+    rows = training_rows(labels, job.seed + round_)
+    sampled = "" if len(rows) == pool.size else f", {len(rows) - n_lab:,} of them in the consistency term"
+    say = lambda msg: ctx.say(f"[round {round_} train] {msg}")  # noqa: E731
+    say(f"SLM in {mode} mode on {n_lab} LLM labels + {pool.size - n_lab} unlabelled texts{sampled} "
+        f"(views: {view_kind(ctx)}; warm-up {warmup} epochs)")
+    trained = _train(ctx, training_data(ctx, rows, labels[rows], mode), job.seed + round_, say)
+    model_dir = write_model_files(trained.files, job.state_path / "models" / f"round-{round_}")
+    logits, _ = score_pool(ctx, round_, trained.files, trained.mode, fresh=True)
+    _store_scores(ctx, round_, labels, logits)
+    return model_dir
+
+
+def training_rows(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Pool positions the SLM trains on, sorted: every labelled row and at most CONSISTENCY_SAMPLE others."""
+    unlabelled = np.flatnonzero(labels < 0)
+    if len(unlabelled) > CONSISTENCY_SAMPLE:
+        unlabelled = np.random.default_rng(seed).choice(unlabelled, CONSISTENCY_SAMPLE, replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(labels >= 0), unlabelled]))
+
+
+def view_kind(ctx: RoundContext) -> str:
+    kind = ctx.job.slm.views
+    if kind == "auto":
+        kind = "column" if ctx.job.data.augmented_column else "perturb"
+    return kind
+
+
+def training_data(ctx: RoundContext, rows: np.ndarray, labels: np.ndarray, mode: str) -> TrainingData:
+    """The rows' inputs for `mode` with their consistency views (`slm.views`)."""
+    pool, kind = ctx.pool, view_kind(ctx)
+    views: list[str | None] | None = None
+    if kind == "column":
+        views = pool.columns(rows).views
+    elif kind == "llm":
+        views = [None] * len(rows)
+        labelled = np.flatnonzero(labels >= 0)
+        for k, view in zip(labelled, paraphrases(ctx, pool.texts(rows[labelled]))):
+            views[k] = view
+    if mode == "finetune":
+        return TrainingData(labels, texts=pool.texts(rows), views=views)
+    emb = pool.frozen().gather(rows)
+    if views is None:
+        return TrainingData(labels, emb=emb)
+    has_view = np.array([v is not None for v in views])
+    if kind == "column":
+        view_emb = pool.frozen_views().gather(rows)
+    else:
+        view_emb = emb.copy()
+        at = np.flatnonzero(has_view)
+        if len(at):
+            view_emb[at] = ctx.session.scorers.embed([views[k] for k in at])
+    return TrainingData(labels, emb=emb, view_emb=view_emb, has_view=has_view)
+
+
+def _train(ctx: RoundContext, data: TrainingData, seed: int, say) -> TrainedSLM:
+    """Train in the trainer actor, relaying its progress lines; a trainer that dies (killed, out of memory) is
+    replaced and the training run again (it has no side effects)."""
+    session, job = ctx.session, ctx.job
+    while True:
+        trainer = session.trainer
+        ref = trainer.train.remote(data, ctx.n_classes, job.slm, job.freeal, seed)
+        try:
+            while not ray.wait([ref], timeout=2.0)[0]:
+                for msg in ray.get(trainer.messages.remote()):
+                    say(msg)
+            trained = ray.get(ref)
+            for msg in ray.get(trainer.messages.remote()):
+                say(msg)
+            return trained
+        except RayActorError:
+            say("the trainer actor died; starting a new one and training again")
+            session.replace_trainer()
+
+
+def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, logits: RowArray) -> None:
+    """The SLM's prediction and confidence for every item, and its loss and clean flag for the labelled ones."""
+    job = ctx.job
+    has = np.flatnonzero(labels >= 0)
+    losses = np.full(len(labels), np.nan)
+    clean = np.zeros(len(labels), bool)
+    losses[has], clean[has] = final_split(logits.gather(has), labels[has], job.freeal.tau, job.seed + round_)
+    for start, block in logits.shards(SCORE_WRITE_ROWS):
+        at = np.arange(start, start + len(block))
+        ctx.store.add_scores(round_, at, softmax(block), losses[at], clean[at])
+
+
+def select_demos(ctx: RoundContext, round_: int, state: SLMState) -> tuple[list[Demo], np.ndarray]:
+    """The SLM's feedback: k medoids of each class's R% smallest-loss rows (stored as the round's demo pool);
+    returns (demos, positions of the clean rows)."""
+    fr = ctx.job.freeal
+    labels = llm_label_array(ctx)
+    has = np.flatnonzero(labels >= 0)
+    losses = llm_losses(state, labels)[has]
+    idx, clean = select_demo_pool(labels[has], losses, state.emb.gather(has), fr.clean_ratio, fr.medoids_per_class,
+                                  seed=ctx.job.seed + round_)
+    items = ctx.pool.columns(has[idx])
+    demos = [Demo(i, t, int(labels[p]), f"slm round {round_}") for i, t, p in zip(items.ids, items.texts, has[idx])]
+    ctx.store.set_demo_pool(round_, demos)
+    return demos, has[clean]
