@@ -240,10 +240,10 @@ class Store:
                                        ORDER BY w.k""").fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
-    def item_flags(self, class_names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Small per-position columns of the whole pool: `gold` (class index, -1 = none) and `has_view`."""
+    def item_flags(self, class_names: Sequence[str], size: int) -> dict[str, np.ndarray]:
+        """Small per-position columns of positions 0 .. size: `gold` (class index, -1 = none) and `has_view`."""
         rows = self.con.execute("""SELECT coalesce(list_position(?, gold) - 1, -1), view IS NOT NULL
-                                   FROM items ORDER BY pos""", [list(class_names)]).fetchnumpy()
+                                   FROM items WHERE pos < ? ORDER BY pos""", [list(class_names), size]).fetchnumpy()
         names = list(rows)
         return {"gold": rows[names[0]].astype(np.int64), "has_view": rows[names[1]].astype(bool)}
 

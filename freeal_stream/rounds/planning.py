@@ -82,7 +82,8 @@ def choose_targets(ctx: RoundContext, round_: int, state: SLMState, strategy: Qu
     """Pool positions that go to the LLM this round, sorted."""
     size = ctx.pool.size
     annotated = np.zeros(size, bool)
-    annotated[ctx.store.annotated_positions()] = True
+    asked = ctx.store.annotated_positions()
+    annotated[asked[asked < size]] = True
     if ctx.job.freeal.schedule == "full":
         return _refinement_targets(ctx, state, annotated)
     unannotated = np.flatnonzero(~annotated)
@@ -122,7 +123,8 @@ def _refinement_targets(ctx: RoundContext, state: SLMState, annotated: np.ndarra
     keep = np.zeros(ctx.pool.size, bool)
     for idx in small_loss_per_class(labels, losses, ctx.job.freeal.clean_ratio).values():
         keep[idx] = True
-    keep[ctx.store.annotated_positions(min_rounds=2)] = True
+    twice = ctx.store.annotated_positions(min_rounds=2)
+    keep[twice[twice < len(keep)]] = True
     return np.flatnonzero(~keep)
 
 
@@ -139,7 +141,8 @@ def llm_label_array(ctx: RoundContext) -> np.ndarray:
     """Each pool item's latest LLM label (-1: not asked, or no usable answer)."""
     labels = np.full(ctx.pool.size, -1, dtype=np.int64)
     positions, values = ctx.store.llm_label_positions()
-    labels[positions] = values
+    inside = positions < ctx.pool.size   # the pool is a snapshot (see Pool)
+    labels[positions[inside]] = values[inside]
     return labels
 
 
@@ -150,7 +153,8 @@ def _previous_predictions(ctx: RoundContext, round_: int) -> np.ndarray | None:
         return None
     preds = np.full(ctx.pool.size, -1, dtype=np.int64)
     positions, values = ctx.store.slm_predictions(round_ - 2)
-    preds[positions] = values
+    inside = positions < ctx.pool.size
+    preds[positions[inside]] = values[inside]
     return preds
 
 

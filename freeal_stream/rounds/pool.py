@@ -24,7 +24,11 @@ SHARD_ROWS = 4096   # rows per store read and per scorer task
 
 
 class Pool:
-    """Positions, texts on demand, and the frozen-embedding arrays of one job's items."""
+    """Positions, texts on demand, and the frozen-embedding arrays of one job's items.
+
+    `size` is a snapshot taken by `refresh` (at the start of each round): items ingested meanwhile are stored
+    at once but join the pool at the next refresh, so every per-item array of a round has the same length.
+    """
 
     def __init__(self, store: Store, arrays_dir: Path, scorers: ScorerPool, encoder: str, max_length: int,
                  class_names: Sequence[str], progress: Progress):
@@ -65,7 +69,7 @@ class Pool:
 
     def _flag(self, name: str) -> np.ndarray:
         if not self._flags:
-            self._flags = self.store.item_flags(self.class_names)
+            self._flags = self.store.item_flags(self.class_names, self.size)
         return self._flags[name]
 
     # ---- frozen embeddings ------------------------------------------------------------------------
