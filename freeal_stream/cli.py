@@ -16,7 +16,6 @@ EXPORT_FORMATS = {".csv": "CSV", ".parquet": "PARQUET", ".jsonl": "JSON", ".json
 
 def _prepare_process(job: JobConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -257,11 +256,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from freeal_stream.store import StateError
 
     from freeal_stream.actors.annotators import AnnotatorError
+    from freeal_stream.actors.runtime import RayJoinError
     from freeal_stream.budget import BudgetConfigError
     from strategies.base import StrategyError
 
     return (ConfigError, DataError, StateError, FatalLLMError, ModelNotAvailable, ServerStartError, AnnotatorError,
-            BudgetConfigError, StrategyError, FileNotFoundError, ServiceError)
+            BudgetConfigError, StrategyError, FileNotFoundError, ServiceError, RayJoinError)
 
 
 def main(argv: list[str] | None = None) -> int:
