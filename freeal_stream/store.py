@@ -80,7 +80,8 @@ SELECT seq, id, text, gold,
        CASE WHEN use_llm THEN llm_label ELSE slm_label END AS label,
        CASE WHEN use_llm THEN 'llm round ' || llm_round
             WHEN slm_label IS NOT NULL THEN 'slm round ' || slm_round END AS source,
-       CASE WHEN use_llm THEN llm_conf ELSE slm_conf END AS confidence,
+       CASE WHEN isfinite(CASE WHEN use_llm THEN llm_conf ELSE slm_conf END)   -- an Infinity logprob gives NaN:
+            THEN CASE WHEN use_llm THEN llm_conf ELSE slm_conf END END AS confidence,  -- null, as JSON has no NaN
        llm_label, slm_label, disputed
 FROM ruled
 """
