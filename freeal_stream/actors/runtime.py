@@ -5,7 +5,6 @@ reached over the network must use Ray's token authentication (RAY_AUTH_MODE=toke
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import ray
 from ray._private import ray_constants
 
 from freeal_stream.config import RayConfig
+from freeal_stream.service.client import is_loopback_literal
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def check_can_join(address: str) -> None:
     A Ray cluster runs whatever code any client that reaches it sends; only its token stops that.
     """
     host = address_host(address)
-    if host is not None and _is_loopback_ip(host):
+    if host is not None and is_loopback_literal(host):
         return
     mode = os.environ.get("RAY_AUTH_MODE", "")
     if mode.lower() == "token" and ray_token_configured():
@@ -113,16 +113,6 @@ def ray_token_configured() -> bool:
     try:
         return bool(path.read_text(encoding="utf-8").strip())
     except (OSError, UnicodeDecodeError):
-        return False
-
-
-def _is_loopback_ip(host: str) -> bool:
-    """A literal loopback IP, or `localhost` (a name that DNS could point elsewhere is never trusted)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
         return False
 
 
