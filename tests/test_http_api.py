@@ -553,3 +553,13 @@ def test_a_wildcard_bind_publishes_a_loopback_url():
         port = server.url.rsplit(":", 1)[1]
         assert server.url == f"http://0.0.0.0:{port}" and server.local_url == f"http://127.0.0.1:{port}"
         assert ServiceClient(server.local_url, token=TOKEN).status() == {"items": 0}
+
+
+def test_allowed_hosts_in_the_job_file():
+    from freeal_stream.config import ConfigError, parse_job
+
+    base = {"name": "j", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}}}
+    job = parse_job({**base, "service": {"allowed_hosts": ["labels.internal", "proxy:443"]}})
+    assert job.service.allowed_hosts == ["labels.internal", "proxy:443"] and parse_job(base).service.allowed_hosts == []
+    with pytest.raises(ConfigError, match="allowed_hosts"):
+        parse_job({**base, "service": {"allowed_hosts": [" "]}})

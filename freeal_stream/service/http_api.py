@@ -78,6 +78,7 @@ _ROUTES = ("/health", "/items", "/labels", "/status")
 # A body refused unread (401, 404, 413...) and smaller than this is read and dropped, so the client gets the
 # answer rather than a reset connection (closing a socket with unread data resets it).
 _DRAIN_LIMIT = 256 << 20
+_DRAIN_IDLE_S = 2.0
 _BODY_READ = "freeal.body_read"   # set in the request's scope once its body has been read to the end
 
 
@@ -315,11 +316,12 @@ def _refusal(exc: ApiError) -> _Json:
 
 
 async def _refuse(exc: ApiError, scope: Scope, receive: Receive, send: Send, timeout_s: float) -> None:
-    """Answer a refused request, after reading and dropping what is left of its body (up to a limit)."""
+    """Answer a refused request, after reading and dropping what is left of its body (up to a limit; a
+    client that stops sending for _DRAIN_IDLE_S gets the answer at once)."""
     dropped, deadline = 0, time.monotonic() + timeout_s
     while not scope.get(_BODY_READ) and dropped <= _DRAIN_LIMIT and "close" not in exc.headers.get("Connection", ""):
         try:
-            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            message = await asyncio.wait_for(receive(), min(_DRAIN_IDLE_S, max(0.0, deadline - time.monotonic())))
         except asyncio.TimeoutError:
             break
         dropped += len(message.get("body", b""))
