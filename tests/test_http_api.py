@@ -1,4 +1,5 @@
 import hashlib
+import http.client
 import ipaddress
 import json
 import logging
@@ -563,3 +564,16 @@ def test_allowed_hosts_in_the_job_file():
     assert job.service.allowed_hosts == ["labels.internal", "proxy:443"] and parse_job(base).service.allowed_hosts == []
     with pytest.raises(ConfigError, match="allowed_hosts"):
         parse_job({**base, "service": {"allowed_hosts": [" "]}})
+
+
+def test_keep_alive_answers_are_not_delayed(service):
+    """Nagle's algorithm with the client's delayed ACK would hold every answer back ~40 ms."""
+    _, server = service
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    started = time.monotonic()
+    for _ in range(20):
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b'{"ok": true}'
+    conn.close()
+    assert time.monotonic() - started < 0.6
