@@ -306,7 +306,8 @@ def attack(url: str, api: ServiceClient, job: Path, proc: subprocess.Popen, log:
 
     @attempt("GET /openapi.json and /docs (service on loopback, no token)")
     def _() -> str:
-        return f"{get(url + '/openapi.json')[0]} and {get(url + '/docs')[0]} (behind the token when one is set)"
+        return (f"{get(url + '/openapi.json')[0]} and {get(url + '/docs')[0]} (/openapi.json is behind the token when "
+                "one is set; no /docs page, whose JavaScript would come from a CDN)")
 
     state = job.parent / "state"
     real = (state / SERVICE_FILE).read_text()

@@ -14,7 +14,7 @@ most ``max_body_bytes_in_flight`` bytes of bodies are read and parsed at once (l
 and at most ``max_connections`` connections are served at once (503). A connection that sends no request
 headers within ``headers_timeout_s`` is closed. JSON answers never hold NaN or Infinity (null instead).
 
-Endpoints (JSON in and out; the OpenAPI description at /openapi.json, browsable at /docs):
+Endpoints (JSON in and out; the OpenAPI description at /openapi.json):
     POST /items    {"items": [{"id", "text", "view", "gold"}, ...]}, a JSON list of items, or JSON lines with
                    Content-Type application/x-ndjson. Only ``text`` is required. A bad item (or a JSON line
                    that does not parse) is quarantined, not refused: the answer counts it and names its
@@ -466,7 +466,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {"default": {"model": _ErrorOut}}
 
 
 def _build_app(api: ApiServer) -> FastAPI:
-    app = FastAPI(title="freeal-stream service", version="1", docs_url="/docs", redoc_url=None,
+    # no /docs page: FastAPI's loads its JavaScript from a CDN, which would then run in this API's origin
+    app = FastAPI(title="freeal-stream service", version="1", docs_url=None, redoc_url=None,
                   description=(__doc__ or "").split("\n\n")[0])
     app.add_middleware(_Gate, api=api)
 
@@ -579,7 +580,7 @@ class ApiServer:
         self.max_connections = max_connections
         self.body_timeout_s = body_timeout_s
         self.headers_timeout_s = headers_timeout_s
-        self._budget = _ByteBudget(max(max_body_bytes_in_flight, 1))
+        self.max_body_bytes_in_flight = max(max_body_bytes_in_flight, 1)
         self._hosts: frozenset[str] = frozenset()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -675,6 +676,7 @@ class ApiServer:
             sock.close()
             raise
         self._bound = (sock.getsockname()[0], sock.getsockname()[1])
+        self._budget = _ByteBudget(self.max_body_bytes_in_flight)   # its lock belongs to the new event loop
         self._hosts = _host_names(self.host, self._bound[1], self.allowed_hosts)
         config = uvicorn.Config(
             _build_app(self), lifespan="off", ws="none", log_config=None, access_log=False, server_header=False,
