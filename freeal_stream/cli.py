@@ -17,7 +17,6 @@ EXPORT_FORMATS = {".csv": "CSV", ".parquet": "PARQUET", ".jsonl": "JSON", ".json
 
 def _prepare_process(job: JobConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -139,12 +138,13 @@ def _running_service(job: JobConfig) -> Any:
     """A client for the service running on this job's state, or None (then the DuckDB file is free)."""
     from freeal_stream.service.client import ServiceClient, find_service
 
-    url = find_service(job.state_path)
+    url = find_service(job.state_path, host=job.service.host, port=job.service.port)
     return ServiceClient(url, os.environ.get(job.service.token_env)) if url else None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     job = load_job(args.job)
+    from freeal_stream.service.client import json_safe
     from freeal_stream.status import format_status, job_status
 
     running = _running_service(job)
@@ -157,7 +157,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         finally:
             store.close()
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(json_safe(st), indent=2, allow_nan=False))
     else:
         print("\n".join(format_status(st)))
     return 0
@@ -166,6 +166,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_quarantine(args: argparse.Namespace) -> int:
     """List the rows set aside (quarantined) or labelled with a caveat (flagged), with where and why."""
     job = load_job(args.job)
+    from freeal_stream.service.client import json_safe
     from freeal_stream.status import bad_input, format_bad_input
 
     running = _running_service(job)
@@ -179,7 +180,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         finally:
             store.close()
     if args.json:
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        print(json.dumps(json_safe(report), indent=2, ensure_ascii=False, allow_nan=False))
         return 0
     print(format_bad_input(report))
     for r in report["rows"]:

@@ -240,6 +240,7 @@ class ServiceConfig:
     host: str = "127.0.0.1"              # any other address needs a bearer token (token_env)
     port: int = 8765                     # 0 = any free port (the URL is written to state_dir/service.json)
     token_env: str = "FREEAL_SERVICE_TOKEN"
+    allowed_hosts: list[str] = field(default_factory=list)   # more Host names the API answers to; "*" = any
     inbox: str | None = None             # folder watched for new data files; null = state_dir/inbox
     min_new_items: int = 1               # a round starts once this many never-annotated items wait...
     round_every_s: float = 0.0           # ...or, when > 0, at most this long after the first one arrived
@@ -247,6 +248,7 @@ class ServiceConfig:
 
     def validate(self) -> None:
         _check(0 <= self.port <= 65535, "port must be in [0, 65535]")
+        _check(all(h.strip() for h in self.allowed_hosts), "allowed_hosts must be host names, e.g. [labels.example]")
         _check(self.min_new_items >= 1, "min_new_items must be >= 1")
         _check(self.round_every_s >= 0 and self.poll_s > 0, "round_every_s must be >= 0 and poll_s > 0")
 

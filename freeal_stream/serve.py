@@ -75,13 +75,13 @@ class Service:
         inbox = Inbox(self.job.inbox_path, self.ingest_file, settle_s=max(0.5, svc.poll_s),
                       seen=self.store.file_ingested, remember=self.store.remember_file)
         api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels, self.quarantine), host=svc.host,
-                        port=svc.port, token=token)
+                        port=svc.port, token=token, allowed_hosts=svc.allowed_hosts)
         try:
             url = api.start()
         except OSError as e:
             raise StateError(f"cannot listen on {svc.host}:{svc.port} ({e.strerror}). Fix: stop what uses that "
                              "port, or set service.port in the job file (0 = any free port)") from None
-        service_file = write_service_file(self.job.state_path, url, os.getpid())
+        service_file = write_service_file(self.job.state_path, api.local_url, os.getpid())
         watcher = threading.Thread(target=inbox.watch, args=(self.stop, svc.poll_s), daemon=True,
                                    name="inbox")
         watcher.start()

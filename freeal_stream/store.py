@@ -78,7 +78,10 @@ slm AS (
 pick AS (
     SELECT i.seq, i.id, i.text, i.gold, llm.label AS llm_label, slm.label AS slm_label,
            coalesce(slm.round >= llm.round AND NOT slm.clean, false) AS disputed,
-           llm.round AS llm_round, slm.round AS slm_round, llm.confidence AS llm_conf, slm.confidence AS slm_conf
+           llm.round AS llm_round, slm.round AS slm_round,
+           -- an Infinity logprob gives confidence NaN: null instead, as JSON (exports, /labels) has no NaN
+           CASE WHEN isfinite(llm.confidence) THEN llm.confidence END AS llm_conf,
+           CASE WHEN isfinite(slm.confidence) THEN slm.confidence END AS slm_conf
     FROM items i LEFT JOIN llm ON llm.item_id = i.id LEFT JOIN slm ON slm.item_id = i.id),
 ruled AS (SELECT *, llm_label IS NOT NULL AND NOT (disputed AND {replace_disputed}) AS use_llm FROM pick)
 SELECT seq, id, text, gold,

@@ -152,3 +152,25 @@ def test_a_version_1_state_file_is_migrated_on_open(tmp_path):
     positions, preds = s.slm_predictions(1)
     assert list(positions) == [0] and list(preds) == [0]
     s.close()
+
+
+@pytest.mark.parametrize("fmt", ["JSON", "CSV", "PARQUET"])
+def test_a_confidence_that_is_not_a_number_is_exported_as_null(tmp_path, fmt):
+    """An `Infinity` logprob gives confidence NaN: exports and /labels carry null, never a NaN token."""
+    import duckdb
+
+    s = Store(tmp_path / "s.duckdb")
+    s.add_items(["a", "b", "c"], ["x", "y", "z"], [None] * 3, [None] * 3, ["1", "2", "3"])
+    s.add_annotations(1, [Annotation("a", "k1", 0, float("nan"), ()), Annotation("b", "k2", 1, float("inf"), ()),
+                          Annotation("c", "k3", 1, 0.75, ())])
+    out = tmp_path / f"labels.{fmt.lower()}"
+    s.export(str(out), fmt, ["neg", "pos"], "llm")
+    assert [x["confidence"] for x in s.labels_since(0, 10, ["neg", "pos"], "llm")["items"]] == [None, None, 0.75]
+    s.close()
+    if fmt == "JSON":
+        rows = [json.loads(line, parse_constant=lambda name: pytest.fail(f"the export holds {name}"))
+                for line in out.read_text().splitlines()]
+        confidences = [r["confidence"] for r in rows]
+    else:
+        confidences = [r[0] for r in duckdb.sql(f"SELECT confidence FROM '{out}' ORDER BY id").fetchall()]
+    assert confidences == [None, None, 0.75]

@@ -5,6 +5,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from freeal_stream.actors.runtime import loopback_only_ray
 from freeal_stream.config import load_job
 from freeal_stream.loop import FreeALRun
 from freeal_stream.progress import Progress
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def two_nodes():
     ray.shutdown()
+    loopback_only_ray()   # both nodes on 127.0.0.1: a cluster joined without Ray's token auth stays local
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=1, resources={"annotator": 4, "scorer": 1})
     cluster.wait_for_nodes()
