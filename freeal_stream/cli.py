@@ -45,9 +45,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from freeal_stream.serve import Service, check_can_serve
+    from freeal_stream.serve import Service, service_token
 
-    check_can_serve(job)
+    token = service_token(job)   # refused before Ray or the models start
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("freeal_stream.service").setLevel(logging.INFO)   # what the inbox did with each file
     from freeal_stream.intake import ingest
@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     with open_session(job, progress, args.address) as session:
         ingest(job, session.store, progress)
-        service = Service(session, progress)
+        service = Service(session, progress, token)
         signal.signal(signal.SIGTERM, lambda *_: service.stop.set())
         try:
             service.serve()

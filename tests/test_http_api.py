@@ -210,10 +210,25 @@ def test_a_handler_exception_is_a_generic_500(caplog):
     assert SECRET in caplog.text  # logged on the server side
 
 
+def job_serving(host: str, token_env: str = "FREEAL_TEST_SERVICE_TOKEN"):
+    from freeal_stream.config import parse_job
+
+    return parse_job({"name": "t", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": "a",
+                      "b": "b"}}, "service": {"host": host, "token_env": token_env}}, "job.yaml")
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", ""])
-def test_a_non_loopback_bind_needs_a_token(host):
-    with pytest.raises(ValueError, match="FREEAL_SERVICE_TOKEN"):
+def test_a_non_loopback_bind_needs_a_token(host, monkeypatch):
+    from freeal_stream.config import ConfigError
+    from freeal_stream.serve import service_token
+
+    monkeypatch.delenv("FREEAL_TEST_SERVICE_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="FREEAL_TEST_SERVICE_TOKEN"):   # the job's own variable, by name
+        service_token(job_serving(host))
+    with pytest.raises(ValueError, match="without a token"):   # the server itself refuses too
         ApiServer(MemoryService().handlers(), host=host)
+    monkeypatch.setenv("FREEAL_TEST_SERVICE_TOKEN", TOKEN)
+    assert service_token(job_serving(host)) == TOKEN
 
 
 def test_loopback_names():
@@ -221,9 +236,13 @@ def test_loopback_names():
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("")
 
 
-def test_an_empty_token_is_refused():
-    with pytest.raises(ValueError, match="empty"):
-        ApiServer(MemoryService().handlers(), token=" ")
+def test_an_empty_token_is_refused(monkeypatch):
+    from freeal_stream.config import ConfigError
+    from freeal_stream.serve import service_token
+
+    monkeypatch.setenv("FREEAL_TEST_SERVICE_TOKEN", " ")
+    with pytest.raises(ConfigError, match="empty"):
+        service_token(job_serving("127.0.0.1"))
 
 
 def test_a_token_is_required_when_set(caplog):
