@@ -20,6 +20,7 @@ import pyarrow as pa
 from freeal_stream.llm import answer_check
 from freeal_stream.llm.client import ChatAnswer, ChatRequest
 from freeal_stream.llm.ratelimit import estimate_usage
+from freeal_stream.private_files import private_dir, private_file
 
 SCHEMA_VERSION = 2   # 2: llm_answers' token counts are BIGINT; answers carry `malformed` and `usage_estimated`
 
@@ -120,12 +121,14 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        private_dir(folder, tighten=not folder.exists() or self.path.exists() or not any(folder.iterdir()))
         try:
             self.con = duckdb.connect(str(self.path))
         except duckdb.IOException as e:
             raise StateError(f"{self.path} is in use by another process ({e}). Fix: wait for the other "
                              "freeal-stream run on this state directory to finish, or use another state_dir.")
+        private_file(self.path)
         self._exec(_DDL)
         self._migrate()
         self._exec("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])

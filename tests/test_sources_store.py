@@ -180,3 +180,36 @@ def test_state_from_before_a_new_field_resumes_when_the_field_holds_its_default(
     assert check_resumable(stored, current) == []
     current["data"]["max_text_chars"] = 50   # a new field set away from its default does change the prompts
     assert check_resumable(stored, current) == ["data.max_text_chars"]
+
+
+def test_the_state_folder_and_its_files_are_private(tmp_path):
+    """Texts, answers and models are the user's data: state folder 0700, DuckDB file 0600 (also for a state
+    made by an older version with the umask's 0755/0644), model and embedding folders 0700."""
+    import os
+    import stat
+
+    from freeal_stream.slm.encoder import EmbeddingCache
+    from freeal_stream.slm.model import write_model_files
+
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    old = os.umask(0o022)
+    try:
+        Store(tmp_path / "new" / "state" / "freeal.duckdb").close()
+        assert mode(tmp_path / "new" / "state") == 0o700 and mode(tmp_path / "new" / "state" / "freeal.duckdb") == 0o600
+        made_before = tmp_path / "old"
+        made_before.mkdir(mode=0o755)
+        Store(made_before / "freeal.duckdb").close()
+        os.chmod(made_before, 0o755)
+        os.chmod(made_before / "freeal.duckdb", 0o644)
+        Store(made_before / "freeal.duckdb").close()
+        assert mode(made_before) == 0o700 and mode(made_before / "freeal.duckdb") == 0o600
+        shared = tmp_path / "shared"      # a folder holding the user's other files keeps its mode
+        shared.mkdir(mode=0o755)
+        (shared / "notes.txt").write_text("mine")
+        Store(shared / "freeal.duckdb").close()
+        assert mode(shared) == 0o755 and mode(shared / "freeal.duckdb") == 0o600
+        models = write_model_files({"model.json": b"{}"}, shared / "models" / "round-1")
+        cache = EmbeddingCache(shared / "embeddings", "enc|max_length=8")
+        assert mode(shared / "models") == mode(models) == mode(shared / "embeddings") == mode(cache.dir) == 0o700
+    finally:
+        os.umask(old)

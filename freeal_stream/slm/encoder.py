@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from freeal_stream.private_files import private_dir
+
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 # Texts are cut to max_length * CHARS_PER_TOKEN characters before tokenizing: a tokenizer reads a whole text
 # before truncating it (a 10 MB text took 14.6 s and 1.5 GB), and max_length tokens of ordinary text end far
@@ -152,7 +154,7 @@ class EmbeddingCache:
     def __init__(self, cache_dir: Path, key: str):
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key.rsplit("/", 1)[-1])[:60]
         self.dir = Path(cache_dir) / f"{slug}-{text_key(key)[:12]}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         meta = self.dir / "meta.json"
         if not meta.exists():
             meta.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
