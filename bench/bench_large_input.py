@@ -1,6 +1,7 @@
 """Peak memory (and time) for large input: a data file whose first line is 100 MB (then one short row)
-ingested into a state file, and a 10 MB text embedded by the SLM's encoder (next to a short one). Each measurement runs in a fresh process, so its peak RSS
-(ru_maxrss) is its own; a baseline process (imports only) is measured the same way.
+ingested into a state file, and a 10 MB text embedded by the SLM's encoder (next to a short one). Each
+measurement runs in a fresh process, so its peak RSS (ru_maxrss) is its own; a baseline process (imports
+only) is measured the same way.
 
 `--tree` runs the measurements against another checkout of the code (e.g. an export of an older commit), so
 before and after can be compared side by side in one run:

@@ -36,7 +36,7 @@ def add_batch(store: Any, batch: Batch, source: str) -> int:
 def ingest(job: JobConfig, store: Any, progress: Progress) -> int:
     """Load the job's data file into the store, a batch at a time; items already there (same id or same text)
     are kept."""
-    added, problems = 0, Counter()
+    added, problems = 0, Counter[tuple[str, str]]()
     for batch in read_batches(job.data, class_names=job.task.class_names):
         added += add_batch(store, batch, job.data.path)
         problems += batch.problem_counts()
@@ -61,7 +61,7 @@ def read_data_batches(job: JobConfig, path: Path) -> Iterator[Batch]:
 def ingest_data_file(store: Any, job: JobConfig, path: Path, say: Callable[[str], None] | None = None) -> int:
     """An inbox file into the store, a batch at a time (a file-level DataError, raised before the first
     batch, propagates: the inbox moves the file to failed/)."""
-    added, problems = 0, Counter()
+    added, problems = 0, Counter[tuple[str, str]]()
     for batch in read_data_batches(job, path):
         added += add_batch(store, batch, path.name)
         problems += batch.problem_counts()

@@ -155,7 +155,7 @@ class _Feed:
     read, so a bad record can be reported and its later lines read again as records of their own."""
 
     def __init__(self, lines: Iterator[_Line]):
-        self._lines, self._back = lines, collections.deque()
+        self._lines, self._back = lines, collections.deque[_Line]()
         self.taken: list[_Line] = []
         self._size = 0
 
@@ -236,7 +236,7 @@ def _csv_records(f: BinaryIO, lines: Iterator[_Line], header: list[str], delim: 
                                 first.text.rstrip("\r\n"), None, first.size)
                 continue
             broken = next((line for line in taken if line.bad is not None), None)
-            if broken is not None:
+            if broken is not None and broken.bad is not None:
                 yield _bad_csv(taken[0], "not UTF-8", f"byte {broken.bad + 1} of line {broken.number} is not UTF-8",
                                taken)
             elif len(fields) != len(header):
