@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 from freeal_stream.errors import UserError
 from freeal_stream.config import BudgetConfig, Price
-from freeal_stream.llm.ratelimit import estimate_tokens
+from freeal_stream.llm.ratelimit import estimate_usage
 
 
 class BudgetConfigError(UserError):
@@ -66,8 +66,8 @@ def spent_from_usage(usage: Sequence[Mapping[str, float]], budget: BudgetConfig)
 
 def estimate(messages: Sequence[tuple[str, str]], max_tokens: int, price: Price | None) -> Spent:
     """One request before it is sent: as many output tokens as allowed, no prefix-cache discount."""
-    tokens = estimate_tokens(messages, max_tokens)
-    return Spent(1, tokens, cost(price, tokens - max_tokens, 0, max_tokens))
+    prompt, completion = estimate_usage(messages, max_tokens)
+    return Spent(1, prompt + completion, cost(price, prompt, 0, completion))
 
 
 def headroom(spent: Spent, budget: BudgetConfig) -> Spent | None:

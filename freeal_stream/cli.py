@@ -68,27 +68,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Add data files: through the running service's API, or straight into the state when none runs."""
     job = load_job(args.job)
-    from freeal_stream.intake import read_data_file
+    from collections import Counter
+
+    from freeal_stream.intake import add_batch, read_data_batches
+    from freeal_stream.sources import summary_of
+    from freeal_stream.store import Store
 
     running = _running_service(job)
     total = 0
     for name in args.files:
-        batch = read_data_file(job, Path(name))
-        if running is not None:
-            added, extra = _send_to_service(running, batch, name)
-        else:
-            from freeal_stream.intake import add_batch
-            from freeal_stream.store import Store
-
-            store = Store(job.state_path / "freeal.duckdb")
-            try:
-                added, extra = add_batch(store, batch, name), 0
-            finally:
+        added = extra = rows = 0
+        problems: Counter[tuple[str, str]] = Counter()
+        store = None
+        try:
+            for batch in read_data_batches(job, Path(name)):   # a batch at a time: memory bounded by one
+                if running is not None:
+                    got, more = _send_to_service(running, batch, name)
+                else:
+                    store = store or Store(job.state_path / "freeal.duckdb")
+                    got, more = add_batch(store, batch, name), 0
+                added, extra, rows = added + got, extra + more, rows + len(batch.ids)
+                problems += batch.problem_counts()
+        finally:
+            if store is not None:
                 store.close()
         total += added
-        notes = [n for n in (batch.summary(), f"{extra} more quarantined by the service (ids already stored with "
-                             "another text)" if extra else "") if n]
-        print(f"{name}: {added} new items of {len(batch.ids)}" + (f"; {'; '.join(notes)}" if notes else ""))
+        notes = [n for n in (summary_of(problems), f"{extra} more quarantined by the service (ids already stored "
+                             "with another text)" if extra else "") if n]
+        print(f"{name}: {added} new items of {rows}" + (f"; {'; '.join(notes)}" if notes else ""))
     print(f"{total} new items {'sent to the running service' if running else 'stored'}; they join the next round"
           f"\nquarantined and flagged rows: `freeal-stream quarantine {args.job}`")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from freeal_stream.errors import UserError
+from freeal_stream.llm.verbalizer import Verbalizer
+
 
 
 class ConfigError(UserError):
@@ -62,15 +65,9 @@ class TaskConfig:
     classes: dict[str, list[str]]
 
     def validate(self) -> None:
-        _check(len(self.classes) >= 2, "needs at least 2 classes")
-        seen: dict[str, str] = {}
-        for name, words in self.classes.items():
-            _check(len(words) >= 1, f"class '{name}' has no verbalizer word")
-            for w in words:
-                key = w.strip().lower()
-                _check(key not in seen or seen[key] == name,
-                       f"verbalizer word '{w}' is used by both '{seen.get(key)}' and '{name}'")
-                seen[key] = name
+        """The verbalizer's own rule, before any work: words that collide once normalised ('billing' and
+        'billing!', 'straße' and 'strasse') or that hold no letter or digit ('!!!') are refused."""
+        Verbalizer(self.classes)
 
     @property
     def class_names(self) -> list[str]:
@@ -383,9 +380,11 @@ def parse_job(raw: dict[str, Any], file: str | Path = "<job>") -> JobConfig:
     """Validate a job given as a dict (as read from YAML); relative paths resolve against `file`'s folder."""
     file = str(file)
     job: JobConfig = _build(JobConfig, raw, "", file)
+    if not job.name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(file, "name", f"'{job.name}' is not a simple name", "use letters, digits, '-' and '_'")
     base = Path(file).resolve().parent if file != "<job>" else Path.cwd()
     data_path = Path(os.path.expanduser(job.data.path))
-    state = Path(os.path.expanduser(job.state_dir.format(name=job.name)))
+    state = _state_dir(job.state_dir, job.name, base, file)
     inbox = job.service.inbox
     if inbox is not None:
         inbox = str((base / Path(os.path.expanduser(inbox))).resolve())
@@ -398,24 +397,86 @@ def parse_job(raw: dict[str, Any], file: str | Path = "<job>") -> JobConfig:
         strategy=strategy,
         data=dataclasses.replace(job.data, path=str((base / data_path).resolve())),
         service=dataclasses.replace(job.service, inbox=inbox),
-        state_dir=str((base / state).resolve()),
+        state_dir=str(state).replace("{", "{{").replace("}", "}}"),   # state_path formats it again
         source_file=file,
     )
-    if not job.name.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(file, "name", f"'{job.name}' is not a simple name", "use letters, digits, '-' and '_'")
     return job
 
 
+# Folders a state directory may not be: it is made private (0700) and filled with the job's files.
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+
+
+def _state_dir(template: str, name: str, base: Path, file: str) -> Path:
+    """The job's state directory, resolved; refused when the template holds a placeholder other than
+    {name}, or when it is a folder the job must not take over (the root, a top-level or system folder, the
+    home folder or one above it)."""
+    fix = "use {name} as the only placeholder (write {{ and }} for literal braces)"
+    try:
+        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ConfigError(file, "state_dir", f"'{template}' is not a valid path template ({e})", fix) from None
+    if any(f != "name" or conv or spec for f, conv, spec in fields):
+        raise ConfigError(file, "state_dir", f"'{template}' has a placeholder other than {{name}}", fix)
+    path = (base / Path(os.path.expanduser(template.format(name=name)))).resolve()
+    home = Path.home().resolve()
+    if len(path.parts) <= 2 or path == home or path in home.parents or any(
+            path == Path(t) or Path(t) in path.parents for t in _SYSTEM_TREES):
+        raise ConfigError(file, "state_dir", f"'{template}' is {path}, a folder the job would take over (its files, "
+                          "inbox and permissions)", "name a folder of its own, e.g. '.freeal/{name}' (the default)")
+    return path
+
+
+MAX_JOB_FILE_BYTES = 1 << 20    # a job file is a page of settings
+MAX_JOB_NODES = 100_000         # values a job may hold once YAML aliases are expanded (a job has a few hundred)
+
+
 def load_job(path: str | Path) -> JobConfig:
-    """Read and validate a job YAML file."""
+    """Read and validate a job YAML file (safe_load; its size, and its size with aliases expanded, capped:
+    an alias bomb would otherwise be expanded when the job is stored)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(path, "(file)", "file not found", "check the path to the job YAML")
+    if path.stat().st_size > MAX_JOB_FILE_BYTES:
+        raise ConfigError(path, "(file)", f"the file is {path.stat().st_size} bytes, over 1 MiB",
+                          "check that this is the job file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(path, "(file)", f"not valid YAML: {e}", "fix the YAML syntax") from None
+    except RecursionError:
+        raise ConfigError(path, "(file)", "it is nested too deeply", "write a flat job file") from None
+    _check_expanded_size(raw, path)
     return parse_job(raw, path)
+
+
+def _check_expanded_size(raw: Any, path: Path) -> None:
+    """Refuse a document that refers to itself, or whose aliases expand to over MAX_JOB_NODES values.
+
+    Counted without expanding: each distinct node once, its size remembered (aliases share nodes)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in open_nodes:
+            raise ConfigError(path, "(file)", "an alias refers to itself", "remove the self-referring alias")
+        if key not in sizes:
+            open_nodes.add(key)
+            children = [c for kv in node.items() for c in kv] if isinstance(node, dict) else node
+            sizes[key] = 1 + sum(size(c) for c in children)
+            open_nodes.discard(key)
+            if sizes[key] > MAX_JOB_NODES:
+                raise ConfigError(path, "(file)", f"its aliases expand to more than {MAX_JOB_NODES} values (an alias "
+                                  "bomb?)", "write the values out, or use fewer nested aliases")
+        return sizes[key]
+
+    try:
+        size(raw)
+    except RecursionError:
+        raise ConfigError(path, "(file)", "it is nested too deeply", "write a flat job file") from None
 
 
 def job_to_dict(job: JobConfig) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
         "llm_labels_disputed": disputed,
         "rounds": [{"round": r["round"], "phase": r["phase"], **({"metrics": r["metrics"]} if r["metrics"] else {})}
                    for r in rounds],
-        "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"], "priced": priced},
+        "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"], "priced": priced,
+                  "charged_by_estimate": raw["usage_estimated"], "malformed_answers": raw["malformed"]},
         "left": _plain(budget_policy.headroom(spent, job.budget)),
         "estimate_to_finish": {
             "requests": todo,
@@ -111,6 +112,13 @@ def format_status(st: dict[str, Any]) -> list[str]:
     lines.append(f"estimated to finish: {est['requests']} requests"
                  + (f", ~{est['tokens']} tokens" if est["tokens"] is not None else "")
                  + (f", cost ~{money(est['cost'])}" if est["cost"] is not None and s["priced"] else ""))
+    if s.get("charged_by_estimate"):
+        lines.append(f"charged by estimate: {s['charged_by_estimate']} answers came without usable usage (none, "
+                     "or not a sane count), so each is charged the pre-flight estimate (input ~4 characters a "
+                     "token, output at llm.max_tokens)")
+    if s.get("malformed_answers"):
+        lines.append(f"malformed answers: {s['malformed_answers']} paid answers failed the answer checks; stored with "
+                     "no label (never asked again), the SLM labels those texts")
     if st.get("llm_failures"):
         failed = st["llm_failures"]
         lines.append(f"LLM requests failed after retries (not paid; asked again later): {sum(failed.values())} ("

@@ -18,9 +18,14 @@ import numpy as np
 import pyarrow as pa
 
 from freeal_stream.errors import UserError
+from freeal_stream.llm import answer_check
 from freeal_stream.llm.client import ChatAnswer, ChatRequest
+from freeal_stream.llm.ratelimit import estimate_usage
+from freeal_stream.private_files import private_dir, private_file
 from freeal_stream.records import Annotation, Demo, ItemColumns, PlanItem
 
+# 2: dense pool positions (items.pos); per-item probabilities out of slm_scores (they live in array files);
+#    llm_answers' token counts BIGINT, answers carry `malformed` and `usage_estimated`
 SCHEMA_VERSION = 2
 # The store process's DuckDB memory: large joins and sorts spill to `<state>/duckdb.tmp` beyond it, so a pool
 # of millions is labelled and exported in bounded memory.
@@ -33,8 +38,8 @@ CREATE TABLE IF NOT EXISTS items (
     gold VARCHAR, content_hash VARCHAR NOT NULL, ingested_at DOUBLE NOT NULL, pos BIGINT);
 CREATE TABLE IF NOT EXISTS llm_answers (
     key VARCHAR PRIMARY KEY, model VARCHAR, request JSON, content VARCHAR, finish_reason VARCHAR,
-    prompt_tokens INTEGER, completion_tokens INTEGER, cached_tokens INTEGER, top_logprobs JSON,
-    latency_s DOUBLE, attempts INTEGER, created_at DOUBLE);
+    prompt_tokens BIGINT, completion_tokens BIGINT, cached_tokens BIGINT, top_logprobs JSON,
+    latency_s DOUBLE, attempts INTEGER, created_at DOUBLE, malformed VARCHAR, usage_estimated BOOLEAN);
 CREATE TABLE IF NOT EXISTS llm_failures (
     key VARCHAR NOT NULL, model VARCHAR, error VARCHAR NOT NULL, attempts INTEGER, created_at DOUBLE);
 CREATE TABLE IF NOT EXISTS annotations (
@@ -105,6 +110,12 @@ _UNSCORED_SQL = """SELECT pos FROM items WHERE id NOT IN (
     SELECT item_id FROM slm_scores WHERE round = (SELECT max(round) FROM slm_scores))"""
 
 
+def _estimate_stored(request: str) -> tuple[int, int]:
+    """The pre-flight estimate (prompt, completion) of a stored request (its JSON as put_answer wrote it)."""
+    r = json.loads(request)
+    return estimate_usage([(m["role"], m["content"]) for m in r["messages"]], r["max_tokens"])
+
+
 def _first(result: duckdb.DuckDBPyConnection) -> Any:
     """The first row, with the result drained (DuckDB 2 blocks the connection on a half-read result)."""
     rows = result.fetchall()
@@ -126,14 +137,49 @@ def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
                                       [table]).fetchall()}
 
 
-def _migrate(con: duckdb.DuckDBPyConnection) -> None:
-    """Bring a state file written by an older version to this schema (each step idempotent)."""
-    if "pos" not in _columns(con, "items"):   # v1 -> v2: dense pool positions, aligning per-item arrays on disk
+def _answers_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring a state file of schema 1 to this version, in one transaction (a kill leaves it as it was).
+
+    Token counts become BIGINT (an INTEGER overflowed after the answer was paid, before it was stored);
+    answers gain `malformed` and `usage_estimated`, and old answers whose usage was missing (stored as
+    0) or not a sane count are charged the estimate, as new ones are, so the budget counts them.
+    """
+    cols = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                 "WHERE table_name = 'llm_answers'").fetchall())
+    if "usage_estimated" in cols and cols["prompt_tokens"] == "BIGINT":
+        return
+    con.execute("BEGIN TRANSACTION").fetchall()
+    for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+        if cols[name] != "BIGINT":
+            con.execute(f"ALTER TABLE llm_answers ALTER COLUMN {name} SET DATA TYPE BIGINT").fetchall()
+    con.execute("ALTER TABLE llm_answers ADD COLUMN IF NOT EXISTS malformed VARCHAR").fetchall()
+    con.execute("ALTER TABLE llm_answers ADD COLUMN IF NOT EXISTS usage_estimated BOOLEAN DEFAULT false").fetchall()
+    bad = con.execute("""SELECT key, request FROM llm_answers
+        WHERE prompt_tokens IS NULL OR completion_tokens IS NULL OR coalesce(cached_tokens, 0) < 0
+           OR prompt_tokens < 0 OR completion_tokens < 0 OR prompt_tokens + completion_tokens = 0
+           OR greatest(prompt_tokens, completion_tokens) > ? OR coalesce(cached_tokens, 0) > prompt_tokens""",
+                           [answer_check.MAX_USAGE_TOKENS]).fetchall()
+    if bad:
+        con.executemany(
+            "UPDATE llm_answers SET prompt_tokens = ?, completion_tokens = ?, cached_tokens = 0, "
+            "usage_estimated = true WHERE key = ?", [(*_estimate_stored(request), key) for key, request in bad])
+    con.execute("COMMIT").fetchall()
+
+
+def _positions_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """Dense pool positions (per-item arrays on disk are aligned by them); per-item JSON probabilities dropped."""
+    if "pos" not in _columns(con, "items"):
         con.execute("ALTER TABLE items ADD COLUMN pos BIGINT").fetchall()
         con.execute("""UPDATE items SET pos = r.p FROM (SELECT seq AS s, row_number() OVER (ORDER BY seq) - 1 AS p
                        FROM items) r WHERE items.seq = r.s""").fetchall()
-    if "probs" in _columns(con, "slm_scores"):   # v1 -> v2: per-item probabilities live in the round's array file
+    if "probs" in _columns(con, "slm_scores"):
         con.execute("ALTER TABLE slm_scores DROP COLUMN probs").fetchall()
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring a state file written by an older version to this schema; every step is idempotent."""
+    _answers_v2(con)
+    _positions_v2(con)
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]).fetchall()
 
 
@@ -142,12 +188,14 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        private_dir(folder, tighten=not folder.exists() or self.path.exists() or not any(folder.iterdir()))
         try:
             self.con = duckdb.connect(str(self.path))
         except duckdb.IOException as e:
             raise StateError(f"{self.path} is in use by another process ({e}). Fix: wait for the other "
                              "freeal-stream run on this state directory to finish, or use another state_dir.")
+        private_file(self.path)
         self._exec(f"SET memory_limit = '{MEMORY_LIMIT}'")
         self._exec("SET temp_directory = ?", [str(self.path.with_suffix(".tmp"))])
         self._exec(_DDL)
@@ -294,32 +342,43 @@ class Store:
 
     # ---- LLM answer cache (the AnswerCache protocol) ------------------------------------------------
     def get_answers(self, keys: Sequence[str]) -> dict[str, ChatAnswer]:
+        """Stored answers, checked again as on the wire: one stored by an older version with a malformed
+        field comes back (and is marked) as a malformed no-label answer, so it cannot break a resume."""
         if not keys:
             return {}
         with self._registered("wanted", pa.table({"key": pa.array(list(set(keys)), pa.string())})):
             rows = self.con.execute("""
                 SELECT a.key, content, finish_reason, prompt_tokens, completion_tokens, cached_tokens,
-                       top_logprobs, latency_s, attempts
+                       top_logprobs, latency_s, attempts, malformed, usage_estimated
                 FROM llm_answers a JOIN wanted w ON a.key = w.key""").fetchall()
-        out = {}
-        for k, content, fin, pt, ct, cached, tlp, lat, att in rows:
-            top = [[(t, lp) for t, lp in pos] for pos in json.loads(tlp)] if tlp else None
-            out[k] = ChatAnswer(key=k, content=content, finish_reason=fin, prompt_tokens=pt,
-                                completion_tokens=ct, cached_tokens=cached, top_logprobs=top,
-                                latency_s=lat, attempts=att, error=None, from_cache=True)
+        out, marked = {}, []
+        for k, content, fin, pt, ct, cached, tlp, lat, att, malformed, estimated in rows:
+            try:
+                top = answer_check.stored_logprobs(json.loads(tlp)) if tlp else None
+            except (answer_check.Malformed, ValueError) as e:
+                top, malformed = None, f"stored answer: {e}"
+                marked.append((malformed, k))
+            out[k] = ChatAnswer(key=k, content="" if malformed else content, finish_reason=fin, prompt_tokens=pt,
+                                completion_tokens=ct, cached_tokens=cached, top_logprobs=top, latency_s=lat,
+                                attempts=att, error=None, from_cache=True, malformed=malformed,
+                                usage_estimated=bool(estimated))
+        if marked:
+            self.con.executemany("UPDATE llm_answers SET malformed = ? WHERE key = ?", marked)
         return out
 
     def put_answer(self, request: ChatRequest, answer: ChatAnswer) -> None:
         """Commit one completed answer at once: a killed run must never pay for it again."""
         self._exec(
-            "INSERT OR IGNORE INTO llm_answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            """INSERT OR IGNORE INTO llm_answers (key, model, request, content, finish_reason, prompt_tokens,
+                   completion_tokens, cached_tokens, top_logprobs, latency_s, attempts, created_at, malformed,
+                   usage_estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             [answer.key, request.model, json.dumps({"messages": request.as_messages(),
                                                     "temperature": request.temperature,
                                                     "max_tokens": request.max_tokens,
                                                     "template_version": request.template_version}),
              answer.content, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens,
              answer.cached_tokens, json.dumps(answer.top_logprobs) if answer.top_logprobs else None,
-             answer.latency_s, answer.attempts, time.time()])
+             answer.latency_s, answer.attempts, time.time(), answer.malformed, answer.usage_estimated])
 
     def record_failure(self, request: ChatRequest, answer: ChatAnswer) -> None:
         """Log a request that got no answer (after its retries): nothing paid, asked again by a later round."""
@@ -332,19 +391,21 @@ class Store:
                     .fetchall())
 
     def spent(self) -> dict[str, int]:
-        """What the LLM has cost so far, from the answers of record (cache hits cost nothing)."""
-        r = _first(self.con.execute("""SELECT count(*), coalesce(sum(prompt_tokens), 0),
-                                coalesce(sum(completion_tokens), 0), coalesce(sum(cached_tokens), 0)
-                                FROM llm_answers"""))
-        return {"requests": r[0], "prompt_tokens": r[1], "completion_tokens": r[2], "cached_tokens": r[3]}
+        """What the LLM has cost so far, all models together (`usage_by_model`, summed)."""
+        names = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated", "malformed")
+        rows = self.usage_by_model()
+        return {name: sum(u[name] for u in rows) for name in names}
 
     def usage_by_model(self) -> list[dict[str, Any]]:
-        """Per model: requests and tokens of the answers of record (what the budget prices)."""
+        """Per model: requests and tokens of the answers of record (what the budget prices: the one place
+        spend is read), how many were charged the estimate for want of usage, and how many were malformed."""
         rows = self.con.execute("""SELECT model, count(*), coalesce(sum(prompt_tokens), 0),
-                                   coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0)
+                                   coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0),
+                                   count(*) FILTER (WHERE usage_estimated), count(malformed)
                                    FROM llm_answers GROUP BY model ORDER BY model""").fetchall()
-        return [{"model": m, "requests": n, "prompt_tokens": p, "cached_tokens": c, "completion_tokens": o}
-                for m, n, p, c, o in rows]
+        return [{"model": m, "requests": n, "prompt_tokens": int(p), "cached_tokens": int(c),
+                 "completion_tokens": int(o), "usage_estimated": e, "malformed": bad}
+                for m, n, p, c, o, e, bad in rows]
 
     # ---- annotations, scores, demos ---------------------------------------------------------------
     def add_annotations(self, round_: int, rows: Sequence[Annotation]) -> None:

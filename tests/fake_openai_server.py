@@ -36,6 +36,7 @@ class Reply:
     top_logprobs: list[list[tuple[str, float]]] | None = None  # per generated token; first = chosen
     cached_tokens: int | None = None
     finish_reason: str = "stop"
+    patch: Callable[[dict[str, Any]], None] | None = None   # edits the completion body before it is sent
 
 
 def ok(content: str | None = "positive", **kw: Any) -> Reply:
@@ -127,12 +128,15 @@ class FakeOpenAIServer:
                 {"token": cands[0][0], "logprob": cands[0][1], "bytes": None,
                  "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in cands]}
                 for cands in reply.top_logprobs]}
-        return {
+        completion = {
             "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body.get("model"),
             "choices": [{"index": 0, "finish_reason": reply.finish_reason, "logprobs": logprobs,
                          "message": {"role": "assistant", "content": reply.content}}],
             "usage": usage,
         }
+        if reply.patch is not None:
+            reply.patch(completion)   # json.dumps writes NaN and Infinity as bare words, as some servers do
+        return completion
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self

@@ -14,7 +14,7 @@ import yaml
 from freeal_stream.cli import main
 from freeal_stream.config import ConfigError, DataConfig, load_job, parse_job
 from freeal_stream.intake import (add_api_items, add_batch, ingest, ingest_data_file, quarantine_rows,
-                                  read_data_file)
+                                  read_data_batches)
 from freeal_stream.llm.prompts import TRUNCATION_MARK, annotation_messages, truncate_text
 from freeal_stream.llm.verbalizer import Verbalizer
 from freeal_stream.progress import Progress
@@ -323,7 +323,8 @@ def test_ingest_through_a_running_service_records_the_files_bad_rows_under_its_n
     handlers = ApiHandlers(lambda items: add_api_items(store, job, items), lambda: {}, lambda since, limit: {},
                            lambda rows, source: quarantine_rows(store, rows, source))
     with ApiServer(handlers) as server:
-        added, more = _send_to_service(ServiceClient(server.url), read_data_file(job, data), "d.jsonl", chunk=1)
+        [batch] = read_data_batches(job, data)
+        added, more = _send_to_service(ServiceClient(server.url), batch, "d.jsonl", chunk=1)
     assert (added, more) == (1, 1) and stored(store) == {"k": "kept", "a": "one"}
     rows = {(r["source"], r["location"], r["reason"]) for r in store.problems(10)}
     assert rows == {("d.jsonl", "line 2", "broken JSON line"), ("POST /items", "id 'k'", "id reused with another text")}

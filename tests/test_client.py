@@ -93,16 +93,16 @@ def test_build_uses_config_and_overrides():
 
 def test_answer_fields_and_logprobs():
     top = [[("pos", math.log(0.7)), ("neg", math.log(0.2))], [("itive", -0.01)]]
-    with FakeOpenAIServer(lambda body: ok("positive", top_logprobs=top, cached_tokens=7)) as server:
+    with FakeOpenAIServer(lambda body: ok("positive", top_logprobs=top, cached_tokens=4)) as server:
         client = make_client(server, logprobs=True, top_logprobs=2)
         [answer] = client.complete_many([req("great film", client.cfg)])
     assert server.requests[0]["logprobs"] is True and server.requests[0]["top_logprobs"] == 2
     assert answer.content == "positive" and answer.error is None and answer.finish_reason == "stop"
     assert answer.top_logprobs == [[("pos", pytest.approx(math.log(0.7))), ("neg", pytest.approx(math.log(0.2)))],
                                    [("itive", -0.01)]]
-    assert answer.cached_tokens == 7 and answer.prompt_tokens > 0 and answer.completion_tokens > 0
+    assert answer.cached_tokens == 4 and answer.prompt_tokens >= 4 and answer.completion_tokens > 0
     assert answer.attempts == 1 and not answer.from_cache
-    assert client.ledger.requests_sent == 1 and client.ledger.cached_tokens == 7
+    assert client.ledger.requests_sent == 1 and client.ledger.cached_tokens == 4
     assert client.ledger.prompt_tokens == answer.prompt_tokens
     verb = Verbalizer({"positive": ["positive"], "negative": ["negative"]})
     assert verb.probs_from_logprobs(answer.top_logprobs)[0] == pytest.approx(0.7 / 0.9)
@@ -134,6 +134,80 @@ def test_non_json_body_is_retried_then_exhausted():
         [answer] = make_client(server, cache).complete_many([req("b")])
     assert answer.error == "bad_response_exhausted" and answer.content is None
     assert answer.key not in cache.answers
+
+
+def _set(path: str, value):
+    """A patch setting one field of the completion body: 'choices.0.message.content' = value."""
+    def patch(completion):
+        *parents, last = path.split(".")
+        node = completion
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        node[int(last) if last.isdigit() else last] = value
+    return patch
+
+
+def _drop_usage(completion):
+    del completion["usage"]
+
+
+TOP = [[("positive", -0.1), ("negative", -2.5)]]
+MALFORMED = {   # what an endpoint sent -> a word the stored reason must hold
+    "logprob 'abc'": (_set("choices.0.logprobs.content.0.top_logprobs.0.logprob", "abc"), "logprob"),
+    "logprob NaN": (_set("choices.0.logprobs.content.0.top_logprobs.1.logprob", float("nan")), "logprob"),
+    "logprob Infinity": (_set("choices.0.logprobs.content.0.top_logprobs.0.logprob", float("inf")), "logprob"),
+    "logprob positive": (_set("choices.0.logprobs.content.0.top_logprobs.0.logprob", 3.0), "logprob"),
+    "token an int": (_set("choices.0.logprobs.content.0.top_logprobs.0.token", 7), "token"),
+    "top_logprobs a string": (_set("choices.0.logprobs.content.0.top_logprobs", "abc"), "top_logprobs"),
+    "logprobs a string": (_set("choices.0.logprobs", "abc"), "logprobs"),
+    "logprobs.content an object": (_set("choices.0.logprobs.content", {"a": 1}), "logprobs"),
+    "content an int": (_set("choices.0.message.content", 5), "content"),
+    "content a list": (_set("choices.0.message.content", ["positive"]), "content"),
+    "content an object": (_set("choices.0.message.content", {"text": "positive"}), "content"),
+    "content a lone surrogate": (_set("choices.0.message.content", "positive\ud800"), "content"),
+    "content far over max_tokens": (_set("choices.0.message.content", "positive " * 20000), "content"),
+    "message a string": (_set("choices.0.message", "positive"), "message"),
+    "finish_reason an object": (_set("choices.0.finish_reason", {"a": 1}), "finish_reason"),
+    "usage over 2^31": (_set("usage.prompt_tokens", 2 ** 31), "prompt_tokens"),
+    "usage over 2^64": (_set("usage.completion_tokens", 2 ** 70), "completion_tokens"),
+    "usage negative": (_set("usage.prompt_tokens", -500), "prompt_tokens"),
+    "usage a string": (_set("usage.prompt_tokens", "lots"), "prompt_tokens"),   # "12" is read as 12
+    "usage a float": (_set("usage.completion_tokens", 1.5), "completion_tokens"),
+    "usage a list": (_set("usage", [1, 2]), "usage"),
+    "cached over prompt": (_set("usage.prompt_tokens_details", {"cached_tokens": 10 ** 6}), "cached_tokens"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED))
+def test_a_malformed_answer_is_stored_once_as_no_label_with_the_reason(kind):
+    patch, word = MALFORMED[kind]
+    cache = MemoryCache()
+    with FakeOpenAIServer(lambda body: ok("positive", top_logprobs=TOP, patch=patch)) as server:
+        client = make_client(server, cache, logprobs=True, top_logprobs=2)
+        request = req("a", client.cfg)
+        [answer] = client.complete_many([request])
+        [again] = client.complete_many([request])
+    assert len(server.requests) == 1 and cache.puts == [answer.key] and again.from_cache   # paid once
+    assert answer.error is None and answer.content == "" and answer.top_logprobs is None
+    assert answer.malformed and word in answer.malformed, answer.malformed
+    for n in (answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens):
+        assert isinstance(n, int) and 0 <= n < 2 ** 31
+    verb = Verbalizer({"positive": ["positive"], "negative": ["negative"]})
+    assert verb.parse(answer.content) is None and verb.probs_from_logprobs(answer.top_logprobs) is None
+
+
+def test_an_answer_without_usage_keeps_its_label_and_is_charged_the_estimate():
+    from freeal_stream.budget import estimate
+
+    with FakeOpenAIServer(lambda body: ok("positive", patch=_drop_usage)) as server:
+        client = make_client(server)
+        request = req("a", client.cfg)
+        [answer] = client.complete_many([request])
+    assert answer.content == "positive" and answer.malformed is None and answer.usage_estimated
+    charged = estimate(request.messages, request.max_tokens, None)
+    assert answer.prompt_tokens + answer.completion_tokens == charged.tokens > 0
+    assert answer.completion_tokens == request.max_tokens and answer.cached_tokens == 0
+    assert client.ledger.prompt_tokens + client.ledger.completion_tokens == charged.tokens
 
 
 # --- cache and deduplication --------------------------------------------------------------------------

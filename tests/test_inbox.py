@@ -260,3 +260,29 @@ def test_watch_ingests_in_the_background_until_stopped(tmp_path):
         thread.join(5)
     assert not thread.is_alive()
     assert store.items == {"1": "x"}
+
+
+@pytest.mark.parametrize("stem", ["a" * 247, "é" * 120 + "b", "x" * 200 + ".part2"])
+def test_a_file_with_a_name_near_the_length_limit_moves_once_with_its_note(tmp_path, stem):
+    """A 251-byte name: its note (name + '.error.txt') and its clash name (name + '.<time>.<n>') would be
+    over the 255 bytes a name may have; every move and note must still happen once, then the inbox is empty."""
+    clock = Clock()
+    store = FakeStore()
+
+    def ingest(path: Path) -> int:
+        if "bad" in path.read_text():
+            raise ValueError("bad file")
+        return store.ingest_file(path)
+
+    inbox = Inbox(tmp_path / "inbox", ingest, settle_s=SETTLE, clock=clock)
+    name = f"{stem}.csv"
+    for n, content in enumerate(["id,text\n1,bad\n", "id,text\n2,bad too\n", "id,text\n3,fine\n", "id,text\n4,ok\n"]):
+        (inbox.root / name).write_text(content)
+        results = settled_scan(inbox, clock)
+        assert [r.status for r in results] == ["failed" if n < 2 else "ingested"], results
+        assert not (inbox.root / name).exists() and clock.now < 200
+    failed = sorted(p.name for p in inbox.failed.iterdir())
+    assert len(failed) == 4 and sum(n.endswith(".error.txt") for n in failed) == 2
+    assert all(len(n.encode()) <= 255 for n in failed) and not any(n.startswith(".note-") for n in failed)
+    assert all(n.endswith(".csv") or n.endswith(".error.txt") for n in failed)
+    assert len(list(inbox.done.iterdir())) == 2 and set(store.items) == {"3", "4"}

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -65,7 +66,60 @@ def test_store_items_idempotent_and_answer_cache(tmp_path):
     got = s.get_answers([req.key(), "missing"])
     assert list(got) == [req.key()] and got[req.key()].content == "positive" and got[req.key()].from_cache
     assert got[req.key()].top_logprobs == [[("pos", -0.1), ("neg", -2.3)]]
-    assert s.spent() == {"requests": 1, "prompt_tokens": 10, "completion_tokens": 1, "cached_tokens": 4}
+    assert s.spent() == {"requests": 1, "prompt_tokens": 10, "completion_tokens": 1, "cached_tokens": 4,
+                         "usage_estimated": 0, "malformed": 0}
+    s.close()
+
+
+_SCHEMA_1_ANSWERS = """CREATE TABLE llm_answers (
+    key VARCHAR PRIMARY KEY, model VARCHAR, request JSON, content VARCHAR, finish_reason VARCHAR,
+    prompt_tokens INTEGER, completion_tokens INTEGER, cached_tokens INTEGER, top_logprobs JSON,
+    latency_s DOUBLE, attempts INTEGER, created_at DOUBLE)"""
+
+
+def test_answers_stored_by_an_older_version_resume_migrated_checked_and_charged(tmp_path):
+    """Schema 1 kept what the wire said: a logprob 'abc' (replaying it crashed every resume), usage that was
+    missing (stored 0: the budget never counted it) or negative (it lowered the spend)."""
+    import duckdb
+
+    from freeal_stream.budget import estimate
+    from freeal_stream.llm.verbalizer import Verbalizer
+
+    path = tmp_path / "old.duckdb"
+    reqs = [ChatRequest(messages=(("user", f"text {n} " * 10),), model="m", temperature=0.0, max_tokens=4,
+                        logprobs=True, top_logprobs=2, template_version="v") for n in range(4)]
+    con = duckdb.connect(str(path))
+    con.execute(_SCHEMA_1_ANSWERS)
+    rows = [("positive", 10, 1, '[[["positive", "abc"]]]'),    # a bad logprob
+            ("positive", 0, 0, '[[["positive", -0.1]]]'),       # usage missing
+            ("negative", -500, 1, None),                        # negative usage
+            ("negative", 10, 1, '[[["negative", -0.2]]]')]      # fine
+    for r, (content, pt, ct, top) in zip(reqs, rows):
+        con.execute("INSERT INTO llm_answers VALUES (?, 'm', ?, ?, 'stop', ?, ?, 0, ?, 0.1, 1, 0)",
+                    [r.key(), json.dumps({"messages": r.as_messages(), "max_tokens": 4}), content, pt, ct, top])
+    con.close()
+
+
+    s = Store(path)
+    got = s.get_answers([r.key() for r in reqs])
+    verb = Verbalizer({"positive": ["positive"], "negative": ["negative"]})
+    bad = got[reqs[0].key()]
+    assert bad.malformed and "logprob" in bad.malformed and bad.content == "" and bad.top_logprobs is None
+    assert verb.parse(bad.content) is None and verb.probs_from_logprobs(bad.top_logprobs) is None
+    for r in reqs[1:3]:   # charged the estimate, as a new answer without usage is
+        e = estimate(r.messages, r.max_tokens, None)
+        assert got[r.key()].usage_estimated and got[r.key()].prompt_tokens + got[r.key()].completion_tokens == e.tokens
+    assert got[reqs[3].key()].prompt_tokens == 10 and not got[reqs[3].key()].usage_estimated
+    assert got[reqs[1].key()].content == "positive" and verb.parse(got[reqs[1].key()].content) == 0
+    spent = s.spent()
+    assert spent["usage_estimated"] == 2 and spent["malformed"] == 1 and spent["prompt_tokens"] > 0
+    assert s.get_meta("schema_version") == "2"
+    big = ChatRequest(messages=(("user", "x"),), model="m", temperature=0.0, max_tokens=4, logprobs=False,
+                      top_logprobs=0, template_version="v")
+    s.put_answer(big, dataclasses.replace(answer(big.key()), prompt_tokens=3_000_000_000))  # BIGINT now
+    s.close()
+    s = Store(path)   # opening again migrates nothing twice
+    assert s.spent()["usage_estimated"] == 2 and s.spent()["requests"] == 5
     s.close()
 
 
@@ -174,3 +228,36 @@ def test_a_confidence_that_is_not_a_number_is_exported_as_null(tmp_path, fmt):
     else:
         confidences = [r[0] for r in duckdb.sql(f"SELECT confidence FROM '{out}' ORDER BY id").fetchall()]
     assert confidences == [None, None, 0.75]
+
+
+def test_the_state_folder_and_its_files_are_private(tmp_path):
+    """Texts, answers and models are the user's data: state folder 0700, DuckDB file 0600 (also for a state
+    made by an older version with the umask's 0755/0644), model and embedding folders 0700."""
+    import os
+    import stat
+
+    from freeal_stream.slm.encoder import EmbeddingCache
+    from freeal_stream.slm.model import write_model_files
+
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    old = os.umask(0o022)
+    try:
+        Store(tmp_path / "new" / "state" / "freeal.duckdb").close()
+        assert mode(tmp_path / "new" / "state") == 0o700 and mode(tmp_path / "new" / "state" / "freeal.duckdb") == 0o600
+        made_before = tmp_path / "old"
+        made_before.mkdir(mode=0o755)
+        Store(made_before / "freeal.duckdb").close()
+        os.chmod(made_before, 0o755)
+        os.chmod(made_before / "freeal.duckdb", 0o644)
+        Store(made_before / "freeal.duckdb").close()
+        assert mode(made_before) == 0o700 and mode(made_before / "freeal.duckdb") == 0o600
+        shared = tmp_path / "shared"      # a folder holding the user's other files keeps its mode
+        shared.mkdir(mode=0o755)
+        (shared / "notes.txt").write_text("mine")
+        Store(shared / "freeal.duckdb").close()
+        assert mode(shared) == 0o755 and mode(shared / "freeal.duckdb") == 0o600
+        models = write_model_files({"model.json": b"{}"}, shared / "models" / "round-1")
+        cache = EmbeddingCache(shared / "embeddings", "enc|max_length=8")
+        assert mode(shared / "models") == mode(models) == mode(shared / "embeddings") == mode(cache.dir) == 0o700
+    finally:
+        os.umask(old)

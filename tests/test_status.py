@@ -64,3 +64,20 @@ def test_status_lists_failed_requests_by_kind(tmp_path):
     assert st["spent"]["requests"] == 0   # a failure is not an answer: nothing paid
     assert any(line.startswith("LLM requests failed after retries (not paid; asked again later): 3 "
                                "(http_500_exhausted 1, timeout_exhausted 2)") for line in format_status(st))
+
+
+def test_status_counts_answers_charged_by_estimate_and_malformed_ones(tmp_path):
+    s = Store(tmp_path / "s.duckdb")
+    reqs = [ChatRequest(messages=(("user", f"hi {n}"),), model="m", temperature=0.0, max_tokens=2, logprobs=False,
+                        top_logprobs=0, template_version="v") for n in range(3)]
+    s.put_answer(reqs[0], answer(reqs[0].key()))
+    s.put_answer(reqs[1], dataclasses.replace(answer(reqs[1].key()), usage_estimated=True))
+    s.put_answer(reqs[2], dataclasses.replace(answer(reqs[2].key(), ""), usage_estimated=True,
+                                              malformed="content is a int, not a string"))
+    st = job_status(s, job(max_tokens=100))
+    s.close()
+    assert st["spent"]["charged_by_estimate"] == 2 and st["spent"]["malformed_answers"] == 1
+    assert st["spent"]["tokens"] == 33 and st["left"]["tokens"] == 67
+    lines = format_status(st)
+    assert any(line.startswith("charged by estimate: 2 answers") for line in lines)
+    assert any(line.startswith("malformed answers: 1 paid answers") for line in lines)

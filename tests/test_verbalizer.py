@@ -68,3 +68,16 @@ def test_probs_none_when_nothing_matches(verb):
     assert verb.probs_from_logprobs([]) is None
     assert verb.probs_from_logprobs([[]]) is None
     assert verb.probs_from_logprobs([[("Answer", -0.1), (":", -2.0), (" ", -3.0)], [("positive", 0.0)]]) is None
+
+
+@pytest.mark.parametrize("answer", [5, ["positive"], {"text": "positive"}, 2.5, b"positive"])
+def test_parse_gives_no_label_for_an_answer_that_is_not_text(verb, answer):
+    assert verb.parse(answer) is None
+
+
+@pytest.mark.parametrize("top", [
+    [[("pos", "abc")]], [[("pos", float("inf")), ("neg", -1.0)]], [[("pos", float("nan"))]], [[(7, -0.1)]],
+    [[("pos", None)]], [[("pos", 2.0), ("neg", -0.1)]], [["pos"]], [[("pos", -0.1, "x")]], [None], "abc"])
+def test_probs_from_logprobs_never_raises_or_gives_nan_on_bad_candidates(verb, top):
+    probs = verb.probs_from_logprobs(top)
+    assert probs is None or (np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0))

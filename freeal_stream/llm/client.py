@@ -24,7 +24,8 @@ from openai.types.chat import ChatCompletion
 from freeal_stream.errors import UserError
 from freeal_stream.config import LLMConfig
 from freeal_stream.llm.breaker import CircuitBreaker, EndpointDead
-from freeal_stream.llm.ratelimit import RateLimiter, estimate_tokens
+from freeal_stream.llm import answer_check
+from freeal_stream.llm.ratelimit import RateLimiter, estimate_tokens, estimate_usage
 from freeal_stream.llm.retry import BadResponse, Failure, RetryPolicy, classify
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,11 @@ class ChatRequest:
 
 @dataclass
 class ChatAnswer:
-    """One answer (or the record of a failure: `error` set, `content` None)."""
+    """One answer (or the record of a failure: `error` set, `content` None).
+
+    `malformed`: why a paid answer failed the checks of `answer_check` (then `content` is "" and it
+    gives no label). `usage_estimated`: the server reported no usable usage, so the tokens are the
+    pre-flight estimate (what the budget charges)."""
 
     key: str
     content: str | None
@@ -95,6 +100,8 @@ class ChatAnswer:
     attempts: int
     error: str | None
     from_cache: bool = False
+    malformed: str | None = None
+    usage_estimated: bool = False
 
 
 class AnswerCache(Protocol):
@@ -124,31 +131,31 @@ class Ledger:
     failures: dict[str, int] = field(default_factory=dict)
 
 
-def _read_answer(response: Any, key: str, attempts: int, latency_s: float) -> ChatAnswer:
-    """A ChatAnswer from a completion, or BadResponse when the body is not one."""
-    if not isinstance(response, ChatCompletion) or not response.choices:
+def _read_answer(response: Any, request: ChatRequest, key: str, attempts: int, latency_s: float) -> ChatAnswer:
+    """A ChatAnswer from a completion, every field checked (answer_check); BadResponse when the body is not
+    a completion at all (retried, not paid). A completion with a malformed field is a paid answer with no
+    label: `malformed` says why, and usage the server did not give (or gave wrong) is the estimate."""
+    if not isinstance(response, ChatCompletion) or not isinstance(response.choices, list) or not response.choices:
         raise BadResponse(f"not a chat completion: {str(response)[:200]!r}")
+    reasons = []
     try:
-        choice = response.choices[0]
-        usage = response.usage
-        details = getattr(usage, "prompt_tokens_details", None)
-        tokens = getattr(choice.logprobs, "content", None) if choice.logprobs is not None else None
-        top = None if tokens is None else [
-            [(c.token, c.logprob) for c in t.top_logprobs] or [(t.token, t.logprob)] for t in tokens]
-        return ChatAnswer(
-            key=key,
-            content=(choice.message.content if choice.message is not None else None) or "",
-            finish_reason=choice.finish_reason,
-            prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
-            completion_tokens=(usage.completion_tokens or 0) if usage else 0,
-            cached_tokens=(getattr(details, "cached_tokens", None) or 0) if details else 0,
-            top_logprobs=top,
-            latency_s=latency_s,
-            attempts=attempts,
-            error=None,
-        )
-    except (AttributeError, TypeError, KeyError, IndexError) as exc:
-        raise BadResponse(f"malformed chat completion: {exc}") from exc
+        choice = answer_check.read_choice(response.choices[0], request.max_tokens)
+    except answer_check.Malformed as e:
+        choice, reasons = answer_check.Choice("", None, None), [str(e)]
+    estimate = estimate_usage(request.messages, request.max_tokens)
+    try:
+        usage = answer_check.read_usage(response.usage, estimate)
+    except answer_check.Malformed as e:
+        usage = answer_check.estimated_usage(estimate)
+        reasons.append(str(e))
+    if reasons:
+        log.warning("request %s: malformed answer stored with no label: %s", key[:12], "; ".join(reasons))
+        choice = answer_check.Choice("", None, None)
+    return ChatAnswer(key=key, content=choice.content, finish_reason=choice.finish_reason,
+                      prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                      cached_tokens=usage.cached_tokens, top_logprobs=choice.top_logprobs, latency_s=latency_s,
+                      attempts=attempts, error=None, malformed="; ".join(reasons) or None,
+                      usage_estimated=usage.estimated)
 
 
 class LLMClient:
@@ -263,7 +270,7 @@ class LLMClient:
             sent = time.monotonic()
             try:
                 response = await api.chat.completions.create(**payload)
-                answer = _read_answer(response, key, attempts, time.monotonic() - sent)
+                answer = _read_answer(response, request, key, attempts, time.monotonic() - sent)
             except (openai.OpenAIError, BadResponse) as exc:
                 failure = classify(exc)
                 self._check_fatal(failure)
@@ -288,8 +295,7 @@ class LLMClient:
                 continue
             self._heard_from_server = True
             self.breaker.success()
-            used = answer.prompt_tokens + answer.completion_tokens
-            self._limiter.settle(estimate, used or estimate)   # no usage reported: keep the estimate
+            self._limiter.settle(estimate, answer.prompt_tokens + answer.completion_tokens)
             self.ledger.prompt_tokens += answer.prompt_tokens
             self.ledger.completion_tokens += answer.completion_tokens
             self.ledger.cached_tokens += answer.cached_tokens

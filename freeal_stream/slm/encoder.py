@@ -18,8 +18,13 @@ import torch
 from torch import nn
 
 from freeal_stream.errors import UserError
+from freeal_stream.private_files import private_dir
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+# Texts are cut to max_length * CHARS_PER_TOKEN characters before tokenizing: a tokenizer reads a whole text
+# before truncating it (a 10 MB text took 14.6 s and 1.5 GB), and max_length tokens of ordinary text end far
+# sooner (a WordPiece token is ~4 characters). Shorter texts are untouched, so their embeddings do not change.
+CHARS_PER_TOKEN = 16
 _PACKAGED = {DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"}
 
 
@@ -99,10 +104,18 @@ class Encoder(nn.Module):
     def cache_key(self) -> str:
         return cache_key(self.name, self.max_length)
 
+    @property
+    def max_chars(self) -> int:
+        """The characters of a text the tokenizer sees (CHARS_PER_TOKEN per token of max_length)."""
+        return self.max_length * CHARS_PER_TOKEN
+
+    def cut(self, text: str) -> str:
+        return text[:self.max_chars]
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded to the longest text of this batch only (dynamic padding)."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True,
-                             return_tensors="pt")
+        enc = self.tokenizer([self.cut(t) for t in texts], truncation=True, max_length=self.max_length,
+                             padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -115,7 +128,7 @@ class Encoder(nn.Module):
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        ids = self.tokenizer([self.cut(t) for t in texts], truncation=True, max_length=self.max_length)["input_ids"]
         order = np.argsort([len(x) for x in ids], kind="stable")
         was_training = self.training
         self.eval()
@@ -142,7 +155,7 @@ class EmbeddingCache:
     def __init__(self, cache_dir: Path, key: str):
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key.rsplit("/", 1)[-1])[:60]
         self.dir = Path(cache_dir) / f"{slug}-{text_key(key)[:12]}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         meta = self.dir / "meta.json"
         if not meta.exists():
             meta.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from freeal_stream.private_files import private_dir
 from freeal_stream.slm.encoder import Encoder, cached_embed
 
 Mode = Literal["finetune", "head"]
@@ -67,8 +68,7 @@ class SLM(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Weights (head only in head mode) + a JSON that says how to rebuild the model."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = private_dir(Path(directory))
         module = self.head if self.mode == "head" else self
         save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
                   str(directory / _WEIGHTS))
@@ -109,8 +109,7 @@ def model_mode(files: dict[str, bytes]) -> str:
 
 def write_model_files(files: dict[str, bytes], directory: str | Path) -> Path:
     """Write `model_files` output as a loadable model folder (weights first, the JSON that names it last)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = private_dir(Path(directory))
     for name in sorted(files, key=lambda n: n == _META):
         tmp = directory / (name + ".tmp")
         tmp.write_bytes(files[name])

@@ -156,7 +156,7 @@ class _TextInputs:
     def aug(self, idx: np.ndarray) -> torch.Tensor:
         enc = self.model.encoder
         views = [None if self.views is None else self.views[i] for i in idx]
-        return enc(enc.tokenize([v if v is not None else perturb(self.texts[i], self.rng)
+        return enc(enc.tokenize([v if v is not None else perturb(enc.cut(self.texts[i]), self.rng)
                                  for i, v in zip(idx, views)]))
 
     def frozen(self, idx: np.ndarray) -> np.ndarray:
