@@ -436,13 +436,13 @@ def store_call_costs(tmp: Path, rows: list[tuple[str, int]]) -> dict[str, float]
     store = Store(tmp / "calls-direct.duckdb")
     t = time.perf_counter()
     for r, a in zip(reqs, answers):
-        store.put_answer(r, a)
+        store.put_answers([(r, a)])
     out["Store.put_answer in process (DuckDB commit per answer)"] = (time.perf_counter() - t) / len(reqs) * 1e3
     store.close()
     proxy = start_store(tmp / "calls-actor.duckdb")
     t = time.perf_counter()
     for r, a in zip(reqs, answers):
-        proxy.put_answer(r, a)
+        proxy.put_answers([(r, a)])
     out["proxy.put_answer through the store actor"] = (time.perf_counter() - t) / len(reqs) * 1e3
     t = time.perf_counter()
     for _ in reqs:

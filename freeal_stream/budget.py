@@ -114,6 +114,8 @@ class BudgetGuard:
 
     def admit(self, estimates: Sequence[Spent]) -> int:
         """Reserve the longest prefix of `estimates` that fits; returns its length."""
+        if headroom(Spent(), self.budget) is None:   # no cap: nothing to reserve, no need to ask the store
+            return len(estimates)
         with self._lock:
             n = affordable(estimates, self._spent() + self._reserved, self.budget)
             for e in estimates[:n]:

@@ -111,7 +111,7 @@ _UNSCORED_SQL = """SELECT pos FROM items WHERE id NOT IN (
 
 
 def _estimate_stored(request: str) -> tuple[int, int]:
-    """The pre-flight estimate (prompt, completion) of a stored request (its JSON as put_answer wrote it)."""
+    """The pre-flight estimate (prompt, completion) of a stored request (its JSON as put_answers wrote it)."""
     r = json.loads(request)
     return estimate_usage([(m["role"], m["content"]) for m in r["messages"]], r["max_tokens"])
 
@@ -366,24 +366,40 @@ class Store:
             self.con.executemany("UPDATE llm_answers SET malformed = ? WHERE key = ?", marked)
         return out
 
-    def put_answer(self, request: ChatRequest, answer: ChatAnswer) -> None:
-        """Commit one completed answer at once: a killed run must never pay for it again."""
-        self._exec(
-            """INSERT OR IGNORE INTO llm_answers (key, model, request, content, finish_reason, prompt_tokens,
-                   completion_tokens, cached_tokens, top_logprobs, latency_s, attempts, created_at, malformed,
-                   usage_estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            [answer.key, request.model, json.dumps({"messages": request.as_messages(),
-                                                    "temperature": request.temperature,
-                                                    "max_tokens": request.max_tokens,
-                                                    "template_version": request.template_version}),
-             answer.content, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens,
-             answer.cached_tokens, json.dumps(answer.top_logprobs) if answer.top_logprobs else None,
-             answer.latency_s, answer.attempts, time.time(), answer.malformed, answer.usage_estimated])
+    def put_answers(self, pairs: Sequence[tuple[ChatRequest, ChatAnswer]]) -> None:
+        """Commit answers (and failures: `error` set) in one write: a killed run must never pay for them again.
 
-    def record_failure(self, request: ChatRequest, answer: ChatAnswer) -> None:
-        """Log a request that got no answer (after its retries): nothing paid, asked again by a later round."""
-        self._exec("INSERT INTO llm_failures VALUES (?, ?, ?, ?, ?)",
-                   [answer.key, request.model, answer.error, answer.attempts, time.time()])
+        The first answer stored under a key stands (a second put never overwrites what was paid for)."""
+        answers = [(r, a) for r, a in pairs if a.error is None]
+        failures = [(r, a) for r, a in pairs if a.error is not None]
+        now = time.time()
+        if answers:
+            batch = pa.table({
+                "key": [a.key for _, a in answers], "model": [r.model for r, _ in answers],
+                "request": [json.dumps({"messages": r.as_messages(), "temperature": r.temperature,
+                                        "max_tokens": r.max_tokens, "template_version": r.template_version})
+                            for r, _ in answers],
+                "content": pa.array([a.content for _, a in answers], pa.string()),
+                "finish_reason": pa.array([a.finish_reason for _, a in answers], pa.string()),
+                "prompt_tokens": pa.array([a.prompt_tokens for _, a in answers], pa.int64()),
+                "completion_tokens": pa.array([a.completion_tokens for _, a in answers], pa.int64()),
+                "cached_tokens": pa.array([a.cached_tokens for _, a in answers], pa.int64()),
+                "top_logprobs": pa.array([json.dumps(a.top_logprobs) if a.top_logprobs else None
+                                          for _, a in answers], pa.string()),
+                "latency_s": pa.array([a.latency_s for _, a in answers], pa.float64()),
+                "attempts": pa.array([a.attempts for _, a in answers], pa.int32()),
+                "malformed": pa.array([a.malformed for _, a in answers], pa.string()),
+                "usage_estimated": pa.array([a.usage_estimated for _, a in answers], pa.bool_())})
+            with self._registered("incoming", batch):
+                self._exec("""INSERT OR IGNORE INTO llm_answers (key, model, request, content, finish_reason,
+                                  prompt_tokens, completion_tokens, cached_tokens, top_logprobs, latency_s, attempts,
+                                  created_at, malformed, usage_estimated)
+                              SELECT key, model, request, content, finish_reason, prompt_tokens, completion_tokens,
+                                  cached_tokens, top_logprobs, latency_s, attempts, $now, malformed, usage_estimated
+                              FROM incoming QUALIFY row_number() OVER (PARTITION BY key) = 1""", {"now": now})
+        if failures:   # a request that got no answer (after its retries): nothing paid, asked again later
+            self.con.executemany("INSERT INTO llm_failures VALUES (?, ?, ?, ?, ?)",
+                                 [(a.key, r.model, a.error, a.attempts, now) for r, a in failures])
 
     def failure_counts(self) -> dict[str, int]:
         """Failed requests by kind (e.g. timeout_exhausted), over the job's life."""

@@ -23,14 +23,14 @@ class MemoryCache:
     def get_answers(self, keys):
         return {k: self.answers[k] for k in keys if k in self.answers}
 
-    def put_answer(self, request, answer):
-        assert request.key() == answer.key
-        self.puts.append(answer.key)
-        self.answers[answer.key] = answer
-
-    def record_failure(self, request, answer):
-        assert request.key() == answer.key and answer.error
-        self.failures.append(answer.error)
+    def put_answers(self, pairs):
+        for request, answer in pairs:
+            assert request.key() == answer.key
+            if answer.error:
+                self.failures.append(answer.error)
+            else:
+                self.puts.append(answer.key)
+                self.answers[answer.key] = answer
 
 
 def make_cfg(**kw) -> LLMConfig:

@@ -61,8 +61,8 @@ def test_store_items_idempotent_and_answer_cache(tmp_path):
     assert s.conflicting_ids(["a", "b"], ["h1", "other"]) == ["b"]
     req = ChatRequest(messages=(("user", "hi"),), model="m", temperature=0.0, max_tokens=2, logprobs=True,
                       top_logprobs=2, template_version="v")
-    s.put_answer(req, answer(req.key()))
-    s.put_answer(req, answer(req.key(), "other"))  # a second put never overwrites what was paid for
+    s.put_answers([(req, answer(req.key()))])
+    s.put_answers([(req, answer(req.key(), "other"))])  # a second put never overwrites what was paid for
     got = s.get_answers([req.key(), "missing"])
     assert list(got) == [req.key()] and got[req.key()].content == "positive" and got[req.key()].from_cache
     assert got[req.key()].top_logprobs == [[("pos", -0.1), ("neg", -2.3)]]
@@ -116,7 +116,7 @@ def test_answers_stored_by_an_older_version_resume_migrated_checked_and_charged(
     assert s.get_meta("schema_version") == "2"
     big = ChatRequest(messages=(("user", "x"),), model="m", temperature=0.0, max_tokens=4, logprobs=False,
                       top_logprobs=0, template_version="v")
-    s.put_answer(big, dataclasses.replace(answer(big.key()), prompt_tokens=3_000_000_000))  # BIGINT now
+    s.put_answers([(big, dataclasses.replace(answer(big.key()), prompt_tokens=3_000_000_000))])  # BIGINT now
     s.close()
     s = Store(path)   # opening again migrates nothing twice
     assert s.spent()["usage_estimated"] == 2 and s.spent()["requests"] == 5

@@ -25,7 +25,7 @@ def test_status_prices_spend_and_estimates_the_rest(tmp_path):
                 [f"h{n}" for n in range(8)])
     req = ChatRequest(messages=(("user", "hi"),), model="m", temperature=0.0, max_tokens=2, logprobs=False,
                       top_logprobs=0, template_version="v")
-    s.put_answer(req, answer(req.key()))   # 10 prompt tokens (4 cached), 1 completion token
+    s.put_answers([(req, answer(req.key()))])   # 10 prompt tokens (4 cached), 1 completion token
     s.add_annotations(1, [Annotation("i0", req.key(), 0, 0.9, ())])
     s.set_phase(1, "budgeted", "done")
     j = job(max_requests=10, max_cost=1.0, prices={"m": {"input": 1000.0, "cached_input": 100.0, "output": 2000.0}})
@@ -45,7 +45,7 @@ def test_status_says_when_cost_is_unknown(tmp_path):
     s = Store(tmp_path / "s.duckdb")
     req = ChatRequest(messages=(("user", "hi"),), model="m", temperature=0.0, max_tokens=2, logprobs=False,
                       top_logprobs=0, template_version="v")
-    s.put_answer(req, answer(req.key()))
+    s.put_answers([(req, answer(req.key()))])
     st = job_status(s, job())
     s.close()
     assert st["left"] is None and not st["spent"]["priced"]
@@ -57,7 +57,7 @@ def test_status_lists_failed_requests_by_kind(tmp_path):
     req = ChatRequest(messages=(("user", "hi"),), model="m", temperature=0.0, max_tokens=2, logprobs=False,
                       top_logprobs=0, template_version="v")
     for error in ("timeout_exhausted", "timeout_exhausted", "http_500_exhausted"):
-        s.record_failure(req, dataclasses.replace(answer(req.key()), content=None, error=error))
+        s.put_answers([(req, dataclasses.replace(answer(req.key()), content=None, error=error))])
     st = job_status(s, job())
     s.close()
     assert st["llm_failures"] == {"http_500_exhausted": 1, "timeout_exhausted": 2}
@@ -70,10 +70,10 @@ def test_status_counts_answers_charged_by_estimate_and_malformed_ones(tmp_path):
     s = Store(tmp_path / "s.duckdb")
     reqs = [ChatRequest(messages=(("user", f"hi {n}"),), model="m", temperature=0.0, max_tokens=2, logprobs=False,
                         top_logprobs=0, template_version="v") for n in range(3)]
-    s.put_answer(reqs[0], answer(reqs[0].key()))
-    s.put_answer(reqs[1], dataclasses.replace(answer(reqs[1].key()), usage_estimated=True))
-    s.put_answer(reqs[2], dataclasses.replace(answer(reqs[2].key(), ""), usage_estimated=True,
-                                              malformed="content is a int, not a string"))
+    s.put_answers([(reqs[0], answer(reqs[0].key()))])
+    s.put_answers([(reqs[1], dataclasses.replace(answer(reqs[1].key()), usage_estimated=True))])
+    s.put_answers([(reqs[2], dataclasses.replace(answer(reqs[2].key(), ""), usage_estimated=True,
+                                                 malformed="content is a int, not a string"))])
     st = job_status(s, job(max_tokens=100))
     s.close()
     assert st["spent"]["charged_by_estimate"] == 2 and st["spent"]["malformed_answers"] == 1

@@ -23,7 +23,7 @@ from freeal_stream import budget as budget_policy
 from freeal_stream.actors.runtime import Secret
 from freeal_stream.config import LLMConfig
 from freeal_stream.errors import ActorsDied, UserError
-from freeal_stream.llm.client import ChatAnswer, ChatRequest, Ledger, LLMClient
+from freeal_stream.llm.client import ChatAnswer, ChatRequest, Ledger, LLMClient, add_ledger
 
 log = logging.getLogger(__name__)
 
@@ -32,34 +32,19 @@ BUDGET_ERROR = "budget_exhausted"   # a request the budget did not admit (not se
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class Annotator:
-    """One LLM client process. Restarts are the pool's job (a new actor, not a re-run __init__)."""
+    """One LLM client process. Restarts are the pool's job (a new actor, not a re-run __init__). It takes several
+    chunks at once (`max_concurrency`), which share its client's concurrency, so a chunk's slow tail never
+    leaves the client idle."""
 
     def __init__(self, cfg: LLMConfig, base_url: str, api_key: Secret | None, store: Any):
         self.client = LLMClient(cfg, base_url, api_key.value if api_key else None, cache=store)
 
     def complete(self, requests: list[ChatRequest]) -> tuple[list[ChatAnswer], Ledger]:
-        """Answers for one chunk, and what sending it cost (the ledger since the last call)."""
-        before = dataclasses.replace(self.client.ledger, failures=dict(self.client.ledger.failures))
-        answers = self.client.complete_many(requests)
-        return answers, _ledger_delta(self.client.ledger, before)
+        """Answers for one chunk, and what sending it cost."""
+        return self.client.complete(requests)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
-
-
-def _ledger_delta(now: Ledger, before: Ledger) -> Ledger:
-    failures = {k: v - before.failures.get(k, 0) for k, v in now.failures.items() if v - before.failures.get(k, 0)}
-    return Ledger(**{f.name: getattr(now, f.name) - getattr(before, f.name)
-                     for f in dataclasses.fields(Ledger) if f.name != "failures"}, failures=failures)
-
-
-def _add_ledger(total: Ledger, part: Ledger) -> None:
-    for f in dataclasses.fields(Ledger):
-        if f.name == "failures":
-            for k, v in part.failures.items():
-                total.failures[k] = total.failures.get(k, 0) + v
-        else:
-            setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
 
 
 def share(cfg: LLMConfig, n: int) -> list[LLMConfig]:
@@ -96,11 +81,13 @@ class AnnotatorPool:
         self.guard, self.price = guard, price
         self.ledger = Ledger()
         self.restarts = 0
+        # chunks in flight per annotator: enough queued requests to keep its share of the concurrency busy
+        self.in_flight = max(2, math.ceil(2 * max(c.concurrency for c in self._actor_cfgs) / chunk_size))
         self.actors = [self._new_actor(slot) for slot in range(self.size)]
 
     def _new_actor(self, slot: int) -> Any:
-        return Annotator.options(resources=self.resources).remote(self._actor_cfgs[slot], self.base_url, self._key,
-                                                                   self.store)
+        return Annotator.options(resources=self.resources, max_concurrency=self.in_flight).remote(
+            self._actor_cfgs[slot], self.base_url, self._key, self.store)
 
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])
@@ -144,7 +131,7 @@ class AnnotatorPool:
 
     def _run_chunks(self, unique: list[ChatRequest], chunks: list[list[int]],
                     deliver: Callable[[list[ChatAnswer]], None]) -> list[list[int]]:
-        """Keep each annotator busy with (up to) two chunks; returns the positions the budget refused."""
+        """Keep each annotator busy with `in_flight` chunks; returns the positions the budget refused."""
         queue = list(reversed(chunks))
         running: dict[Any, tuple[int, Any, _Chunk]] = {}   # ObjectRef -> (actor slot, actor, chunk)
         refused: list[list[int]] = []
@@ -157,7 +144,7 @@ class AnnotatorPool:
 
         while queue or running:
             for slot in range(self.size):
-                while queue and load[slot] < 2:
+                while queue and load[slot] < self.in_flight:
                     positions = queue.pop()
                     est = [budget_policy.estimate(unique[p].messages, unique[p].max_tokens, self.price)
                            for p in positions]
@@ -185,7 +172,7 @@ class AnnotatorPool:
                 queue.append(chunk.positions)   # sent again first; stored answers come from the store
                 continue
             self._release(chunk)
-            _add_ledger(self.ledger, spent)
+            add_ledger(self.ledger, spent)
             deliver(batch)
         return refused
 

@@ -13,8 +13,22 @@ from freeal_stream.rounds.state import SLMState
 from freeal_stream.session import spent_now
 
 
+class PhaseClock:
+    """Wall seconds per phase of a round (`plan_s`, `annotate_s`, `train_s`, `demos_s`); a phase a resumed
+    round skips is absent."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[f"{phase}_s"] = round(now - self._last, 2)
+        self._last = now
+
+
 def round_metrics(ctx: RoundContext, state: SLMState, started: float, planned: int, clean: np.ndarray,
-                  spent_before: dict[str, int]) -> dict[str, Any]:
+                  spent_before: dict[str, int], laps: dict[str, float]) -> dict[str, Any]:
     """The figures stored with a finished round (and shown by `status`)."""
     store = ctx.store
     labels = llm_label_array(ctx)
@@ -28,6 +42,7 @@ def round_metrics(ctx: RoundContext, state: SLMState, started: float, planned: i
         **{f"{k}_round": spent[k] - spent_before[k] for k in spent},
         **{f"{k}_total": v for k, v in spent.items()},
         "cost_total": round(spent_now(store, ctx.job).cost, 6),
+        **laps,
     }
     gold = ctx.pool.gold()
     if (gold >= 0).any() and state.logits is not None:
