@@ -150,6 +150,19 @@ def _read_answer(response: Any, key: str, attempts: int, latency_s: float) -> Ch
         raise BadResponse(f"malformed chat completion: {exc}") from exc
 
 
+def request_body(request: ChatRequest, logprobs_supported: bool = True) -> dict[str, Any]:
+    """The chat-completions body for a request (live, or as a line of a batch file)."""
+    payload: dict[str, Any] = {"model": request.model, "messages": request.as_messages(),
+                               "temperature": request.temperature, "max_tokens": request.max_tokens}
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    if request.logprobs and logprobs_supported:
+        payload["logprobs"] = True
+        if request.top_logprobs:
+            payload["top_logprobs"] = request.top_logprobs
+    return payload
+
+
 class LLMClient:
     """Sync front (`complete_many`) over an asyncio openai client; one instance per job."""
 
@@ -239,15 +252,7 @@ class LLMClient:
         on_answer(key, answer)
 
     def _payload(self, request: ChatRequest) -> dict[str, Any]:
-        payload: dict[str, Any] = {"model": request.model, "messages": request.as_messages(),
-                                   "temperature": request.temperature, "max_tokens": request.max_tokens}
-        if request.seed is not None:
-            payload["seed"] = request.seed
-        if request.logprobs and self._logprobs_supported:
-            payload["logprobs"] = True
-            if request.top_logprobs:
-                payload["top_logprobs"] = request.top_logprobs
-        return payload
+        return request_body(request, self._logprobs_supported)
 
     async def _with_retries(self, api: openai.AsyncOpenAI, key: str, request: ChatRequest) -> ChatAnswer:
         estimate = estimate_tokens(request.messages, request.max_tokens)
