@@ -322,11 +322,11 @@ class Store:
                           "position": pa.array(np.arange(len(requests), dtype=np.int32)),
                           "key": pa.array([r[0] for r in requests], pa.string()),
                           "request": pa.array([r[1] for r in requests], pa.string())})
-        with self._transaction(), self._registered("incoming", batch):
-            self._exec("INSERT INTO llm_batches VALUES (?, ?, ?, ?, NULL, NULL, 'prepared', NULL, ?, ?, NULL)",
-                       [submission, model, len(requests), prompt_tokens, now, now])
-            self._exec("INSERT INTO llm_batch_requests SELECT submission, position, key, request, false "
-                       "FROM incoming")
+        with self._registered("incoming", batch), self._transaction():
+            self._exec("INSERT OR IGNORE INTO llm_batches VALUES (?, ?, ?, ?, NULL, NULL, 'prepared', NULL, ?, ?, "
+                       "NULL)", [submission, model, len(requests), prompt_tokens, now, now])
+            self._exec("INSERT OR IGNORE INTO llm_batch_requests SELECT submission, position, key, request, false "
+                       "FROM incoming")   # idempotent: the store actor may run a call again after a restart
 
     def update_batch(self, submission: str, state: str, *, file_id: str | None = None,
                      batch_id: str | None = None, detail: str | None = None) -> None:
@@ -352,16 +352,14 @@ class Store:
                           failures: Sequence[tuple[ChatRequest, ChatAnswer]], submission: str) -> None:
         """Store a batch's answers (priced at the batch discount) and failures in one commit."""
         keys = [a.key for _, a in answers]
-        fresh = set(keys) - set(self.get_answers(keys))   # answered before (e.g. live): priced as it was
-        with self._transaction():
+        fresh = sorted(set(keys) - set(self.get_answers(keys)))   # answered before (e.g. live): priced as it was
+        with self._registered("fresh", pa.table({"key": pa.array(fresh, pa.string())})), self._transaction():
             for request, answer in answers:
                 self.put_answer(request, answer)
             for request, answer in failures:
                 self.record_failure(request, answer)
-            if fresh:
-                with self._registered("fresh", pa.table({"key": pa.array(sorted(fresh), pa.string())})):
-                    self._exec("""UPDATE llm_batch_requests SET answered = true
-                                  WHERE submission = ? AND key IN (SELECT key FROM fresh)""", [submission])
+            self._exec("""UPDATE llm_batch_requests SET answered = true
+                          WHERE submission = ? AND key IN (SELECT key FROM fresh)""", [submission])
 
     def finish_batch(self, submission: str, state: str, detail: str | None = None) -> None:
         """A submission's results are all stored: it leaves the open list (and its request texts are dropped)."""

@@ -14,7 +14,8 @@ newest first with cursor paging. POST /v1/chat/completions passes through, so li
 Faults for tests, one BatchScript per batch in creation order: expire after n rows, hold (run nothing
 until `release()`: a batch that never finishes), fail validation. `hook(stage, method, path)` runs
 before a request is handled ("before") and after, before the answer is sent ("handled"): a test can
-kill its client there. Counters: uploads, batches_created, rows_run (upstream calls).
+kill its client there. Counters: uploads, batches_created, rows_run (batch rows sent upstream),
+chat_requests (live requests passed through).
 
     python -m tests.fake_batch_api --port 8089 --upstream keyword   # or: --upstream local | URL
 """
@@ -81,7 +82,7 @@ class FakeBatchAPI:
         self.files: dict[str, dict[str, Any]] = {}
         self.contents: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
-        self.uploads = self.batches_created = self.rows_run = 0
+        self.uploads = self.batches_created = self.rows_run = self.chat_requests = 0
         self._scripts: collections.deque[BatchScript] = collections.deque()
         self._tokens: dict[str, int] = {}          # batch id -> enqueued prompt tokens while it runs
         self._lock = threading.Lock()
@@ -336,6 +337,8 @@ class FakeBatchAPI:
     def _route(self, method: str, path: str, query: dict[str, str], headers: Any, body: bytes) -> tuple[int, Any]:
         parts = path.rstrip("/").split("/")[2:]   # after /v1
         if method == "POST" and parts == ["chat", "completions"]:
+            with self._lock:
+                self.chat_requests += 1
             return self._upstream("/chat/completions", body)
         if parts[:1] == ["files"]:
             if method == "POST" and len(parts) == 1:

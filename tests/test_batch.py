@@ -112,6 +112,46 @@ def test_result_lines_become_answers_failures_or_rows_to_send_again():
     assert len(rows) == 5
 
 
+# ---- the local service, through the openai SDK ---------------------------------------------------------
+def test_the_local_service_runs_batches_as_the_batch_api_does(upstream):
+    """States in order, answers in the output file, not-run rows in the error file, validation, paging."""
+    upstream.responder = lambda body: dataclasses.replace(respond(body), delay_s=0.05)
+    with FakeBatchAPI(upstream.base_url, step_s=0.1) as api:
+        client = openai.OpenAI(base_url=api.base_url, api_key="x")
+        reqs = requests_for(LLMConfig(model="kw"))
+        f = client.files.create(file=("in.jsonl", b"".join(jsonl_line(r) for r in reqs)), purpose="batch")
+        b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        states = [b.status]
+        while b.status != "completed":
+            b = client.batches.retrieve(b.id)
+            states += [b.status] if b.status != states[-1] else []
+        assert states == ["validating", "in_progress", "finalizing", "completed"] and b.error_file_id is None
+        rows = {r.key: r.answer.content for r in read_results(client.files.content(b.output_file_id).read(), 0)}
+        assert rows == {r.key(): respond({"messages": [{"content": r.messages[0][1]}]}).content for r in reqs}
+        assert (b.request_counts.completed, b.request_counts.total) == (len(TEXTS), len(TEXTS))
+
+        api.script(BatchScript(expire_after_rows=2))
+        b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        while b.status not in ("expired", "completed"):
+            b = client.batches.retrieve(b.id)
+        errors = read_results(client.files.content(b.error_file_id).read(), 0)
+        assert b.status == "expired" and b.request_counts.completed == 2
+        assert len(errors) == len(TEXTS) - 2 and all(e.retry for e in errors)
+
+        bad = jsonl_line(reqs[0]) * 2 + jsonl_line(dataclasses.replace(reqs[1], model="other"))
+        f2 = client.files.create(file=("bad.jsonl", bad), purpose="batch")
+        b = client.batches.create(input_file_id=f2.id, endpoint="/v1/chat/completions", completion_window="24h")
+        while b.status != "failed":
+            b = client.batches.retrieve(b.id)
+        assert {e.code for e in b.errors.data} == {"duplicate_custom_id", "mismatched_model"}
+        with pytest.raises(openai.BadRequestError):
+            client.batches.create(input_file_id=b.output_file_id or f.id, endpoint="/v1/embeddings",
+                                  completion_window="24h")
+        assert [x.id for x in client.batches.list(limit=1).data] == [b.id]     # newest first, paged
+        assert len(list(client.batches.list(limit=1))) == 3
+        assert [x.filename for x in client.files.list(purpose="batch")] == ["bad.jsonl", "in.jsonl"]
+
+
 # ---- prices ---------------------------------------------------------------------------------------------
 def test_batch_answers_are_priced_at_the_discount_and_cached_tokens_at_the_cached_price():
     assert mode_price(PRICE, False) is PRICE
@@ -132,6 +172,27 @@ def test_batch_mode_needs_an_endpoint_with_a_batch_api():
     with pytest.raises(ValueError, match="llm.mode.*needs base_url"):
         parse_job({"name": "t", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
                    "llm": {"mode": "batch"}}, "/jobs/job.yaml")
+
+
+def test_the_store_records_submissions_idempotently_and_prices_as_batch_only_what_a_batch_answered(store):
+    cfg = LLMConfig(model="kw")
+    reqs = requests_for(cfg, TEXTS[:3])
+    rows = [(r.key(), request_json(r)) for r in reqs]
+    store.add_batch("s1", "kw", 30, rows)
+    store.add_batch("s1", "kw", 30, rows)     # the store actor may run a call twice after a restart
+    assert [(b["submission"], b["state"], b["requests"]) for b in store.open_batches()] == [("s1", "prepared", 3)]
+    assert [request_from_json(j) for _, j in store.batch_requests("s1")] == reqs
+    answer = read_results(json.dumps({"custom_id": "x", "response": {"status_code": 200, "body": {
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"content": "billing"}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 1}}}}).encode(), 1.0)[0].answer
+    store.put_answer(reqs[0], dataclasses.replace(answer, key=reqs[0].key()))    # answered live first
+    store.put_batch_results([(r, dataclasses.replace(answer, key=r.key())) for r in reqs[:2]],
+                            [(reqs[2], dataclasses.replace(answer, key=reqs[2].key(), content=None,
+                                                           error="http_400"))], "s1")
+    store.finish_batch("s1", "completed")
+    assert [(u["batch"], u["requests"]) for u in store.usage_by_model()] == [(False, 1), (True, 1)]
+    assert store.failure_counts() == {"http_400": 1}
+    assert store.open_batches() == [] and store.batch_counts() == {"completed": 1}
 
 
 # ---- against the local batch service ----------------------------------------------------------------------
