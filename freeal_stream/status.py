@@ -70,7 +70,7 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
     by_mode = {mode: round(todo * budget_policy.cost(budget_policy.mode_price(price, mode == "batch"),
                                                      raw["prompt_tokens"], raw["cached_tokens"],
                                                      raw["completion_tokens"]) / raw["requests"], 6)
-               for mode in ("live", "batch")} if price and raw["requests"] else None
+               for mode in ("live", "batch")} if price and raw["requests"] and todo else None
     return {
         "job": job.name,
         "items": n_items,

@@ -21,8 +21,16 @@ import pytest
 from freeal_stream.budget import BudgetGuard, Spent, cost, mode_price, price_for, spent_from_usage
 from freeal_stream.config import BudgetConfig, LLMConfig, Price, parse_job
 from freeal_stream.llm.batch import BatchAnnotators, BatchTimeLimit
-from freeal_stream.llm.batch_format import (UNFINISHED, BatchFileError, jsonl_line, plan_files, prompt_tokens,
-                                            read_results, request_from_json, request_json)
+from freeal_stream.llm.batch_format import (
+    UNFINISHED,
+    BatchFileError,
+    jsonl_line,
+    plan_files,
+    prompt_tokens,
+    read_results,
+    request_from_json,
+    request_json,
+)
 from freeal_stream.llm.client import ChatRequest, LLMClient
 from freeal_stream.status import format_status, job_status
 from freeal_stream.store import Store
@@ -166,6 +174,24 @@ def test_batch_answers_are_priced_at_the_discount_and_cached_tokens_at_the_cache
     assert live == pytest.approx((600 * 1.0 + 400 * 0.25 + 10 * 4.0) / 1e6)
     assert batch == pytest.approx(live / 2)
     assert cost(half, 1000, 400, 10) == pytest.approx(batch)
+
+
+def test_status_estimates_the_cost_to_finish_in_each_mode(store):
+    job = parse_job({"name": "t", "data": {"path": "x.csv"}, "llm": {"model": "kw"},
+                     "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
+                     "budget": {"prices": {"kw": dataclasses.asdict(PRICE)}}}, "/jobs/job.yaml")
+    store.add_items([str(i) for i in range(40)], TEXTS * 5, [None] * 40, [None] * 40, [str(i) for i in range(40)])
+    request = requests_for(LLMConfig(model="kw"), TEXTS[:1])[0]
+    answer = read_results(json.dumps({"custom_id": request.key(), "response": {"status_code": 200, "body": {
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"content": "a"}}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 10, "prompt_tokens_details": {"cached_tokens": 400}}
+    }}}).encode(), 1.0)[0].answer
+    store.put_answer(request, answer)
+    est = job_status(store, job)["estimate_to_finish"]
+    assert est["requests"] > 0
+    assert est["cost_by_mode"]["live"] == pytest.approx(est["requests"] * cost(PRICE, 1000, 400, 10), abs=1e-6)
+    assert est["cost_by_mode"]["batch"] == pytest.approx(est["cost_by_mode"]["live"] / 2, abs=1e-6)
+    assert any("in batch mode" in line for line in format_status(job_status(store, job)))
 
 
 def test_batch_mode_needs_an_endpoint_with_a_batch_api():

@@ -25,8 +25,16 @@ from freeal_stream import budget as budget_policy
 from freeal_stream.actors.annotators import AnswersFn, Delivery, ProgressFn, not_admitted
 from freeal_stream.config import LLMConfig, Price
 from freeal_stream.llm.batch_api import BatchAPI, BatchAPIUnavailable
-from freeal_stream.llm.batch_format import (UNFINISHED, BatchFile, RowResult, failed, plan_files, read_results,
-                                            request_from_json, request_json)
+from freeal_stream.llm.batch_format import (
+    UNFINISHED,
+    BatchFile,
+    RowResult,
+    failed,
+    plan_files,
+    read_results,
+    request_from_json,
+    request_json,
+)
 from freeal_stream.llm.client import ChatAnswer, ChatRequest, FatalLLMError, Ledger
 from freeal_stream.progress import fmt_duration
 
@@ -114,11 +122,11 @@ class BatchAnnotators:
 
     def _say_preflight(self, requests: Sequence[ChatRequest]) -> None:
         """What the requests will cost at most in batch mode, and what they would cost live."""
-        est = [budget_policy.estimate(r.messages, r.max_tokens, self.list_price) for r in requests]
-        live = sum(e.cost for e in est)
-        keep = 1.0 - (self.list_price.batch_discount if self.list_price else 0.0)
-        money = f"; cost at most ~{live * keep:.4f} in batch mode (live: ~{live:.4f})" if self.list_price else ""
-        self.say(f"batch mode: {len(requests)} requests, ~{sum(e.tokens for e in est)} tokens at most{money}")
+        live, batch = ([budget_policy.estimate(r.messages, r.max_tokens, p) for r in requests]
+                       for p in (self.list_price, self.price))
+        money = (f"; cost at most ~{sum(e.cost for e in batch):.4f} in batch mode (live: "
+                 f"~{sum(e.cost for e in live):.4f})") if self.list_price else ""
+        self.say(f"batch mode: {len(requests)} requests, ~{sum(e.tokens for e in batch)} tokens at most{money}")
 
     def _submit_what_fits(self, queue: collections.deque[BatchFile], in_flight: list[_Submission],
                           d: Delivery) -> None:

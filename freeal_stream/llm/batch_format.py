@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from openai.types.chat import ChatCompletion
 
-from freeal_stream.llm.client import ChatAnswer, ChatRequest, _read_answer, request_body
+from freeal_stream.llm.client import ChatAnswer, ChatRequest, FatalLLMError, _read_answer, request_body
 from freeal_stream.llm.ratelimit import estimate_tokens
 from freeal_stream.llm.retry import BadResponse, status_failure
 
@@ -25,7 +25,7 @@ MAX_FILE_BYTES = 200 * 1000 * 1000   # OpenAI's cap per input file (decimal MB: 
 UNFINISHED = "batch_unfinished"      # a row the batch never ran (expired, cancelled, failed batch, missing)
 
 
-class BatchFileError(ValueError):
+class BatchFileError(FatalLLMError):
     """One request cannot go in any batch file (it alone passes a per-file limit)."""
 
 
