@@ -95,9 +95,25 @@ class LLMConfig:
     give_up_after_s: float = 300.0     # failing this long means the endpoint is dead: the run stops
     server_threads: int = 0
     context_size: int = 4096
+    # 'batch': requests go through the provider's files + batches API (OpenAI: half price, within 24 h)
+    mode: Literal["live", "batch"] = "live"
+    batch_poll_s: float = 10.0          # first wait between polls of the batches in flight; x1.5 per poll...
+    batch_poll_max_s: float = 120.0     # ...up to this
+    batch_max_wait_s: float = 93600.0   # a run waits this long for its batches (24 h window + 2 h), then stops;
+                                        # they stay recorded, and the next run resumes polling them
+    batch_max_requests: int = 50000     # requests per input file (OpenAI's cap; files also stay under 200 MB)
+    batch_enqueued_tokens: int = 0      # the provider's enqueued-token limit for the model (0 = none): the
+                                        # prompt tokens of this job's batches in flight stay under it
 
     def validate(self) -> None:
         _check(0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]")
+        _check(self.mode == "live" or bool(self.base_url),
+               "mode 'batch' needs base_url: an endpoint with the OpenAI files and batches API (the embedded "
+               "server has none)")
+        _check(0 < self.batch_poll_s <= self.batch_poll_max_s and self.batch_max_wait_s > 0,
+               "batch_poll_s must be > 0 and <= batch_poll_max_s, and batch_max_wait_s > 0")
+        _check(1 <= self.batch_max_requests <= 50000, "batch_max_requests must be in [1, 50000]")
+        _check(self.batch_enqueued_tokens >= 0, "batch_enqueued_tokens must be >= 0 (0 = no limit)")
         _check(self.max_tokens >= 1, "max_tokens must be >= 1")
         _check(0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]")
         _check(self.concurrency >= 1, "concurrency must be >= 1")
@@ -188,9 +204,11 @@ class Price:
     input: float
     output: float
     cached_input: float | None = None   # null = same as input
+    batch_discount: float = 0.5         # share off all three in llm.mode batch (OpenAI's Batch API: 50%)
 
     def validate(self) -> None:
         _check(self.input >= 0 and self.output >= 0 and (self.cached_input or 0) >= 0, "prices must be >= 0")
+        _check(0.0 <= self.batch_discount < 1.0, "batch_discount must be in [0, 1)")
 
 
 @dataclass(frozen=True)

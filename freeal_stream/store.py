@@ -59,6 +59,13 @@ CREATE TABLE IF NOT EXISTS round_plan (
     PRIMARY KEY (round, position));
 CREATE TABLE IF NOT EXISTS ingested_files (
     digest VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, ingested_at DOUBLE NOT NULL);
+CREATE TABLE IF NOT EXISTS llm_batches (
+    submission VARCHAR PRIMARY KEY, model VARCHAR NOT NULL, requests INTEGER NOT NULL,
+    prompt_tokens BIGINT NOT NULL, file_id VARCHAR, batch_id VARCHAR, state VARCHAR NOT NULL, detail VARCHAR,
+    created_at DOUBLE NOT NULL, updated_at DOUBLE NOT NULL, collected_at DOUBLE);
+CREATE TABLE IF NOT EXISTS llm_batch_requests (
+    submission VARCHAR NOT NULL, position INTEGER NOT NULL, key VARCHAR NOT NULL, request JSON,
+    answered BOOLEAN NOT NULL, PRIMARY KEY (submission, key));
 CREATE TABLE IF NOT EXISTS quarantine (
     key VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, location VARCHAR NOT NULL, line BIGINT,
     action VARCHAR NOT NULL, reason VARCHAR NOT NULL, detail VARCHAR NOT NULL, item_id VARCHAR,
@@ -209,6 +216,17 @@ class Store:
             yield
         finally:
             self.con.unregister(name)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One commit for several statements: all of them land, or none."""
+        self.con.begin()
+        try:
+            yield
+        except BaseException:
+            self.con.rollback()
+            raise
+        self.con.commit()
 
     def _exec(self, sql: str, params: Any = None) -> None:
         """Run a statement and drain its result: DuckDB 2 refuses new work while a result is unread."""
@@ -413,15 +431,78 @@ class Store:
         return {name: sum(u[name] for u in rows) for name in names}
 
     def usage_by_model(self) -> list[dict[str, Any]]:
-        """Per model: requests and tokens of the answers of record (what the budget prices: the one place
-        spend is read), how many were charged the estimate for want of usage, and how many were malformed."""
-        rows = self.con.execute("""SELECT model, count(*), coalesce(sum(prompt_tokens), 0),
+        """Per model and mode (`batch`: answered through the batch API): requests and tokens of the answers of
+        record (what the budget prices: the one place spend is read), how many were charged the estimate for
+        want of usage, and how many were malformed."""
+        rows = self.con.execute("""SELECT model, b.key IS NOT NULL, count(*), coalesce(sum(prompt_tokens), 0),
                                    coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0),
                                    count(*) FILTER (WHERE usage_estimated), count(malformed)
-                                   FROM llm_answers GROUP BY model ORDER BY model""").fetchall()
-        return [{"model": m, "requests": n, "prompt_tokens": int(p), "cached_tokens": int(c),
+                                   FROM llm_answers a LEFT JOIN (SELECT DISTINCT key FROM llm_batch_requests
+                                                                 WHERE answered) b ON a.key = b.key
+                                   GROUP BY ALL ORDER BY 1, 2""").fetchall()
+        return [{"model": m, "batch": b, "requests": n, "prompt_tokens": int(p), "cached_tokens": int(c),
                  "completion_tokens": int(o), "usage_estimated": e, "malformed": bad}
-                for m, n, p, c, o, e, bad in rows]
+                for m, b, n, p, c, o, e, bad in rows]
+
+    # ---- provider batches (llm.mode: batch) --------------------------------------------------------
+    # A submission is recorded with its requests before its file is uploaded, then gets the file id, then
+    # the batch id and the provider's states, so a killed run finds, and polls, what it had sent.
+    def add_batch(self, submission: str, model: str, prompt_tokens: int,
+                  requests: Sequence[tuple[str, str]]) -> None:
+        """Record a submission about to be uploaded: its (request key, request JSON) lines, in file order."""
+        now = time.time()
+        batch = pa.table({"submission": pa.array([submission] * len(requests), pa.string()),
+                          "position": pa.array(np.arange(len(requests), dtype=np.int32)),
+                          "key": pa.array([r[0] for r in requests], pa.string()),
+                          "request": pa.array([r[1] for r in requests], pa.string())})
+        with self._registered("incoming", batch), self._transaction():
+            self._exec("INSERT OR IGNORE INTO llm_batches VALUES (?, ?, ?, ?, NULL, NULL, 'prepared', NULL, ?, ?, "
+                       "NULL)", [submission, model, len(requests), prompt_tokens, now, now])
+            self._exec("INSERT OR IGNORE INTO llm_batch_requests SELECT submission, position, key, request, false "
+                       "FROM incoming")   # idempotent: the store actor may run a call again after a restart
+
+    def update_batch(self, submission: str, state: str, *, file_id: str | None = None,
+                     batch_id: str | None = None, detail: str | None = None) -> None:
+        self._exec("""UPDATE llm_batches SET state = ?, file_id = coalesce(?, file_id),
+                      batch_id = coalesce(?, batch_id), detail = coalesce(?, detail), updated_at = ?
+                      WHERE submission = ?""", [state, file_id, batch_id, detail, time.time(), submission])
+
+    def open_batches(self) -> list[dict[str, Any]]:
+        """Submissions whose results are not stored yet (in flight, or not yet sent), oldest first."""
+        rows = self.con.execute("""SELECT submission, model, requests, prompt_tokens, file_id, batch_id, state,
+                                          detail, created_at FROM llm_batches WHERE collected_at IS NULL
+                                   ORDER BY created_at, submission""").fetchall()
+        names = ("submission", "model", "requests", "prompt_tokens", "file_id", "batch_id", "state", "detail",
+                 "created_at")
+        return [dict(zip(names, r)) for r in rows]
+
+    def batch_requests(self, submission: str) -> list[tuple[str, str]]:
+        """(key, request JSON) of an open submission, in file order."""
+        return self.con.execute("SELECT key, request FROM llm_batch_requests WHERE submission = ? ORDER BY position",
+                                [submission]).fetchall()
+
+    def put_batch_results(self, answers: Sequence[tuple[ChatRequest, ChatAnswer]],
+                          failures: Sequence[tuple[ChatRequest, ChatAnswer]], submission: str) -> None:
+        """Store a batch's answers (priced at the batch discount) and failures in one commit."""
+        keys = [a.key for _, a in answers]
+        fresh = sorted(set(keys) - set(self.get_answers(keys)))   # answered before (e.g. live): priced as it was
+        with self._registered("fresh", pa.table({"key": pa.array(fresh, pa.string())})), self._transaction():
+            self.put_answers([*answers, *failures])
+            self._exec("""UPDATE llm_batch_requests SET answered = true
+                          WHERE submission = ? AND key IN (SELECT key FROM fresh)""", [submission])
+
+    def finish_batch(self, submission: str, state: str, detail: str | None = None) -> None:
+        """A submission's results are all stored: it leaves the open list (and its request texts are dropped)."""
+        now = time.time()
+        with self._transaction():
+            self._exec("""UPDATE llm_batches SET state = ?, detail = coalesce(?, detail), updated_at = ?,
+                          collected_at = ? WHERE submission = ?""", [state, detail, now, now, submission])
+            self._exec("UPDATE llm_batch_requests SET request = NULL WHERE submission = ?", [submission])
+
+    def batch_counts(self) -> dict[str, int]:
+        """Submissions whose results are stored, by the provider's final state (for `status`)."""
+        return dict(self.con.execute("""SELECT state, count(*) FROM llm_batches WHERE collected_at IS NOT NULL
+                                        GROUP BY state ORDER BY state""").fetchall())
 
     # ---- annotations, scores, demos ---------------------------------------------------------------
     def add_annotations(self, round_: int, rows: Sequence[Annotation]) -> None:

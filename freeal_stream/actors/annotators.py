@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -28,6 +28,54 @@ from freeal_stream.llm.client import ChatAnswer, ChatRequest, Ledger, LLMClient,
 log = logging.getLogger(__name__)
 
 BUDGET_ERROR = "budget_exhausted"   # a request the budget did not admit (not sent, not stored)
+ProgressFn = Callable[[int, int, Ledger], None]
+AnswersFn = Callable[[list[int], list[ChatAnswer]], None]
+
+
+class Annotators(Protocol):
+    """What the coordinator sends its LLM requests through: live (AnnotatorPool) or a provider's batch API
+    (llm.batch.BatchAnnotators)."""
+
+    ledger: Ledger
+    size: int   # annotator actors (0: none, requests go out as batch files)
+
+    def complete_many(self, requests: Sequence[ChatRequest], progress: ProgressFn | None = None,
+                      on_answers: AnswersFn | None = None) -> list[ChatAnswer]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class Delivery:
+    """One `complete_many` call's answers: stored ones first, duplicates sent once, each new answer handed
+    to `on_answers(indices, answers)` (so labels are committed as they arrive) and counted in `progress`."""
+
+    def __init__(self, requests: Sequence[ChatRequest], store: Any, ledger: Ledger,
+                 progress: ProgressFn | None, on_answers: AnswersFn | None):
+        self.keys = [r.key() for r in requests]
+        self.where: dict[str, list[int]] = {}
+        for i, k in enumerate(self.keys):
+            self.where.setdefault(k, []).append(i)
+        self.answers: dict[str, ChatAnswer] = store.get_answers(list(self.where)) if self.keys else {}
+        ledger.cache_hits += sum(len(self.where[k]) for k in self.answers)
+        self.ledger, self.progress, self.on_answers = ledger, progress, on_answers
+        self.done = 0
+        if self.answers:
+            self.deliver(list(self.answers.values()))
+        self.unsent = [requests[self.where[k][0]] for k in self.where if k not in self.answers]
+
+    def deliver(self, batch: list[ChatAnswer]) -> None:
+        batch = [a for a in batch if a.key in self.where]
+        idx = [i for a in batch for i in self.where[a.key]]
+        for a in batch:
+            self.answers[a.key] = a
+        self.done += len(idx)
+        if self.on_answers is not None and idx:
+            self.on_answers(idx, [self.answers[self.keys[i]] for i in idx])
+        if self.progress is not None:
+            self.progress(self.done, len(self.keys), self.ledger)
+
+    def result(self) -> list[ChatAnswer]:
+        return [self.answers[k] for k in self.keys]
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -92,42 +140,20 @@ class AnnotatorPool:
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])
 
-    def complete_many(self, requests: Sequence[ChatRequest],
-                      progress: Callable[[int, int, Ledger], None] | None = None,
-                      on_answers: Callable[[list[int], list[ChatAnswer]], None] | None = None
-                      ) -> list[ChatAnswer]:
+    def complete_many(self, requests: Sequence[ChatRequest], progress: ProgressFn | None = None,
+                      on_answers: AnswersFn | None = None) -> list[ChatAnswer]:
         """Answers in the order of `requests`. Stored answers are read, not sent; duplicates go once.
 
         `on_answers(indices, answers)` sees each batch as it completes (so labels are committed as they
         arrive). A request the budget does not admit comes back failed with error BUDGET_ERROR.
         """
-        keys = [r.key() for r in requests]
-        where: dict[str, list[int]] = {}
-        for i, k in enumerate(keys):
-            where.setdefault(k, []).append(i)
-        answers: dict[str, ChatAnswer] = self.store.get_answers(list(where)) if keys else {}
-        self.ledger.cache_hits += sum(len(where[k]) for k in answers)
-        done = 0
-
-        def deliver(batch: list[ChatAnswer]) -> None:
-            nonlocal done
-            idx = [i for a in batch for i in where[a.key]]
-            for a in batch:
-                answers[a.key] = a
-            done += len(idx)
-            if on_answers is not None and idx:
-                on_answers(idx, [answers[keys[i]] for i in idx])
-            if progress is not None:
-                progress(done, len(keys), self.ledger)
-
-        if answers:
-            deliver(list(answers.values()))
-        unique = [requests[where[k][0]] for k in where if k not in answers]
+        d = Delivery(requests, self.store, self.ledger, progress, on_answers)
+        unique = d.unsent
         chunks = [list(range(s, min(s + self.chunk_size, len(unique))))
                   for s in range(0, len(unique), self.chunk_size)]
-        for refused in self._run_chunks(unique, chunks, deliver):
-            deliver([_not_admitted(unique[p].key()) for p in refused])
-        return [answers[k] for k in keys]
+        for refused in self._run_chunks(unique, chunks, d.deliver):
+            d.deliver([not_admitted(unique[p].key()) for p in refused])
+        return d.result()
 
     def _run_chunks(self, unique: list[ChatRequest], chunks: list[list[int]],
                     deliver: Callable[[list[ChatAnswer]], None]) -> list[list[int]]:
@@ -192,7 +218,7 @@ class AnnotatorPool:
             ray.kill(a)
 
 
-def _not_admitted(key: str) -> ChatAnswer:
+def not_admitted(key: str) -> ChatAnswer:
     return ChatAnswer(key=key, content=None, finish_reason=None, prompt_tokens=0, completion_tokens=0,
                       cached_tokens=0, top_logprobs=None, latency_s=0.0, attempts=0, error=BUDGET_ERROR,
                       from_cache=False)

@@ -215,6 +215,19 @@ class _GroupCommit:
             self._flusher = None
 
 
+def request_body(request: ChatRequest, logprobs_supported: bool = True) -> dict[str, Any]:
+    """The chat-completions body for a request (live, or as a line of a batch file)."""
+    payload: dict[str, Any] = {"model": request.model, "messages": request.as_messages(),
+                               "temperature": request.temperature, "max_tokens": request.max_tokens}
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    if request.logprobs and logprobs_supported:
+        payload["logprobs"] = True
+        if request.top_logprobs:
+            payload["top_logprobs"] = request.top_logprobs
+    return payload
+
+
 class LLMClient:
     """Sync front (`complete_many`) over one persistent asyncio openai client; one instance per process.
 
@@ -348,15 +361,7 @@ class LLMClient:
         on_answer(key, answer)
 
     def _payload(self, request: ChatRequest) -> dict[str, Any]:
-        payload: dict[str, Any] = {"model": request.model, "messages": request.as_messages(),
-                                   "temperature": request.temperature, "max_tokens": request.max_tokens}
-        if request.seed is not None:
-            payload["seed"] = request.seed
-        if request.logprobs and self._logprobs_supported:
-            payload["logprobs"] = True
-            if request.top_logprobs:
-                payload["top_logprobs"] = request.top_logprobs
-        return payload
+        return request_body(request, self._logprobs_supported)
 
     async def _post(self, payload: dict[str, Any]) -> Any:
         """POST /chat/completions with `payload` as it is, the answer as plain JSON (the SDK still handles
