@@ -27,17 +27,14 @@ LR_WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 EMBED_BATCH = 64
-# Head mode runs cfg.epochs as configured (on MR, 4 -> 20 head epochs moved plain CE by < 1 point and made
-# the robust recipe worse), but an epoch there is at least HEAD_MIN_STEPS steps: with few labelled rows
-# (a budgeted round 1) one pass is a few dozen steps, warm-up ends with a near-untrained head and the GMM
-# split then follows the class prior (10% of MR: test 50% -> 73%). Head steps cost microseconds.
+# Head mode runs cfg.epochs as configured, but an epoch there is at least HEAD_MIN_STEPS steps: with few labelled
+# rows (a budgeted round 1) one pass is a few dozen steps, warm-up would end with a near-untrained head and the
+# GMM split then follows the class prior. Head steps cost microseconds. Figures: BENCHMARKS.md, "Figures behind
+# the defaults".
 HEAD_MIN_STEPS = 100
-# freeal.warmup_epochs: null picks the warm-up by how many labels the SLM learns from (BENCHMARKS 4b.4).
-# Few, noisy labels (the demo's 206, 72% right; head mode, 3 seeds): 1 epoch, as a longer warm-up fits the
-# noise before the split (SLM labels 0.898 at w1, 0.840 at w2, 0.817 at w3). Many (MR, GPT-3.5's labels,
-# held-out part of train): 3, as a split made after one epoch is made by a barely trained model (fine-tune,
-# 950 labels: w1 74.65 +- 2.37, w3 77.98 +- 0.79; head, 6,929 labels: w1 74.70, w3 75.71). In between (MR,
-# head, 238 and ~475 labels) the warm-up moved test accuracy by under 1 point either way: the line sits there.
+# freeal.warmup_epochs: null picks the warm-up by how many labels the SLM learns from: on few, noisy labels a
+# longer warm-up fits the noise before the split; on many, a split after one epoch is made by a barely trained
+# model. Figures: BENCHMARKS.md 4b.4.
 SHORT_WARMUP, LONG_WARMUP, LONG_WARMUP_MIN_LABELS = 1, 3, 500
 
 
@@ -45,10 +42,9 @@ SHORT_WARMUP, LONG_WARMUP, LONG_WARMUP_MIN_LABELS = 1, 3, 500
 class Recipe:
     """Ablation switches; Recipe() is the full robust recipe.
 
-    `per_class_split` fits the clean/noisy GMM within each LLM label instead of once over all rows
-    (the paper's form, per_class_split=False; docs/METHOD.md section 3). One global fit discards a whole class as 'noisy' whenever
-    the model still leans to the other class (MR, head mode, 10% labelled, short warm-up: test 50% global vs
-    71% per class); with a trained model per-class was still +0.2..0.5 points better.
+    `per_class_split` fits the clean/noisy GMM within each LLM label instead of once over all rows (the paper's
+    form is per_class_split=False; docs/METHOD.md section 3): one global fit discards a whole class as 'noisy'
+    whenever the model still leans to the other class. Figures: BENCHMARKS.md, "Figures behind the defaults".
     """
 
     gmm: bool = True
