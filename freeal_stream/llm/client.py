@@ -125,6 +125,14 @@ class AnswerCache(Protocol):
         """Store answers (and failures: `error` set) in one write."""
 
 
+class Completer(Protocol):
+    """What answers chat requests, in order: an `LLMClient` in this process, or the job's annotators (live actors
+    or a provider's batch API, `actors.annotators.Annotators`). Demo generation and benchmarks take either."""
+
+    def complete_many(self, requests: Sequence[ChatRequest],
+                      progress: Callable[[int, int, Ledger], None] | None = None) -> list[ChatAnswer]: ...
+
+
 class FatalLLMError(UserError):
     """A problem no retry fixes (bad key, unknown model, no server); its message never holds the key."""
 

@@ -5,7 +5,7 @@ human label. A small LLM often writes off-class texts or copies the prototypes (
 them), so each candidate is checked: label tags are cut off, copies and near-copies of what it was shown
 are dropped, and the same LLM must label the candidate zero-shot as the class it was written for. A
 class left with fewer than half the examples asked for is asked again, then topped up, so one class
-cannot fill the pool. Requests go through LLMClient like any other, so reruns are answered from the cache.
+cannot fill the pool. Requests go through the job's annotators like any other, so reruns are answered from the cache.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import re
 from typing import Callable, Sequence
 
 from freeal_stream.config import LLMConfig
-from freeal_stream.llm.client import ChatRequest, Ledger, LLMClient
+from freeal_stream.llm.client import ChatRequest, Completer, Ledger
 from freeal_stream.llm.prompts import (TEMPLATE_VERSION, annotation_messages, dedupe_key, generation_messages,
                                        parse_generated)
 from freeal_stream.llm.verbalizer import Verbalizer
@@ -64,7 +64,7 @@ def _sampling_seed(seed: int, class_idx: int, attempt: int) -> int:
     return random.Random(f"sample:{seed}:{class_idx}:{attempt}").randrange(2**31)
 
 
-def _zero_shot(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
+def _zero_shot(client: Completer, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
                texts: Sequence[str], progress: ProgressFn = None) -> list[int | None]:
     """The LLM's zero-shot label of each text (None = no label), asked exactly like an annotation."""
     checks = [ChatRequest.build(annotation_messages(task_description, verbalizer, [], t), cfg, TEMPLATE_VERSION,
@@ -72,7 +72,7 @@ def _zero_shot(client: LLMClient, cfg: LLMConfig, task_description: str, verbali
     return [verbalizer.parse(a.content) for a in client.complete_many(checks, progress)]
 
 
-def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
+def generate_demos(client: Completer, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
                    unlabelled_texts: Sequence[str], prototypes: int, per_class: int,
                    seed: int, progress: ProgressFn = None) -> list[tuple[str, int, str]]:
     """Up to `per_class` (text, class_idx, source) demos per class; source 'generated' or 'zero-shot'.
@@ -129,7 +129,7 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
     return demos
 
 
-def _zero_shot_demos(client: LLMClient, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
+def _zero_shot_demos(client: Completer, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
                      texts: Sequence[str], wanted: dict[int, int], n_draw: int,
                      seed: int, progress: ProgressFn = None) -> list[tuple[str, int, str]]:
     """Fallback demos, `wanted[c]` for class c: a seeded draw of unlabelled texts, kept where zero-shot says c.
