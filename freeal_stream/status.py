@@ -10,6 +10,7 @@ from typing import Any
 
 from freeal_stream import budget as budget_policy
 from freeal_stream.config import JobConfig
+from freeal_stream.review import format_review_check, review_check
 from freeal_stream.sources import describe_counts
 
 
@@ -83,6 +84,7 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
             "cost": round(todo * per_req[1], 6) if per_req else None,
             "basis": "the rounds left at the job's P on the current pool, at the mean cost per request so far",
         },
+        "human_review": review_check(store.review_agreement()),
         "quarantine": bad_input(store, STATUS_PROBLEM_ROWS, _RAW_SHOWN),
         "llm_failures": store.failure_counts(),
     }
@@ -111,6 +113,9 @@ def format_status(st: dict[str, Any]) -> list[str]:
     lines.append(f"estimated to finish: {est['requests']} requests"
                  + (f", ~{est['tokens']} tokens" if est["tokens"] is not None else "")
                  + (f", cost ~{money(est['cost'])}" if est["cost"] is not None and s["priced"] else ""))
+    review = format_review_check(st.get("human_review"))
+    if review:
+        lines.append(review)
     if st.get("llm_failures"):
         failed = st["llm_failures"]
         lines.append(f"LLM requests failed after retries (not paid; asked again later): {sum(failed.values())} ("
