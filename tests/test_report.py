@@ -111,3 +111,26 @@ def test_the_browser_check_fails_on_a_blank_plot_and_a_blank_page(report, tmp_pa
     empty.write_text("<!DOCTYPE html><html><body></body></html>", encoding="utf-8")
     plots, page_ink = plot_ink(empty, tmp_path)
     assert plots == {} and page_ink < 0.03
+
+
+def test_an_estimated_accuracy_is_read_in_each_shape_and_shown():
+    from freeal_stream.report import estimate
+
+    assert estimate({}) is None
+    assert estimate({"estimated_accuracy": 0.9}) == (0.9, None, None)
+    assert estimate({"estimated_accuracy": 0.9, "estimated_accuracy_low": 0.85,
+                     "estimated_accuracy_high": 0.94}) == (0.9, 0.85, 0.94)
+    assert estimate({"estimated_accuracy": 0.9, "estimated_accuracy_interval": [0.8, 0.95]}) == (0.9, 0.8, 0.95)
+    assert estimate({"estimated_accuracy": {"value": 0.9, "low": 0.8, "high": 0.95}}) == (0.9, 0.8, 0.95)
+    assert estimate({"estimated_accuracy": {"estimate": 0.7, "interval": [0.6, 0.8]}}) == (0.7, 0.6, 0.8)
+    assert estimate({"estimated_accuracy": None}) is None
+
+
+def test_the_report_shows_a_stored_estimate(tmp_path):
+    s = filled_store(tmp_path)
+    s.set_phase(1, "budgeted", "done", metrics={"round": 1, "requests_total": 10, "estimated_accuracy": 0.875,
+                                                 "estimated_accuracy_interval": [0.81, 0.92]})
+    write_report(s, job(), CLASSES, tmp_path / "r.html")
+    s.close()
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "87.5% [81.0%, 92.0%]" in page and "not estimated" not in page
