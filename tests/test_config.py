@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from freeal_stream.config import ConfigError, load_job, parse_job
@@ -72,3 +74,9 @@ def test_load_job_file_errors(tmp_path):
 def test_demo_job_is_valid():
     job = load_job("jobs/demo.yaml")
     assert len(job.task.classes) == 4 and job.llm.base_url is None
+
+
+def test_the_hosted_example_job_is_valid_and_keeps_its_key_out_of_the_file():
+    job = load_job("jobs/example_hosted.yaml")
+    assert job.llm.base_url.startswith("https://") and job.llm.api_key_env == "OPENAI_API_KEY"
+    assert Path(job.data.path).is_file() and job.llm.model in job.budget.prices and job.budget.max_cost
