@@ -224,6 +224,10 @@ def cmd_review_export(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     from freeal_stream.review import default_queue_path, how_to_review, pick_for_review, write_queue
 
+    if args.n < 1 or not 0 <= args.random_share <= 1:
+        raise UserError(f"--n {args.n} --random-share {args.random_share}: give at least 1 row and a share "
+                        "between 0 and 1")
+
     store = _stopped_state(job, "review export")
     try:
         names = _stored_class_names(store)

@@ -240,7 +240,7 @@ def plot_sources(data: ReportData) -> str:
 
 def plot_confidence(data: ReportData) -> str:
     """Histograms of the label of record's confidence, one per source (LLM: from logprobs; SLM: its softmax)."""
-    kinds = [s for s in SOURCES if any(k == s for k, _, _ in data.confidence)]
+    kinds = [s for s in ("llm", "slm") if any(k == s for k, _, _ in data.confidence)]   # a human's is always 1
     fig, axes = _figure(10, 3.2, 1, max(1, len(kinds)))
     if not kinds:
         _empty(axes[0, 0], "no confidence stored (no logprobs from the LLM, no SLM round yet)")
@@ -348,7 +348,7 @@ def render(data: ReportData) -> str:
                      "or SLM (texts the LLM never labelled, and disputed ones under label_of_record: slm)."),
         "<h2>Confidence</h2>",
         _figure_html("confidence", plot_confidence(data), "LLM confidence comes from logprobs (absent when the "
-                     "endpoint gives none), the SLM's from its softmax; human labels count as 1."),
+                     "endpoint gives none), the SLM's from its softmax; human labels (confidence 1) are left out."),
         "<h2>Human review</h2>", _review_html(st.get("human_review")),
         f"<h2>Disputed examples ({st['llm_labels_disputed']:,} in all, least confident first)</h2>",
         _table(["id", "text", "label of record", "source", "confidence", "LLM label", "SLM label"], disputed)

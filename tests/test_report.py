@@ -49,6 +49,7 @@ def plot_ink(page: Path, tmp_path: Path) -> tuple[dict[str, float], float]:
     """({plot id: share of its pixels with ink}, share of the whole page with ink) as Chromium draws `page`."""
     from PIL import Image
 
+    page = page.resolve()
     probe = tmp_path / f"{page.stem}.layout.html"   # the same page plus a script that reports the layout
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _LAYOUT + "</body>"), encoding="utf-8")
     dom = _browser("--dump-dom", f"--window-size={WIDTH},1000", probe.as_uri()).stdout
