@@ -231,15 +231,16 @@ def cmd_review_export(args: argparse.Namespace) -> int:
     store = _stopped_state(job, "review export")
     try:
         names = _stored_class_names(store)
-        rows = pick_for_review(store, args.n, job.freeal.label_of_record, len(names), args.random_share, job.seed)
+        pick = pick_for_review(store, args.n, job.freeal.label_of_record, len(names), args.random_share, job.seed)
         out = Path(args.output) if args.output else default_queue_path(job.state_path, args.format)
-        files = write_queue(rows, out, args.format, names)
-        store.queue_for_review(rows)
+        files = write_queue(pick.rows, out, args.format, names)
+        store.queue_for_review(pick.rows, pick.joined_random)
     finally:
         store.close()
-    why = {r: sum(x.reason == r for x in rows) for r in ("random", "disputed", "rare class", "least confident")}
-    print(f"wrote {len(rows)} rows for review to {files[0]} (" + ", ".join(f"{r} {n}" for r, n in why.items() if n)
-          + ")")
+    joined = len(pick.joined_random)
+    print(f"wrote {len(pick.rows)} rows for review to {files[0]} ("
+          + ", ".join(f"{r} {n}" for r, n in pick.counts().items() if n) + ")"
+          + (f"; {joined} rows reviewed before join the random sample" if joined else ""))
     print(how_to_review(args.format, files, args.job))
     return 0
 

@@ -35,6 +35,7 @@ AGENT = "freeal-stream"
 CSV_COLUMNS = ("item_id", "text", "label", "suggested_label", "suggested_by", "confidence", "llm_label",
                "slm_label", "disputed", "reason")
 DISPUTED_SHARE, RARE_SHARE = 0.4, 0.3   # of the rows not drawn at random (unused quota moves on)
+REASONS = ("random", "disputed", "rare class", "least confident")
 
 
 class ReviewFileError(UserError):
@@ -42,9 +43,24 @@ class ReviewFileError(UserError):
 
 
 # ---- which rows ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReviewPick:
+    """The rows to review, and the rows reviewed before that join the random sample (see `pick_for_review`)."""
+
+    rows: list[ReviewRow]
+    joined_random: list[str]
+
+    def counts(self) -> dict[str, int]:
+        return {r: sum(x.reason == r for x in self.rows) for r in REASONS}
+
+
 def pick_for_review(store: Any, n: int, rule: str, n_classes: int, random_share: float = 0.2,
-                    seed: int = 0) -> list[ReviewRow]:
-    """Up to `n` never-reviewed labelled rows: random ones first, then disputed, rare-class, least confident."""
+                    seed: int = 0) -> ReviewPick:
+    """Up to `n` never-reviewed labelled rows: random ones first, then disputed, rare-class, least confident.
+
+    The random rows are the next ones of one seeded order over all labelled rows; rows in it that were reviewed
+    before (for another reason) join the random sample without being asked again, so the sample stays uniform.
+    """
     picked: list[ReviewRow] = []
 
     def take(k: int, reason: str, order: str, where: str = "true", params: dict[str, Any] | None = None) -> None:
@@ -53,7 +69,9 @@ def pick_for_review(store: Any, n: int, rule: str, n_classes: int, random_share:
                                            exclude=[r.item_id for r in picked])
             picked.extend(dataclasses.replace(r, reason=reason) for r in rows)
 
-    take(round(n * random_share), "random", "md5(id || $seed)", params={"seed": str(seed)})
+    sample = store.random_sample_ids(rule, round(n * random_share), str(seed))
+    fresh = [i for i, reviewed in sample if not reviewed]
+    take(len(fresh), "random", "md5(id || $seed)", "list_contains($ids, id)", {"seed": str(seed), "ids": fresh})
     rest = n - len(picked)
     take(round(rest * DISPUTED_SHARE), "disputed", "confidence NULLS FIRST", "disputed")
     counts = store.label_class_counts(rule)
@@ -64,7 +82,7 @@ def pick_for_review(store: Any, n: int, rule: str, n_classes: int, random_share:
         take((quota - sum(r.reason == "rare class" for r in picked)) // (len(rare) - k), "rare class",
              "confidence NULLS FIRST", "label = $c", {"c": c})
     take(n - len(picked), "least confident", "confidence NULLS FIRST")
-    return picked
+    return ReviewPick(picked, [i for i, reviewed in sample if reviewed])
 
 
 # ---- writing the queue ---------------------------------------------------------------------------------

@@ -506,8 +506,21 @@ class Store:
         return dict(self.con.execute(f"""SELECT label, count(*) FROM ({_labels_sql(rule)}) WHERE label IS NOT NULL
                                          GROUP BY label""").fetchall())
 
-    def queue_for_review(self, rows: Sequence[ReviewRow]) -> None:
-        """Remember the rows sent for review with the label they show (a row sent again is replaced)."""
+    def random_sample_ids(self, rule: str, k: int, seed: str) -> list[tuple[str, bool]]:
+        """(id, reviewed already) of the next `k` labelled rows, in one seeded random order, that are not in the
+        review's random sample yet. The sample is a prefix of that order: a row reviewed for another reason that
+        falls in it joins the sample as it is (skipping it would leave the hard rows out of the sample)."""
+        return self.con.execute(f"""SELECT l.id, h.item_id IS NOT NULL FROM ({_labels_sql(rule)}) l
+                                    LEFT JOIN human_labels h ON h.item_id = l.id
+                                    WHERE l.label IS NOT NULL AND coalesce(h.reason, '') <> 'random'
+                                    ORDER BY md5(l.id || $seed), l.seq LIMIT $k""", {"seed": seed, "k": k}).fetchall()
+
+    def queue_for_review(self, rows: Sequence[ReviewRow], joined_random: Sequence[str] = ()) -> None:
+        """Remember the rows sent for review with the label they show (a row sent again is replaced), and count
+        the reviewed rows of `joined_random` in the random sample."""
+        if joined_random:
+            with self._registered("joined", pa.table({"id": pa.array(list(joined_random), pa.string())})):
+                self._exec("UPDATE human_labels SET reason = 'random' WHERE item_id IN (SELECT id FROM joined)")
         if not rows:
             return
         batch = pa.table({"item_id": [r.item_id for r in rows], "reason": [r.reason for r in rows],

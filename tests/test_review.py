@@ -45,7 +45,7 @@ def filled_store(tmp_path, n=30):
 
 def test_picks_random_then_disputed_rare_and_least_confident_and_never_a_reviewed_row(tmp_path):
     s = filled_store(tmp_path)
-    rows = pick_for_review(s, 10, "llm", 3, random_share=0.2, seed=1)
+    rows = pick_for_review(s, 10, "llm", 3, random_share=0.2, seed=1).rows
     why = [r.reason for r in rows]
     assert len(rows) == 10 and len({r.item_id for r in rows}) == 10
     assert why.count("random") == 2
@@ -56,11 +56,29 @@ def test_picks_random_then_disputed_rare_and_least_confident_and_never_a_reviewe
     assert rare and all(r.label == 2 for r in rare)   # 'shipping' has 2 of 30 labels
     rest = [r for r in rows if r.reason == "least confident"]
     assert [r.confidence for r in rest] == sorted(r.confidence for r in rest)
-    assert pick_for_review(s, 10, "llm", 3, random_share=0.2, seed=1) == rows   # the same state, the same queue
+    assert pick_for_review(s, 10, "llm", 3, random_share=0.2, seed=1).rows == rows   # same state, same queue
     # a reviewed row is never offered again
     s.queue_for_review(rows)
     s.add_human_labels("f", [_h(rows[0].item_id, 2)], "llm")
-    assert rows[0].item_id not in {r.item_id for r in pick_for_review(s, 30, "llm", 3)}
+    assert rows[0].item_id not in {r.item_id for r in pick_for_review(s, 30, "llm", 3).rows}
+    s.close()
+
+
+def test_the_random_sample_is_a_prefix_of_one_order_so_hard_rows_reviewed_for_another_reason_stay_in_it(tmp_path):
+    s = filled_store(tmp_path)
+    order = [i for i, _ in s.random_sample_ids("llm", 30, "0")]   # the seeded order over all 30 labelled rows
+    first = pick_for_review(s, 2, "llm", 3, random_share=1.0)
+    assert [r.item_id for r in first.rows] == order[:2] and first.joined_random == []
+    # review order[2] for another reason (as if it was disputed), and the first two as the random draw
+    s.queue_for_review(first.rows)
+    s.add_human_labels("a.csv", [_h(order[0], 0), _h(order[1], 0), _h(order[2], 0)], "llm")
+    assert {a["reason"] for a in s.review_agreement()} == {"random", "not queued"}
+    second = pick_for_review(s, 2, "llm", 3, random_share=1.0)
+    assert second.joined_random == [order[2]]            # not skipped: it joins the sample, not asked again
+    assert [r.item_id for r in second.rows] == order[3:4] + [second.rows[1].item_id]
+    assert second.rows[1].reason == "least confident"    # the review budget left goes to the other reasons
+    s.queue_for_review(second.rows, second.joined_random)
+    assert {a["reason"]: a["reviewed"] for a in s.review_agreement()} == {"random": 3}
     s.close()
 
 
@@ -72,7 +90,7 @@ def _h(item_id, label):
 
 def test_human_labels_win_in_every_output_and_import_is_idempotent(tmp_path):
     s = filled_store(tmp_path)
-    rows = pick_for_review(s, 6, "slm", 3, random_share=0.5)
+    rows = pick_for_review(s, 6, "slm", 3, random_share=0.5).rows
     s.queue_for_review(rows)
     before = {r[1]: r for r in s.labels_rows("slm")}
     first = s.add_human_labels("a.csv", [_h(rows[0].item_id, 2), _h(rows[1].item_id, rows[1].label)], "slm")
@@ -168,7 +186,7 @@ def test_reads_label_studio_argilla_and_csv_exports(tmp_path):
 
 def test_written_queues_read_back_as_not_reviewed_until_someone_labels(tmp_path):
     s = filled_store(tmp_path)
-    rows = pick_for_review(s, 5, "llm", 3)
+    rows = pick_for_review(s, 5, "llm", 3).rows
     for fmt, name in (("csv", "q.csv"), ("labelstudio", "q.json"), ("argilla", "q.argilla.json")):
         files = write_queue(rows, tmp_path / name, fmt, CLASSES)
         got = read_review_file(files[0], CLASSES, s.known_ids)
