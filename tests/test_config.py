@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from freeal_stream.config import ConfigError, load_job, parse_job
@@ -143,3 +145,9 @@ def test_a_huge_job_file_is_refused_unread(tmp_path):
     path.write_text("name: t\n" + "#" * (2 << 20) + "\n")
     with pytest.raises(ConfigError, match="over 1 MiB"):
         load_job(path)
+
+
+def test_the_hosted_example_job_is_valid_and_keeps_its_key_out_of_the_file():
+    job = load_job("jobs/example_hosted.yaml")
+    assert job.llm.base_url.startswith("https://") and job.llm.api_key_env == "OPENAI_API_KEY"
+    assert Path(job.data.path).is_file() and job.llm.model in job.budget.prices and job.budget.max_cost

@@ -113,7 +113,7 @@ def test_answers_stored_by_an_older_version_resume_migrated_checked_and_charged(
     assert got[reqs[1].key()].content == "positive" and verb.parse(got[reqs[1].key()].content) == 0
     spent = s.spent()
     assert spent["usage_estimated"] == 2 and spent["malformed"] == 1 and spent["prompt_tokens"] > 0
-    assert s.get_meta("schema_version") == "2"
+    assert s.get_meta("schema_version") == "3"
     big = ChatRequest(messages=(("user", "x"),), model="m", temperature=0.0, max_tokens=4, logprobs=False,
                       top_logprobs=0, template_version="v")
     s.put_answers([(big, dataclasses.replace(answer(big.key()), prompt_tokens=3_000_000_000))])  # BIGINT now
@@ -201,7 +201,7 @@ def test_a_version_1_state_file_is_migrated_on_open(tmp_path):
     con.execute("INSERT INTO slm_scores VALUES (1, 'a', 0, 0.9, '[0.9, 0.1]', NULL, false)")
     con.close()
     s = Store(path)
-    assert s.items_range(0, 5).ids == ["a", "b"] and s.get_meta("schema_version") == "2"
+    assert s.items_range(0, 5).ids == ["a", "b"] and s.get_meta("schema_version") == "3"
     assert s.add_items(["c"], ["z"], [None], [None], ["h3"]) == 1 and list(s.positions_of(["c"])) == [2]
     positions, preds = s.slm_predictions(1)
     assert list(positions) == [0] and list(preds) == [0]

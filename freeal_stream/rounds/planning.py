@@ -84,6 +84,7 @@ def choose_targets(ctx: RoundContext, round_: int, state: SLMState, strategy: Qu
     annotated = np.zeros(size, bool)
     asked = ctx.store.annotated_positions()
     annotated[asked[asked < size]] = True
+    annotated[human_label_array(ctx) >= 0] = True   # a human's label is never sent to the LLM again
     if ctx.job.freeal.schedule == "full":
         return _refinement_targets(ctx, state, annotated)
     unannotated = np.flatnonzero(~annotated)
@@ -125,6 +126,7 @@ def _refinement_targets(ctx: RoundContext, state: SLMState, annotated: np.ndarra
         keep[idx] = True
     twice = ctx.store.annotated_positions(min_rounds=2)
     keep[twice[twice < len(keep)]] = True
+    keep[human_label_array(ctx) >= 0] = True
     return np.flatnonzero(~keep)
 
 
@@ -144,6 +146,22 @@ def llm_label_array(ctx: RoundContext) -> np.ndarray:
     inside = positions < ctx.pool.size   # the pool is a snapshot (see Pool)
     labels[positions[inside]] = values[inside]
     return labels
+
+
+def human_label_array(ctx: RoundContext) -> np.ndarray:
+    """Each pool item's human label (-1: not reviewed), from `review import`."""
+    labels = np.full(ctx.pool.size, -1, dtype=np.int64)
+    positions, values = ctx.store.human_label_positions()
+    labels[positions] = values
+    return labels
+
+
+def training_labels(ctx: RoundContext) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, human) per pool position: what the SLM trains on and its demos come from. A human label
+    replaces the LLM's and is clean by fiat (`human` marks those rows); elsewhere the latest LLM label."""
+    human = human_label_array(ctx)
+    reviewed = human >= 0
+    return np.where(reviewed, human, llm_label_array(ctx)), reviewed
 
 
 def _previous_predictions(ctx: RoundContext, round_: int) -> np.ndarray | None:

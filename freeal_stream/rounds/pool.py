@@ -21,6 +21,7 @@ from freeal_stream.slm.encoder import cache_key
 from freeal_stream.store import Store
 
 SHARD_ROWS = 4096   # rows per store read and per scorer task
+TEXT_SHARD_ROWS = 1024   # rows per scorer task that runs the encoder over texts (~5-10 s on a CPU core): progress
 
 
 class Pool:
@@ -54,11 +55,12 @@ class Pool:
     def texts(self, positions: Sequence[int]) -> list[str]:
         return self.columns(positions).texts
 
-    def shards(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, ItemColumns]]:
-        """(start, items) for consecutive shards of positions start .. stop, read lazily."""
+    def shards(self, start: int = 0, stop: int | None = None, size: int = SHARD_ROWS
+               ) -> Iterator[tuple[int, ItemColumns]]:
+        """(start, items) for consecutive shards of `size` positions start .. stop, read lazily."""
         stop = self.size if stop is None else stop
-        for s in range(start, stop, SHARD_ROWS):
-            yield s, self.store.items_range(s, min(s + SHARD_ROWS, stop))
+        for s in range(start, stop, size):
+            yield s, self.store.items_range(s, min(s + size, stop))
 
     def gold(self) -> np.ndarray:
         """Each item's gold class index (-1 = none); for reporting only."""
@@ -91,6 +93,7 @@ class Pool:
         what = "texts" if kind == "frozen" else "views"
         self.progress.say(f"embedding {n:,} {what} with the frozen encoder ({len(self.scorers.actors)} scorer actors)")
         done = 0
+        self.progress.update(f"embed {what}", 0, n)
 
         def write(at: int, emb: np.ndarray) -> None:
             nonlocal array, done
@@ -100,6 +103,6 @@ class Pool:
             done += len(emb)
             self.progress.update(f"embed {what}", done, n)
 
-        self.scorers.embed_shards(((s, pick(cols)) for s, cols in self.shards(start)), write)
+        self.scorers.embed_shards(((s, pick(cols)) for s, cols in self.shards(start, size=TEXT_SHARD_ROWS)), write)
         array.commit(self.size)
         return array
