@@ -9,6 +9,7 @@ answers already paid for come from the store, and training is simply run again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from freeal_stream.llm.prompts import (TEMPLATE_VERSION, annotation_messages, cl
 from freeal_stream.llm.verbalizer import Verbalizer
 from freeal_stream.progress import Progress
 from freeal_stream.session import Session, spent_now
-from freeal_stream.slm.encoder import EmbeddingCache, cache_key
+from freeal_stream.slm.encoder import EmbeddingCache, cache_key, choose_encoder
 from freeal_stream.slm.model import write_model_files
 from freeal_stream.slm.trainer import SLMResult, resolve_mode, resolve_warmup
 from strategies.base import QueryContext
@@ -79,10 +80,21 @@ class FreeALRun:
         self.strategy = load_strategy(self.job.strategy.name, self.job.strategy.params)
         self.pool = Pool(**self.store.items())
         self.scored: Scored | None = None
-        self._emb_cache = EmbeddingCache(self.job.state_path / "embeddings",
-                                         cache_key(self.job.slm.encoder, self.job.slm.max_length))
 
     # ---- pieces -----------------------------------------------------------------------------------
+    @functools.cached_property
+    def encoder(self) -> str:
+        """The job's frozen encoder. `auto` is chosen once, by the pool when it is first needed, and kept in the
+        store, so every later round (however the pool grows) and every resumed run embeds with the same one."""
+        choice = choose_encoder(self.job.slm, len(self.pool), self.store.get_meta("slm_encoder"))
+        self.store.set_meta("slm_encoder", choice.name)
+        self.progress.say(choice.why)
+        return choice.name
+
+    @functools.cached_property
+    def _emb_cache(self) -> EmbeddingCache:
+        return EmbeddingCache(self.job.state_path / "embeddings", cache_key(self.encoder, self.job.slm.max_length))
+
     def refresh_pool(self) -> int:
         """Take in items ingested since the pool was read (they join this round); returns how many."""
         n_before = len(self.pool)
@@ -110,9 +122,10 @@ class FreeALRun:
         self._emb_cache.fill(self.pool.texts, self._embed_by_scorers)
 
     def _embed_by_scorers(self, texts: list[str]) -> np.ndarray:
-        self.progress.say(f"embedding {len(texts)} texts with the frozen encoder ({len(self.s.scorers.actors)} "
-                          "scorer actors)")
-        return self.s.scorers.embed(texts)
+        threads = self.s.scorers.work_threads()
+        self.progress.say(f"embedding {len(texts)} texts with the frozen encoder {self.encoder} ({len(threads)} "
+                          f"scorer actors, {'+'.join(map(str, threads))} threads)")
+        return self.s.scorers.embed(texts, self.encoder)
 
     def gold_index(self) -> np.ndarray:
         """Gold labels as class indices (-1 = none or not a class name); used only for reporting."""
@@ -208,13 +221,14 @@ class FreeALRun:
         labels = self.llm_label_array()
         views = self._views(labels)
         n_lab = int((labels >= 0).sum())
-        mode = resolve_mode(self.job.slm, len(self.pool), n_lab)
+        slm = dataclasses.replace(self.job.slm, encoder=self.encoder)
+        mode = resolve_mode(slm, len(self.pool), n_lab)
         say = lambda msg: self.progress.say(f"[round {round_} train] {msg}")  # noqa: E731
         warmup = resolve_warmup(self.job.freeal, n_lab, self.job.slm.epochs)
         say(f"SLM in {mode} mode on {n_lab} LLM labels + {len(self.pool) - n_lab} unlabelled texts "
             f"(views: {self._view_kind()}; warm-up {warmup} epochs)")
         self.embed_missing()   # head mode reads them from the cache the scorers fill
-        args = (self.pool.texts, labels, self.n_classes, self.job.slm, self.job.freeal, views, self.job.seed + round_,
+        args = (self.pool.texts, labels, self.n_classes, slm, self.job.freeal, views, self.job.seed + round_,
                 str(self.job.state_path / "embeddings"))
         while True:
             try:

@@ -6,6 +6,7 @@ how a batch's head inputs are produced differs (`_FrozenInputs` / `_TextInputs`)
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from freeal_stream.config import FreeALConfig, SLMConfig
+from freeal_stream.config import STATIC_ENCODER, FreeALConfig, SLMConfig
 from freeal_stream.slm.augment import feature_noise, perturb
+from freeal_stream.slm.encoder import choose_encoder
 from freeal_stream.slm.model import SLM
 from freeal_stream.slm.robust import (alpha_ramp, classwise_clean_split, gmm_clean_split, kl_consistency, mixup,
                                       soft_ce)
@@ -83,6 +85,8 @@ def resolve_mode(cfg: SLMConfig, n_items: int, n_labelled: int) -> str:
     """
     if cfg.mode != "auto":
         return cfg.mode
+    if cfg.encoder == STATIC_ENCODER:
+        return "head"   # a static encoder has nothing to fine-tune
     if n_items <= cfg.finetune_max_items and n_labelled >= cfg.finetune_min_labels:
         return "finetune"
     return "head"
@@ -281,10 +285,12 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
 
     `views` are augmented texts (e.g. back-translations) for the consistency terms; None, for the whole
     list or for one row, uses model-free noise. `cache_dir` stores frozen embeddings (head mode) so later rounds never re-embed a text.
+    `cfg.encoder: auto` is resolved by len(texts) here (the coordinator passes the job's pinned choice).
     """
     labels = np.asarray(labels, dtype=np.int64)
     _check_inputs(texts, labels, n_classes, views)
     say = progress or (lambda _msg: None)
+    cfg = dataclasses.replace(cfg, encoder=choose_encoder(cfg, len(texts)).name)
     torch.set_num_threads(cfg.threads)
     rng = seed_everything(seed)
     n_labelled = int((labels >= 0).sum())
