@@ -135,8 +135,8 @@ def speed(args: argparse.Namespace, texts: list[str]) -> dict:
         ray.shutdown()
     med = {k: statistics.median(v) for k, v in rates.items()}
     best_minilm = max(v for k, v in med.items() if k.startswith(ENCODERS[0]))
-    return {"distill_s": distill_s, "distill_identical_to_cached": same, "texts_per_s_median": med, "texts_per_s_runs": rates, "n_texts": n,
-            "minilm_1m_projected_s": MILLION / best_minilm,
+    return {"distill_s": distill_s, "distill_identical_to_cached": same, "texts_per_s_median": med,
+            "texts_per_s_runs": rates, "n_texts": n, "minilm_1m_projected_s": MILLION / best_minilm,
             "static_measured_s": million, "static_measured_n": args.million}
 
 
@@ -147,7 +147,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n-minilm", type=int, default=4096, help="texts per MiniLM speed run")
     ap.add_argument("--n-static", type=int, default=50_000, help="texts per static-encoder speed run")
-    ap.add_argument("--million", type=int, default=MILLION, help="texts for the static encoder's full run (0: skip)")
+    ap.add_argument("--million", type=int, default=MILLION,
+                    help="texts for the static encoder's full run (0: skip)")
     ap.add_argument("--skip-accuracy", action="store_true")
     args = ap.parse_args()
     if not mr_present(args.data_dir):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import ray
 
-from freeal_stream.config import ConfigError, FreeALConfig, SLMConfig, parse_job
+from freeal_stream.config import ConfigError, SLMConfig, parse_job
 from freeal_stream.slm import static_encoder
 from freeal_stream.slm.encoder import DEFAULT_ENCODER, cache_key, choose_encoder
 from freeal_stream.slm.model import SLM
