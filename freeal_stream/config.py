@@ -130,12 +130,20 @@ class LLMConfig:
                "api_key_env looks like an API key; put the key in the environment and name the variable here")
 
 
+# slm.encoder's special values: the static encoder distilled from MiniLM (slm/static_encoder.py), and the
+# choice between MiniLM and it by pool size (slm/encoder.py: choose_encoder).
+STATIC_ENCODER = "minilm-static"
+AUTO_ENCODER = "auto"
+
+
 @dataclass(frozen=True)
 class SLMConfig:
     """The small model. `mode: auto` fine-tunes when the pool is at most `finetune_max_items` texts and has
-    at least `finetune_min_labels` LLM labels, else trains a head on frozen embeddings."""
+    at least `finetune_min_labels` LLM labels, else trains a head on frozen embeddings. `encoder: auto` uses
+    MiniLM for pools of at most `static_above_items` texts and the static encoder above."""
 
     encoder: str = "all-MiniLM-L6-v2"
+    static_above_items: int = 100_000
     mode: Literal["auto", "finetune", "head"] = "auto"
     finetune_max_items: int = 30000
     finetune_min_labels: int = 1000
@@ -156,6 +164,10 @@ class SLMConfig:
         _check(self.epochs >= 1, "epochs must be >= 1")
         _check(self.threads >= 1, "threads must be >= 1")
         _check(self.head_hidden >= 0, "head_hidden must be >= 0 (0 = linear head)")
+        _check(self.static_above_items >= 0, "static_above_items must be >= 0")
+        _check(not (self.encoder == STATIC_ENCODER and self.mode == "finetune"),
+               f"encoder '{STATIC_ENCODER}' is a static model with nothing to fine-tune; use mode head (or auto, "
+               "which trains a head on it), or a transformer encoder such as all-MiniLM-L6-v2 for mode finetune")
 
 
 @dataclass(frozen=True)

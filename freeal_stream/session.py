@@ -161,7 +161,7 @@ def open_session(job: JobConfig, progress: Progress, address: str | None = None)
         stack.callback(annotators.shutdown)
         if isinstance(annotators, AnnotatorPool):
             wait_for_actors(annotators)
-        scorers = ScorerPool(job.slm.encoder, job.slm.max_length, job.slm.threads, size=job.ray.scorers,
+        scorers = ScorerPool(job.slm.max_length, job.slm.threads, size=job.ray.scorers,
                              resources=job.ray.scorer_resources, max_restarts=job.ray.max_restarts)
         trainer = start_trainer(job.ray, job.slm.threads, cluster_has_gpu())
         progress.say(f"running on {where}: {annotators.size} annotators, {job.ray.scorers} scorers, 1 trainer, "

@@ -198,7 +198,7 @@ def _demo_embeddings(ctx: RoundContext, state: SLMState) -> np.ndarray:
     positions = ctx.store.positions_of([d.id for d in state.demos])
     if (positions >= 0).all():
         return state.emb.gather(positions)
-    return ctx.session.scorers.embed([d.text for d in state.demos])
+    return ctx.session.scorers.embed(ctx.encoder, [d.text for d in state.demos])
 
 
 # ---- how many the budget pays for ------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class Pool:
     def __init__(self, store: Store, arrays_dir: Path, scorers: ScorerPool, encoder: str, max_length: int,
                  class_names: Sequence[str], progress: Progress):
         self.store, self.scorers, self.progress = store, scorers, progress
-        self.arrays_dir = Path(arrays_dir)
+        self.arrays_dir, self.encoder = Path(arrays_dir), encoder
         self.class_names = list(class_names)
         self._space = hashlib.sha1(cache_key(encoder, max_length).encode()).hexdigest()[:12]
         self._flags: dict[str, np.ndarray] = {}
@@ -103,6 +103,6 @@ class Pool:
             done += len(emb)
             self.progress.update(f"embed {what}", done, n)
 
-        self.scorers.embed_shards(((s, pick(cols)) for s, cols in self.shards(start, size=TEXT_SHARD_ROWS)), write)
+        self.scorers.embed_shards(self.encoder, ((s, pick(cols)) for s, cols in self.shards(start, size=TEXT_SHARD_ROWS)), write)
         array.commit(self.size)
         return array

@@ -34,7 +34,7 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
     job, pool = ctx.job, ctx.pool
     labels, human = training_labels(ctx)
     n_lab = int((labels >= 0).sum())
-    mode = resolve_mode(job.slm, pool.size, n_lab)
+    mode = resolve_mode(ctx.slm, pool.size, n_lab)
     warmup = resolve_warmup(job.freeal, n_lab, job.slm.epochs)
     rows = training_rows(labels, job.seed + round_)
     sampled = "" if len(rows) == pool.size else f", {len(rows) - n_lab:,} of them in the consistency term"
@@ -89,7 +89,7 @@ def training_data(ctx: RoundContext, rows: np.ndarray, labels: np.ndarray, mode:
         view_emb = emb.copy()
         at = np.flatnonzero(has_view)
         if len(at):
-            view_emb[at] = ctx.session.scorers.embed([views[k] for k in at])
+            view_emb[at] = ctx.session.scorers.embed(ctx.encoder, [views[k] for k in at])
     return TrainingData(labels, emb=emb, view_emb=view_emb, has_view=has_view)
 
 
@@ -99,7 +99,7 @@ def _train(ctx: RoundContext, data: TrainingData, seed: int, say, stage: str) ->
     session, job = ctx.session, ctx.job
     while True:
         trainer = session.trainer
-        ref = trainer.train.remote(data, ctx.n_classes, job.slm, job.freeal, seed)
+        ref = trainer.train.remote(data, ctx.n_classes, ctx.slm, job.freeal, seed)
         shown = None
         try:
             while not ray.wait([ref], timeout=2.0)[0]:

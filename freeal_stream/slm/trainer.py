@@ -6,6 +6,7 @@ how a batch's head inputs are produced differs (`_FrozenInputs` / `_TextInputs`)
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from freeal_stream.config import FreeALConfig, SLMConfig
+from freeal_stream.config import STATIC_ENCODER, FreeALConfig, SLMConfig
 from freeal_stream.slm.augment import feature_noise, perturb
-from freeal_stream.slm.encoder import Encoder, cached_embed
+from freeal_stream.slm.encoder import cached_embed, choose_encoder, load_encoder
 from freeal_stream.slm.model import SLM
 from freeal_stream.slm.robust import (alpha_ramp, classwise_clean_split, gmm_clean_split, kl_consistency, mixup,
                                       soft_ce)
@@ -80,6 +81,8 @@ def resolve_mode(cfg: SLMConfig, n_items: int, n_labelled: int) -> str:
     """
     if cfg.mode != "auto":
         return cfg.mode
+    if cfg.encoder == STATIC_ENCODER:
+        return "head"   # a static encoder has nothing to fine-tune
     if n_items <= cfg.finetune_max_items and n_labelled >= cfg.finetune_min_labels:
         return "finetune"
     return "head"
@@ -367,8 +370,10 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
 
     `views` are augmented texts (e.g. back-translations) for the consistency terms; None, for the whole
     list or for one row, uses model-free noise. `cache_dir` stores frozen embeddings (head mode).
+    `cfg.encoder: auto` is resolved by len(texts) here (the coordinator passes the job's pinned choice).
     """
     labels = np.asarray(labels, dtype=np.int64)
+    cfg = dataclasses.replace(cfg, encoder=choose_encoder(cfg, len(texts)).name)
     if len(labels) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
     if views is not None and len(views) != len(texts):
@@ -378,7 +383,7 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
     mode = resolve_mode(cfg, len(texts), int((labels >= 0).sum()))
     if mode == "head":
         t0 = time.perf_counter()
-        encoder = Encoder(cfg.encoder, cfg.max_length, resolve_device(cfg.device))
+        encoder = load_encoder(cfg.encoder, cfg.max_length, resolve_device(cfg.device))
         say(f"embedding {len(texts):,} texts{'' if views is None else ' + views'} (frozen {encoder.name})")
         emb = cached_embed(encoder, texts, cache_dir, EMBED_BATCH)
         has_view = None if views is None else np.array([v is not None for v in views])
