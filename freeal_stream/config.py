@@ -84,7 +84,11 @@ class LLMConfig:
     temperature: float = 0.0
     max_tokens: int = 8
     logprobs: bool = True
-    top_logprobs: int = 5
+    top_logprobs: int = 20             # OpenAI's maximum: every class word's first token among them (calibration)
+    grammar: bool | None = None        # answers restricted to the class words by a GBNF grammar (llama.cpp's
+                                       # `grammar` field); null = for the embedded server only
+    calibrate: bool | None = None      # contextual calibration of the class probabilities (llm/calibration.py);
+                                       # null = for the embedded server only
     concurrency: int = 1
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
@@ -96,8 +100,19 @@ class LLMConfig:
     server_threads: int = 0
     context_size: int = 4096
 
+    @property
+    def constrained(self) -> bool:
+        """Whether answers are restricted to the class words (llm.grammar; the embedded server by default)."""
+        return self.grammar if self.grammar is not None else self.base_url is None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether class probabilities are calibrated (llm.calibrate; the embedded server by default)."""
+        return self.logprobs and (self.calibrate if self.calibrate is not None else self.base_url is None)
+
     def validate(self) -> None:
         _check(0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]")
+        _check(not (self.calibrate and not self.logprobs), "calibrate needs logprobs: true")
         _check(self.max_tokens >= 1, "max_tokens must be >= 1")
         _check(0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]")
         _check(self.concurrency >= 1, "concurrency must be >= 1")
@@ -160,6 +175,8 @@ class FreeALConfig:
     query_fraction: float = 0.1         # P
     prototypes: int = 20                # Q, texts shown when generating demos
     generated_per_class: int = 10
+    generation_time_s: float | None = 120.0   # no new demo-generation try after this; the short classes are
+                                              # then topped up with texts labelled zero-shot (null = no limit)
     # Whose label stands where the SLM puts an LLM label in its noisy split (the export marks those
     # `disputed` either way). 'llm' (default): a strong LLM beats a small SLM there: with GPT-3.5's MR
     # labels the SLM was right on 14% of them. 'slm': when the SLM is the stronger model, as with the
@@ -179,6 +196,8 @@ class FreeALConfig:
         _check(0.0 < self.query_fraction <= 1.0, "query_fraction must be in (0, 1]")
         _check(self.prototypes >= 1 and self.generated_per_class >= 1,
                "prototypes and generated_per_class must be >= 1")
+        _check(self.generation_time_s is None or self.generation_time_s > 0,
+               "generation_time_s must be > 0 (null = no time box)")
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ from typing import Sequence
 from freeal_stream.config import DataConfig
 from freeal_stream.llm.verbalizer import Verbalizer
 
-TEMPLATE_VERSION = "v1"
+TEMPLATE_VERSION = "v2"   # v2: shorter generation asks (40 words a text); constrained, calibrated answers
 
 MIN_ITEM_WORDS = 3
-MAX_ITEM_WORDS = 60
-_PROTOTYPE_MAX_WORDS = 60  # keeps a generation prompt bounded whatever the data's text lengths
+MAX_ITEM_WORDS = 60        # the longest generated demo kept
+ASK_WORDS = 40             # the longest asked for: short asks are what a small model on a CPU can afford
+PROTOTYPE_WORDS = 40       # keeps a generation prompt bounded whatever the data's text lengths
 
 _TEXT_TAG = re.compile(r"<\s*/?\s*text\s*>", re.IGNORECASE)
 # chat-template control tokens (ChatML, Llama, Mistral): servers such as llama.cpp may parse them inside a
@@ -95,13 +96,13 @@ def generation_messages(task_description: str, verbalizer: Verbalizer, class_idx
         f"The possible labels are: {_choices(verbalizer)}.\n"
         "You write realistic example texts for this task."
     )
-    shown = "\n".join(f"{i}. {_shorten(' '.join(t.split()), _PROTOTYPE_MAX_WORDS)}"
+    shown = "\n".join(f"{i}. {_shorten(' '.join(t.split()), PROTOTYPE_WORDS)}"
                       for i, t in enumerate(prototypes, 1))
     user = (
         "Here are unlabelled texts from the data set, showing its style, length and topics:\n"
         f"{shown}\n\n"
-        f"Write {n} NEW texts whose correct label is '{label}'. Imitate the style, length and variety "
-        "of the texts above, but do not copy them. Write one text per line, numbered "
+        f"Write {n} NEW texts whose correct label is '{label}', each at most {ASK_WORDS} words. Imitate "
+        "the style and variety of the texts above, but do not copy them. Write one text per line, numbered "
         f"1. to {n}., with no other lines and without the label."
     )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
