@@ -87,8 +87,9 @@ class LLMConfig:
     top_logprobs: int = 20             # OpenAI's maximum: every class word's first token among them (calibration)
     grammar: bool | None = None        # answers restricted to the class words by a GBNF grammar (llama.cpp's
                                        # `grammar` field); null = for the embedded server only
-    calibrate: bool | None = None      # contextual calibration of the class probabilities (llm/calibration.py);
-                                       # null = for the embedded server only
+    calibrate: bool = False            # contextual calibration of the class probabilities (llm/calibration.py):
+                                       # off, as it cost accuracy on MR and SUBJ with both local models
+                                       # (BENCHMARKS.md section 9)
     concurrency: int = 1
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
@@ -107,8 +108,8 @@ class LLMConfig:
 
     @property
     def calibrated(self) -> bool:
-        """Whether class probabilities are calibrated (llm.calibrate; the embedded server by default)."""
-        return self.logprobs and (self.calibrate if self.calibrate is not None else self.base_url is None)
+        """Whether class probabilities are calibrated (llm.calibrate, which needs logprobs)."""
+        return self.logprobs and self.calibrate
 
     def validate(self) -> None:
         _check(0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]")

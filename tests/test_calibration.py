@@ -14,7 +14,8 @@ from freeal_stream.records import PlanItem
 from freeal_stream.rounds.planning import RoundPlan
 
 VERB = Verbalizer({"subjective": ["subjective"], "objective": ["objective", "fact"]})
-EMBEDDED = LLMConfig(model="m")                                  # no base_url: grammar and calibration on
+EMBEDDED = LLMConfig(model="m")                                  # no base_url: the grammar on, calibration off
+CALIBRATED = LLMConfig(model="m", calibrate=True)
 HOSTED = LLMConfig(base_url="http://127.0.0.1:9/v1", model="m")  # plain chat unless the job opts in
 
 
@@ -47,11 +48,12 @@ def test_prior_is_floored_and_none_without_class_logprobs():
     assert calibration.prior(VERB, []) is None
 
 
-def test_embedded_requests_carry_the_grammar_and_content_free_twins_hosted_ones_neither():
+def test_embedded_requests_carry_the_grammar_hosted_ones_not_and_twins_only_when_calibrating():
     demos = [("a plot summary", 1)]
     r = calibration.annotation_request(EMBEDDED, "t", VERB, demos, "some text")
     assert r.grammar == 'root ::= "subjective" | "objective"' and r.top_logprobs == 20
-    twins = calibration.calibration_requests(EMBEDDED, "t", VERB, demos)
+    assert calibration.calibration_requests(EMBEDDED, "t", VERB, demos) == ()
+    twins = calibration.calibration_requests(CALIBRATED, "t", VERB, demos)
     assert [t.messages[-1][1] for t in twins] == ["Text:\n<text>\nN/A\n</text>", "Text:\n<text>\n\n</text>"]
     assert all(t.messages[:-1] == r.messages[:-1] and t.grammar == r.grammar for t in twins)
     assert calibration.annotation_request(HOSTED, "t", VERB, demos, "some text").grammar is None
@@ -60,6 +62,8 @@ def test_embedded_requests_carry_the_grammar_and_content_free_twins_hosted_ones_
     assert calibration.annotation_request(opted_in, "t", VERB, demos, "x").grammar is not None
     assert len(calibration.calibration_requests(opted_in, "t", VERB, demos)) == 2
     assert calibration.calibration_requests(LLMConfig(model="m", logprobs=False), "t", VERB, demos) == ()
+    with pytest.raises(ValueError, match="calibrate needs logprobs"):
+        LLMConfig(model="m", logprobs=False, calibrate=True).validate()
 
 
 def test_a_plan_pays_for_each_blocks_calibration_just_before_its_first_item():
@@ -67,7 +71,7 @@ def test_a_plan_pays_for_each_blocks_calibration_just_before_its_first_item():
         return calibration.annotation_request(EMBEDDED, "t", VERB, [], name)
 
     items = (PlanItem("a", ("d1",)), PlanItem("b", ("d1",)), PlanItem("c", ("d2",)))
-    calib = {("d1",): (req("cf1"), req("cf1'")), ("d2",): (req("cf2"),)}
+    calib = {("d1",): (req("cf1"), req("cf1'")), ("d2",): (req("cf2"),)}   # as with llm.calibrate: true
     plan = RoundPlan(1, items, (req("a"), req("b"), req("c")), calib)
     order = plan.sending_order()
     assert [k for k, _ in order] == [None, None, 0, 1, None, 2]

@@ -167,7 +167,7 @@ def test_a_class_with_too_few_examples_is_asked_again_then_topped_up(caplog):
 
 
 SUBJ = Verbalizer({"subjective": ["subjective"], "objective": ["objective"]})
-EMBEDDED = LLMConfig(model="test-model", timeout_s=5.0, temperature=0.0)   # no base_url: grammar + calibration
+EMBEDDED = LLMConfig(model="test-model", timeout_s=5.0, temperature=0.0, calibrate=True)   # no base_url: grammar
 
 
 def leaning_judge(body):
@@ -186,7 +186,7 @@ def subj_writer(body):
     return ok("\n".join(f"{i}. The film number {i} was shot in Canada." for i in range(1, 4)))
 
 
-def test_embedded_checks_are_constrained_and_calibrated_so_a_leaning_model_keeps_both_classes():
+def test_calibrated_checks_keep_both_classes_where_a_leaning_model_says_one():
     with FakeOpenAIServer(subj_writer) as server:
         demos = generate_demos(client(server), EMBEDDED, "t", SUBJ, TEXTS, 4, 3, seed=0)
     # read from the first token's text alone, every candidate is 'objective' and no subjective demo survives

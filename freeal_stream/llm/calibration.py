@@ -1,16 +1,20 @@
-"""How a label is read from an answer: from the class words' logprobs, calibrated against the prompt's own lean.
+"""How a label is read from an answer: from the class words' logprobs, optionally calibrated against the prompt.
+
+The label is the class with the most probability among every class word's first token in the top logprobs
+(llama.cpp reports them before its grammar applies, so they are the model's own), not only the token the
+model happened to generate; an answer in other words is still no label.
 
 A small LLM leans: towards the first class listed, towards one class for every text (on SUBJ the 0.5B model
 says "objective" to everything; BENCHMARKS.md section 8). Contextual calibration (Zhao et al., ICML 2021)
 measures the lean with the very prompt a text is asked with, but a content-free text in its place ("N/A",
 an empty text): the class probabilities those get are the prompt's prior, and a text's class probabilities
-divided by that prior (then renormalised) are what the text itself adds. The label is the class with the
-highest calibrated probability, read from every class word's first token among the top logprobs, not only
-from the token the model happened to generate.
+divided by that prior (then renormalised) are what the text itself adds. It is opt-in (`llm.calibrate`): on
+MR and SUBJ it cost both local models accuracy (BENCHMARKS.md section 9; "N/A" reads as a negative,
+objective text to them, so the prior over-corrects), and it leaves the 0.5B model's SUBJ answers at chance,
+as its class probabilities do not rank SUBJ texts at all.
 
-A prior costs one request per content-free text per demo block (one block per group of queries, so about
-one in four requests at the default group size). They are ordinary requests, keyed, cached and budgeted, so
-a resumed round gets the same answers back from the store and rebuilds the same priors.
+A prior costs one request per content-free text per demo block. They are ordinary requests, keyed, cached
+and budgeted, so a resumed round gets the same answers back from the store and rebuilds the same priors.
 """
 from __future__ import annotations
 
