@@ -6,10 +6,14 @@ them), so each candidate is checked: label tags are cut off, copies and near-cop
 are dropped, and the same LLM must label the candidate zero-shot as the class it was written for (asked
 and read like an annotation: constrained and calibrated where the job's are). A class left with fewer
 than half the examples asked for is asked again, then topped up with texts the LLM labels zero-shot, so
-every class has the same share of the pool. The asks are short on a small CPU: every class of a try sees
-the same prototypes (one prompt prefix for the server to cache), cut to prompts.PROTOTYPE_WORDS words, and new
-tries stop once the time box (freeal.generation_time_s) has run out; the fallback is said plainly.
-Requests go through LLMClient like any other, so reruns are answered from the cache.
+every class has the same share of the pool.
+
+The asks are short for a small model on a CPU: each try asks a class for half its demos, of at most 40
+words each; every class of a try sees the same prototypes (one prompt prefix for the server to cache), cut
+to 40 words and shown as "Example:" paragraphs (shown a numbered list, the 0.5B model continues it, copying
+every prototype); no new try starts once the time box (freeal.generation_time_s) has run out, and the
+fallback is said plainly. Requests go through LLMClient like any other, so reruns are answered from the
+cache.
 """
 from __future__ import annotations
 
@@ -89,7 +93,8 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
                    say: Callable[[str], None] = log.warning) -> list[tuple[str, int, str]]:
     """Up to `per_class` (text, class_idx, source) demos per class; source 'generated' or 'zero-shot'.
 
-    A class that yields fewer than half of `per_class` validated examples is asked again with another
+    Each try asks for half of `per_class` texts per class (a short ask a small model answers without
+    running on); a class that yields fewer than half of `per_class` validated examples is asked again with another
     prototype draw (up to MAX_TRIES in all, and no new try once `time_box_s` has passed). If it is still
     short, it is topped up with unlabelled texts that the LLM labels zero-shot as that class (source
     'zero-shot'): weaker, but every class keeps a fair share of the prompt, and still no human label is
@@ -113,9 +118,9 @@ def generate_demos(client: LLMClient, cfg: LLMConfig, task_description: str, ver
         tries += 1
         draw = _draw(unlabelled_texts, prototypes, seed, attempt)
         requests = [
-            ChatRequest.build(generation_messages(task_description, verbalizer, c, draw, per_class),
+            ChatRequest.build(generation_messages(task_description, verbalizer, c, draw, enough),
                               cfg, TEMPLATE_VERSION, temperature=max(cfg.temperature, MIN_TEMPERATURE),
-                              max_tokens=per_class * TOKENS_PER_ITEM, logprobs=False,
+                              max_tokens=enough * TOKENS_PER_ITEM, logprobs=False,
                               seed=_sampling_seed(seed, c, attempt))
             for c in pending]
         answers = client.complete_many(requests, progress)
