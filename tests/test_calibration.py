@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 from freeal_stream.config import LLMConfig
@@ -43,7 +42,8 @@ def test_only_an_answer_in_class_words_gives_a_label():
 
 def test_prior_is_floored_and_none_without_class_logprobs():
     p = calibration.prior(VERB, [answer("objective", 1e-9)])
-    assert p[0] == pytest.approx(calibration.PRIOR_FLOOR / (1 + calibration.PRIOR_FLOOR)) and p.sum() == pytest.approx(1)
+    floor = calibration.PRIOR_FLOOR
+    assert p[0] == pytest.approx(floor / (1 + floor)) and p.sum() == pytest.approx(1)
     assert calibration.prior(VERB, [answer("objective"), answer("")]) is None
     assert calibration.prior(VERB, []) is None
 

