@@ -59,7 +59,7 @@ def test_generates_per_class_deduped_and_without_prototypes():
     assert len(checks) == 7 and all(b["logprobs"] and "grammar" not in b for b in checks)  # asked as annotations
     body = server.requests[0]
     assert len(shown_prototypes(body)) == 5 and body["temperature"] >= 0.7
-    assert "write 3 NEW" in body["messages"][-1]["content"] and body["max_tokens"] == 3 * 64   # half of 5 per ask
+    assert "Write 3 NEW" in body["messages"][-1]["content"] and body["max_tokens"] == 3 * 64   # half of 5 per ask
     assert "logprobs" not in body
     seeds = [b["seed"] for b in server.requests if not is_check(b)]
     assert len(set(seeds)) == len(seeds)  # one fixed sampling seed per class and try

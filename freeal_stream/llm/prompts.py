@@ -102,9 +102,8 @@ def generation_messages(task_description: str, verbalizer: Verbalizer, class_idx
     shown = "\n\n".join(f"Example: {_shorten(' '.join(t.split()), PROTOTYPE_WORDS)}" for t in prototypes)
     user = (
         f"Unlabelled texts from the data set, showing its style and topics:\n\n{shown}\n\n"
-        f"Now write {n} NEW, different texts whose correct label is '{label}', each at most {ASK_WORDS} words. "
-        "Do not repeat the examples. Write one text per line, numbered "
-        f"1. to {n}., with no other lines and without the label."
+        f"Write {n} NEW texts whose correct label is '{label}', each at most {ASK_WORDS} words. Do not repeat "
+        f"the examples. Write one text per line, numbered 1. to {n}., with no other lines and without the label."
     )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
