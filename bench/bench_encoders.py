@@ -14,8 +14,8 @@ Synthetic texts: each joins the first half (by words) of one MR sentence (train 
 another, the pair drawn by a seeded RNG (numpy default_rng(0)); a text already drawn is drawn again, so all are
 distinct. They are as long as MR's sentences (~21 words).
 
-    bench/bench_encoders.py --data-dir ../shared/data
-    bench/bench_encoders.py --skip-accuracy --million 0     # speed only
+    python -m bench.bench_encoders --data-dir ../shared/data
+    python -m bench.bench_encoders --skip-accuracy --million 0     # speed only
 
 -> bench/results/encoders.json
 """
@@ -33,8 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mr_data import RESULTS, add_mr_args, load_mr, mean_std, mr_present, train_and_score, write_merged  # noqa: E402
+from bench.mr_data import RESULTS, add_mr_args, load_mr, mean_std, mr_present, train_and_score, write_merged
 
 ENCODERS = ("all-MiniLM-L6-v2", "minilm-static")
 MILLION = 1_000_000
@@ -88,7 +87,6 @@ def speed(args: argparse.Namespace, texts: list[str]) -> dict:
 
     from freeal_stream.actors.scorers import ScorerPool
     from freeal_stream.slm.encoder import load_encoder
-
     from freeal_stream.slm.static_encoder import static_model_dir
 
     with tempfile.TemporaryDirectory() as tmp:   # the one-time distillation, timed; and is it deterministic?

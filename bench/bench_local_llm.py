@@ -16,7 +16,7 @@ not a labelling rate. "s/label" is the plain request's (a full prompt), so the t
 Gold comes from the data (../shared/data, or --data-dir), a stratified subset of the train split.
 
     RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. nice -n 10 .venv/bin/python \
-        bench/bench_local_llm.py --n 100 --data-dir ../shared/data
+        python -m bench.bench_local_llm --n 100 --data-dir ../shared/data
 """
 from __future__ import annotations
 
@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 
 from bench.bench_loop import DATASETS, stratified
+from bench.common import REPO, RESULTS
 from freeal_stream.config import LLMConfig
 from freeal_stream.llm import calibration
 from freeal_stream.llm.client import ChatAnswer, LLMClient
 from freeal_stream.llm.verbalizer import Verbalizer
 from freeal_stream.local_llm import LocalLLMServer
 
-ROOT = Path(__file__).resolve().parent
 MODELS = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
 
 
@@ -134,13 +134,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", type=Path, default=ROOT.parent.parent / "shared" / "data")
+    ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--datasets", default="mr,subj")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--n", type=int, default=100, help="texts per data set (stratified by gold)")
     ap.add_argument("--seed", type=int, default=0, help="subset seed")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads per server (0 = all cores)")
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "local_llm.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "local_llm.json")
     args = ap.parse_args()
     args.datasets = args.datasets.split(",")
     args.models = tuple(args.models.split(","))
