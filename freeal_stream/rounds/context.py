@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from freeal_stream.config import JobConfig, LLMConfig, SLMConfig
+from freeal_stream.config import STATIC_ENCODER, JobConfig, LLMConfig, SLMConfig
 from freeal_stream.llm.verbalizer import Verbalizer
 from freeal_stream.progress import Progress
 from freeal_stream.rounds.pool import Pool
 from freeal_stream.session import Session
 from freeal_stream.slm.encoder import choose_encoder
+from freeal_stream.slm.static_encoder import distilled_dir
 from freeal_stream.store import Store
 
 
@@ -52,6 +53,9 @@ class RoundContext:
         choice = choose_encoder(self.job.slm, self.store.count_items(), self.store.get_meta("slm_encoder"))
         self.store.set_meta("slm_encoder", choice.name)
         self.say(choice.why)
+        if choice.name == STATIC_ENCODER and not distilled_dir().is_dir():
+            self.say(f"{STATIC_ENCODER} is distilled from the bundled MiniLM on its first use (about a minute on a "
+                     f"quiet core; kept in {distilled_dir().parent})")
         return choice.name
 
     @cached_property

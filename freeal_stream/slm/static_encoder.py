@@ -45,10 +45,16 @@ def recipe_key() -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def distilled_dir(cache_dir: Path | None = None) -> Path:
+    """Where the distilled model lives (or will), in the model cache."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return cache / f"{STATIC_ENCODER}-{recipe_key()}"
+
+
 def static_model_dir(cache_dir: Path | None = None) -> Path:
     """The distilled model's folder in the model cache, distilling it first when it is not there."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / f"{STATIC_ENCODER}-{recipe_key()}"
+    target = distilled_dir(cache_dir)
+    cache = target.parent
     if target.is_dir():
         return target
     cache.mkdir(parents=True, exist_ok=True)
