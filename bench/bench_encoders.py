@@ -28,8 +28,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -85,7 +85,9 @@ def speed(args: argparse.Namespace, texts: list[str]) -> dict:
     import ray
     import torch
 
+    from freeal_stream.actors.runtime import start_ray
     from freeal_stream.actors.scorers import ScorerPool
+    from freeal_stream.config import RayConfig
     from freeal_stream.slm.encoder import load_encoder
     from freeal_stream.slm.static_encoder import static_model_dir
 
@@ -98,7 +100,7 @@ def speed(args: argparse.Namespace, texts: list[str]) -> dict:
     n = {ENCODERS[0]: args.n_minilm, ENCODERS[1]: args.n_static}
     encoders = {e: load_encoder(e, 64) for e in ENCODERS}
     # 3 logical CPUs so both pools fit at once; they take turns, and each sizes its threads to the 2 real cores
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    start_ray(RayConfig(local_cpus=3), address="local")
     pools = {size: ScorerPool(64, 1, size=size) for size in (1, 2)}
     rates: dict[str, list[float]] = {}
     try:

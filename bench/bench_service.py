@@ -42,25 +42,27 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import duckdb  # noqa: E402
-import openai  # noqa: E402
-import ray  # noqa: E402
+import duckdb
+import openai
+import ray
 
 from bench.common import REPO
-from freeal_stream.actors.annotators import AnnotatorPool, wait_for_actors  # noqa: E402
-from freeal_stream.actors.store_actor import start_store  # noqa: E402
-from freeal_stream.config import DataConfig, LLMConfig  # noqa: E402
-from freeal_stream.intake import add_batch, batch_from_items  # noqa: E402
-from freeal_stream.llm.client import ChatAnswer, ChatRequest, LLMClient  # noqa: E402
-from freeal_stream.llm.prompts import TEMPLATE_VERSION, annotation_messages  # noqa: E402
-from freeal_stream.llm.verbalizer import Verbalizer  # noqa: E402
-from freeal_stream.service.client import ServiceClient  # noqa: E402
-from freeal_stream.service.http_api import ApiHandlers, ApiServer  # noqa: E402
-from freeal_stream.sources import content_hash, read_items  # noqa: E402
-from freeal_stream.store import Store  # noqa: E402
+from freeal_stream.actors.annotators import AnnotatorPool, wait_for_actors
+from freeal_stream.actors.runtime import start_ray
+from freeal_stream.actors.store_actor import start_store
+from freeal_stream.config import DataConfig, LLMConfig, RayConfig
+from freeal_stream.intake import add_batch, batch_from_items
+from freeal_stream.llm.client import ChatAnswer, ChatRequest, LLMClient
+from freeal_stream.llm.prompts import TEMPLATE_VERSION, annotation_messages
+from freeal_stream.llm.verbalizer import Verbalizer
+from freeal_stream.service.client import ServiceClient
+from freeal_stream.service.http_api import ApiHandlers, ApiServer
+from freeal_stream.sources import content_hash, read_items
+from freeal_stream.store import Store
 
 STARTUP = "startup_s (to 'running on local Ray')"
 MR = REPO.parent / "shared" / "data" / "mr" / "train.csv"
@@ -70,10 +72,7 @@ PLAIN2 = "plain openai thread pool, 2 in flight"
 ACTORS1 = "AnnotatorPool 1 actor (1 in flight) + store actor"
 ACTORS2 = "AnnotatorPool 2 actors (2 in flight: the default for concurrency 1) + store actor"
 VERB = Verbalizer({"negative": ["negative"], "positive": ["positive"]})
-WORDS = ("the film plot actor scene slow funny dull great script score music ending twist cast camera story "
-         "pace drama comedy horror sequel director dialogue visual effect moving boring clever charming flat "
-         "heart tense cheap smart long short dark bright warm cold loud quiet order refund delivery parcel "
-         "invoice login password screen crash update button account email card price").split()
+WORDS = ["the", "film", "plot", "actor", "scene", "slow", "funny", "dull", "great", "script", "score", "music", "ending", "twist", "cast", "camera", "story", "pace", "drama", "comedy", "horror", "sequel", "director", "dialogue", "visual", "effect", "moving", "boring", "clever", "charming", "flat", "heart", "tense", "cheap", "smart", "long", "short", "dark", "bright", "warm", "cold", "loud", "quiet", "order", "refund", "delivery", "parcel", "invoice", "login", "password", "screen", "crash", "update", "button", "account", "email", "card", "price"]
 
 
 def _env() -> dict[str, str]:
@@ -83,7 +82,7 @@ def _env() -> dict[str, str]:
 
 def _start_ray() -> None:
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_ray(RayConfig(local_cpus=2), address="local")
 
 
 # ---- 1. ingestion ---------------------------------------------------------------------------------------
@@ -363,10 +362,10 @@ def part_llm(tmp: Path, n_req: int, n_req_demo: int, reps: int) -> dict[str, Any
                         concurrency=1, max_retries=0)
         # warm-up: the first request pays for the cold system prompt; neither method should
         run_plain(base_url, build_requests(cfg, rows[-2:], None, 8, 0), 1)
-        plain1 = lambda reqs, p: run_plain(base_url, reqs, 1)  # noqa: E731
-        plain2 = lambda reqs, p: run_plain(base_url, reqs, 2)  # noqa: E731
-        actors1 = lambda reqs, p: run_actors(base_url, cfg, reqs, p, size=1, chunk=16)  # noqa: E731
-        actors2 = lambda reqs, p: run_actors(base_url, cfg, reqs, p, size=2, chunk=16)  # noqa: E731
+        plain1 = lambda reqs, p: run_plain(base_url, reqs, 1)
+        plain2 = lambda reqs, p: run_plain(base_url, reqs, 2)
+        actors1 = lambda reqs, p: run_actors(base_url, cfg, reqs, p, size=1, chunk=16)
+        actors2 = lambda reqs, p: run_actors(base_url, cfg, reqs, p, size=2, chunk=16)
         offset = 0
         for shape, n, demos, methods in (
                 ("zero-shot", n_req, None, {PLAIN1: plain1, PLAIN2: plain2, ACTORS1: actors1, ACTORS2: actors2}),
@@ -514,7 +513,7 @@ def timed_run(job: Path, log: Path, stamps: list[float], kill_when: Callable[[Lo
     watch.stop()
     if not killed and p.returncode != 0:
         raise RuntimeError(f"run failed ({p.returncode}):\n{watch.text()[-3000:]}")
-    rel = lambda t: None if t is None else round(t - t0, 2)  # noqa: E731
+    rel = lambda t: None if t is None else round(t - t0, 2)
     new = [s for s in stamps if s >= t0]
     return {"wall_s": round(end - t0, 2), "killed": killed, "requests_received": len(new),
             STARTUP: rel(watch.first("running on local Ray")),
@@ -538,8 +537,8 @@ def file_free_after(db: Path, since: float) -> float:
 
 
 def bare_ray_init_s() -> float:
-    code = ("import time,ray; t=time.perf_counter(); ray.init(num_cpus=2, include_dashboard=False, "
-            "log_to_driver=False); print(time.perf_counter()-t); ray.shutdown()")
+    code = ("import time,ray; t=time.perf_counter(); ray.init(address='local', num_cpus=2, "
+            "include_dashboard=False, log_to_driver=False); print(time.perf_counter()-t); ray.shutdown()")
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
     total = time.perf_counter() - t

@@ -24,6 +24,11 @@ SHARD_ROWS = 4096   # rows per store read and per scorer task
 TEXT_SHARD_ROWS = 1024   # rows per scorer task that runs the encoder over texts (~5-10 s on a CPU core): progress
 
 
+def embedding_space(encoder: str, max_length: int) -> str:
+    """The name part of an embedding array's file: arrays from different encoders never mix."""
+    return hashlib.sha1(cache_key(encoder, max_length).encode()).hexdigest()[:12]
+
+
 class Pool:
     """Positions, texts on demand, and the frozen-embedding arrays of one job's items.
 
@@ -36,7 +41,7 @@ class Pool:
         self.store, self.scorers, self.progress = store, scorers, progress
         self.arrays_dir, self.encoder = Path(arrays_dir), encoder
         self.class_names = list(class_names)
-        self._space = hashlib.sha1(cache_key(encoder, max_length).encode()).hexdigest()[:12]
+        self._space = embedding_space(encoder, max_length)
         self._flags: dict[str, np.ndarray] = {}
         self.size = 0
         self.refresh()

@@ -14,14 +14,13 @@ from freeal_stream.budget import BudgetGuard, spent_from_usage
 from freeal_stream.config import BudgetConfig, LLMConfig, Price
 from freeal_stream.llm.client import ChatRequest
 from freeal_stream.testing.fake_openai_server import FakeOpenAIServer, error, ok, slow
+from freeal_stream.testing.local_ray import local_ray
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def a_local_ray():
+    with local_ray(cpus=2):
+        yield
 
 
 @pytest.fixture

@@ -17,11 +17,13 @@ import pytest
 import ray
 
 from freeal_stream.config import ConfigError, SLMConfig, parse_job
+from freeal_stream.rounds.pool import embedding_space
 from freeal_stream.slm import static_encoder
 from freeal_stream.slm.encoder import DEFAULT_ENCODER, cache_key, choose_encoder
 from freeal_stream.slm.model import SLM
 from freeal_stream.slm.static_encoder import StaticEncoder, recipe_key, static_model_dir
 from freeal_stream.slm.trainer import resolve_mode, train_slm
+from freeal_stream.testing.local_ray import local_ray
 from tests.unit.test_slm_trainer import FREEAL, HEAD, make_texts
 
 STATIC = "minilm-static"
@@ -164,9 +166,7 @@ def test_scorers_share_the_nodes_cores_and_embed_as_the_encoder_does(model_cache
 
     texts, _ = make_texts(40, seed=8)
     cores = min(2, len(os.sched_getaffinity(0)))
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)   # workers inherit FREEAL_MODEL_CACHE
-    try:
+    with local_ray(cpus=2):   # workers inherit FREEAL_MODEL_CACHE
         one = ScorerPool(64, 1, size=1)
         assert one.work_threads() == [cores]   # the single scorer gets both cores, not slm.threads' one
         assert np.allclose(one.embed(STATIC, texts), encoder.embed(texts), atol=1e-6)
@@ -174,8 +174,6 @@ def test_scorers_share_the_nodes_cores_and_embed_as_the_encoder_does(model_cache
             ray.kill(a)
         two = ScorerPool(64, 1, size=2)
         assert two.work_threads() == [max(1, cores // 2)] * 2
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.integration
@@ -207,4 +205,6 @@ def test_auto_encoder_is_chosen_once_and_kept_when_the_pool_grows(tmp_path, mode
     state = tmp_path / "state"
     meta = json.loads((state / "models" / "round-2" / "slm.json").read_text())
     assert meta["encoder"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert [d.name.split("-")[0] for d in (state / "embeddings").iterdir()] == ["all"]
+    # one encoder's arrays only (the file names carry the space), never the static encoder's
+    spaces = {p.stem.split("-", 1)[1] for kind in ("frozen", "views") for p in (state / "arrays").glob(f"{kind}-*.f32")}
+    assert spaces == {embedding_space(DEFAULT_ENCODER, SLMConfig().max_length)}
