@@ -27,8 +27,8 @@ def add_batch(store: Any, batch: Batch, source: str) -> int:
     """
     clash = store.conflicting_ids(batch.ids, batch.hashes)
     if clash:
-        batch.quarantine_ids(clash, "id reused with another text", "this id is already stored with a different "
-                             "text; the stored one is kept. Fix: give changed texts new ids")
+        batch.quarantine_ids(clash, "id reused with another text", "is already stored with a different text; "
+                             "the stored one is kept. Fix: give changed texts new ids")
     store.add_problems(source, [p.as_row() for p in batch.problems])
     return store.add_items(batch.ids, batch.texts, batch.views, batch.golds, batch.hashes)
 

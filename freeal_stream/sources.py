@@ -60,6 +60,7 @@ class Batch:
     views: list[str | None]
     golds: list[str | None]
     hashes: list[str]
+    records: list[RawRecord] = field(default_factory=list)   # each item's row, for a quarantine found later
     problems: list[Problem] = field(default_factory=list)
     duplicates: int = 0           # rows repeating an earlier row's id and text: nothing new, skipped
     ids_from_rows: bool = False   # no id column: ids are row numbers, unique only within this file
@@ -77,15 +78,15 @@ class Batch:
         return sum(p.reason == "empty text" for p in self.problems)
 
     def quarantine_ids(self, ids: Iterable[str], reason: str, why: str) -> None:
-        """Move the items with these ids out of the batch into its quarantined problems."""
+        """Move the items with these ids out of the batch into its quarantined problems, each located and shown
+        as its row was (a file's line as written)."""
         drop = set(ids)
         keep = [k for k, i in enumerate(self.ids) if i not in drop]
         for k in (k for k, i in enumerate(self.ids) if i in drop):
-            raw = json.dumps({"id": self.ids[k], "text": self.texts[k], "view": self.views[k], "gold": self.golds[k]},
-                             ensure_ascii=False)
-            self.problems.append(Problem("quarantined", reason, f"id '{self.ids[k]}': {why}", f"id '{self.ids[k]}'",
-                                         None, raw, self.ids[k]))
-        for name in ("ids", "texts", "views", "golds", "hashes"):
+            r = self.records[k]
+            self.problems.append(Problem("quarantined", reason, f"{r.location}: id '{self.ids[k]}' {why}",
+                                         r.location, r.line, _raw_of(r), self.ids[k]))
+        for name in ("ids", "texts", "views", "golds", "hashes", "records"):
             setattr(self, name, [getattr(self, name)[k] for k in keep])
 
     def problem_counts(self) -> Counter[tuple[str, str]]:
@@ -171,8 +172,7 @@ def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: 
     seen: dict[str, tuple[str, str]] = {}    # id -> (hash, location of its first row)
 
     def problem(r: RawRecord, action: Action, reason: str, detail: str, item_id: str | None = None) -> None:
-        raw = r.raw if r.raw is not None else json.dumps(r.values, default=str, ensure_ascii=False)
-        out.problems.append(Problem(action, reason, detail, r.location, r.line, raw, item_id))
+        out.problems.append(Problem(action, reason, detail, r.location, r.line, _raw_of(r), item_id))
 
     for n, r in enumerate(records, start):
         if r.values is None:
@@ -221,7 +221,13 @@ def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: 
         out.views.append(view)
         out.golds.append(gold)
         out.hashes.append(h)
+        out.records.append(r)
     return out
+
+
+def _raw_of(r: RawRecord) -> str:
+    """A row's content as written (a file's line), or as JSON where there is none (an API item)."""
+    return r.raw if r.raw is not None else json.dumps(r.values, default=str, ensure_ascii=False)
 
 
 BATCH_ROWS = 10_000        # records per batch read from a file...
