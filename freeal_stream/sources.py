@@ -302,9 +302,11 @@ def _check_file(path: Path, fmt: str, cfg: DataConfig, optional: frozenset[str],
     with contextlib.closing(_open(path, fmt)) as records:
         columns = records.columns
         scan = None
-        if columns is None or (cfg.gold_column is not None and classes):
-            try:
-                scan = _scan(records.rows, set(c for c in wanted.values() if c), cfg.gold_column, classes)
+        gold = cfg.gold_column if classes and (columns is None or cfg.gold_column in columns) else None
+        if columns is None or gold is not None:
+            try:   # a file with a header (CSV, Parquet) is scanned only until its first gold value of a class
+                scan = _scan(records.rows, set(c for c in wanted.values() if c), gold, classes,
+                             until_known_gold=columns is not None)
             except (FileUnreadable, OSError) as e:
                 raise _unreadable(path, fmt, e) from None
             if columns is None:
@@ -340,7 +342,10 @@ class _Scan:
     first_unknown: str | None = None
 
 
-def _scan(records: Iterator[RawRecord], wanted: set[str], gold: str | None, classes: dict[str, str]) -> _Scan:
+def _scan(records: Iterator[RawRecord], wanted: set[str], gold: str | None, classes: dict[str, str], *,
+          until_known_gold: bool = False) -> _Scan:
+    """The first pass. A JSON file is read to its end (its keys, and a broken JSON array, show only there); a file
+    with a header may stop at its first gold value of a class, as then nothing left can refuse the file."""
     out = _Scan()
     seen: set[str] = set()
     for r in records:
@@ -357,6 +362,8 @@ def _scan(records: Iterator[RawRecord], wanted: set[str], gold: str | None, clas
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and classes:
             if _class_key(str(value)) in classes:
                 out.known_gold = True
+                if until_known_gold:
+                    return out
             else:
                 out.unknown_golds += 1
                 out.first_unknown = out.first_unknown or str(value)

@@ -374,3 +374,29 @@ def test_ingest_status_and_quarantine_commands_report_the_bad_rows(tmp_path, cap
                                                        ("unreadable row", 'd,"open')]
     assert main(["quarantine", str(job_path)]) == 0
     assert "d.csv line 5: quarantined, unreadable row: line 5: a quote opened" in capsys.readouterr().out
+
+
+def test_batches_are_stored_in_file_order_while_the_next_is_read(tmp_path):
+    import threading
+    from freeal_stream.intake import written
+    from freeal_stream.sources import Batch
+
+    next_read = threading.Event()
+    log: list[str] = []
+
+    def batches():
+        for k in range(3):
+            log.append(f"read {k}")
+            if k:
+                next_read.set()
+            yield Batch([str(k)], [], [], [], [])
+
+    def write(batch):
+        overlapped = batch.ids[0] == "2" or next_read.wait(10)   # the next batch is read while this one is written
+        next_read.clear()
+        log.append(f"wrote {batch.ids[0]}")
+        return overlapped
+
+    out = [(b.ids[0], ok) for b, ok in written(batches(), write)]
+    assert out == [("0", True), ("1", True), ("2", True)]
+    assert [e for e in log if e.startswith("wrote")] == ["wrote 0", "wrote 1", "wrote 2"]
