@@ -4,8 +4,8 @@ Starts the API alone in a child process (handlers that count the items, as no st
 the HTTP layer), sends N concurrent POST /items bodies of S MB each (items of --chars characters), and prints
 each answer's status, the wall time and the child's peak RSS (ru_maxrss).
 
-    .venv/bin/python bench/bench_api_memory.py [--posts 16] [--mb 31] [--chars 990]
-    PYTHONPATH=/path/to/another/checkout .venv/bin/python bench/bench_api_memory.py   # e.g. the code before
+    .venv/bin/python -m bench.bench_api_memory [--posts 16] [--mb 31] [--chars 990]
+    PYTHONPATH=/path/to/another/checkout .venv/bin/python -m bench.bench_api_memory   # e.g. the code before
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Live against batch mode: the same job through the same local batch service (issue 18, item 4).
 
-The demo job (jobs/demo.yaml: its data, classes and settings) runs twice against tests/fake_batch_api.py,
+The demo job (jobs/demo.yaml: its data, classes and settings) runs twice against freeal_stream/testing/fake_batch_api.py,
 each on its own state and a fresh upstream (llama.cpp's sampled answers depend on its prompt cache): with
 llm.mode live (requests pass through the service to the upstream LLM) and with llm.mode batch (the same
 requests go out as batch files, which the service runs against the upstream, one row at a time).
@@ -9,8 +9,8 @@ Per mode it records requests and tokens of the stored answers (`status --json`),
 gpt-4o-mini's price per million tokens, input 0.15, cached input 0.075, output 0.60, batch discount 50%),
 the wall time of `freeal-stream run`, and whether the exported labels are identical.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_batch.py --upstream keyword   # tests/keyword_llm.py: instant
-    PYTHONPATH=. .venv/bin/python bench/bench_batch.py --upstream local     # the bundled llama.cpp LLM
+    .venv/bin/python -m bench.bench_batch --upstream keyword   # freeal_stream/testing/keyword_llm.py: instant
+    .venv/bin/python -m bench.bench_batch --upstream local     # the bundled llama.cpp LLM
 """
 from __future__ import annotations
 
@@ -28,21 +28,19 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.fake_batch_api import FakeBatchAPI  # noqa: E402
+from bench.common import REPO
+from freeal_stream.testing.fake_batch_api import FakeBatchAPI  # noqa: E402
 
 PRICE = {"input": 0.15, "cached_input": 0.075, "output": 0.60, "batch_discount": 0.5}
 POLL = {"batch_poll_s": 1.0, "batch_poll_max_s": 5.0}
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE",
+ENV = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE",
            HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def write_job(work: Path, mode: str, base_url: str, model: str) -> Path:
-    job = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
+    job = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
     job["name"] = f"bench-batch-{mode}"
-    job["data"]["path"] = str(ROOT / "jobs" / "data" / "support_tickets.csv")
+    job["data"]["path"] = str(REPO / "jobs" / "data" / "support_tickets.csv")
     job["llm"].update(base_url=base_url, model=model, mode=mode, **POLL)
     job["budget"]["prices"] = {model: PRICE}
     job["state_dir"] = str(work / mode / "state")
@@ -53,7 +51,7 @@ def write_job(work: Path, mode: str, base_url: str, model: str) -> Path:
 
 
 def cli(*args: str, log: Path | None = None) -> str:
-    out = subprocess.run([sys.executable, "-m", "freeal_stream.cli", *args], cwd=ROOT, env=ENV, text=True,
+    out = subprocess.run([sys.executable, "-m", "freeal_stream.cli", *args], cwd=REPO, env=ENV, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if log is not None:
         log.write_text(out.stdout)
@@ -76,7 +74,7 @@ def run_mode(api: FakeBatchAPI, work: Path, mode: str, model: str) -> dict[str, 
     wall = time.monotonic() - started
     status = json.loads(cli("status", str(job), "--json"))
     got = labels(job)
-    with open(ROOT / "jobs" / "data" / "support_tickets.csv", encoding="utf-8") as f:
+    with open(REPO / "jobs" / "data" / "support_tickets.csv", encoding="utf-8") as f:
         gold = {r["id"]: r["label"] for r in csv.DictReader(f)}
     return {"mode": mode, "wall_s": round(wall, 1), "spent": status["spent"],
             "service": {"chat_requests": api.chat_requests, "batches": api.batches_created, "uploads": api.uploads,
@@ -91,7 +89,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_batch"))
     ap.add_argument("--out", type=Path, help="default: bench/results/batch_<upstream>.json")
     args = ap.parse_args()
-    out = args.out or ROOT / "bench" / "results" / f"batch_{args.upstream}.json"
+    out = args.out or REPO / "bench" / "results" / f"batch_{args.upstream}.json"
     work = args.work / args.upstream
     if work.exists():
         import shutil
@@ -101,8 +99,8 @@ def main() -> None:
     for mode in ("live", "batch"):   # a fresh upstream each: llama.cpp's sampled answers depend on its prompt cache
         with contextlib.ExitStack() as stack:
             if args.upstream == "keyword":
-                from tests.fake_openai_server import FakeOpenAIServer
-                from tests.keyword_llm import respond
+                from freeal_stream.testing.fake_openai_server import FakeOpenAIServer
+                from freeal_stream.testing.keyword_llm import respond
 
                 upstream, model = stack.enter_context(FakeOpenAIServer(respond)).base_url, "kw"
             else:

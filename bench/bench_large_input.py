@@ -7,7 +7,7 @@ only) is measured the same way.
 before and after can be compared side by side in one run:
 
     git archive <old commit> | tar -x -C /tmp/before
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n 10 .venv/bin/python bench/bench_large_input.py \
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.bench_large_input \
         --tree /tmp/before --tree .
 """
 from __future__ import annotations

@@ -168,7 +168,7 @@ def measure(size: int, tree: Path, work: Path, args: argparse.Namespace, fractio
         export = run_cli(["export", str(job), str(work / "labels.parquet")], tree, env, work / "export.log")
     finally:
         server.kill()
-    from freeal_stream.store import Store   # this checkout's reader (the state is read, not written)
+    from freeal_stream.store import Store  # this checkout's reader (the state is read, not written)
 
     store = Store(work / "state" / "freeal.duckdb")
     try:

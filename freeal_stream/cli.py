@@ -1,4 +1,4 @@
-"""freeal-stream command line: run | serve | ingest | status | quarantine | export."""
+"""freeal-stream command line: run | serve | ingest | status | quarantine | export | review | report."""
 from __future__ import annotations
 
 import argparse
@@ -222,6 +222,75 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stopped_state(job: JobConfig, verb: str) -> Any:
+    """The state file for a command that needs it whole (a running service holds it)."""
+    if _running_service(job) is not None:
+        raise UserError(f"a service is running on {job.state_path}: it holds the state file. Fix: stop it "
+                        f"(Ctrl-C or SIGTERM), run `freeal-stream {verb}`, then start it again")
+    return _open_state_file(job)
+
+
+def cmd_review_export(args: argparse.Namespace) -> int:
+    """Write the rows where a human label is worth most, for Label Studio, Argilla or a spreadsheet."""
+    job = load_job(args.job)
+    from freeal_stream.review import default_queue_path, how_to_review, pick_for_review, write_queue
+
+    if args.n < 1 or not 0 <= args.random_share <= 1:
+        raise UserError(f"--n {args.n} --random-share {args.random_share}: give at least 1 row and a share "
+                        "between 0 and 1")
+
+    store = _stopped_state(job, "review export")
+    try:
+        names = _stored_class_names(store)
+        pick = pick_for_review(store, args.n, job.freeal.label_of_record, len(names), args.random_share, job.seed)
+        out = Path(args.output) if args.output else default_queue_path(job.state_path, args.format)
+        files = write_queue(pick.rows, out, args.format, names)
+        store.queue_for_review(pick.rows, pick.joined_random)
+    finally:
+        store.close()
+    joined = len(pick.joined_random)
+    print(f"wrote {len(pick.rows)} rows for review to {files[0]} ("
+          + ", ".join(f"{r} {n}" for r, n in pick.counts().items() if n) + ")"
+          + (f"; {joined} rows reviewed before join the random sample" if joined else ""))
+    print(how_to_review(args.format, files, args.job))
+    return 0
+
+
+def cmd_review_import(args: argparse.Namespace) -> int:
+    """Read reviewers' labels back: they win over the models' labels and train the next rounds' SLM."""
+    job = load_job(args.job)
+    from freeal_stream.review import format_review_check, import_review, review_check
+
+    store = _stopped_state(job, "review import")
+    try:
+        result = import_review(store, Path(args.file), _stored_class_names(store), job.freeal.label_of_record)
+        check = format_review_check(review_check(store.review_agreement()))
+    finally:
+        store.close()
+    print(result.summary(args.file))
+    if result.quarantined:
+        print(f"quarantined rows, with the reason and the fix: `freeal-stream quarantine {args.job}`")
+    if check:
+        print(check)
+    print("the human labels stand in `export` now; the next round's SLM trains on them and the LLM is not asked "
+          "about those rows again")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    from freeal_stream.report import write_report
+
+    out = Path(args.output) if args.output else job.state_path / "report.html"
+    store = _stopped_state(job, "report")
+    try:
+        write_report(store, job, _stored_class_names(store), out)
+    finally:
+        store.close()
+    print(f"wrote {out} (one self-contained HTML file: open it in a browser)")
+    return 0
+
+
 def _address_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to run on (default: ray.address, $RAY_ADDRESS, else a local Ray)")
 
@@ -258,7 +327,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("job")
     e.add_argument("output", help="output file; the format follows its suffix (.csv, .parquet, .jsonl)")
     e.set_defaults(func=cmd_export)
+    _review_parsers(sub)
+    rp = sub.add_parser("report", help="write one self-contained HTML report: per-round figures, accuracy against "
+                                       "spend, labels by source, confidence, disputed examples, bad input")
+    rp.add_argument("job")
+    rp.add_argument("output", nargs="?", help="the HTML file (default: <state_dir>/report.html)")
+    rp.set_defaults(func=cmd_report)
     return p
+
+
+def _review_parsers(sub: Any) -> None:
+    from freeal_stream.review import FORMATS
+
+    rv = sub.add_parser("review", help="human review: export the rows worth a human look, import the labels back")
+    rsub = rv.add_subparsers(dest="review_command", required=True)
+    x = rsub.add_parser("export", help="write the rows where a human label is worth most (some drawn at random, "
+                                       "for an unbiased accuracy check; then disputed, rare classes, least confident)")
+    x.add_argument("job")
+    x.add_argument("output", nargs="?", help="the file to write (default: <state_dir>/review/queue-TIME.*)")
+    x.add_argument("--n", type=int, default=200, help="rows to review (default 200)")
+    x.add_argument("--format", choices=FORMATS, default="csv",
+                   help="csv (fill in the label column), labelstudio (tasks JSON + labelling config) or argilla "
+                        "(records JSON); default csv")
+    x.add_argument("--random-share", type=float, default=0.2,
+                   help="share of the rows drawn at random: they measure the export's accuracy without bias "
+                        "(default 0.2)")
+    x.set_defaults(func=cmd_review_export)
+    m = rsub.add_parser("import", help="read a review tool's export (Label Studio JSON/JSON-MIN/CSV, Argilla "
+                                       "records JSON, or the CSV with its label column filled in)")
+    m.add_argument("job")
+    m.add_argument("file")
+    m.set_defaults(func=cmd_review_import)
 
 
 def main(argv: list[str] | None = None) -> int:

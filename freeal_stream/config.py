@@ -79,12 +79,18 @@ class LLMConfig:
     """An OpenAI-compatible chat endpoint. `base_url: null` starts the embedded llama.cpp server."""
 
     base_url: str | None = None
-    model: str = "qwen2.5-coder-0.5b-instruct"
+    model: str = "qwen2.5-coder-1.5b-instruct"   # with base_url null: 10-19 points better than the 0.5B on
+                                                # MR and SUBJ at ~2.2x the time per label (BENCHMARKS.md section 9)
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.0
     max_tokens: int = 8
     logprobs: bool = True
-    top_logprobs: int = 5
+    top_logprobs: int = 20             # OpenAI's maximum: every class word's first token among them (calibration)
+    grammar: bool | None = None        # answers restricted to the class words by a GBNF grammar (llama.cpp's
+                                       # `grammar` field); null = for the embedded server only
+    calibrate: bool = False            # contextual calibration of the class probabilities (llm/calibration.py):
+                                       # off, as it cost accuracy on MR and SUBJ with both local models
+                                       # (BENCHMARKS.md section 9)
     concurrency: int = 1
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
@@ -105,6 +111,16 @@ class LLMConfig:
     batch_enqueued_tokens: int = 0      # the provider's enqueued-token limit for the model (0 = none): the
                                         # prompt tokens of this job's batches in flight stay under it
 
+    @property
+    def constrained(self) -> bool:
+        """Whether answers are restricted to the class words (llm.grammar; the embedded server by default)."""
+        return self.grammar if self.grammar is not None else self.base_url is None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether class probabilities are calibrated (llm.calibrate, which needs logprobs)."""
+        return self.logprobs and self.calibrate
+
     def validate(self) -> None:
         _check(0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]")
         _check(self.mode == "live" or bool(self.base_url),
@@ -114,6 +130,7 @@ class LLMConfig:
                "batch_poll_s must be > 0 and <= batch_poll_max_s, and batch_max_wait_s > 0")
         _check(1 <= self.batch_max_requests <= 50000, "batch_max_requests must be in [1, 50000]")
         _check(self.batch_enqueued_tokens >= 0, "batch_enqueued_tokens must be >= 0 (0 = no limit)")
+        _check(not (self.calibrate and not self.logprobs), "calibrate needs logprobs: true")
         _check(self.max_tokens >= 1, "max_tokens must be >= 1")
         _check(0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]")
         _check(self.concurrency >= 1, "concurrency must be >= 1")
@@ -130,12 +147,20 @@ class LLMConfig:
                "api_key_env looks like an API key; put the key in the environment and name the variable here")
 
 
+# slm.encoder's special values: the static encoder distilled from MiniLM (slm/static_encoder.py), and the
+# choice between MiniLM and it by pool size (slm/encoder.py: choose_encoder).
+STATIC_ENCODER = "minilm-static"
+AUTO_ENCODER = "auto"
+
+
 @dataclass(frozen=True)
 class SLMConfig:
     """The small model. `mode: auto` fine-tunes when the pool is at most `finetune_max_items` texts and has
-    at least `finetune_min_labels` LLM labels, else trains a head on frozen embeddings."""
+    at least `finetune_min_labels` LLM labels, else trains a head on frozen embeddings. `encoder: auto` uses
+    MiniLM for pools of at most `static_above_items` texts and the static encoder above."""
 
     encoder: str = "all-MiniLM-L6-v2"
+    static_above_items: int = 100_000
     mode: Literal["auto", "finetune", "head"] = "auto"
     finetune_max_items: int = 30000
     finetune_min_labels: int = 1000
@@ -156,6 +181,10 @@ class SLMConfig:
         _check(self.epochs >= 1, "epochs must be >= 1")
         _check(self.threads >= 1, "threads must be >= 1")
         _check(self.head_hidden >= 0, "head_hidden must be >= 0 (0 = linear head)")
+        _check(self.static_above_items >= 0, "static_above_items must be >= 0")
+        _check(not (self.encoder == STATIC_ENCODER and self.mode == "finetune"),
+               f"encoder '{STATIC_ENCODER}' is a static model with nothing to fine-tune; use mode head (or auto, "
+               "which trains a head on it), or a transformer encoder such as all-MiniLM-L6-v2 for mode finetune")
 
 
 @dataclass(frozen=True)
@@ -176,6 +205,8 @@ class FreeALConfig:
     query_fraction: float = 0.1         # P
     prototypes: int = 20                # Q, texts shown when generating demos
     generated_per_class: int = 10
+    generation_time_s: float | None = 120.0   # no new demo-generation try after this; the short classes are
+                                              # then topped up with texts labelled zero-shot (null = no limit)
     # Whose label stands where the SLM puts an LLM label in its noisy split (the export marks those
     # `disputed` either way). 'llm' (default): a strong LLM beats a small SLM there: with GPT-3.5's MR
     # labels the SLM was right on 14% of them. 'slm': when the SLM is the stronger model, as with the
@@ -195,6 +226,8 @@ class FreeALConfig:
         _check(0.0 < self.query_fraction <= 1.0, "query_fraction must be in (0, 1]")
         _check(self.prototypes >= 1 and self.generated_per_class >= 1,
                "prototypes and generated_per_class must be >= 1")
+        _check(self.generation_time_s is None or self.generation_time_s > 0,
+               "generation_time_s must be > 0 (null = no time box)")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from freeal_stream.store import StateError, Store
 
 # Fields that may change between runs on the same state: they steer how far the job goes or where it
 # runs, not what its finished rounds mean. Anything else changed would mix incompatible rounds.
-RESUMABLE_FIELDS = {"budget", "freeal.rounds", "freeal.label_of_record", "freeal.warmup_epochs", "llm.concurrency",
+RESUMABLE_FIELDS = {"budget", "freeal.rounds", "freeal.label_of_record", "freeal.warmup_epochs",
+                    "freeal.generation_time_s", "llm.concurrency",
                     "llm.requests_per_minute", "llm.tokens_per_minute", "llm.timeout_s", "llm.max_retries",
                     "llm.server_threads", "slm.threads", "slm.device", "slm.epochs", "name", "state_dir", "ray",
                     "service", "llm.mode", "llm.batch_poll_s", "llm.batch_poll_max_s", "llm.batch_max_wait_s",
@@ -161,7 +162,7 @@ def open_session(job: JobConfig, progress: Progress, address: str | None = None)
         stack.callback(annotators.shutdown)
         if isinstance(annotators, AnnotatorPool):
             wait_for_actors(annotators)
-        scorers = ScorerPool(job.slm.encoder, job.slm.max_length, job.slm.threads, size=job.ray.scorers,
+        scorers = ScorerPool(job.slm.max_length, job.slm.threads, size=job.ray.scorers,
                              resources=job.ray.scorer_resources, max_restarts=job.ray.max_restarts)
         trainer = start_trainer(job.ray, job.slm.threads, cluster_has_gpu())
         progress.say(f"running on {where}: {annotators.size} annotators, {job.ray.scorers} scorers, 1 trainer, "

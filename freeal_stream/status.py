@@ -11,6 +11,7 @@ from typing import Any
 
 from freeal_stream import budget as budget_policy
 from freeal_stream.config import JobConfig
+from freeal_stream.review import format_review_check, review_check
 from freeal_stream.sources import describe_counts
 
 
@@ -93,6 +94,7 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
                      "(cost_by_mode: at the mean tokens per request so far, live and at the batch discount)",
         },
         "batches": {"in_flight": store.open_batches(), "finished": store.batch_counts()},
+        "human_review": review_check(store.review_agreement()),
         "quarantine": bad_input(store, STATUS_PROBLEM_ROWS, _RAW_SHOWN),
         "llm_failures": store.failure_counts(),
     }
@@ -138,6 +140,9 @@ def format_status(st: dict[str, Any]) -> list[str]:
                                  for b in batches["in_flight"]) + ") — `run` again resumes polling them")
     if batches.get("finished"):
         lines.append("batches finished: " + ", ".join(f"{k} {n}" for k, n in batches["finished"].items()))
+    review = format_review_check(st.get("human_review"))
+    if review:
+        lines.append(review)
     if st.get("llm_failures"):
         failed = st["llm_failures"]
         lines.append(f"LLM requests failed after retries (not paid; asked again later): {sum(failed.values())} ("

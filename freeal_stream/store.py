@@ -22,11 +22,12 @@ from freeal_stream.llm import answer_check
 from freeal_stream.llm.client import ChatAnswer, ChatRequest
 from freeal_stream.llm.ratelimit import estimate_usage
 from freeal_stream.private_files import private_dir, private_file
-from freeal_stream.records import Annotation, Demo, ItemColumns, PlanItem
+from freeal_stream.records import Annotation, Demo, HumanLabel, ItemColumns, PlanItem, ReviewRow
 
 # 2: dense pool positions (items.pos); per-item probabilities out of slm_scores (they live in array files);
 #    llm_answers' token counts BIGINT, answers carry `malformed` and `usage_estimated`
-SCHEMA_VERSION = 2
+# 3: human labels and the review queue
+SCHEMA_VERSION = 3
 # The store process's DuckDB memory: large joins and sorts spill to `<state>/duckdb.tmp` beyond it, so a pool
 # of millions is labelled and exported in bounded memory.
 MEMORY_LIMIT = "1GB"
@@ -72,6 +73,18 @@ CREATE TABLE IF NOT EXISTS quarantine (
     raw VARCHAR NOT NULL, created_at DOUBLE NOT NULL);
 """
 
+# Human review (`freeal-stream review`): what a reviewer said about an item, and the rows last sent for review
+# with the label they were shown (what the reviewer checked: the unbiased accuracy check compares the two).
+# `reason` says why a row was picked ('random' rows measure the export's accuracy without bias).
+_HUMAN_DDL = """
+CREATE TABLE IF NOT EXISTS human_labels (
+    item_id VARCHAR PRIMARY KEY, label INTEGER NOT NULL, shown_label INTEGER, reason VARCHAR NOT NULL,
+    file VARCHAR NOT NULL, reviewer VARCHAR, imported_at DOUBLE NOT NULL);
+CREATE TABLE IF NOT EXISTS review_queue (
+    item_id VARCHAR PRIMARY KEY, reason VARCHAR NOT NULL, label INTEGER, source VARCHAR, confidence DOUBLE,
+    queued_at DOUBLE NOT NULL);
+"""
+
 # The label of record per item, by the job's `freeal.label_of_record` rule. 'llm': an LLM label stands.
 # 'slm': an LLM label that a later (or same-round) SLM put in its noisy split is replaced by the SLM's
 # prediction. Either way texts the LLM never labelled get the SLM's prediction, and `disputed` marks the
@@ -106,11 +119,27 @@ FROM ruled
 """
 
 
-def _labels_sql(rule: str) -> str:
-    """The label-of-record query under `rule` (one of LABEL_RULES)."""
+def _machine_labels_sql(rule: str) -> str:
+    """The models' label of record under `rule` (one of LABEL_RULES), before any human label."""
     if rule not in LABEL_RULES:
         raise ValueError(f"label_of_record must be one of {LABEL_RULES}, not {rule!r}")
     return _LABELS_SQL.format(replace_disputed="true" if rule == "slm" else "false")
+
+
+# The first layer of the label of record: a label a human gave (`review import`) stands over every model label,
+# whatever the rule, with source 'human' and confidence 1. The models' own labels and dispute flag stay visible.
+_HUMAN_FIRST_SQL = """
+SELECT m.seq, m.id, m.text, m.gold, coalesce(h.label, m.label) AS label,
+       CASE WHEN h.label IS NOT NULL THEN 'human' ELSE m.source END AS source,
+       CASE WHEN h.label IS NOT NULL THEN 1.0 ELSE m.confidence END AS confidence,
+       m.llm_label, m.slm_label, m.disputed
+FROM ({machine}) m LEFT JOIN human_labels h ON h.item_id = m.id
+"""
+
+
+def _labels_sql(rule: str) -> str:
+    """The label-of-record query: human labels first, then the models' labels under `rule`."""
+    return _HUMAN_FIRST_SQL.format(machine=_machine_labels_sql(rule))
 
 
 _UNSCORED_SQL = """SELECT pos FROM items WHERE id NOT IN (
@@ -187,6 +216,7 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Bring a state file written by an older version to this schema; every step is idempotent."""
     _answers_v2(con)
     _positions_v2(con)
+    con.execute(_HUMAN_DDL).fetchall()   # 3: human labels and the review queue (`review export/import`)
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]).fetchall()
 
 
@@ -621,6 +651,94 @@ class Store:
         return [{"round": r[0], "kind": r[1], "phase": r[2], "started_at": r[3], "finished_at": r[4],
                  "model_path": r[5], "metrics": json.loads(r[6]) if r[6] else {}} for r in rows]
 
+    # ---- human review -----------------------------------------------------------------------------
+    def review_candidates(self, rule: str, n: int, *, order: str, where: str = "true",
+                          exclude: Sequence[str] = (), params: dict[str, Any] | None = None) -> list[ReviewRow]:
+        """Up to `n` rows worth a human look: labelled, never reviewed, not in `exclude`, matching `where`, in
+        `order` (SQL over the label-of-record columns: id, label, source, confidence, disputed, ...)."""
+        skip = pa.table({"id": pa.array(list(exclude), pa.string())})
+        with self._registered("picked", skip):
+            rows = self.con.execute(f"""
+                SELECT id, text, label, source, confidence, llm_label, slm_label, disputed
+                FROM ({_labels_sql(rule)}) l
+                WHERE label IS NOT NULL AND source <> 'human' AND id NOT IN (SELECT id FROM picked) AND ({where})
+                ORDER BY {order}, seq LIMIT $n""", {"n": n, **(params or {})}).fetchall()
+        return [ReviewRow(i, t, lab, src, conf, ll, sl, bool(d), "") for i, t, lab, src, conf, ll, sl, d in rows]
+
+    def label_class_counts(self, rule: str) -> dict[int, int]:
+        """Labels of record per class index (unlabelled items left out)."""
+        return dict(self.con.execute(f"""SELECT label, count(*) FROM ({_labels_sql(rule)}) WHERE label IS NOT NULL
+                                         GROUP BY label""").fetchall())
+
+    def random_sample_ids(self, rule: str, k: int, seed: str) -> list[tuple[str, bool]]:
+        """(id, reviewed already) of the next `k` labelled rows, in one seeded random order, that are not in the
+        review's random sample yet. The sample is a prefix of that order: a row reviewed for another reason that
+        falls in it joins the sample as it is (skipping it would leave the hard rows out of the sample)."""
+        return self.con.execute(f"""SELECT l.id, h.item_id IS NOT NULL FROM ({_labels_sql(rule)}) l
+                                    LEFT JOIN human_labels h ON h.item_id = l.id
+                                    WHERE l.label IS NOT NULL AND coalesce(h.reason, '') <> 'random'
+                                    ORDER BY md5(l.id || $seed), l.seq LIMIT $k""", {"seed": seed, "k": k}).fetchall()
+
+    def queue_for_review(self, rows: Sequence[ReviewRow], joined_random: Sequence[str] = ()) -> None:
+        """Remember the rows sent for review with the label they show (a row sent again is replaced), and count
+        the reviewed rows of `joined_random` in the random sample."""
+        if joined_random:
+            with self._registered("joined", pa.table({"id": pa.array(list(joined_random), pa.string())})):
+                self._exec("UPDATE human_labels SET reason = 'random' WHERE item_id IN (SELECT id FROM joined)")
+        if not rows:
+            return
+        batch = pa.table({"item_id": [r.item_id for r in rows], "reason": [r.reason for r in rows],
+                          "label": pa.array([r.label for r in rows], pa.int32()),
+                          "source": [r.source for r in rows],
+                          "confidence": pa.array([r.confidence for r in rows], pa.float64())})
+        with self._registered("incoming", batch):
+            self._exec("""INSERT OR REPLACE INTO review_queue
+                          SELECT item_id, reason, label, source, confidence, epoch(now()) FROM incoming""")
+
+    def add_human_labels(self, file: str, labels: Sequence[HumanLabel], rule: str) -> dict[str, int]:
+        """Store reviewers' labels (source 'human'); returns how many were new, changed, or as stored already.
+
+        One statement, so an import is all or nothing; importing the same file again changes nothing. Each
+        keeps the label the reviewer was shown (from the review queue; for a row never queued, the models'
+        label of record now) and why it was queued ('not queued' otherwise), for the accuracy check.
+        """
+        if not labels:
+            return {"new": 0, "changed": 0, "unchanged": 0}
+        batch = pa.table({"item_id": [h.item_id for h in labels], "label": pa.array([h.label for h in labels], pa.int32()),
+                          "reviewer": pa.array([h.reviewer for h in labels], pa.string())})
+        with self._registered("incoming", batch):
+            counts = _first(self.con.execute("""
+                SELECT count(*) FILTER (WHERE h.item_id IS NULL), count(*) FILTER (WHERE h.label <> n.label),
+                       count(*) FILTER (WHERE h.label = n.label)
+                FROM incoming n LEFT JOIN human_labels h ON h.item_id = n.item_id"""))
+            self._exec(f"""
+                INSERT INTO human_labels
+                SELECT n.item_id, n.label, coalesce(q.label, m.label), coalesce(q.reason, 'not queued'), $file,
+                       n.reviewer, epoch(now())
+                FROM incoming n LEFT JOIN review_queue q ON q.item_id = n.item_id
+                     LEFT JOIN ({_machine_labels_sql(rule)}) m ON m.id = n.item_id
+                ON CONFLICT (item_id) DO UPDATE SET label = excluded.label, file = excluded.file,
+                    reviewer = excluded.reviewer, imported_at = excluded.imported_at
+                WHERE human_labels.label <> excluded.label""", {"file": file})
+        return dict(zip(("new", "changed", "unchanged"), counts))
+
+    def known_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of these ids are stored items."""
+        with self._registered("wanted", pa.table({"id": pa.array(list(set(ids)), pa.string())})):
+            return {r[0] for r in self.con.execute("SELECT i.id FROM items i JOIN wanted w ON i.id = w.id").fetchall()}
+
+    def human_label_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, labels) of the items a human labelled."""
+        rows = self.con.execute("""SELECT i.pos, h.label FROM human_labels h JOIN items i ON i.id = h.item_id
+                                   ORDER BY i.pos""").fetchnumpy()
+        return rows["pos"].astype(np.int64), rows["label"].astype(np.int64)
+
+    def review_agreement(self) -> list[dict[str, Any]]:
+        """Per reason a row was reviewed: rows, and how many of them showed the label the human gave."""
+        rows = self.con.execute("""SELECT reason, count(*), count(*) FILTER (WHERE shown_label = label)
+                                   FROM human_labels GROUP BY reason ORDER BY reason""").fetchall()
+        return [{"reason": r, "reviewed": n, "agreed": a} for r, n, a in rows]
+
     # ---- outputs ----------------------------------------------------------------------------------
     def labels_rows(self, rule: str) -> list[tuple]:
         """(seq, id, text, gold, label, source, confidence, llm_label, slm_label, disputed) per item."""
@@ -655,6 +773,26 @@ class Store:
         self._exec("CREATE OR REPLACE TEMP TABLE class_names (idx INTEGER, name VARCHAR)")
         self.con.executemany("INSERT INTO class_names VALUES (?, ?)", list(enumerate(class_names)))
         self._exec(f"CREATE OR REPLACE TEMP VIEW labels_out AS {_labels_sql(rule)}")
+
+    def labels_by_class_and_source(self, rule: str) -> list[tuple[int | None, str, int]]:
+        """(class index or None, source kind: 'human' / 'llm' / 'slm' / 'none', items) for the report."""
+        return self.con.execute(f"""SELECT label, coalesce(split_part(source, ' ', 1), 'none'), count(*)
+                                    FROM ({_labels_sql(rule)}) GROUP BY ALL ORDER BY ALL""").fetchall()
+
+    def confidence_histogram(self, rule: str, bins: int) -> list[tuple[str, int, int]]:
+        """(source kind, bin, items) of the label of record's confidence in `bins` equal bins over [0, 1]
+        (items without a confidence left out)."""
+        return self.con.execute(f"""SELECT split_part(source, ' ', 1), least(floor(confidence * $b), $b - 1)::INT,
+                                           count(*)
+                                    FROM ({_labels_sql(rule)}) WHERE confidence IS NOT NULL
+                                    GROUP BY ALL ORDER BY ALL""", {"b": bins}).fetchall()
+
+    def disputed_examples(self, rule: str, limit: int) -> list[tuple[str, str, int | None, str, float | None,
+                                                                      int | None, int | None]]:
+        """(id, text, label, source, confidence, llm_label, slm_label) of disputed rows, least confident first."""
+        return self.con.execute(f"""SELECT id, text, label, source, confidence, llm_label, slm_label
+                                    FROM ({_labels_sql(rule)}) WHERE disputed
+                                    ORDER BY confidence NULLS FIRST, seq LIMIT ?""", [limit]).fetchall()
 
     def label_counts(self, rule: str) -> tuple[dict[str, int], int]:
         """(labels of record by source: 'llm', 'slm', 'none'; LLM labels the SLM disputes), in one pass."""

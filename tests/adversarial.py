@@ -4,8 +4,8 @@ attacked from outside while it runs, and each attempt prints one table row with 
     RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \\
         .venv/bin/python -m tests.adversarial          # about 3 minutes on 2 cores
 
-Not a test module (pytest does not collect it): the attempts are covered one by one by tests/test_http_api.py
-and tests/test_ray_loopback.py; this is the whole pass against one real running service.
+Not a test module (pytest does not collect it): the attempts are covered one by one by tests/unit/test_http_api.py
+and tests/integration/test_ray_loopback.py; this is the whole pass against one real running service.
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from pathlib import Path
 import psutil
 
 from freeal_stream.service.client import SERVICE_FILE, ServiceClient, find_service, write_service_file
-from tests.fake_openai_server import FakeOpenAIServer
-from tests.helpers import ROOT, cli_process, make_job, wait_for
-from tests.keyword_llm import respond
-from tests.test_http_api import host_address
-from tests.test_ray_loopback import is_loopback, job_processes, listening
+from freeal_stream.testing.fake_openai_server import FakeOpenAIServer
+from freeal_stream.testing.jobs import ROOT, cli_process, make_job, wait_for
+from freeal_stream.testing.keyword_llm import respond
+from tests.integration.test_ray_loopback import is_loopback, job_processes, listening
+from tests.unit.test_http_api import host_address
 
 BAIT = "Overflow bait: my invoice shows a double charge"
 ROWS: list[tuple[str, str]] = []

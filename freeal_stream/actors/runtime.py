@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # Ray's switch for single-machine platforms: with it off, Ray keeps a loopback node IP instead of swapping in
 # the host's address, and then every Ray process (GCS, raylet, workers, agents, object manager, metrics)
-# binds to that IP alone (checked with `ss -ltnp` and by tests/test_ray_loopback.py).
+# binds to that IP alone (checked with `ss -ltnp` and by tests/integration/test_ray_loopback.py).
 _CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 

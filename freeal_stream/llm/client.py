@@ -54,11 +54,12 @@ class ChatRequest:
     top_logprobs: int
     template_version: str
     seed: int | None = None                 # sampling seed, for reproducible answers at temperature > 0
+    grammar: str | None = None              # GBNF the answer must match (llama.cpp's `grammar` field)
 
     @classmethod
     def build(cls, messages: Sequence[Mapping[str, str]], cfg: LLMConfig, template_version: str, *,
               temperature: float | None = None, max_tokens: int | None = None,
-              logprobs: bool | None = None, seed: int | None = None) -> ChatRequest:
+              logprobs: bool | None = None, seed: int | None = None, grammar: str | None = None) -> ChatRequest:
         """A request from chat messages and the job's LLM settings (overrides for e.g. generation)."""
         want_logprobs = cfg.logprobs if logprobs is None else logprobs
         return cls(
@@ -70,10 +71,12 @@ class ChatRequest:
             top_logprobs=cfg.top_logprobs if want_logprobs else 0,  # unused fields must not split keys
             template_version=template_version,
             seed=seed,
+            grammar=grammar,
         )
 
     def key(self) -> str:
-        """sha256 hex of the canonical JSON of all fields (`seed` only when set, so seedless keys are stable)."""
+        """sha256 hex of the canonical JSON of all fields (`seed` and `grammar` only when set, so keys without
+        them are stable)."""
         return self._key
 
     @cached_property
@@ -84,6 +87,8 @@ class ChatRequest:
                   "template_version": self.template_version}
         if self.seed is not None:
             fields["seed"] = self.seed
+        if self.grammar is not None:
+            fields["grammar"] = self.grammar
         canonical = json.dumps(
             fields,
             sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -229,6 +234,8 @@ def request_body(request: ChatRequest, logprobs_supported: bool = True) -> dict[
                                "temperature": request.temperature, "max_tokens": request.max_tokens}
     if request.seed is not None:
         payload["seed"] = request.seed
+    if request.grammar is not None:   # not an OpenAI field: sent only where the job asks (llm.grammar)
+        payload["grammar"] = request.grammar
     if request.logprobs and logprobs_supported:
         payload["logprobs"] = True
         if request.top_logprobs:
@@ -403,6 +410,10 @@ class LLMClient:
                                 self.base_url)
                     self._logprobs_supported = False
                     continue
+                if failure.status == 400 and request.grammar is not None and "grammar" in failure.message.lower():
+                    raise FatalLLMError(
+                        f"HTTP 400 from {self.base_url} (model '{self.cfg.model}'): {self._scrub(failure.message)}. "
+                        "The endpoint does not take llama.cpp's `grammar` field; set llm.grammar: false") from None
                 if not failure.transient or retries >= self.retry.max_retries:
                     if failure.kind == "unreachable":
                         raise self._unreachable(attempts) from None

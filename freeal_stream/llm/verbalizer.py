@@ -61,6 +61,12 @@ class Verbalizer:
         answer = normalise(_LEAD_TAG.sub("", normalise(text)))
         return self._word_class.get(answer)
 
+    def grammar(self) -> str:
+        """A GBNF grammar (llama.cpp's `grammar` field) whose only sentences are the answer words, so a
+        constrained answer is always exactly one class word: no 'no label' answers."""
+        quoted = (w.replace("\\", "\\\\").replace('"', '\\"') for w in self.answer_words)
+        return "root ::= " + " | ".join(f'"{w}"' for w in quoted)
+
     def probs_from_logprobs(self, top_logprobs: list[list[tuple[str, float]]] | None) -> np.ndarray | None:
         """Class probabilities from the first generated token's top candidates, or None if none maps.
 

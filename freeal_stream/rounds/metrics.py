@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from freeal_stream.rounds.context import RoundContext
-from freeal_stream.rounds.planning import llm_label_array
+from freeal_stream.rounds.planning import human_label_array, llm_label_array
 from freeal_stream.rounds.state import SLMState
 from freeal_stream.session import spent_now
 
@@ -38,7 +38,8 @@ def round_metrics(ctx: RoundContext, state: SLMState, started: float, planned: i
         "round": state.round, "seconds": round(time.time() - started, 1), "slm_mode": state.mode,
         "pool": ctx.pool.size, "llm_requested": planned, "llm_labelled": stored["labelled"],
         "llm_no_label": stored["no_label"], "llm_failed": planned - stored["requested"],
-        "annotated_total": int((labels >= 0).sum()), "demo_pool": len(state.demos), "clean_set": int(len(clean)),
+        "annotated_total": int((labels >= 0).sum()), "human_labels": int((human_label_array(ctx) >= 0).sum()),
+        "demo_pool": len(state.demos), "clean_set": int(len(clean)),
         **{f"{k}_round": spent[k] - spent_before[k] for k in spent},
         **{f"{k}_total": v for k, v in spent.items()},
         "cost_total": round(spent_now(store, ctx.job).cost, 6),

