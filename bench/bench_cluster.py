@@ -261,7 +261,8 @@ def run_job(cluster: LocalCluster, url: str, pool_csv: Path, work: Path, args: a
     embed_end = first_at(lines, r"generating demonstrations|round 1/") if embed_at is not None else None
     scoring = [(t, int(m.group(1).replace(",", ""))) for t, line in lines
                if (m := re.search(r"scoring ([\d,]+) items with round", line))]
-    score_s = [round(next((u for u, _ in lines if u > t), t) - t, 1) for t, _ in scoring]   # to the next line
+    score_s = [round(next((u for u, line in lines if u >= t and re.search(rf"score\] {n}/{n}\b", line)), t) - t, 1)
+               for t, n in scoring]   # to its progress line saying all are done
     labels = sum(m.get("llm_requested", 0) for m in rounds)
     annotate_s = sum(m.get("annotate_s", 0) for m in rounds)
     exposed = sorted(s for s in watch.seen if not is_loopback(s[1]))
