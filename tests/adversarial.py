@@ -29,7 +29,8 @@ from freeal_stream.service.client import SERVICE_FILE, ServiceClient, find_servi
 from freeal_stream.testing.fake_openai_server import FakeOpenAIServer
 from freeal_stream.testing.jobs import ROOT, cli_process, make_job, wait_for
 from freeal_stream.testing.keyword_llm import respond
-from tests.integration.test_ray_loopback import is_loopback, job_processes, listening
+from freeal_stream.testing.sockets import is_loopback, listening
+from tests.integration.test_ray_loopback import job_processes
 from tests.unit.test_http_api import host_address
 
 BAIT = "Overflow bait: my invoice shows a double charge"
