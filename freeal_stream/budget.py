@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from freeal_stream.errors import UserError
 from freeal_stream.config import BudgetConfig, Price
@@ -25,8 +25,8 @@ class BudgetConfigError(UserError):
 
 @dataclass(frozen=True)
 class Spent:
-    requests: int = 0
-    tokens: int = 0
+    requests: float = 0  # counts, but math.inf in headroom() where nothing is capped
+    tokens: float = 0
     cost: float = 0.0
 
     def __add__(self, other: "Spent") -> "Spent":
@@ -65,7 +65,7 @@ def cost(price: Price | None, prompt_tokens: float, cached_tokens: float, comple
             + completion_tokens * price.output) / 1e6
 
 
-def spent_from_usage(usage: Sequence[Mapping[str, float]], budget: BudgetConfig) -> Spent:
+def spent_from_usage(usage: Sequence[Mapping[str, Any]], budget: BudgetConfig) -> Spent:
     """Spent from usage rows (model, batch, requests, prompt_tokens, cached_tokens, completion_tokens);
     rows with `batch` true were answered through the batch API and are priced at its discount."""
     total = Spent()

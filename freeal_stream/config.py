@@ -364,7 +364,7 @@ def _coerce(value: Any, tp: Any, where: str, file: str) -> Any:
             raise ConfigError(file, where, f"'{value}' is not allowed",
                               "use one of: " + ", ".join(repr(a) for a in args))
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, where, file)
     if origin is dict:
         if not isinstance(value, dict):

@@ -200,7 +200,9 @@ class LocalLLMServer:
         cmd = [sys.executable, "-m", "freeal_stream.local_llm", "serve", "--model", self.model,
                "--gguf", str(gguf), "--port", str(self.port or 0), "--ctx", str(self.context_size),
                "--threads", str(self.threads), "--ready-file", str(ready)]
-        with open(self.log_path, "wb") as log:
+        log_path = self.log_path
+        assert log_path is not None  # the workdir was just made
+        with open(log_path, "wb") as log:
             self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT)
         atexit.register(self.stop)
@@ -212,10 +214,12 @@ class LocalLLMServer:
         return self.base_url
 
     def _wait_ready(self, ready: Path) -> None:
+        proc = self._proc
+        assert proc is not None  # start() spawned it
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise ServerStartError(f"llama.cpp server exited with code {self._proc.returncode} while "
+            if proc.poll() is not None:
+                raise ServerStartError(f"llama.cpp server exited with code {proc.returncode} while "
                                        f"starting model '{self.model}'. Last log lines:\n{self._log_tail()}")
             if ready.is_file():
                 root = ready.read_text().strip()
@@ -231,9 +235,12 @@ class LocalLLMServer:
                                f"Last log lines:\n{self._log_tail()}")
 
     def _log_tail(self, lines: int = 25) -> str:
+        log_path = self.log_path
+        if log_path is None:
+            return "(no log)"
         try:
-            data = self.log_path.read_bytes()[-8000:].decode("utf-8", "replace")
-        except (OSError, AttributeError):
+            data = log_path.read_bytes()[-8000:].decode("utf-8", "replace")
+        except OSError:
             return "(no log)"
         return "\n".join(data.splitlines()[-lines:])
 

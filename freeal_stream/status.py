@@ -15,9 +15,7 @@ from freeal_stream.review import format_review_check, review_check
 from freeal_stream.sources import describe_counts
 
 
-def _plain(s: budget_policy.Spent | None) -> dict[str, Any] | None:
-    if s is None:
-        return None
+def _plain(s: budget_policy.Spent) -> dict[str, Any]:
     fix = lambda v: None if v == math.inf else v  # noqa: E731
     return {"requests": fix(s.requests), "tokens": fix(s.tokens), "cost": fix(round(s.cost, 6))}
 
@@ -84,7 +82,7 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
                    for r in rounds],
         "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"], "priced": priced,
                   "charged_by_estimate": raw["usage_estimated"], "malformed_answers": raw["malformed"]},
-        "left": _plain(budget_policy.headroom(spent, job.budget)),
+        "left": None if (left := budget_policy.headroom(spent, job.budget)) is None else _plain(left),
         "estimate_to_finish": {
             "requests": todo,
             "tokens": round(todo * per_req[0]) if per_req else None,

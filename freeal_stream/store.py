@@ -607,7 +607,7 @@ class Store:
             "pos": pa.array(np.asarray(positions, dtype=np.int64)),
             "pred": pa.array(probs.argmax(1).astype(np.int32)),
             "confidence": pa.array(probs.max(1).astype(np.float64)),
-            "loss": pa.array(np.where(np.isnan(losses), None, losses).tolist(), pa.float64()),
+            "loss": pa.array(losses, pa.float64(), from_pandas=True),  # from_pandas: NaN -> null
             "clean": pa.array(np.asarray(clean, dtype=bool))})
         with self._registered("incoming", batch):
             self._exec("""INSERT OR REPLACE INTO slm_scores

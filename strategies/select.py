@@ -84,8 +84,9 @@ def _prepared(shards: Iterable[Shard], needs: frozenset[str], ctx: QueryContext)
         if present is not None and cols != present:
             raise _PoolError(f"column(s) {sorted(cols ^ present)} are set in some shards and None in others")
         present = cols
-        if "probs" in cols and (shard.probs.ndim != 2 or shard.probs.shape[1] != ctx.n_classes):
-            raise _PoolError(f"probs has shape {shard.probs.shape}, expected (rows, {ctx.n_classes})")
+        probs = shard.probs
+        if "probs" in cols and probs is not None and (probs.ndim != 2 or probs.shape[1] != ctx.n_classes):
+            raise _PoolError(f"probs has shape {probs.shape}, expected (rows, {ctx.n_classes})")
         for c in cols & {"llm_labels", "slm_labels"}:
             labels = getattr(shard, c)
             if labels.min() < -1 or labels.max() >= ctx.n_classes:

@@ -134,7 +134,9 @@ class AnnotatorPool:
         self.actors = [self._new_actor(slot) for slot in range(self.size)]
 
     def _new_actor(self, slot: int) -> Any:
-        return Annotator.options(resources=self.resources, max_concurrency=self.in_flight).remote(
+        # mypy does not apply the @ray.remote class decorator, so it cannot see ActorClass.options
+        return Annotator.options(  # type: ignore[attr-defined]
+            resources=self.resources, max_concurrency=self.in_flight).remote(
             self._actor_cfgs[slot], self.base_url, self._key, self.store)
 
     def node_ids(self) -> list[str]:

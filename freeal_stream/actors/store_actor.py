@@ -92,7 +92,8 @@ def start_store(path: Path) -> Store:
     node = ray.get_runtime_context().get_node_id()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    handle = StoreActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
-        str(path))
+    # mypy does not apply the @ray.remote class decorator, so it cannot see ActorClass.options
+    handle = StoreActor.options(  # type: ignore[attr-defined]
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(path))
     ray.get(handle.pid.remote())   # surfaces StateError (file held by another process) here
     return cast(Store, StoreProxy(handle))

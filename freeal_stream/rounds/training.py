@@ -89,7 +89,7 @@ def training_data(ctx: RoundContext, rows: np.ndarray, labels: np.ndarray, mode:
         view_emb = emb.copy()
         at = np.flatnonzero(has_view)
         if len(at):
-            view_emb[at] = ctx.session.scorers.embed(ctx.encoder, [views[k] for k in at])
+            view_emb[at] = ctx.session.scorers.embed(ctx.encoder, [v for v in views if v is not None])  # rows `at`
     return TrainingData(labels, emb=emb, view_emb=view_emb, has_view=has_view)
 
 
@@ -99,7 +99,7 @@ def _train(ctx: RoundContext, data: TrainingData, seed: int, say, stage: str) ->
     session, job = ctx.session, ctx.job
     while True:
         trainer = session.trainer
-        ref = trainer.train.remote(data, ctx.n_classes, ctx.slm, job.freeal, seed)
+        ref: ray.ObjectRef[TrainedSLM] = trainer.train.remote(data, ctx.n_classes, ctx.slm, job.freeal, seed)
         shown = None
         try:
             while not ray.wait([ref], timeout=2.0)[0]:

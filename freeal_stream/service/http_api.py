@@ -253,8 +253,7 @@ def _check_item(where: str, item: Any) -> None:
         raise bad("gold", "must be a string, an integer or null")
     for name in _ITEM_FIELDS:
         value = item.get(name)
-        at = _surrogate_at(value) if isinstance(value, str) else None
-        if at is not None:
+        if isinstance(value, str) and (at := _surrogate_at(value)) is not None:
             raise bad(name, f"holds a lone surrogate ({ascii(value[at])} at character {at}), which is not "
                             "Unicode text. Fix: send the text as valid UTF-8")
 
@@ -263,8 +262,8 @@ def post_items(handlers: ApiHandlers, posted: PostedItems) -> dict[str, Any]:
     """Quarantine the refused items, store the rest, and answer with both counts (and the first problems)."""
     if posted.rejected and handlers.quarantine is not None:
         handlers.quarantine(posted.rejected, posted.source)
-    answer = (handlers.add_items(posted.items) if posted.items
-              else {"received": 0, "added": 0, "duplicates": 0, "flagged": 0})
+    answer: dict[str, Any] = (handlers.add_items(posted.items) if posted.items
+                              else {"received": 0, "added": 0, "duplicates": 0, "flagged": 0})
     if not posted.rejected:
         return answer
     refused = [{"location": r["location"], "action": "quarantined", "reason": r["reason"], "detail": r["detail"]}
@@ -675,7 +674,8 @@ class ApiServer:
         self._hosts = _host_names(self.host, self._bound[1], self.allowed_hosts)
         config = uvicorn.Config(
             _build_app(self), lifespan="off", ws="none", log_config=None, access_log=False, server_header=False,
-            http=functools.partial(_Protocol, headers_timeout_s=self.headers_timeout_s),
+            # uvicorn calls `http` as a protocol factory; its stub wants the class itself
+            http=functools.partial(_Protocol, headers_timeout_s=self.headers_timeout_s),  # type: ignore[arg-type]
             limit_concurrency=self.max_connections, timeout_keep_alive=5, timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="freeal-api",

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from freeal_stream.config import STATIC_ENCODER, FreeALConfig, SLMConfig
 from freeal_stream.slm.augment import feature_noise, perturb
-from freeal_stream.slm.encoder import cached_embed, choose_encoder, load_encoder
-from freeal_stream.slm.model import SLM
+from freeal_stream.slm.encoder import Encoder, cached_embed, choose_encoder, load_encoder
+from freeal_stream.slm.model import SLM, Mode
 from freeal_stream.slm.robust import (alpha_ramp, classwise_clean_split, gmm_clean_split, kl_consistency, mixup,
                                       soft_ce)
 
@@ -134,6 +134,7 @@ class _FrozenInputs:
         noisy = feature_noise(self.orig(idx))
         if self.view_emb is None:
             return noisy
+        assert self.has_view is not None  # given with view_emb
         t = torch.from_numpy(idx).to(self.emb.device)
         return torch.where(self.has_view[t, None], self.view_emb[t], noisy)  # rows without a view: noise
 
@@ -148,12 +149,18 @@ class _TextInputs:
                  rng: np.random.Generator):
         self.model, self.texts, self.views, self.rng = model, texts, views, rng
 
-    def orig(self, idx: np.ndarray) -> torch.Tensor:
+    @property
+    def encoder(self) -> Encoder:
         enc = self.model.encoder
+        assert isinstance(enc, Encoder)  # fine-tune mode: SLM refuses the static encoder
+        return enc
+
+    def orig(self, idx: np.ndarray) -> torch.Tensor:
+        enc = self.encoder
         return enc(enc.tokenize([self.texts[i] for i in idx]))
 
     def aug(self, idx: np.ndarray) -> torch.Tensor:
-        enc = self.model.encoder
+        enc = self.encoder
         views = [None if self.views is None else self.views[i] for i in idx]
         return enc(enc.tokenize([v if v is not None else perturb(enc.cut(self.texts[i]), self.rng)
                                  for i, v in zip(idx, views)]))
@@ -283,7 +290,7 @@ class TrainingData:
     trusted: np.ndarray | None = None   # rows whose label is clean by fiat (a human's): never in the noisy split
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return "head" if self.emb is not None else "finetune"
 
     def check(self, n_classes: int) -> None:
