@@ -21,7 +21,6 @@ from freeal_stream.errors import UserError
 from freeal_stream.llm.verbalizer import Verbalizer
 
 
-
 class ConfigError(UserError):
     """A job file problem, phrased as: file, field, what is wrong, how to fix it."""
 

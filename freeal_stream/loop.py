@@ -25,7 +25,7 @@ from freeal_stream.session import Session
 from strategies.registry import load_strategy
 
 
-class Phase(str, Enum):
+class Phase(str, Enum):  # noqa: UP042 (StrEnum would change str() and format() of a member)
     """Where a round stands (stored as its value in `rounds.phase`)."""
 
     ANNOTATING = "annotating"   # the plan is stored; requests are being sent

@@ -4,7 +4,8 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from typing import Any, Literal, Mapping, Union
+from collections.abc import Mapping
+from typing import Any, Literal, Union
 
 from strategies.base import StrategyError
 

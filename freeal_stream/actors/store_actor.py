@@ -17,7 +17,6 @@ from ray.exceptions import RayTaskError
 
 from freeal_stream.store import StateError, Store
 
-
 # What crosses to the store actor: Store's public methods, nothing else (not its connection).
 STORE_METHODS = frozenset(name for name, _ in inspect.getmembers(Store, inspect.isfunction) if not name.startswith("_"))
 

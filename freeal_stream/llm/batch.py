@@ -16,8 +16,9 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from openai.types import Batch
 

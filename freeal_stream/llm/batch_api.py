@@ -7,7 +7,8 @@ run killed between upload and create finds what it had sent instead of sending i
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 import openai
 from openai.types import Batch

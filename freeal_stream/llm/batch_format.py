@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Final
-
 
 from freeal_stream.llm.client import ChatAnswer, ChatRequest, FatalLLMError, _read_answer, request_body
 from freeal_stream.llm.ratelimit import estimate_tokens

@@ -23,7 +23,7 @@ import math
 import random
 import re
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from freeal_stream.config import LLMConfig
 from freeal_stream.llm import calibration

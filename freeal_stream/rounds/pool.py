@@ -108,7 +108,8 @@ class Pool:
             done += len(emb)
             self.progress.update(f"embed {what}", done, n)
 
-        self.scorers.embed_shards(self.encoder, ((s, pick(cols)) for s, cols in self.shards(start, size=TEXT_SHARD_ROWS)), write)
+        shards = ((s, pick(cols)) for s, cols in self.shards(start, size=TEXT_SHARD_ROWS))
+        self.scorers.embed_shards(self.encoder, shards, write)
         assert array is not None  # write() created it: there were rows to embed
         array.commit(self.size)
         return array

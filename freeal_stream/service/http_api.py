@@ -254,7 +254,7 @@ def _check_item(where: str, item: Any) -> None:
     for name in _ITEM_FIELDS:
         value = item.get(name)
         if isinstance(value, str) and (at := _surrogate_at(value)) is not None:
-            raise bad(name, f"holds a lone surrogate ({ascii(value[at])} at character {at}), which is not "
+            raise bad(name, f"holds a lone surrogate ({value[at]!a} at character {at}), which is not "
                             "Unicode text. Fix: send the text as valid UTF-8")
 
 
@@ -321,7 +321,7 @@ async def _refuse(exc: ApiError, scope: Scope, receive: Receive, send: Send, tim
     while not scope.get(_BODY_READ) and dropped <= _DRAIN_LIMIT and "close" not in exc.headers.get("Connection", ""):
         try:
             message = await asyncio.wait_for(receive(), min(_DRAIN_IDLE_S, max(0.0, deadline - time.monotonic())))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         dropped += len(message.get("body", b""))
         scope[_BODY_READ] = message["type"] != "http.request" or not message.get("more_body", False)
@@ -370,7 +370,7 @@ class _ByteBudget:
         async with self._freed:
             try:
                 await asyncio.wait_for(self._freed.wait_for(lambda: self.used + size <= self.limit), wait_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ApiError(503, f"too many large requests at once ({self.used} bytes being read); retry "
                                     "shortly", headers={"Retry-After": "1"}) from None
             self.used += size
@@ -558,7 +558,8 @@ class ApiServer:
     """The HTTP API on a background thread: ``start()`` returns its base URL, ``stop()`` ends it."""
 
     def __init__(self, handlers: ApiHandlers, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None, *, token_env: str = "FREEAL_SERVICE_TOKEN", allowed_hosts: Sequence[str] = (),
+                 token: str | None = None, *, token_env: str = "FREEAL_SERVICE_TOKEN",
+                 allowed_hosts: Sequence[str] = (),
                  max_body_bytes: int = MAX_BODY_BYTES, max_items: int = MAX_ITEMS,
                  max_body_bytes_in_flight: int = MAX_BODY_BYTES_IN_FLIGHT, max_connections: int = MAX_CONNECTIONS,
                  body_timeout_s: float = BODY_TIMEOUT_S, headers_timeout_s: float = HEADERS_TIMEOUT_S):
@@ -640,7 +641,7 @@ class ApiServer:
         while more:
             try:
                 message = await asyncio.wait_for(request.receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 client = request.client.host if request.client else "?"
                 log.warning("API: POST /items from %s: %d of %d body bytes in %.0f s; answered 408", client,
                             len(body), length, timeout_s)

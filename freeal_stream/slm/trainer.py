@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,8 +22,7 @@ from freeal_stream.config import STATIC_ENCODER, FreeALConfig, SLMConfig
 from freeal_stream.slm.augment import feature_noise, perturb
 from freeal_stream.slm.encoder import Encoder, cached_embed, choose_encoder, load_encoder
 from freeal_stream.slm.model import SLM, Mode
-from freeal_stream.slm.robust import (alpha_ramp, classwise_clean_split, gmm_clean_split, kl_consistency, mixup,
-                                      soft_ce)
+from freeal_stream.slm.robust import alpha_ramp, classwise_clean_split, gmm_clean_split, kl_consistency, mixup, soft_ce
 
 LR_WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
@@ -54,7 +54,7 @@ class Recipe:
     per_class_split: bool = True
 
     @classmethod
-    def plain_ce(cls) -> "Recipe":
+    def plain_ce(cls) -> Recipe:
         """Ordinary CE on all labelled rows: the baseline the robust recipe must beat."""
         return cls(gmm=False, consistency=False, mixup=False)
 
@@ -302,7 +302,8 @@ class TrainingData:
         for name in ("view_emb", "has_view", "views", "trusted"):
             col = getattr(self, name)
             if col is not None and len(col) != rows:
-                raise ValueError(f"{rows} texts but {len(col)} {name.replace('_emb', 's').replace('has_view', 'views')}")
+                what = name.replace("_emb", "s").replace("has_view", "views")
+                raise ValueError(f"{rows} texts but {len(col)} {what}")
         if n_classes < 2:
             raise ValueError("n_classes must be >= 2")
         if len(self.labels) and (self.labels.min() < -1 or self.labels.max() >= n_classes):

@@ -33,9 +33,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 MAX_LINES = 50_000
 MAX_BYTES = 200 * 1000 * 1000
@@ -119,7 +120,8 @@ class FakeBatchAPI:
 
     # ---- files ----------------------------------------------------------------------------------------
     def _add_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
-        f: dict[str, Any] = {"id": f"file-{uuid.uuid4().hex[:24]}", "object": "file", "bytes": len(content), "created_at": _now(),
+        f: dict[str, Any] = {"id": f"file-{uuid.uuid4().hex[:24]}", "object": "file", "bytes": len(content),
+                             "created_at": _now(),
              "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
              "status_details": None}
         with self._lock:
@@ -444,8 +446,9 @@ def main(argv: list[str] | None = None) -> None:
                                  description="a local OpenAI files + batches API on 127.0.0.1 (for tests and demos)")
     ap.add_argument("--port", type=int, default=8089)
     ap.add_argument("--upstream", default="keyword",
-                    help="who answers each line: 'keyword' (freeal_stream/testing/keyword_llm.py, instant), 'local' (the embedded "
-                         "llama.cpp server) or the base URL of any OpenAI-compatible chat endpoint")
+                    help="who answers each line: 'keyword' (freeal_stream/testing/keyword_llm.py, instant), "
+                         "'local' (the embedded llama.cpp server) or the base URL of any OpenAI-compatible chat "
+                         "endpoint")
     ap.add_argument("--workers", type=int, default=1, help="rows run at once")
     args = ap.parse_args(argv)
     import contextlib
