@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +231,7 @@ class Store:
             self.con = duckdb.connect(str(self.path))
         except duckdb.IOException as e:
             raise StateError(f"{self.path} is in use by another process ({e}). Fix: wait for the other "
-                             "freeal-stream run on this state directory to finish, or use another state_dir.")
+                             "freeal-stream run on this state directory to finish, or use another state_dir.") from e
         private_file(self.path)
         self._exec(f"SET memory_limit = '{MEMORY_LIMIT}'")
         self._exec("SET temp_directory = ?", [str(self.path.with_suffix(".tmp"))])
@@ -607,7 +607,7 @@ class Store:
             "pos": pa.array(np.asarray(positions, dtype=np.int64)),
             "pred": pa.array(probs.argmax(1).astype(np.int32)),
             "confidence": pa.array(probs.max(1).astype(np.float64)),
-            "loss": pa.array(np.where(np.isnan(losses), None, losses).tolist(), pa.float64()),
+            "loss": pa.array(losses, pa.float64(), from_pandas=True),  # from_pandas: NaN -> null
             "clean": pa.array(np.asarray(clean, dtype=bool))})
         with self._registered("incoming", batch):
             self._exec("""INSERT OR REPLACE INTO slm_scores
@@ -704,7 +704,8 @@ class Store:
         """
         if not labels:
             return {"new": 0, "changed": 0, "unchanged": 0}
-        batch = pa.table({"item_id": [h.item_id for h in labels], "label": pa.array([h.label for h in labels], pa.int32()),
+        batch = pa.table({"item_id": [h.item_id for h in labels],
+                          "label": pa.array([h.label for h in labels], pa.int32()),
                           "reviewer": pa.array([h.reviewer for h in labels], pa.string())})
         with self._registered("incoming", batch):
             counts = _first(self.con.execute("""

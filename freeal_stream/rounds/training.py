@@ -16,8 +16,8 @@ from ray.exceptions import RayActorError
 from freeal_stream.actors.trainer import TrainedSLM
 from freeal_stream.demos import select_demo_pool
 from freeal_stream.records import Demo
-from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.rounds.annotation import paraphrases
+from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.rounds.context import RoundContext
 from freeal_stream.rounds.planning import llm_losses, training_labels
 from freeal_stream.rounds.scoring import score_pool
@@ -38,7 +38,7 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
     warmup = resolve_warmup(job.freeal, n_lab, job.slm.epochs)
     rows = training_rows(labels, job.seed + round_)
     sampled = "" if len(rows) == pool.size else f", {len(rows) - n_lab:,} of them in the consistency term"
-    say = lambda msg: ctx.say(f"[round {round_} train] {msg}")  # noqa: E731
+    say = lambda msg: ctx.say(f"[round {round_} train] {msg}")
     n_human = int(human.sum())
     humans = f" ({n_human} of them human labels, clean by fiat)" if n_human else ""
     say(f"SLM in {mode} mode on {n_lab} labels{humans} + {pool.size - n_lab} unlabelled texts{sampled} "
@@ -89,7 +89,7 @@ def training_data(ctx: RoundContext, rows: np.ndarray, labels: np.ndarray, mode:
         view_emb = emb.copy()
         at = np.flatnonzero(has_view)
         if len(at):
-            view_emb[at] = ctx.session.scorers.embed(ctx.encoder, [views[k] for k in at])
+            view_emb[at] = ctx.session.scorers.embed(ctx.encoder, [v for v in views if v is not None])  # rows `at`
     return TrainingData(labels, emb=emb, view_emb=view_emb, has_view=has_view)
 
 
@@ -99,7 +99,7 @@ def _train(ctx: RoundContext, data: TrainingData, seed: int, say, stage: str) ->
     session, job = ctx.session, ctx.job
     while True:
         trainer = session.trainer
-        ref = trainer.train.remote(data, ctx.n_classes, ctx.slm, job.freeal, seed)
+        ref: ray.ObjectRef[TrainedSLM] = trainer.train.remote(data, ctx.n_classes, ctx.slm, job.freeal, seed)
         shown = None
         try:
             while not ray.wait([ref], timeout=2.0)[0]:
