@@ -79,7 +79,7 @@ class LLMConfig:
 
     base_url: str | None = None
     model: str = "qwen2.5-coder-1.5b-instruct"   # with base_url null: 10-19 points better than the 0.5B on
-                                                # MR and SUBJ at ~2.2x the time per label (BENCHMARKS.md section 9)
+                                                # MR and SUBJ at ~2.2x the time per label (BENCHMARKS.md section 11)
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.0
     max_tokens: int = 8
@@ -89,7 +89,7 @@ class LLMConfig:
                                        # `grammar` field); null = for the embedded server only
     calibrate: bool = False            # contextual calibration of the class probabilities (llm/calibration.py):
                                        # off, as it cost accuracy on MR and SUBJ with both local models
-                                       # (BENCHMARKS.md section 9)
+                                       # (BENCHMARKS.md section 11)
     concurrency: int = 1
     requests_per_minute: int = 0
     tokens_per_minute: int = 0

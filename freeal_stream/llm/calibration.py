@@ -9,7 +9,7 @@ says "objective" to everything; BENCHMARKS.md section 8). Contextual calibration
 measures the lean with the very prompt a text is asked with, but a content-free text in its place ("N/A",
 an empty text): the class probabilities those get are the prompt's prior, and a text's class probabilities
 divided by that prior (then renormalised) are what the text itself adds. It is opt-in (`llm.calibrate`): on
-MR and SUBJ it cost both local models accuracy (BENCHMARKS.md section 9; "N/A" reads as a negative,
+MR and SUBJ it cost both local models accuracy (BENCHMARKS.md section 11; "N/A" reads as a negative,
 objective text to them, so the prior over-corrects), and it leaves the 0.5B model's SUBJ answers at chance,
 as its class probabilities do not rank SUBJ texts at all.
 

@@ -91,7 +91,7 @@ def generation_messages(task_description: str, verbalizer: Verbalizer, class_idx
     """Ask for `n` new texts of one class, imitating unlabelled prototypes from the data set.
 
     The prototypes are shown as unnumbered "Example:" paragraphs and the answer is a numbered list: shown
-    as a numbered list, a 0.5B model continues it, copying every prototype (BENCHMARKS.md section 9)."""
+    as a numbered list, a 0.5B model continues it, copying every prototype (BENCHMARKS.md section 11)."""
     name, word = verbalizer.names[class_idx], verbalizer.answer_words[class_idx]
     label = word if name.casefold() == word.casefold() else f"{word} ({name})"
     system = (

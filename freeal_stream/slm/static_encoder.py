@@ -2,7 +2,7 @@
 push through a transformer on a CPU.
 
 A text's embedding is the mean of its tokens' vectors (a lookup each, no attention), so embedding costs
-about what tokenising costs: over 100x MiniLM per CPU core (BENCHMARKS.md section 9). The vectors are MiniLM's
+about what tokenising costs: over 100x MiniLM per CPU core (BENCHMARKS.md section 10). The vectors are MiniLM's
 output for each vocabulary token on its own, cut to 256 dimensions by PCA and weighted down for frequent
 tokens (SIF); model2vec computes them from the local MiniLM folder, nothing is downloaded.
 
