@@ -21,7 +21,7 @@ from freeal_stream.errors import UserError
 from freeal_stream.llm.client import ChatAnswer, ChatRequest
 from freeal_stream.records import Annotation, Demo, ItemColumns, PlanItem
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The store process's DuckDB memory: large joins and sorts spill to `<state>/duckdb.tmp` beyond it, so a pool
 # of millions is labelled and exported in bounded memory.
 MEMORY_LIMIT = "1GB"
@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS annotations (
     confidence DOUBLE, demo_ids JSON, PRIMARY KEY (item_id, round));
 CREATE TABLE IF NOT EXISTS slm_scores (
     round INTEGER NOT NULL, item_id VARCHAR NOT NULL, pred INTEGER NOT NULL, confidence DOUBLE NOT NULL,
-    loss DOUBLE, clean BOOLEAN, PRIMARY KEY (round, item_id));
+    loss DOUBLE, clean BOOLEAN, p_right DOUBLE, llm_p_right DOUBLE, PRIMARY KEY (round, item_id));
 CREATE TABLE IF NOT EXISTS demo_pools (
     round INTEGER NOT NULL, position INTEGER NOT NULL, demo_id VARCHAR NOT NULL, text VARCHAR NOT NULL,
     label INTEGER NOT NULL, source VARCHAR NOT NULL, PRIMARY KEY (round, position));
@@ -60,11 +60,16 @@ CREATE TABLE IF NOT EXISTS quarantine (
     raw VARCHAR NOT NULL, created_at DOUBLE NOT NULL);
 """
 
-# The label of record per item, by the job's `freeal.label_of_record` rule. 'llm': an LLM label stands.
-# 'slm': an LLM label that a later (or same-round) SLM put in its noisy split is replaced by the SLM's
-# prediction. Either way texts the LLM never labelled get the SLM's prediction, and `disputed` marks the
-# LLM labels that the SLM put in its noisy split, so a user can review them.
-LABEL_RULES = ("llm", "slm")
+# The label of record per item, by the job's `freeal.label_of_record` rule; texts the LLM never labelled get the
+# SLM's prediction under every rule. Where the LLM did label a text, the rule says when the SLM's prediction
+# replaces it (`slm_wins`): 'llm' never; 'slm' where a later (or same-round) SLM put the LLM's label in its noisy
+# split (`disputed`, marked under every rule so a user can review them); 'auto' where that SLM's calibrated
+# probability of being right is higher than the LLM label's (`rounds.quality`: both given both models' labels).
+# `p_right` is the label of record's calibrated probability of being right (NULL where no calibrated round has
+# scored the item); `confidence` is that probability where there is one, else the model's own confidence.
+# One layer per source, first match wins: a higher-priority source is one more CTE and one more WHEN.
+LABEL_RULES = ("llm", "slm", "auto")
+_SLM_WINS = {"llm": "false", "slm": "disputed", "auto": "coalesce(scored_after AND slm_p > llm_p, false)"}
 
 _LABELS_SQL = """
 WITH llm AS (
@@ -73,20 +78,25 @@ WITH llm AS (
     FROM annotations WHERE label IS NOT NULL GROUP BY item_id),
 slm AS (
     SELECT item_id, arg_max(pred, round) AS label, max(round) AS round,
-           arg_max(confidence, round) AS confidence, arg_max(clean, round) AS clean
+           arg_max(confidence, round) AS confidence, arg_max(clean, round) AS clean,
+           arg_max(p_right, round) AS p_right, arg_max(llm_p_right, round) AS llm_p_right
     FROM slm_scores GROUP BY item_id),
 pick AS (
     SELECT i.seq, i.id, i.text, i.gold, llm.label AS llm_label, slm.label AS slm_label,
+           coalesce(slm.round >= llm.round, false) AS scored_after,
            coalesce(slm.round >= llm.round AND NOT slm.clean, false) AS disputed,
-           llm.round AS llm_round, slm.round AS slm_round, llm.confidence AS llm_conf, slm.confidence AS slm_conf
+           llm.round AS llm_round, slm.round AS slm_round, llm.confidence AS llm_conf, slm.confidence AS slm_conf,
+           slm.p_right AS slm_p, CASE WHEN slm.round >= llm.round THEN slm.llm_p_right END AS llm_p
     FROM items i LEFT JOIN llm ON llm.item_id = i.id LEFT JOIN slm ON slm.item_id = i.id),
-ruled AS (SELECT *, llm_label IS NOT NULL AND NOT (disputed AND {replace_disputed}) AS use_llm FROM pick)
+ruled AS (SELECT *, CASE WHEN llm_label IS NOT NULL AND NOT ({slm_wins}) THEN 'llm'
+                         WHEN slm_label IS NOT NULL THEN 'slm' END AS winner FROM pick)
 SELECT seq, id, text, gold,
-       CASE WHEN use_llm THEN llm_label ELSE slm_label END AS label,
-       CASE WHEN use_llm THEN 'llm round ' || llm_round
-            WHEN slm_label IS NOT NULL THEN 'slm round ' || slm_round END AS source,
-       CASE WHEN use_llm THEN llm_conf ELSE slm_conf END AS confidence,
-       llm_label, slm_label, disputed
+       CASE winner WHEN 'llm' THEN llm_label WHEN 'slm' THEN slm_label END AS label,
+       CASE winner WHEN 'llm' THEN 'llm round ' || llm_round WHEN 'slm' THEN 'slm round ' || slm_round END AS source,
+       CASE winner WHEN 'llm' THEN coalesce(llm_p, llm_conf) WHEN 'slm' THEN coalesce(slm_p, slm_conf) END
+           AS confidence,
+       llm_label, slm_label, disputed,
+       CASE winner WHEN 'llm' THEN llm_p WHEN 'slm' THEN slm_p END AS p_right
 FROM ruled
 """
 
@@ -95,7 +105,7 @@ def _labels_sql(rule: str) -> str:
     """The label-of-record query under `rule` (one of LABEL_RULES)."""
     if rule not in LABEL_RULES:
         raise ValueError(f"label_of_record must be one of {LABEL_RULES}, not {rule!r}")
-    return _LABELS_SQL.format(replace_disputed="true" if rule == "slm" else "false")
+    return _LABELS_SQL.format(slm_wins=_SLM_WINS[rule])
 
 
 _UNSCORED_SQL = """SELECT pos FROM items WHERE id NOT IN (
@@ -131,6 +141,9 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
                        FROM items) r WHERE items.seq = r.s""").fetchall()
     if "probs" in _columns(con, "slm_scores"):   # v1 -> v2: per-item probabilities live in the round's array file
         con.execute("ALTER TABLE slm_scores DROP COLUMN probs").fetchall()
+    for column in ("p_right", "llm_p_right"):   # v2 -> v3: calibrated probabilities (the `auto` label of record)
+        if column not in _columns(con, "slm_scores"):
+            con.execute(f"ALTER TABLE slm_scores ADD COLUMN {column} DOUBLE").fetchall()
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]).fetchall()
 
 
@@ -407,18 +420,26 @@ class Store:
         return rows["pos"].astype(np.int64), rows["label"].astype(np.int64)
 
     def add_scores(self, round_: int, positions: np.ndarray, probs: np.ndarray, losses: np.ndarray,
-                   clean: np.ndarray) -> None:
-        """A round's SLM verdict on pool positions: prediction and confidence from `probs`, and the CE loss and
-        clean flag of the labelled ones (NaN / False elsewhere)."""
+                   clean: np.ndarray, p_right: np.ndarray | None = None, llm_p_right: np.ndarray | None = None
+                   ) -> None:
+        """A round's SLM verdict on pool positions: prediction and confidence from `probs`, the CE loss and
+        clean flag of the labelled ones (NaN / False elsewhere) and, from a calibrated round, the probability
+        that the prediction is right and that the LLM's label is right (NaN: none)."""
+        def column(values: np.ndarray | None) -> pa.Array:
+            if values is None:
+                return pa.nulls(len(positions), pa.float64())
+            values = np.asarray(values, dtype=np.float64)
+            return pa.array(values, mask=np.isnan(values))
+
         batch = pa.table({
             "pos": pa.array(np.asarray(positions, dtype=np.int64)),
             "pred": pa.array(probs.argmax(1).astype(np.int32)),
             "confidence": pa.array(probs.max(1).astype(np.float64)),
-            "loss": pa.array(np.where(np.isnan(losses), None, losses).tolist(), pa.float64()),
-            "clean": pa.array(np.asarray(clean, dtype=bool))})
+            "loss": column(losses), "clean": pa.array(np.asarray(clean, dtype=bool)),
+            "p_right": column(p_right), "llm_p_right": column(llm_p_right)})
         with self._registered("incoming", batch):
             self._exec("""INSERT OR REPLACE INTO slm_scores
-                          SELECT $r, i.id, n.pred, n.confidence, n.loss, n.clean
+                          SELECT $r, i.id, n.pred, n.confidence, n.loss, n.clean, n.p_right, n.llm_p_right
                           FROM incoming n JOIN items i ON i.pos = n.pos""", {"r": round_})
 
     def slm_predictions(self, round_: int) -> tuple[np.ndarray, np.ndarray]:
@@ -460,7 +481,7 @@ class Store:
 
     # ---- outputs ----------------------------------------------------------------------------------
     def labels_rows(self, rule: str) -> list[tuple]:
-        """(seq, id, text, gold, label, source, confidence, llm_label, slm_label, disputed) per item."""
+        """(seq, id, text, gold, label, source, confidence, llm_label, slm_label, disputed, p_right) per item."""
         return self.con.execute(_labels_sql(rule)).fetchall()
 
     def labels_since(self, since: int, limit: int, class_names: Sequence[str], rule: str) -> dict[str, Any]:
@@ -473,8 +494,10 @@ class Store:
 
     def gold_agreement(self, class_names: Sequence[str], rule: str) -> tuple[int, int]:
         """(items with a gold label, of which the label of record agrees): for reporting only."""
-        rows = self.con.execute(f"SELECT gold, label FROM ({_labels_sql(rule)}) WHERE gold IS NOT NULL").fetchall()
-        return len(rows), sum(1 for g, lab in rows if lab is not None and class_names[lab] == g)
+        n, right = _first(self.con.execute(f"""SELECT count(*), count(*) FILTER (WHERE list_position(?, gold) - 1 = label)
+                                               FROM ({_labels_sql(rule)}) WHERE gold IS NOT NULL""",
+                                           [list(class_names)]))
+        return n, right
 
     def export(self, path: str, fmt: str, class_names: Sequence[str], rule: str) -> int:
         """Write every item's label of record (with both models' own labels) to `path`; returns the rows."""

@@ -98,6 +98,31 @@ def test_label_of_record_under_each_rule(tmp_path):
     s.close()
 
 
+def test_auto_rule_keeps_the_label_more_likely_right(tmp_path):
+    """'auto' replaces an LLM label by the SLM's prediction only where the calibrated probabilities (stored by the
+    round that judged that LLM label) say the SLM's is more likely right; the confidence is that probability."""
+    s = Store(tmp_path / "s.duckdb")
+    s.add_items(list("adcef"), list("vwxyz"), [None] * 5, [None] * 5, list("12345"))
+    s.add_annotations(1, [Annotation(i, f"k{i}", 0, 0.9, ()) for i in "adf"])
+    probs = np.array([[0.2, 0.8], [0.4, 0.6], [0.3, 0.7], [0.5, 0.5]])
+    nan = np.nan
+    s.add_scores(1, np.arange(4), probs, np.array([3.0, 1.0, nan, nan]), np.array([True, False, False, False]),
+                 p_right=np.array([0.9, 0.3, 0.8, nan]), llm_p_right=np.array([0.1, 0.7, nan, nan]))
+    s.add_scores(1, np.array([4]), np.array([[0.1, 0.9]]), np.array([2.0]), np.array([False]))   # not calibrated
+    s.add_annotations(2, [Annotation("e", "ke", 0, 0.6, ())])   # labelled after the last SLM: nothing judged it
+    auto = {r[1]: r for r in s.labels_rows("auto")}
+    assert auto["a"][4:7] == (1, "slm round 1", 0.9) and auto["a"][10] == 0.9   # the SLM more likely right
+    assert auto["d"][4:7] == (0, "llm round 1", 0.7) and auto["d"][9]   # disputed, yet the LLM more likely right
+    assert {r[1]: r for r in s.labels_rows("slm")}["d"][4:6] == (1, "slm round 1")
+    assert auto["c"][4:7] == (1, "slm round 1", 0.8)   # never annotated: the calibrated probability
+    assert auto["e"][4:7] == (0, "llm round 2", 0.6) and auto["e"][10] is None   # not judged yet: as 'llm'
+    assert auto["f"][4:7] == (0, "llm round 1", 0.9)   # no calibration stored: the LLM's label and confidence
+    llm = {r[1]: r for r in s.labels_rows("llm")}
+    assert llm["a"][4:7] == (0, "llm round 1", 0.1)   # the rule's label, with its calibrated probability
+    assert s.label_counts("auto") == ({"llm": 3, "slm": 2}, 2)
+    s.close()
+
+
 def test_second_writer_is_refused(tmp_path):
     import subprocess
     import sys
@@ -147,8 +172,11 @@ def test_a_version_1_state_file_is_migrated_on_open(tmp_path):
     con.execute("INSERT INTO slm_scores VALUES (1, 'a', 0, 0.9, '[0.9, 0.1]', NULL, false)")
     con.close()
     s = Store(path)
-    assert s.items_range(0, 5).ids == ["a", "b"] and s.get_meta("schema_version") == "2"
+    assert s.items_range(0, 5).ids == ["a", "b"] and s.get_meta("schema_version") == "3"
     assert s.add_items(["c"], ["z"], [None], [None], ["h3"]) == 1 and list(s.positions_of(["c"])) == [2]
     positions, preds = s.slm_predictions(1)
     assert list(positions) == [0] and list(preds) == [0]
+    # v2 -> v3: the calibrated probabilities, empty for rounds scored before they existed ('auto' then acts as 'llm')
+    assert {r[1]: r for r in s.labels_rows("auto")}["a"][6:] == (0.9, None, 0, False, None)
     s.close()
+    assert Store(path).get_meta("schema_version") == "3"   # opening again changes nothing
