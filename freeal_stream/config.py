@@ -163,11 +163,14 @@ class FreeALConfig:
     query_fraction: float = 0.1         # P
     prototypes: int = 20                # Q, texts shown when generating demos
     generated_per_class: int = 10
-    # Whose label stands where the SLM puts an LLM label in its noisy split (the export marks those
-    # `disputed` either way). 'llm' (default): a strong LLM beats a small SLM there: with GPT-3.5's MR
-    # labels the SLM was right on 14% of them. 'slm': when the SLM is the stronger model, as with the
-    # bundled 0.5B LLM on the demo, where it was right on 91% (BENCHMARKS.md section 8b).
-    label_of_record: Literal["llm", "slm"] = "llm"
+    # Whose label stands where the LLM labelled a text (texts it never labelled get the SLM's under every rule):
+    # 'auto' (default): the SLM's prediction where its calibrated probability of being right beats the LLM label's
+    # (both judged given both models' labels, docs/METHOD.md section 7); 'llm': the LLM's always; 'slm': the
+    # SLM's wherever it put the LLM's label in its noisy split (`disputed`). BENCHMARKS.md section 9.
+    label_of_record: Literal["auto", "llm", "slm"] = "auto"
+    # Stop sending texts to the LLM once the export's estimated accuracy (the lower end of its interval) reaches
+    # this; null = spend the rounds and budget given.
+    target_accuracy: float | None = None
 
     def validate(self) -> None:
         _check(self.demos_per_prompt >= 0, "demos_per_prompt must be >= 0")
@@ -182,6 +185,8 @@ class FreeALConfig:
         _check(0.0 < self.query_fraction <= 1.0, "query_fraction must be in (0, 1]")
         _check(self.prototypes >= 1 and self.generated_per_class >= 1,
                "prototypes and generated_per_class must be >= 1")
+        _check(self.target_accuracy is None or 0.0 < self.target_accuracy <= 1.0,
+               "target_accuracy must be in (0, 1] (a share of the pool labelled right) or null")
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 
 from freeal_stream.config import FreeALConfig, RayConfig, SLMConfig
 from freeal_stream.slm.model import model_files
-from freeal_stream.slm.trainer import TrainingData, fit_slm
+from freeal_stream.slm.trainer import TrainingData, fit_slm, out_of_fold_logits
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class Trainer:
               ) -> TrainedSLM:
         fitted = fit_slm(data, n_classes, slm, freeal, seed=seed, progress=self._messages.append)
         return TrainedSLM(model_files(fitted.model), fitted.mode, fitted.history)
+
+    def out_of_fold(self, data: TrainingData, n_classes: int, slm: SLMConfig, freeal: FreeALConfig, folds: int,
+                    seed: int) -> np.ndarray:
+        """Logits of each labelled row from fold models that did not see its label (calibration)."""
+        return out_of_fold_logits(data, n_classes, slm, freeal, folds, seed=seed, progress=self._messages.append)
 
     def messages(self) -> list[str]:
         """Progress lines since the last call."""

@@ -6,19 +6,22 @@ the paper does. Scoring the pool is the scorer actors' job, shard by shard (`sco
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
-from freeal_stream.actors.trainer import TrainedSLM
 from freeal_stream.demos import select_demo_pool
 from freeal_stream.records import Demo
 from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.rounds.annotation import paraphrases
 from freeal_stream.rounds.context import RoundContext
 from freeal_stream.rounds.planning import llm_label_array, llm_losses
+from freeal_stream.rounds.quality import (FOLDS, OutOfFold, Tally, fit_round_calibration, item_probabilities,
+                                          slm_wins, store_quality)
 from freeal_stream.rounds.scoring import score_pool
 from freeal_stream.rounds.state import SLMState, softmax
 from freeal_stream.slm.model import write_model_files
@@ -40,10 +43,14 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
     say = lambda msg: ctx.say(f"[round {round_} train] {msg}")  # noqa: E731
     say(f"SLM in {mode} mode on {n_lab} LLM labels + {pool.size - n_lab} unlabelled texts{sampled} "
         f"(views: {view_kind(ctx)}; warm-up {warmup} epochs)")
-    trained = _train(ctx, training_data(ctx, rows, labels[rows], mode), job.seed + round_, say)
+    data = training_data(ctx, rows, labels[rows], mode)
+    shared = ray.put(data)   # sent once to the trainer, for the SLM and for the calibration's fold SLMs
+    trained = _call_trainer(
+        ctx, lambda t: t.train.remote(shared, ctx.n_classes, job.slm, job.freeal, job.seed + round_), say)
     model_dir = write_model_files(trained.files, job.state_path / "models" / f"round-{round_}")
     logits, _ = score_pool(ctx, round_, trained.files, trained.mode, fresh=True)
-    _store_scores(ctx, round_, labels, logits)
+    oof = _cross_fit(ctx, shared, data.labels, rows, trained.mode, job.seed + round_, say)
+    _store_scores(ctx, round_, labels, logits, oof)
     return model_dir
 
 
@@ -89,36 +96,62 @@ def training_data(ctx: RoundContext, rows: np.ndarray, labels: np.ndarray, mode:
     return TrainingData(labels, emb=emb, view_emb=view_emb, has_view=has_view)
 
 
-def _train(ctx: RoundContext, data: TrainingData, seed: int, say) -> TrainedSLM:
-    """Train in the trainer actor, relaying its progress lines; a trainer that dies (killed, out of memory) is
-    replaced and the training run again (it has no side effects)."""
-    session, job = ctx.session, ctx.job
+def _call_trainer(ctx: RoundContext, submit: Callable[[Any], Any], say: Callable[[str], None]) -> Any:
+    """`submit(trainer)`'s result, relaying the trainer's progress lines; a trainer that dies (killed, out of
+    memory) is replaced and the call made again (training has no side effects)."""
+    session = ctx.session
     while True:
         trainer = session.trainer
-        ref = trainer.train.remote(data, ctx.n_classes, job.slm, job.freeal, seed)
+        ref = submit(trainer)
         try:
             while not ray.wait([ref], timeout=2.0)[0]:
                 for msg in ray.get(trainer.messages.remote()):
                     say(msg)
-            trained = ray.get(ref)
+            result = ray.get(ref)
             for msg in ray.get(trainer.messages.remote()):
                 say(msg)
-            return trained
+            return result
         except RayActorError:
             say("the trainer actor died; starting a new one and training again")
             session.replace_trainer()
 
 
-def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, logits: RowArray) -> None:
-    """The SLM's prediction and confidence for every item, and its loss and clean flag for the labelled ones."""
+def _cross_fit(ctx: RoundContext, data: Any, labels: np.ndarray, rows: np.ndarray, mode: str, seed: int,
+               say: Callable[[str], None]) -> OutOfFold:
+    """Out-of-fold logits of the labelled rows, for the round's calibration (`rounds.quality`)."""
+    folds = FOLDS[mode]
+    say(f"calibration: {folds} fold SLMs, each with a {100 // folds}% share of the LLM labels hidden")
+    logits = _call_trainer(ctx, lambda t: t.out_of_fold.remote(data, ctx.n_classes, ctx.job.slm, ctx.job.freeal,
+                                                                 folds, seed), say)
+    has = labels >= 0
+    return OutOfFold(rows[has], logits[has])
+
+
+def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, logits: RowArray, oof: OutOfFold) -> None:
+    """The SLM's prediction and confidence for every item, its loss and clean flag for the labelled ones and,
+    when the round calibrates, both models' probability of being right and the export's estimate
+    (`rounds.quality`)."""
     job = ctx.job
     has = np.flatnonzero(labels >= 0)
     losses = np.full(len(labels), np.nan)
     clean = np.zeros(len(labels), bool)
     losses[has], clean[has] = final_split(logits.gather(has), labels[has], job.freeal.tau, job.seed + round_)
+    cal = fit_round_calibration(oof, labels, ctx.n_classes)
+    tally = Tally()
     for start, block in logits.shards(SCORE_WRITE_ROWS):
         at = np.arange(start, start + len(block))
-        ctx.store.add_scores(round_, at, softmax(block), losses[at], clean[at])
+        probs = None
+        if cal is not None:
+            llm = labels[at]
+            oof_block = np.full(block.shape, np.nan, dtype=np.float32)
+            oof_block[llm >= 0] = oof.logits[oof.rows(at[llm >= 0])]
+            probs = item_probabilities(cal, block, oof_block, llm)
+            wins = slm_wins(job.freeal.label_of_record, probs, llm, clean[at])
+            tally.add(np.where(wins, probs.p_right, probs.llm_p_right), wins)
+        ctx.store.add_scores(round_, at, softmax(block), losses[at], clean[at],
+                             None if probs is None else probs.p_right, None if probs is None else probs.llm_p_right)
+    if cal is not None:
+        store_quality(ctx, round_, cal, tally, labels, logits, oof, clean)
 
 
 def select_demos(ctx: RoundContext, round_: int, state: SLMState) -> tuple[list[Demo], np.ndarray]:
