@@ -94,3 +94,25 @@ def test_tally_of_an_empty_shard_changes_nothing():
     assert tally.n == 2 and tally.slm_labels == 1 and tally.coverage()[0] == {"threshold": 0.5, "share": 1.0,
                                                                              "accuracy": 0.75}
     assert isinstance(ItemProbabilities(np.zeros(1), np.zeros(1)).p_right, np.ndarray)
+
+
+def test_out_of_fold_logits_come_from_models_that_never_saw_the_label():
+    """Each labelled row is scored by the fold model that had its label hidden; unlabelled rows get none. A row
+    whose label contradicts its neighbours is scored against that label out of fold (a model trained on it
+    would have fitted it)."""
+    from freeal_stream.config import FreeALConfig, SLMConfig
+    from freeal_stream.slm.trainer import TrainingData, fold_of, out_of_fold_logits
+
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=(2, 384)).astype(np.float32)
+    labels = np.array([0, 1] * 40 + [-1] * 10)
+    emb = centre[np.maximum(labels, 0)] + 0.3 * rng.normal(size=(90, 384)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels[0] = 1   # a wrong label on a class-0 row
+    out = out_of_fold_logits(TrainingData(labels, emb=emb), 2, SLMConfig(mode="head", epochs=2), FreeALConfig(), 4,
+                             seed=0)
+    assert np.isnan(out[labels < 0]).all() and np.isfinite(out[labels >= 0]).all()
+    assert out[0].argmax() == 0                                 # out of fold, the wrong label is not believed
+    assert (out[1:80].argmax(1) == labels[1:80]).mean() > 0.9
+    capped = fold_of(labels, 4, seed=0, held_out=5)
+    assert np.bincount(capped[capped >= 0]).tolist() == [5, 5, 5, 5] and (capped[labels < 0] == -1).all()

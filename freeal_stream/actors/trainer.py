@@ -43,9 +43,10 @@ class Trainer:
         return TrainedSLM(model_files(fitted.model), fitted.mode, fitted.history)
 
     def out_of_fold(self, data: TrainingData, n_classes: int, slm: SLMConfig, freeal: FreeALConfig, folds: int,
-                    seed: int) -> np.ndarray:
-        """Logits of each labelled row from fold models that did not see its label (calibration)."""
-        return out_of_fold_logits(data, n_classes, slm, freeal, folds, seed=seed, progress=self._messages.append)
+                    held_out: int, seed: int) -> np.ndarray:
+        """Logits of labelled rows from fold models that did not see their label (calibration)."""
+        return out_of_fold_logits(data, n_classes, slm, freeal, folds, held_out=held_out, seed=seed,
+                                  progress=self._messages.append)
 
     def messages(self) -> list[str]:
         """Progress lines since the last call."""

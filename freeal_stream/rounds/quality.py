@@ -27,6 +27,7 @@ from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.rounds.context import RoundContext
 
 FOLDS = {"head": 5, "finetune": 2}   # fold SLMs per round: heads are cheap; a fine-tune costs a full training
+CALIBRATION_ITEMS = 20_000          # LLM labels the folds hide, at most (all of them below): what the fit needs
 BOOTSTRAP = 100                     # refits of the calibration for the interval
 INTERVAL = 0.9                      # the interval's coverage
 SAMPLE = 100_000                    # pool positions the bootstrap re-evaluates (all of a smaller pool)
@@ -36,14 +37,19 @@ _META = "quality/round-{}"
 
 @dataclass(frozen=True)
 class OutOfFold:
-    """Logits of the LLM-labelled pool positions (sorted) from fold SLMs that did not train on their labels."""
+    """Logits of LLM-labelled pool positions (sorted) from fold SLMs that did not train on their labels."""
 
     positions: np.ndarray
     logits: np.ndarray
 
-    def rows(self, positions: np.ndarray) -> np.ndarray:
-        """Row of each position in `logits` (positions must be among `self.positions`)."""
-        return np.searchsorted(self.positions, positions)
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """The logits of these positions; zeros (no opinion) for a labelled position no fold held out (above
+        CALIBRATION_ITEMS labels), since the round's own SLM, trained on its label, is no judge of it."""
+        out = np.zeros((len(positions), self.logits.shape[1]), dtype=np.float32)
+        k = np.minimum(np.searchsorted(self.positions, positions), max(0, len(self.positions) - 1))
+        found = (self.positions[k] == positions) if len(self.positions) else np.zeros(len(positions), bool)
+        out[found] = self.logits[k[found]]
+        return out
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ def store_quality(ctx: RoundContext, round_: int, cal: Calibration, tally: Tally
     llm = labels[sample]
     oof_rows = np.full((len(sample), ctx.n_classes), np.nan, dtype=np.float32)
     has = llm >= 0
-    oof_rows[has] = oof.logits[oof.rows(sample[has])]
+    oof_rows[has] = oof.at(sample[has])
     low, high = interval(rule, cal, logits.gather(sample), oof_rows, llm, clean[sample],
                          (oof.logits, labels[oof.positions]), ctx.job.seed + round_)
     point = tally.total / tally.n

@@ -20,7 +20,7 @@ from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.rounds.annotation import paraphrases
 from freeal_stream.rounds.context import RoundContext
 from freeal_stream.rounds.planning import llm_label_array, llm_losses
-from freeal_stream.rounds.quality import (FOLDS, OutOfFold, Tally, fit_round_calibration, item_probabilities,
+from freeal_stream.rounds.quality import (CALIBRATION_ITEMS, FOLDS, OutOfFold, Tally, fit_round_calibration, item_probabilities,
                                           slm_wins, store_quality)
 from freeal_stream.rounds.scoring import score_pool
 from freeal_stream.rounds.state import SLMState, softmax
@@ -49,7 +49,7 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
         ctx, lambda t: t.train.remote(shared, ctx.n_classes, job.slm, job.freeal, job.seed + round_), say)
     model_dir = write_model_files(trained.files, job.state_path / "models" / f"round-{round_}")
     logits, _ = score_pool(ctx, round_, trained.files, trained.mode, fresh=True)
-    oof = _cross_fit(ctx, shared, data.labels, rows, trained.mode, job.seed + round_, say)
+    oof = _cross_fit(ctx, shared, rows, trained.mode, job.seed + round_, say)
     _store_scores(ctx, round_, labels, logits, oof)
     return model_dir
 
@@ -116,14 +116,16 @@ def _call_trainer(ctx: RoundContext, submit: Callable[[Any], Any], say: Callable
             session.replace_trainer()
 
 
-def _cross_fit(ctx: RoundContext, data: Any, labels: np.ndarray, rows: np.ndarray, mode: str, seed: int,
+def _cross_fit(ctx: RoundContext, data: Any, rows: np.ndarray, mode: str, seed: int,
                say: Callable[[str], None]) -> OutOfFold:
     """Out-of-fold logits of the labelled rows, for the round's calibration (`rounds.quality`)."""
     folds = FOLDS[mode]
-    say(f"calibration: {folds} fold SLMs, each with a {100 // folds}% share of the LLM labels hidden")
+    held_out = CALIBRATION_ITEMS // folds
+    say(f"calibration: {folds} fold SLMs, each with a {100 // folds}% share of the LLM labels (at most {held_out:,}) "
+        "hidden")
     logits = _call_trainer(ctx, lambda t: t.out_of_fold.remote(data, ctx.n_classes, ctx.job.slm, ctx.job.freeal,
-                                                                 folds, seed), say)
-    has = labels >= 0
+                                                                 folds, held_out, seed), say)
+    has = ~np.isnan(logits).any(1)
     return OutOfFold(rows[has], logits[has])
 
 
@@ -144,7 +146,7 @@ def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, logits: Ro
         if cal is not None:
             llm = labels[at]
             oof_block = np.full(block.shape, np.nan, dtype=np.float32)
-            oof_block[llm >= 0] = oof.logits[oof.rows(at[llm >= 0])]
+            oof_block[llm >= 0] = oof.at(at[llm >= 0])
             probs = item_probabilities(cal, block, oof_block, llm)
             wins = slm_wins(job.freeal.label_of_record, probs, llm, clean[at])
             tally.add(np.where(wins, probs.p_right, probs.llm_p_right), wins)

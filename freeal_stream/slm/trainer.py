@@ -343,24 +343,31 @@ def fit_slm(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALCo
     return FittedSLM(model, data.mode, history)
 
 
-def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Each labelled row's fold (0..folds-1, balanced within each class), -1 for rows without a label."""
+def fold_of(labels: np.ndarray, folds: int, seed: int, held_out: int | None = None) -> np.ndarray:
+    """Each labelled row's fold (0..folds-1, balanced within each class), -1 for rows without a label and, beyond
+    `held_out` rows per fold, for rows no fold hides (calibration needs a few thousand, not millions)."""
     fold = np.full(len(labels), -1, dtype=np.int64)
     rng = np.random.default_rng(seed)
     for c in np.unique(labels[labels >= 0]):
         rows = rng.permutation(np.flatnonzero(labels == c))
         fold[rows] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    if held_out is not None and (fold >= 0).sum() > folds * held_out:
+        for k in range(folds):
+            rows = rng.permutation(np.flatnonzero(fold == k))
+            fold[rows[held_out:]] = -1
     return fold
 
 
 def out_of_fold_logits(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALConfig, folds: int, *,
-                       seed: int = 0, progress: Callable[[str], None] | None = None) -> np.ndarray:
-    """Logits for every labelled row from an SLM that did not train on its label: `folds` SLMs, each trained as
-    `fit_slm` trains one with one fold's labels hidden (those rows stay in the consistency term, which uses no
-    label). Rows without a label get NaN. What calibration needs: a model's confidence judged on labels it
-    never fitted (its own training labels it has partly memorised)."""
+                       held_out: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None
+                       ) -> np.ndarray:
+    """Logits for labelled rows from an SLM that did not train on their label: `folds` SLMs, each trained as
+    `fit_slm` trains one with one fold's labels (at most `held_out` of them) hidden; those rows stay in the
+    consistency term, which uses no label. Rows without a label, or hidden by no fold, get NaN. What calibration
+    needs: a model's confidence judged on labels it never fitted (its own training labels it has partly
+    memorised)."""
     labels = np.asarray(data.labels, dtype=np.int64)
-    fold = fold_of(labels, folds, seed)
+    fold = fold_of(labels, folds, seed, held_out)
     out = np.full((len(labels), n_classes), np.nan, dtype=np.float32)
     say = progress or (lambda _msg: None)
     for k in range(folds):
