@@ -68,7 +68,8 @@ def format_estimate_lines(est: dict[str, Any]) -> list[str]:
     """Two lines: the export's estimated accuracy with its interval, then the coverage table in short."""
     cover = ", ".join(f">= {c['threshold']:g}: {100 * c['share']:.0f}% at {c['accuracy']:.3f}" for c in est["coverage"]
                       if c["accuracy"] is not None and c["threshold"] in SHORT_COVERAGE)
-    return [f"export accuracy, estimated without gold after round {est['round']}: {est['accuracy']:.3f} "
+    over = f" over its {est['items']:,} items" if "items" in est else ""
+    return [f"export accuracy, estimated without gold after round {est['round']}{over}: {est['accuracy']:.3f} "
             f"({100 * est['interval']:.0f}% interval {est['low']:.3f}-{est['high']:.3f}; label_of_record "
             f"'{est['rule']}', SLM labels {100 * est['slm_labels']:.0f}% of the pool)",
             f"  keeping only labels at least this likely right (share of pool at est. accuracy): {cover}"]

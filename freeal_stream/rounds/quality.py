@@ -155,7 +155,7 @@ def store_quality(ctx: RoundContext, round_: int, cal: Calibration, tally: Tally
                          (oof.logits, labels[oof.positions]), ctx.job.seed + round_)
     point = tally.total / tally.n
     est = {"accuracy": round(point, 4), "low": round(min(low, point), 4), "high": round(max(high, point), 4),
-           "interval": INTERVAL, "rule": rule, "slm_labels": round(tally.slm_labels / tally.n, 4),
+           "interval": INTERVAL, "rule": rule, "items": tally.n, "slm_labels": round(tally.slm_labels / tally.n, 4),
            "coverage": tally.coverage()}
     ctx.store.set_meta(_META.format(round_), json.dumps({"calibration": cal.to_json(), "estimate": est}))
     return est
