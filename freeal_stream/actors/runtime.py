@@ -40,8 +40,10 @@ def start_ray(cfg: RayConfig, address: str | None = None) -> tuple[str, bool]:
         ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
         return f"Ray cluster at {target}", False
     cpus = max(2, cfg.local_cpus or os.cpu_count() or 1)   # the trainer and a scorer take one logical CPU each
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             configure_logging=True)
+    # address "local": a new Ray of our own, even when `ray start` left a cluster running on this machine (without
+    # it ray.init joins that cluster, and refuses the num_cpus given)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False, configure_logging=True)
     return f"local Ray ({cpus} CPUs)", True
 
 
