@@ -170,6 +170,32 @@ def test_accuracy(model_dir: Path, test: pd.DataFrame, classes: list[str], cache
     return float((pred == np.array([classes.index(g) for g in test["label"]])).mean())
 
 
+def shared_errors(state: Path, classes: list[str]) -> dict[str, Any]:
+    """How often the LLM is wrong where the SLM is wrong, and where it is right, on texts the SLM had not trained on:
+    each text first labelled in round r >= 2, judged by round r-1's SLM (its prediction then was out of sample).
+    Under independent errors the two rates are equal; the gold-free estimate assumes they are."""
+    import duckdb
+
+    con = duckdb.connect(str(state / "freeal.duckdb"), read_only=True)
+    try:
+        rows = con.execute("""
+            WITH first AS (SELECT item_id, min(round) AS round FROM annotations GROUP BY item_id)
+            SELECT list_position(?, i.gold) - 1, a.label, s.pred
+            FROM first f JOIN annotations a ON a.item_id = f.item_id AND a.round = f.round
+            JOIN slm_scores s ON s.item_id = f.item_id AND s.round = f.round - 1
+            JOIN items i ON i.id = f.item_id
+            WHERE f.round >= 2 AND a.label IS NOT NULL AND i.gold IS NOT NULL""", [classes]).fetchall()
+    finally:
+        con.close()
+    gold, llm, slm = (np.array(c) for c in zip(*rows)) if rows else (np.zeros(0),) * 3
+    slm_wrong, llm_wrong = slm != gold, llm != gold
+    return {"texts": len(rows), "slm_wrong": round(float(slm_wrong.mean()), 4),
+            "llm_wrong": round(float(llm_wrong.mean()), 4),
+            "llm_wrong_where_slm_wrong": round(float(llm_wrong[slm_wrong].mean()), 4),
+            "llm_wrong_where_slm_right": round(float(llm_wrong[~slm_wrong].mean()), 4),
+            "agreement": round(float((llm == slm).mean()), 4)}
+
+
 def run_condition(dataset: str, cond: dict[str, Any], pool: Path, train: pd.DataFrame, test: pd.DataFrame,
                   url: str, args: argparse.Namespace, save) -> dict[str, Any]:
     """One `run` of all the condition's rounds (a rerun resumes), then the per-round figures the loop stored
@@ -224,6 +250,8 @@ def run_condition(dataset: str, cond: dict[str, Any], pool: Path, train: pd.Data
         if entry["rounds"] and abs(acc - entry["rounds"][-1]["export_acc"][rule]) > 1e-4:
             raise SystemExit(f"{cond['key']}: the export under '{rule}' is {acc:.4f} right, the last round's figure "
                              f"says {entry['rounds'][-1]['export_acc'][rule]:.4f}")
+    entry["shared_errors"] = shared_errors(state, classes)
+    print(f"  [{cond['key']}] errors on texts the SLM had not trained on: {entry['shared_errors']}", flush=True)
     save(entry)
     return entry
 
