@@ -1,4 +1,6 @@
 # The two set-up commands of the README: `make demo` and `make test`.
+# A job's own local Ray listens on 127.0.0.1 only (freeal_stream/actors/runtime.py); tests that start Ray
+# themselves need this too, or Ray 2.60 writes a token under ~/.ray. Joining a cluster needs token auth.
 export RAY_AUTH_MODE := disabled
 export OMP_WAIT_POLICY := PASSIVE
 export HF_HUB_OFFLINE := 1

@@ -5,7 +5,7 @@ queries through the project's own path: class-balanced retrieval, query grouping
 LLMClient. Demos are gold-labelled texts from the demo data (a fixed pool, so only the grouping differs);
 accuracy against gold is printed because grouping trades retrieval precision for cache hits.
 
-    .venv/bin/python bench/bench_annotator.py [--queries 48] [--groups 1,8,16] [--out bench/results/annotator.json]
+    .venv/bin/python -m bench.bench_annotator [--queries 48] [--groups 1,8,16] [--out bench/results/annotator.json]
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import REPO
 from freeal_stream.config import LLMConfig
 from freeal_stream.demos import group_queries, retrieve_for_groups
 from freeal_stream.llm.client import ChatRequest, LLMClient
@@ -26,12 +27,11 @@ from freeal_stream.llm.verbalizer import Verbalizer
 from freeal_stream.local_llm import LocalLLMServer
 from freeal_stream.slm.encoder import Encoder
 
-ROOT = Path(__file__).resolve().parents[1]
 TASK = ("Classify the customer support message by its main topic: billing, technical, shipping or account.")
 
 
 def load(n_demo_per_class: int, n_queries: int, seed: int) -> tuple[list, list, Verbalizer]:
-    with open(ROOT / "jobs" / "data" / "support_tickets.csv", encoding="utf-8") as f:
+    with open(REPO / "jobs" / "data" / "support_tickets.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     verb = Verbalizer({c: [c] for c in ("billing", "technical", "shipping", "account")})
     rng = np.random.default_rng(seed)
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=8, help="demos per prompt")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "annotator.json"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "annotator.json"))
     args = ap.parse_args()
     demos, queries, verb = load(args.demos_per_class, args.queries, args.seed)
     enc = Encoder("all-MiniLM-L6-v2", max_length=64)

@@ -10,18 +10,18 @@ reference; for a few of those SLMs the demo pool's precision over clean_ratio R 
 The best validation config per budget is then trained on the matching rows of the whole train set and
 scored ONCE on the test set next to the current defaults (a confirmation, not a selection).
 
-    bench/bench_defaults.py --seeds 0,1 --confirm-seeds 0,1,2
+    python -m bench.bench_defaults --seeds 0,1 --confirm-seeds 0,1,2
 
 -> bench/results/defaults_mr.json and defaults_mr.png. A check that the chosen warm-up holds on noisier labels
 (GPT-3.5's labels with 15% more flipped at random, ~80% right, as in the demo):
 
-    bench/bench_defaults.py --budgets noisy --small-grid --skip-confirm --out bench/results/defaults_mr_noisy.json
+    python -m bench.bench_defaults --budgets noisy --small-grid --skip-confirm --out bench/results/defaults_mr_noisy.json
 
 Fine-tune mode (the whole encoder; ~3x slower an epoch for the recipe than for CE) on a stratified
 `--fit-limit` subset of the fit part, scored on the same validation rows; the test-set confirmation then
 trains on `load_mr`'s stratified subset of that size, the subset of BENCHMARKS 4b.3:
 
-    bench/bench_defaults.py --mode finetune --fit-limit 1000 --budgets all --small-grid --threads 2 \
+    python -m bench.bench_defaults --mode finetune --fit-limit 1000 --budgets all --small-grid --threads 2 \
         --out bench/results/defaults_mr_finetune.json
 """
 from __future__ import annotations
@@ -37,12 +37,22 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
+from bench.mr_data import (
+    CLASSES,
+    RESULTS,
+    add_mr_args,
+    demo_pool_precision,
+    label_index,
+    load_mr,
+    mean_std,
+    mr_present,
+    plot,
+    stratified_subset,
+    views_of,
+    write_merged,
+)
 from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.trainer import Recipe, resolve_warmup, train_slm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mr_data import (CLASSES, RESULTS, add_mr_args, demo_pool_precision, label_index, load_mr,  # noqa: E402
-                     mean_std, mr_present, plot, stratified_subset, views_of, write_merged)
 
 VAL_FRACTION = 0.2
 WARMUPS, TAUS, EPOCHS, HIDDEN = (1, 2, 3), (0.5, 0.7, 0.9), (4, 8), (1024,)

@@ -11,7 +11,7 @@ are disputed, and how often the SLM is right on them. Two kinds of run:
     defaults) trained on all 8,662 labels, one run per seed; disputed = the LLM-labelled rows outside the
     GMM clean set, exactly as the store decides it.
 
-    bench/bench_label_of_record.py --mr --seeds 0,1 --state .freeal/demo --state /tmp/benchC_loop/state_mr_full_s0_n600
+    python -m bench.bench_label_of_record --mr --seeds 0,1 --state .freeal/demo --state /tmp/benchC_loop/state_mr_full_s0_n600
 
 -> bench/results/label_of_record.json and label_of_record.png
 """
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mr_data import RESULTS, add_mr_args, label_index, load_mr, mr_present, plot  # noqa: E402
+from bench.mr_data import RESULTS, add_mr_args, label_index, load_mr, mr_present, plot
 
 
 def summary(llm: np.ndarray, slm: np.ndarray, slm_conf: np.ndarray, gold: np.ndarray, disputed: np.ndarray) -> dict:
@@ -63,9 +62,10 @@ def from_state(state: Path) -> dict:
 
 def from_mr(data_dir: Path, seeds: list[int], cache_dir: Path) -> list[dict]:
     """MR with GPT-3.5's labels: the robust head-mode SLM, per seed."""
+    from mr_data import CLASSES, views_of
+
     from freeal_stream.config import FreeALConfig, SLMConfig
     from freeal_stream.slm.trainer import Recipe, train_slm
-    from mr_data import CLASSES, views_of
 
     train, _ = load_mr(data_dir, None)
     labels, gold = label_index(train["gpt35_label"]), label_index(train["label"])

@@ -16,8 +16,8 @@ record (what `export` would write) against gold, requests, prompt/completion/cac
 `llm_answers` table: `Store.spent`), and wall time. Results are merged into bench/results/loop_<dataset>.json
 after every round (so a run cut short keeps what it finished) and plotted to bench/results/loop_<dataset>.png.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_loop.py --dataset mr --n-train 600
-    PYTHONPATH=. .venv/bin/python bench/bench_loop.py --plot-only --dataset mr
+    .venv/bin/python -m bench.bench_loop --dataset mr --n-train 600
+    .venv/bin/python -m bench.bench_loop --plot-only --dataset mr
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-ROOT = Path(__file__).resolve().parent
-DATA_DIR = ROOT.parent.parent / "shared" / "data"
+from bench.common import REPO, RESULTS
+
+DATA_DIR = REPO.parent / "shared" / "data"
 
 DATASETS: dict[str, dict[str, Any]] = {
     "mr": {
@@ -197,10 +198,10 @@ def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: 
 def run_schedule(dataset: str, schedule: str, seed: int, data_path: Path, train: pd.DataFrame,
                  test: pd.DataFrame, args: argparse.Namespace, save: Any) -> dict[str, Any]:
     from freeal_stream.config import load_job
-    from freeal_stream.loop import FreeALRun
-    from freeal_stream.rounds.metrics import format_round
-    from freeal_stream.progress import Progress
     from freeal_stream.intake import ingest
+    from freeal_stream.loop import FreeALRun
+    from freeal_stream.progress import Progress
+    from freeal_stream.rounds.metrics import format_round
     from freeal_stream.session import open_session
 
     state = args.work / f"state_{dataset}_{schedule}_s{seed}_n{len(train)}"
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete this run's state first (else a rerun resumes)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
     ap.add_argument("--work", type=Path, default=Path("/tmp/benchB_loop"))
-    ap.add_argument("--results", type=Path, default=ROOT / "results")
+    ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -12,7 +12,7 @@ run, same seeds.
   random sampling at the same sizes for reference);
 - the references from the same run: gold CE, GPT-3.5 plain CE, GPT-3.5 + robust recipe (FreeAL's SLM).
 
-    bench/bench_peers.py --seeds 0,1,2
+    python -m bench.bench_peers --seeds 0,1,2
 
 -> bench/results/peers_mr.json and peers_mr.png. Head mode (frozen all-MiniLM-L6-v2 + MLP), fixed epochs,
 nothing selected on the test set.
@@ -23,18 +23,25 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.mr_data import (
+    CLASSES,
+    RESULTS,
+    add_mr_args,
+    label_index,
+    load_mr,
+    mean_std,
+    mr_present,
+    plot,
+    train_and_score,
+    write_merged,
+)
 from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.trainer import Recipe, train_slm
 from strategies.measures import uncertainty
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mr_data import (CLASSES, RESULTS, add_mr_args, label_index, load_mr, mean_std, mr_present,  # noqa: E402
-                     plot, train_and_score, write_merged)
 
 AL_BATCH = 0.05   # of the pool per query batch (and the random start); 10 retrainings to 50% on a slow box
 AL_CHECKPOINTS = (0.10, 0.20, 0.50)

@@ -20,9 +20,9 @@ State lives under --work (default /tmp/bench_pool_quality), never in the repo; t
 pool are computed once per data set and copied into each new state (they depend on the texts only).
 Results merge into bench/results/pool_quality_<dataset>.json after every round; a plot goes beside it.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_pool_quality.py --data-dir ../shared/data --dataset mr \
-        --strategies random --modes head --rules llm --rounds 3 --seeds 0      # the issue's baseline (~79.3%)
-    PYTHONPATH=. .venv/bin/python bench/bench_pool_quality.py --plot-only --dataset mr
+    .venv/bin/python -m bench.bench_pool_quality --dataset mr --strategies random --modes head --rules llm \
+        --rounds 3 --seeds 0      # the issue's baseline (~79.3%)
+    .venv/bin/python -m bench.bench_pool_quality --plot-only --dataset mr
 """
 from __future__ import annotations
 
@@ -40,11 +40,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mr_data import DATA_DIR, RESULTS, plot, write_merged
+from bench.common import REPO, RESULTS, data_dir, result_meta
+from bench.mr_data import plot, write_merged
 
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = str(REPO / ".venv" / "bin" / "python")
+PYTHON = sys.executable
 NO_ANSWER = "unsure"   # what the replayed LLM says where GPT-3.5 gave no usable answer: no class word
 ENV = {"RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -344,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llm-accuracy", type=float, default=0.9, help="the simulated LLM's accuracy (SUBJ)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="delete each condition's state first (else resume)")
-    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ap.add_argument("--data-dir", type=Path, default=None, help="default: $FREEAL_DATA_DIR or ../shared/data")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_pool_quality"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot-only", action="store_true")
@@ -357,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows, data["_reference"]["llm_everywhere"])
         plot_curves(rows, data["_reference"]["llm_everywhere"], out.with_suffix(".png"), data["_reference"]["title"])
         return 0
+    args.data_dir = data_dir(args.data_dir)
     if not (args.data_dir / args.dataset / "train.csv").exists():
         print(f"skip: {args.dataset} not found under {args.data_dir} (expected {args.dataset}/train.csv, test.csv); "
               "pass --data-dir to point at it", file=sys.stderr)
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
            else f"a simulated LLM {args.llm_accuracy:.0%} right")
     title = (f"{args.dataset.upper()} ({len(train):,} texts): export accuracy vs LLM spend; {llm}; "
              f"P = {args.fraction:.0%} a round")
-    write_merged(out, "_reference", {"llm_everywhere": reference, "title": title, "llm": llm})
+    write_merged(out, "_reference", {"llm_everywhere": reference, "title": title, "llm": llm,
+                                     **result_meta(vars(args))})
     print(f"{args.dataset}: pool {len(train)}, LLM everywhere {100 * reference:.2f}%; work {args.work}; -> {out}",
           flush=True)
     server = InstantServer(table, 1.0 if DATASETS[args.dataset]["llm_column"] else args.llm_accuracy,

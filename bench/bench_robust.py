@@ -9,9 +9,9 @@ against gold of the GMM clean set (SLMResult.clean) and of the demo pool that lo
 build from that SLM (freeal_stream.demos.select_demo_pool with FreeALConfig's clean_ratio R and
 medoids_per_class k). Fixed epochs; nothing is selected on test.
 
-    bench/bench_robust.py --mode head --seeds 0,1,2
-    bench/bench_robust.py --mode finetune --train-limit 1000 --seeds 0,1,2 --conditions a_gold_ce,b_gpt35_ce,c_gpt35_robust_bt
-    bench/bench_robust.py --mode finetune --train-limit 1000 --combine A.json B.json   # merge split runs
+    python -m bench.bench_robust --mode head --seeds 0,1,2
+    python -m bench.bench_robust --mode finetune --train-limit 1000 --seeds 0,1,2 --conditions a_gold_ce,b_gpt35_ce,c_gpt35_robust_bt
+    python -m bench.bench_robust --mode finetune --train-limit 1000 --combine A.json B.json   # merge split runs
 
 -> bench/results/slm_robust.json (merged under a key naming mode and options) and slm_robust_<key>.png
 """
@@ -25,12 +25,9 @@ from pathlib import Path
 
 import torch
 
+from bench.mr_data import RESULTS, add_mr_args, bar_plot, load_mr, mean_std, mr_present, train_and_score, write_merged
 from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.trainer import Recipe, resolve_device
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mr_data import (RESULTS, add_mr_args, bar_plot, load_mr, mean_std, mr_present,  # noqa: E402
-                     train_and_score, write_merged)
 
 CONDITIONS = {  # name -> (label column, recipe, use the back-translation view)
     "a_gold_ce": ("label", Recipe.plain_ce(), False),

@@ -22,7 +22,7 @@ machine: compare the ratios, not the absolute speeds across runs.
    lines are timestamped as they appear; the CLI logs are kept under --logs.
 
     RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=. \
-        .venv/bin/python bench/bench_service.py [--parts ingest,fake,llm,resume] [--out bench/results/service.json]
+        .venv/bin/python -m bench.bench_service [--parts ingest,fake,llm,resume] [--out bench/results/service.json]
 """
 from __future__ import annotations
 
@@ -42,50 +42,47 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import duckdb
+import openai
+import ray
 
-import duckdb  # noqa: E402
-import openai  # noqa: E402
-import ray  # noqa: E402
-
-from freeal_stream.actors.annotators import AnnotatorPool, wait_for_actors  # noqa: E402
-from freeal_stream.actors.store_actor import start_store  # noqa: E402
-from freeal_stream.config import DataConfig, LLMConfig  # noqa: E402
-from freeal_stream.llm.client import ChatAnswer, ChatRequest, LLMClient  # noqa: E402
-from freeal_stream.llm.prompts import TEMPLATE_VERSION, annotation_messages  # noqa: E402
-from freeal_stream.llm.verbalizer import Verbalizer  # noqa: E402
-from freeal_stream.intake import add_batch, batch_from_items  # noqa: E402
-from freeal_stream.service.client import ServiceClient  # noqa: E402
-from freeal_stream.service.http_api import ApiHandlers, ApiServer  # noqa: E402
-from freeal_stream.sources import content_hash, read_items  # noqa: E402
-from freeal_stream.store import Store  # noqa: E402
+from bench.common import REPO
+from freeal_stream.actors.annotators import AnnotatorPool, wait_for_actors
+from freeal_stream.actors.runtime import start_ray
+from freeal_stream.actors.store_actor import start_store
+from freeal_stream.config import DataConfig, LLMConfig, RayConfig
+from freeal_stream.intake import add_batch, batch_from_items
+from freeal_stream.llm.client import ChatAnswer, ChatRequest, LLMClient
+from freeal_stream.llm.prompts import TEMPLATE_VERSION, annotation_messages
+from freeal_stream.llm.verbalizer import Verbalizer
+from freeal_stream.service.client import ServiceClient
+from freeal_stream.service.http_api import ApiHandlers, ApiServer
+from freeal_stream.sources import content_hash, read_items
+from freeal_stream.store import Store
 
 STARTUP = "startup_s (to 'running on local Ray')"
-MR = ROOT.parent / "shared" / "data" / "mr" / "train.csv"
+MR = REPO.parent / "shared" / "data" / "mr" / "train.csv"
 TASK = "Classify the sentiment of the movie review: negative or positive."
 PLAIN1 = "plain openai loop, 1 in flight"
 PLAIN2 = "plain openai thread pool, 2 in flight"
 ACTORS1 = "AnnotatorPool 1 actor (1 in flight) + store actor"
 ACTORS2 = "AnnotatorPool 2 actors (2 in flight: the default for concurrency 1) + store actor"
 VERB = Verbalizer({"negative": ["negative"], "positive": ["positive"]})
-WORDS = ("the film plot actor scene slow funny dull great script score music ending twist cast camera story "
-         "pace drama comedy horror sequel director dialogue visual effect moving boring clever charming flat "
-         "heart tense cheap smart long short dark bright warm cold loud quiet order refund delivery parcel "
-         "invoice login password screen crash update button account email card price").split()
+WORDS = ["the", "film", "plot", "actor", "scene", "slow", "funny", "dull", "great", "script", "score", "music", "ending", "twist", "cast", "camera", "story", "pace", "drama", "comedy", "horror", "sequel", "director", "dialogue", "visual", "effect", "moving", "boring", "clever", "charming", "flat", "heart", "tense", "cheap", "smart", "long", "short", "dark", "bright", "warm", "cold", "loud", "quiet", "order", "refund", "delivery", "parcel", "invoice", "login", "password", "screen", "crash", "update", "button", "account", "email", "card", "price"]
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE",
+    return dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE",
                 HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def _start_ray() -> None:
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_ray(RayConfig(local_cpus=2), address="local")
 
 
 # ---- 1. ingestion ---------------------------------------------------------------------------------------
@@ -365,10 +362,10 @@ def part_llm(tmp: Path, n_req: int, n_req_demo: int, reps: int) -> dict[str, Any
                         concurrency=1, max_retries=0)
         # warm-up: the first request pays for the cold system prompt; neither method should
         run_plain(base_url, build_requests(cfg, rows[-2:], None, 8, 0), 1)
-        plain1 = lambda reqs, p: run_plain(base_url, reqs, 1)  # noqa: E731
-        plain2 = lambda reqs, p: run_plain(base_url, reqs, 2)  # noqa: E731
-        actors1 = lambda reqs, p: run_actors(base_url, cfg, reqs, p, size=1, chunk=16)  # noqa: E731
-        actors2 = lambda reqs, p: run_actors(base_url, cfg, reqs, p, size=2, chunk=16)  # noqa: E731
+        plain1 = lambda reqs, p: run_plain(base_url, reqs, 1)
+        plain2 = lambda reqs, p: run_plain(base_url, reqs, 2)
+        actors1 = lambda reqs, p: run_actors(base_url, cfg, reqs, p, size=1, chunk=16)
+        actors2 = lambda reqs, p: run_actors(base_url, cfg, reqs, p, size=2, chunk=16)
         offset = 0
         for shape, n, demos, methods in (
                 ("zero-shot", n_req, None, {PLAIN1: plain1, PLAIN2: plain2, ACTORS1: actors1, ACTORS2: actors2}),
@@ -391,7 +388,7 @@ def part_llm(tmp: Path, n_req: int, n_req_demo: int, reps: int) -> dict[str, Any
     return out
 
 
-FAKE_SERVER = ("import sys\nfrom tests.fake_openai_server import FakeOpenAIServer\n"
+FAKE_SERVER = ("import sys\nfrom freeal_stream.testing.fake_openai_server import FakeOpenAIServer\n"
                "with FakeOpenAIServer() as s:\n    print(s.base_url, flush=True)\n    sys.stdin.read()\n")
 
 
@@ -399,7 +396,7 @@ def part_fake(tmp: Path, n_req: int, reps: int) -> dict[str, Any]:
     """Per-request overhead with a server that answers at once, in its own process (no GIL shared with us)."""
     _start_ray()
     proc = subprocess.Popen([sys.executable, "-c", FAKE_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=_env(), cwd=ROOT)
+                            text=True, env=_env(), cwd=REPO)
     base_url = proc.stdout.readline().strip()
     rows = mr_rows(1)
     try:
@@ -436,13 +433,13 @@ def store_call_costs(tmp: Path, rows: list[tuple[str, int]]) -> dict[str, float]
     store = Store(tmp / "calls-direct.duckdb")
     t = time.perf_counter()
     for r, a in zip(reqs, answers):
-        store.put_answer(r, a)
+        store.put_answers([(r, a)])
     out["Store.put_answer in process (DuckDB commit per answer)"] = (time.perf_counter() - t) / len(reqs) * 1e3
     store.close()
     proxy = start_store(tmp / "calls-actor.duckdb")
     t = time.perf_counter()
     for r, a in zip(reqs, answers):
-        proxy.put_answer(r, a)
+        proxy.put_answers([(r, a)])
     out["proxy.put_answer through the store actor"] = (time.perf_counter() - t) / len(reqs) * 1e3
     t = time.perf_counter()
     for _ in reqs:
@@ -496,7 +493,7 @@ class LogWatch:
 
 def _cli(job: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "freeal_stream.cli", "run", str(job)], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+                            stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
 
 
 def timed_run(job: Path, log: Path, stamps: list[float], kill_when: Callable[[LogWatch], bool] | None = None
@@ -516,7 +513,7 @@ def timed_run(job: Path, log: Path, stamps: list[float], kill_when: Callable[[Lo
     watch.stop()
     if not killed and p.returncode != 0:
         raise RuntimeError(f"run failed ({p.returncode}):\n{watch.text()[-3000:]}")
-    rel = lambda t: None if t is None else round(t - t0, 2)  # noqa: E731
+    rel = lambda t: None if t is None else round(t - t0, 2)
     new = [s for s in stamps if s >= t0]
     return {"wall_s": round(end - t0, 2), "killed": killed, "requests_received": len(new),
             STARTUP: rel(watch.first("running on local Ray")),
@@ -540,8 +537,8 @@ def file_free_after(db: Path, since: float) -> float:
 
 
 def bare_ray_init_s() -> float:
-    code = ("import time,ray; t=time.perf_counter(); ray.init(num_cpus=2, include_dashboard=False, "
-            "log_to_driver=False); print(time.perf_counter()-t); ray.shutdown()")
+    code = ("import time,ray; t=time.perf_counter(); ray.init(address='local', num_cpus=2, "
+            "include_dashboard=False, log_to_driver=False); print(time.perf_counter()-t); ray.shutdown()")
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
     total = time.perf_counter() - t
@@ -551,16 +548,16 @@ def bare_ray_init_s() -> float:
 def import_cli_s() -> float:
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import freeal_stream.cli, freeal_stream.loop, freeal_stream.session"],
-                   env=_env(), cwd=ROOT, check=True)
+                   env=_env(), cwd=REPO, check=True)
     return round(time.perf_counter() - t, 2)
 
 
 def part_resume(tmp: Path, logs: Path, delay_s: float) -> dict[str, Any]:
     if ray.is_initialized():
         ray.shutdown()
-    from tests.fake_openai_server import FakeOpenAIServer, body_hash
-    from tests.helpers import make_job
-    from tests.keyword_llm import respond
+    from freeal_stream.testing.fake_openai_server import FakeOpenAIServer, body_hash
+    from freeal_stream.testing.jobs import make_job
+    from freeal_stream.testing.keyword_llm import respond
 
     stamps: list[float] = []
 
@@ -586,7 +583,7 @@ def part_resume(tmp: Path, logs: Path, delay_s: float) -> dict[str, Any]:
         first_body = len(server.requests)
         mark: dict[str, int] = {}
 
-        def ready(w: LogWatch) -> bool:   # a few requests into round 2's annotation, as tests/test_resume_kill.py
+        def ready(w: LogWatch) -> bool:   # a few requests into round 2's annotation, as tests/integration/test_resume_kill.py
             if "n" not in mark and w.first("round 2/3:") is not None:
                 mark["n"] = len(stamps)
             return "n" in mark and len(stamps) >= mark["n"] + 5
@@ -683,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds the fake LLM takes per answer in the resume part (about the local server's)")
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "bench_service_logs",
                     help="where the resume part's CLI logs are kept")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service.json")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "service.json")
     ap.add_argument("--table", type=Path, help="only print the tables of an earlier result file")
     args = ap.parse_args(argv)
     if args.table:

@@ -5,8 +5,8 @@ under each setting with the job's own SLM/FreeAL config, the same seed and views
 behind `slm.mode: auto`'s `finetune_min_labels`: with a few hundred LLM labels, which mode labels best?
 
     .venv/bin/freeal-stream run jobs/demo.yaml      # first, once
-    .venv/bin/python bench/bench_slm_modes.py jobs/demo.yaml [--settings head:6,finetune:6,finetune:15]
-    .venv/bin/python bench/bench_slm_modes.py jobs/demo.yaml --settings head:6 --warmups 1,2,3 --seeds 0,1,2 \
+    .venv/bin/python -m bench.bench_slm_modes jobs/demo.yaml [--settings head:6,finetune:6,finetune:15]
+    .venv/bin/python -m bench.bench_slm_modes jobs/demo.yaml --settings head:6 --warmups 1,2,3 --seeds 0,1,2 \
         --out bench/results/slm_modes_demo_warmup.json      # the warm-up default on few noisy labels
 """
 from __future__ import annotations
@@ -20,10 +20,9 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
+from bench.common import REPO
 from freeal_stream.config import load_job
 from freeal_stream.slm.trainer import Recipe, train_slm
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -32,7 +31,7 @@ def main() -> None:
     ap.add_argument("--settings", default="head:6,finetune:6,finetune:15", help="mode:epochs,...")
     ap.add_argument("--seeds", default="0", help="comma-separated")
     ap.add_argument("--warmups", default="", help="freeal.warmup_epochs values to compare (default: the job's)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "slm_modes_demo.json"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "slm_modes_demo.json"))
     args = ap.parse_args()
     job = load_job(args.job)
     con = duckdb.connect(str(job.state_path / "freeal.duckdb"), read_only=True)

@@ -1,7 +1,7 @@
 """Soak: `serve` ingesting continuously for N seconds while rounds run against a fault-injecting endpoint
-(the harness in tests/soak.py, which tests/test_soak.py runs for 2 minutes). Writes bench/results/soak.json.
+(the harness in freeal_stream/testing/soak.py, which tests/integration/test_soak.py runs for 2 minutes). Writes bench/results/soak.json.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_soak.py --seconds 600
+    .venv/bin/python -m bench.bench_soak --seconds 600
 """
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.soak import run_soak
-
-ROOT = Path(__file__).resolve().parent
+from bench.common import RESULTS
+from freeal_stream.testing.soak import run_soak
 
 
 def main() -> None:
@@ -22,7 +21,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=600)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--fault-rate", type=float, default=0.3)
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "soak.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     args = ap.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="freeal-soak-") as tmp:

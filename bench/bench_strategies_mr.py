@@ -6,7 +6,7 @@ mode, robust recipe, back-translation views, on every label so far (never-annota
 term). Round 1 has no SLM yet, so every strategy picks the same seeded random 10% there. Reported: SLM test
 accuracy per round (mean ± std over seeds), and how often GPT-3.5 was right on the texts picked.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_strategies_mr.py --seeds 0,1,2 --rounds 4
+    .venv/bin/python -m bench.bench_strategies_mr --seeds 0,1,2 --rounds 4
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mr_data import CLASSES, RESULTS, add_mr_args, label_index, load_mr, mr_present, write_merged
+from bench.mr_data import CLASSES, RESULTS, add_mr_args, label_index, load_mr, mr_present, write_merged
 from freeal_stream.budget import round_size
 from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.trainer import train_slm

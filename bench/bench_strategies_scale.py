@@ -5,7 +5,7 @@ Each shard (ids, Dirichlet class probabilities, 384-d float32 embeddings drawn a
 classes) runs in a fresh process, so its peak RSS (getrusage maxrss, minus the peak after imports and a warm-up
 selection) is its own; the time to only generate the shards is measured after and reported apart.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_strategies_scale.py [--pools 100000,1000000] [--classes 2,4]
+    .venv/bin/python -m bench.bench_strategies_scale [--pools 100000,1000000] [--classes 2,4]
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from bench.common import RESULTS
 from strategies.base import QueryContext, Shard
 from strategies.registry import load_strategy
 from strategies.select import select
 
-ROOT = Path(__file__).resolve().parent
 DIM = 384
 CENTRES = 20
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", default="2,4")
     ap.add_argument("--shard-rows", type=int, default=25_000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "strategies_scale.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "strategies_scale.json")
     ap.add_argument("--one", nargs=3, metavar=("STRATEGY", "ROWS", "CLASSES"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:

@@ -1,7 +1,7 @@
 """Probe the embedded llama.cpp server: startup (incl. first-time join), cold vs prefix-cached latency, usage fields.
 
 Run on a quiet machine, one probe at a time:
-    PYTHONPATH=. .venv/bin/python bench/llm_server_probe.py [--model qwen2.5-coder-0.5b-instruct] [--n 5]
+    .venv/bin/python -m bench.llm_server_probe [--model qwen2.5-coder-0.5b-instruct] [--n 5]
 A fresh temp cache dir is used (unless --cache-dir) so the first model_file() call measures the real join+sha256;
 it is deleted afterwards.
 Prints one JSON object.

@@ -16,14 +16,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from bench.common import REPO
+
 CLASSES = ["negative", "positive"]
-ROOT = Path(__file__).resolve().parent
-DATA_DIR = ROOT.parent.parent / "shared" / "data"
+DATA_DIR = REPO.parent / "shared" / "data"
 CACHE_DIR = Path("/tmp/freeal-stream-cache")   # frozen-embedding cache (head mode), kept out of the repo
-RESULTS = ROOT / "results"
-# the environment every bench command in BENCHMARKS.md is run under
-RUN_PREFIX = ("cd /work/main && RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 "
-              "TRANSFORMERS_OFFLINE=1 PYTHONPATH=. nice -n 10 .venv/bin/python")
 
 
 def label_index(column: pd.Series) -> np.ndarray:

@@ -4,6 +4,8 @@ A round's cost is estimated before it is spent (input tokens from the prompt, ou
 request's cap, input billed at the full, uncached price: an estimate that can only err high), the round
 is shrunk to fit what is left, and while it runs `BudgetGuard` admits chunks of requests only while
 spent + reserved stays under every cap, so a cap is never exceeded by more than the requests in flight.
+Requests sent through a provider's batch API (`llm.mode: batch`) are priced at the batch discount, both
+in estimates and in what was spent; cached prompt tokens the provider reports are billed at cached_input.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 
 from freeal_stream.errors import UserError
 from freeal_stream.config import BudgetConfig, Price
-from freeal_stream.llm.ratelimit import estimate_tokens
+from freeal_stream.llm.ratelimit import estimate_usage
 
 
 class BudgetConfigError(UserError):
@@ -34,15 +36,24 @@ class Spent:
         return Spent(self.requests - other.requests, self.tokens - other.tokens, self.cost - other.cost)
 
 
-def price_for(budget: BudgetConfig, model: str) -> Price | None:
-    """The model's price; a money cap without one is refused, since it could not be kept."""
+def mode_price(price: Price | None, batch: bool) -> Price | None:
+    """The price of a token sent live, or through the batch API (every price less the batch discount)."""
+    if price is None or not batch:
+        return price
+    keep = 1.0 - price.batch_discount
+    return Price(input=price.input * keep, output=price.output * keep, batch_discount=0.0,
+                 cached_input=None if price.cached_input is None else price.cached_input * keep)
+
+
+def price_for(budget: BudgetConfig, model: str, batch: bool = False) -> Price | None:
+    """The model's price in the job's mode; a money cap without one is refused, since it could not be kept."""
     price = budget.prices.get(model)
     if price is None and budget.max_cost is not None:
         raise BudgetConfigError(
             f"budget.max_cost is set but budget.prices has no entry for model '{model}'. Fix: add "
             f"'budget: {{prices: {{{model}: {{input: ..., cached_input: ..., output: ...}}}}}}' "
             "(money per million tokens), or drop max_cost")
-    return price
+    return mode_price(price, batch)
 
 
 def cost(price: Price | None, prompt_tokens: float, cached_tokens: float, completion_tokens: float) -> float:
@@ -55,19 +66,20 @@ def cost(price: Price | None, prompt_tokens: float, cached_tokens: float, comple
 
 
 def spent_from_usage(usage: Sequence[Mapping[str, float]], budget: BudgetConfig) -> Spent:
-    """Spent from per-model usage rows (model, requests, prompt_tokens, cached_tokens, completion_tokens)."""
+    """Spent from usage rows (model, batch, requests, prompt_tokens, cached_tokens, completion_tokens);
+    rows with `batch` true were answered through the batch API and are priced at its discount."""
     total = Spent()
     for u in usage:
+        price = mode_price(budget.prices.get(u["model"]), bool(u.get("batch")))
         total = total + Spent(int(u["requests"]), int(u["prompt_tokens"] + u["completion_tokens"]),
-                              cost(budget.prices.get(u["model"]), u["prompt_tokens"], u["cached_tokens"],
-                                   u["completion_tokens"]))
+                              cost(price, u["prompt_tokens"], u["cached_tokens"], u["completion_tokens"]))
     return total
 
 
 def estimate(messages: Sequence[tuple[str, str]], max_tokens: int, price: Price | None) -> Spent:
     """One request before it is sent: as many output tokens as allowed, no prefix-cache discount."""
-    tokens = estimate_tokens(messages, max_tokens)
-    return Spent(1, tokens, cost(price, tokens - max_tokens, 0, max_tokens))
+    prompt, completion = estimate_usage(messages, max_tokens)
+    return Spent(1, prompt + completion, cost(price, prompt, 0, completion))
 
 
 def headroom(spent: Spent, budget: BudgetConfig) -> Spent | None:
@@ -114,12 +126,20 @@ class BudgetGuard:
 
     def admit(self, estimates: Sequence[Spent]) -> int:
         """Reserve the longest prefix of `estimates` that fits; returns its length."""
+        if headroom(Spent(), self.budget) is None:   # no cap: nothing to reserve, no need to ask the store
+            return len(estimates)
         with self._lock:
             n = affordable(estimates, self._spent() + self._reserved, self.budget)
             for e in estimates[:n]:
                 self._reserved = self._reserved + e
             self.refused += len(estimates) - n
             return n
+
+    def reserve(self, estimates: Sequence[Spent]) -> None:
+        """Reserve work already in flight whatever the caps say (a batch a killed run submitted)."""
+        with self._lock:
+            for e in estimates:
+                self._reserved = self._reserved + e
 
     def release(self, estimates: Sequence[Spent]) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""freeal-stream command line: run | serve | ingest | status | quarantine | export."""
+"""freeal-stream command line: run | serve | ingest | status | quarantine | export | review | report."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,6 @@ EXPORT_FORMATS = {".csv": "CSV", ".parquet": "PARQUET", ".jsonl": "JSON", ".json
 
 def _prepare_process(job: JobConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -46,9 +45,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from freeal_stream.serve import Service, check_can_serve
+    from freeal_stream.serve import Service, service_token
 
-    check_can_serve(job)
+    token = service_token(job)   # refused before Ray or the models start
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("freeal_stream.service").setLevel(logging.INFO)   # what the inbox did with each file
     from freeal_stream.intake import ingest
@@ -56,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     with open_session(job, progress, args.address) as session:
         ingest(job, session.store, progress)
-        service = Service(session, progress)
+        service = Service(session, progress, token)
         signal.signal(signal.SIGTERM, lambda *_: service.stop.set())
         try:
             service.serve()
@@ -69,27 +68,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Add data files: through the running service's API, or straight into the state when none runs."""
     job = load_job(args.job)
-    from freeal_stream.intake import read_data_file
+    from collections import Counter
+
+    from freeal_stream.intake import add_batch, read_data_batches
+    from freeal_stream.sources import summary_of
+    from freeal_stream.store import Store
 
     running = _running_service(job)
     total = 0
     for name in args.files:
-        batch = read_data_file(job, Path(name))
-        if running is not None:
-            added, extra = _send_to_service(running, batch, name)
-        else:
-            from freeal_stream.intake import add_batch
-            from freeal_stream.store import Store
-
-            store = Store(job.state_path / "freeal.duckdb")
-            try:
-                added, extra = add_batch(store, batch, name), 0
-            finally:
+        added = extra = rows = 0
+        problems: Counter[tuple[str, str]] = Counter()
+        store = None
+        try:
+            for batch in read_data_batches(job, Path(name)):   # a batch at a time: memory bounded by one
+                if running is not None:
+                    got, more = _send_to_service(running, batch, name)
+                else:
+                    store = store or Store(job.state_path / "freeal.duckdb")
+                    got, more = add_batch(store, batch, name), 0
+                added, extra, rows = added + got, extra + more, rows + len(batch.ids)
+                problems += batch.problem_counts()
+        finally:
+            if store is not None:
                 store.close()
         total += added
-        notes = [n for n in (batch.summary(), f"{extra} more quarantined by the service (ids already stored with "
-                             "another text)" if extra else "") if n]
-        print(f"{name}: {added} new items of {len(batch.ids)}" + (f"; {'; '.join(notes)}" if notes else ""))
+        notes = [n for n in (summary_of(problems), f"{extra} more quarantined by the service (ids already stored "
+                             "with another text)" if extra else "") if n]
+        print(f"{name}: {added} new items of {rows}" + (f"; {'; '.join(notes)}" if notes else ""))
     print(f"{total} new items {'sent to the running service' if running else 'stored'}; they join the next round"
           f"\nquarantined and flagged rows: `freeal-stream quarantine {args.job}`")
     return 0
@@ -139,12 +145,13 @@ def _running_service(job: JobConfig) -> Any:
     """A client for the service running on this job's state, or None (then the DuckDB file is free)."""
     from freeal_stream.service.client import ServiceClient, find_service
 
-    url = find_service(job.state_path)
+    url = find_service(job.state_path, host=job.service.host, port=job.service.port)
     return ServiceClient(url, os.environ.get(job.service.token_env)) if url else None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     job = load_job(args.job)
+    from freeal_stream.service.client import json_safe
     from freeal_stream.status import format_status, job_status
 
     running = _running_service(job)
@@ -157,7 +164,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         finally:
             store.close()
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(json_safe(st), indent=2, allow_nan=False))
     else:
         print("\n".join(format_status(st)))
     return 0
@@ -166,6 +173,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_quarantine(args: argparse.Namespace) -> int:
     """List the rows set aside (quarantined) or labelled with a caveat (flagged), with where and why."""
     job = load_job(args.job)
+    from freeal_stream.service.client import json_safe
     from freeal_stream.status import bad_input, format_bad_input
 
     running = _running_service(job)
@@ -179,7 +187,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         finally:
             store.close()
     if args.json:
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        print(json.dumps(json_safe(report), indent=2, ensure_ascii=False, allow_nan=False))
         return 0
     print(format_bad_input(report))
     for r in report["rows"]:
@@ -208,6 +216,75 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"exported {n} rows to {out}")
+    return 0
+
+
+def _stopped_state(job: JobConfig, verb: str) -> Any:
+    """The state file for a command that needs it whole (a running service holds it)."""
+    if _running_service(job) is not None:
+        raise UserError(f"a service is running on {job.state_path}: it holds the state file. Fix: stop it "
+                        f"(Ctrl-C or SIGTERM), run `freeal-stream {verb}`, then start it again")
+    return _open_state_file(job)
+
+
+def cmd_review_export(args: argparse.Namespace) -> int:
+    """Write the rows where a human label is worth most, for Label Studio, Argilla or a spreadsheet."""
+    job = load_job(args.job)
+    from freeal_stream.review import default_queue_path, how_to_review, pick_for_review, write_queue
+
+    if args.n < 1 or not 0 <= args.random_share <= 1:
+        raise UserError(f"--n {args.n} --random-share {args.random_share}: give at least 1 row and a share "
+                        "between 0 and 1")
+
+    store = _stopped_state(job, "review export")
+    try:
+        names = _stored_class_names(store)
+        pick = pick_for_review(store, args.n, job.freeal.label_of_record, len(names), args.random_share, job.seed)
+        out = Path(args.output) if args.output else default_queue_path(job.state_path, args.format)
+        files = write_queue(pick.rows, out, args.format, names)
+        store.queue_for_review(pick.rows, pick.joined_random)
+    finally:
+        store.close()
+    joined = len(pick.joined_random)
+    print(f"wrote {len(pick.rows)} rows for review to {files[0]} ("
+          + ", ".join(f"{r} {n}" for r, n in pick.counts().items() if n) + ")"
+          + (f"; {joined} rows reviewed before join the random sample" if joined else ""))
+    print(how_to_review(args.format, files, args.job))
+    return 0
+
+
+def cmd_review_import(args: argparse.Namespace) -> int:
+    """Read reviewers' labels back: they win over the models' labels and train the next rounds' SLM."""
+    job = load_job(args.job)
+    from freeal_stream.review import format_review_check, import_review, review_check
+
+    store = _stopped_state(job, "review import")
+    try:
+        result = import_review(store, Path(args.file), _stored_class_names(store), job.freeal.label_of_record)
+        check = format_review_check(review_check(store.review_agreement()))
+    finally:
+        store.close()
+    print(result.summary(args.file))
+    if result.quarantined:
+        print(f"quarantined rows, with the reason and the fix: `freeal-stream quarantine {args.job}`")
+    if check:
+        print(check)
+    print("the human labels stand in `export` now; the next round's SLM trains on them and the LLM is not asked "
+          "about those rows again")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    from freeal_stream.report import write_report
+
+    out = Path(args.output) if args.output else job.state_path / "report.html"
+    store = _stopped_state(job, "report")
+    try:
+        write_report(store, job, _stored_class_names(store), out)
+    finally:
+        store.close()
+    print(f"wrote {out} (one self-contained HTML file: open it in a browser)")
     return 0
 
 
@@ -247,7 +324,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("job")
     e.add_argument("output", help="output file; the format follows its suffix (.csv, .parquet, .jsonl)")
     e.set_defaults(func=cmd_export)
+    _review_parsers(sub)
+    rp = sub.add_parser("report", help="write one self-contained HTML report: per-round figures, accuracy against "
+                                       "spend, labels by source, confidence, disputed examples, bad input")
+    rp.add_argument("job")
+    rp.add_argument("output", nargs="?", help="the HTML file (default: <state_dir>/report.html)")
+    rp.set_defaults(func=cmd_report)
     return p
+
+
+def _review_parsers(sub: Any) -> None:
+    from freeal_stream.review import FORMATS
+
+    rv = sub.add_parser("review", help="human review: export the rows worth a human look, import the labels back")
+    rsub = rv.add_subparsers(dest="review_command", required=True)
+    x = rsub.add_parser("export", help="write the rows where a human label is worth most (some drawn at random, "
+                                       "for an unbiased accuracy check; then disputed, rare classes, least confident)")
+    x.add_argument("job")
+    x.add_argument("output", nargs="?", help="the file to write (default: <state_dir>/review/queue-TIME.*)")
+    x.add_argument("--n", type=int, default=200, help="rows to review (default 200)")
+    x.add_argument("--format", choices=FORMATS, default="csv",
+                   help="csv (fill in the label column), labelstudio (tasks JSON + labelling config) or argilla "
+                        "(records JSON); default csv")
+    x.add_argument("--random-share", type=float, default=0.2,
+                   help="share of the rows drawn at random: they measure the export's accuracy without bias "
+                        "(default 0.2)")
+    x.set_defaults(func=cmd_review_export)
+    m = rsub.add_parser("import", help="read a review tool's export (Label Studio JSON/JSON-MIN/CSV, Argilla "
+                                       "records JSON, or the CSV with its label column filled in)")
+    m.add_argument("job")
+    m.add_argument("file")
+    m.set_defaults(func=cmd_review_import)
 
 
 def main(argv: list[str] | None = None) -> int:

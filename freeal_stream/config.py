@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from freeal_stream.errors import UserError
+from freeal_stream.llm.verbalizer import Verbalizer
+
 
 
 class ConfigError(UserError):
@@ -62,15 +65,9 @@ class TaskConfig:
     classes: dict[str, list[str]]
 
     def validate(self) -> None:
-        _check(len(self.classes) >= 2, "needs at least 2 classes")
-        seen: dict[str, str] = {}
-        for name, words in self.classes.items():
-            _check(len(words) >= 1, f"class '{name}' has no verbalizer word")
-            for w in words:
-                key = w.strip().lower()
-                _check(key not in seen or seen[key] == name,
-                       f"verbalizer word '{w}' is used by both '{seen.get(key)}' and '{name}'")
-                seen[key] = name
+        """The verbalizer's own rule, before any work: words that collide once normalised ('billing' and
+        'billing!', 'straße' and 'strasse') or that hold no letter or digit ('!!!') are refused."""
+        Verbalizer(self.classes)
 
     @property
     def class_names(self) -> list[str]:
@@ -82,12 +79,18 @@ class LLMConfig:
     """An OpenAI-compatible chat endpoint. `base_url: null` starts the embedded llama.cpp server."""
 
     base_url: str | None = None
-    model: str = "qwen2.5-coder-0.5b-instruct"
+    model: str = "qwen2.5-coder-1.5b-instruct"   # with base_url null: 10-19 points better than the 0.5B on
+                                                # MR and SUBJ at ~2.2x the time per label (BENCHMARKS.md section 9)
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.0
     max_tokens: int = 8
     logprobs: bool = True
-    top_logprobs: int = 5
+    top_logprobs: int = 20             # OpenAI's maximum: every class word's first token among them (calibration)
+    grammar: bool | None = None        # answers restricted to the class words by a GBNF grammar (llama.cpp's
+                                       # `grammar` field); null = for the embedded server only
+    calibrate: bool = False            # contextual calibration of the class probabilities (llm/calibration.py):
+                                       # off, as it cost accuracy on MR and SUBJ with both local models
+                                       # (BENCHMARKS.md section 9)
     concurrency: int = 1
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
@@ -98,9 +101,36 @@ class LLMConfig:
     give_up_after_s: float = 300.0     # failing this long means the endpoint is dead: the run stops
     server_threads: int = 0
     context_size: int = 4096
+    # 'batch': requests go through the provider's files + batches API (OpenAI: half price, within 24 h)
+    mode: Literal["live", "batch"] = "live"
+    batch_poll_s: float = 10.0          # first wait between polls of the batches in flight; x1.5 per poll...
+    batch_poll_max_s: float = 120.0     # ...up to this
+    batch_max_wait_s: float = 93600.0   # a run waits this long for its batches (24 h window + 2 h), then stops;
+                                        # they stay recorded, and the next run resumes polling them
+    batch_max_requests: int = 50000     # requests per input file (OpenAI's cap; files also stay under 200 MB)
+    batch_enqueued_tokens: int = 0      # the provider's enqueued-token limit for the model (0 = none): the
+                                        # prompt tokens of this job's batches in flight stay under it
+
+    @property
+    def constrained(self) -> bool:
+        """Whether answers are restricted to the class words (llm.grammar; the embedded server by default)."""
+        return self.grammar if self.grammar is not None else self.base_url is None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether class probabilities are calibrated (llm.calibrate, which needs logprobs)."""
+        return self.logprobs and self.calibrate
 
     def validate(self) -> None:
         _check(0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]")
+        _check(self.mode == "live" or bool(self.base_url),
+               "mode 'batch' needs base_url: an endpoint with the OpenAI files and batches API (the embedded "
+               "server has none)")
+        _check(0 < self.batch_poll_s <= self.batch_poll_max_s and self.batch_max_wait_s > 0,
+               "batch_poll_s must be > 0 and <= batch_poll_max_s, and batch_max_wait_s > 0")
+        _check(1 <= self.batch_max_requests <= 50000, "batch_max_requests must be in [1, 50000]")
+        _check(self.batch_enqueued_tokens >= 0, "batch_enqueued_tokens must be >= 0 (0 = no limit)")
+        _check(not (self.calibrate and not self.logprobs), "calibrate needs logprobs: true")
         _check(self.max_tokens >= 1, "max_tokens must be >= 1")
         _check(0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]")
         _check(self.concurrency >= 1, "concurrency must be >= 1")
@@ -117,12 +147,20 @@ class LLMConfig:
                "api_key_env looks like an API key; put the key in the environment and name the variable here")
 
 
+# slm.encoder's special values: the static encoder distilled from MiniLM (slm/static_encoder.py), and the
+# choice between MiniLM and it by pool size (slm/encoder.py: choose_encoder).
+STATIC_ENCODER = "minilm-static"
+AUTO_ENCODER = "auto"
+
+
 @dataclass(frozen=True)
 class SLMConfig:
     """The small model. `mode: auto` fine-tunes when the pool is at most `finetune_max_items` texts and has
-    at least `finetune_min_labels` LLM labels, else trains a head on frozen embeddings."""
+    at least `finetune_min_labels` LLM labels, else trains a head on frozen embeddings. `encoder: auto` uses
+    MiniLM for pools of at most `static_above_items` texts and the static encoder above."""
 
     encoder: str = "all-MiniLM-L6-v2"
+    static_above_items: int = 100_000
     mode: Literal["auto", "finetune", "head"] = "auto"
     finetune_max_items: int = 30000
     finetune_min_labels: int = 1000
@@ -143,6 +181,10 @@ class SLMConfig:
         _check(self.epochs >= 1, "epochs must be >= 1")
         _check(self.threads >= 1, "threads must be >= 1")
         _check(self.head_hidden >= 0, "head_hidden must be >= 0 (0 = linear head)")
+        _check(self.static_above_items >= 0, "static_above_items must be >= 0")
+        _check(not (self.encoder == STATIC_ENCODER and self.mode == "finetune"),
+               f"encoder '{STATIC_ENCODER}' is a static model with nothing to fine-tune; use mode head (or auto, "
+               "which trains a head on it), or a transformer encoder such as all-MiniLM-L6-v2 for mode finetune")
 
 
 @dataclass(frozen=True)
@@ -163,6 +205,8 @@ class FreeALConfig:
     query_fraction: float = 0.1         # P
     prototypes: int = 20                # Q, texts shown when generating demos
     generated_per_class: int = 10
+    generation_time_s: float | None = 120.0   # no new demo-generation try after this; the short classes are
+                                              # then topped up with texts labelled zero-shot (null = no limit)
     # Whose label stands where the LLM labelled a text (texts it never labelled get the SLM's under every rule):
     # 'auto' (default): the SLM's prediction where its calibrated probability of being right beats the LLM label's
     # (both judged given both models' labels, docs/METHOD.md section 7); 'llm': the LLM's always; 'slm': the
@@ -185,6 +229,8 @@ class FreeALConfig:
         _check(0.0 < self.query_fraction <= 1.0, "query_fraction must be in (0, 1]")
         _check(self.prototypes >= 1 and self.generated_per_class >= 1,
                "prototypes and generated_per_class must be >= 1")
+        _check(self.generation_time_s is None or self.generation_time_s > 0,
+               "generation_time_s must be > 0 (null = no time box)")
         _check(self.target_accuracy is None or 0.0 < self.target_accuracy <= 1.0,
                "target_accuracy must be in (0, 1] (a share of the pool labelled right) or null")
 
@@ -196,9 +242,11 @@ class Price:
     input: float
     output: float
     cached_input: float | None = None   # null = same as input
+    batch_discount: float = 0.5         # share off all three in llm.mode batch (OpenAI's Batch API: 50%)
 
     def validate(self) -> None:
         _check(self.input >= 0 and self.output >= 0 and (self.cached_input or 0) >= 0, "prices must be >= 0")
+        _check(0.0 <= self.batch_discount < 1.0, "batch_discount must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -245,6 +293,7 @@ class ServiceConfig:
     host: str = "127.0.0.1"              # any other address needs a bearer token (token_env)
     port: int = 8765                     # 0 = any free port (the URL is written to state_dir/service.json)
     token_env: str = "FREEAL_SERVICE_TOKEN"
+    allowed_hosts: list[str] = field(default_factory=list)   # more Host names the API answers to; "*" = any
     inbox: str | None = None             # folder watched for new data files; null = state_dir/inbox
     min_new_items: int = 1               # a round starts once this many never-annotated items wait...
     round_every_s: float = 0.0           # ...or, when > 0, at most this long after the first one arrived
@@ -252,6 +301,7 @@ class ServiceConfig:
 
     def validate(self) -> None:
         _check(0 <= self.port <= 65535, "port must be in [0, 65535]")
+        _check(all(h.strip() for h in self.allowed_hosts), "allowed_hosts must be host names, e.g. [labels.example]")
         _check(self.min_new_items >= 1, "min_new_items must be >= 1")
         _check(self.round_every_s >= 0 and self.poll_s > 0, "round_every_s must be >= 0 and poll_s > 0")
 
@@ -386,9 +436,11 @@ def parse_job(raw: dict[str, Any], file: str | Path = "<job>") -> JobConfig:
     """Validate a job given as a dict (as read from YAML); relative paths resolve against `file`'s folder."""
     file = str(file)
     job: JobConfig = _build(JobConfig, raw, "", file)
+    if not job.name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(file, "name", f"'{job.name}' is not a simple name", "use letters, digits, '-' and '_'")
     base = Path(file).resolve().parent if file != "<job>" else Path.cwd()
     data_path = Path(os.path.expanduser(job.data.path))
-    state = Path(os.path.expanduser(job.state_dir.format(name=job.name)))
+    state = _state_dir(job.state_dir, job.name, base, file)
     inbox = job.service.inbox
     if inbox is not None:
         inbox = str((base / Path(os.path.expanduser(inbox))).resolve())
@@ -401,24 +453,86 @@ def parse_job(raw: dict[str, Any], file: str | Path = "<job>") -> JobConfig:
         strategy=strategy,
         data=dataclasses.replace(job.data, path=str((base / data_path).resolve())),
         service=dataclasses.replace(job.service, inbox=inbox),
-        state_dir=str((base / state).resolve()),
+        state_dir=str(state).replace("{", "{{").replace("}", "}}"),   # state_path formats it again
         source_file=file,
     )
-    if not job.name.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(file, "name", f"'{job.name}' is not a simple name", "use letters, digits, '-' and '_'")
     return job
 
 
+# Folders a state directory may not be: it is made private (0700) and filled with the job's files.
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+
+
+def _state_dir(template: str, name: str, base: Path, file: str) -> Path:
+    """The job's state directory, resolved; refused when the template holds a placeholder other than
+    {name}, or when it is a folder the job must not take over (the root, a top-level or system folder, the
+    home folder or one above it)."""
+    fix = "use {name} as the only placeholder (write {{ and }} for literal braces)"
+    try:
+        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ConfigError(file, "state_dir", f"'{template}' is not a valid path template ({e})", fix) from None
+    if any(f != "name" or conv or spec for f, conv, spec in fields):
+        raise ConfigError(file, "state_dir", f"'{template}' has a placeholder other than {{name}}", fix)
+    path = (base / Path(os.path.expanduser(template.format(name=name)))).resolve()
+    home = Path.home().resolve()
+    if len(path.parts) <= 2 or path == home or path in home.parents or any(
+            path == Path(t) or Path(t) in path.parents for t in _SYSTEM_TREES):
+        raise ConfigError(file, "state_dir", f"'{template}' is {path}, a folder the job would take over (its files, "
+                          "inbox and permissions)", "name a folder of its own, e.g. '.freeal/{name}' (the default)")
+    return path
+
+
+MAX_JOB_FILE_BYTES = 1 << 20    # a job file is a page of settings
+MAX_JOB_NODES = 100_000         # values a job may hold once YAML aliases are expanded (a job has a few hundred)
+
+
 def load_job(path: str | Path) -> JobConfig:
-    """Read and validate a job YAML file."""
+    """Read and validate a job YAML file (safe_load; its size, and its size with aliases expanded, capped:
+    an alias bomb would otherwise be expanded when the job is stored)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(path, "(file)", "file not found", "check the path to the job YAML")
+    if path.stat().st_size > MAX_JOB_FILE_BYTES:
+        raise ConfigError(path, "(file)", f"the file is {path.stat().st_size} bytes, over 1 MiB",
+                          "check that this is the job file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(path, "(file)", f"not valid YAML: {e}", "fix the YAML syntax") from None
+    except RecursionError:
+        raise ConfigError(path, "(file)", "it is nested too deeply", "write a flat job file") from None
+    _check_expanded_size(raw, path)
     return parse_job(raw, path)
+
+
+def _check_expanded_size(raw: Any, path: Path) -> None:
+    """Refuse a document that refers to itself, or whose aliases expand to over MAX_JOB_NODES values.
+
+    Counted without expanding: each distinct node once, its size remembered (aliases share nodes)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in open_nodes:
+            raise ConfigError(path, "(file)", "an alias refers to itself", "remove the self-referring alias")
+        if key not in sizes:
+            open_nodes.add(key)
+            children = [c for kv in node.items() for c in kv] if isinstance(node, dict) else node
+            sizes[key] = 1 + sum(size(c) for c in children)
+            open_nodes.discard(key)
+            if sizes[key] > MAX_JOB_NODES:
+                raise ConfigError(path, "(file)", f"its aliases expand to more than {MAX_JOB_NODES} values (an alias "
+                                  "bomb?)", "write the values out, or use fewer nested aliases")
+        return sizes[key]
+
+    try:
+        size(raw)
+    except RecursionError:
+        raise ConfigError(path, "(file)", "it is nested too deeply", "write a flat job file") from None
 
 
 def job_to_dict(job: JobConfig) -> dict[str, Any]:

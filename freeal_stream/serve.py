@@ -26,21 +26,31 @@ from freeal_stream.store import StateError
 from freeal_stream.status import job_status
 
 
-def check_can_serve(job: JobConfig) -> None:
-    """Refuse, before anything starts, to serve beyond this machine without a token."""
+def service_token(job: JobConfig) -> str | None:
+    """The bearer token the API will require, read from `service.token_env`: the one place the token rule lives.
+
+    Checked before anything starts: an empty token is refused, and so is no token on an address other machines
+    can reach (anyone reaching it could add items and read labels).
+    """
     svc = job.service
-    if not is_loopback(svc.host) and not os.environ.get(svc.token_env):
+    token = os.environ.get(svc.token_env)
+    if token is not None and not token.strip():
+        raise ConfigError(job.source_file, "service.token_env", f"the environment variable {svc.token_env} is set "
+                          "but empty", f"set {svc.token_env} to a long random string, or unset it (loopback only)")
+    if not token and not is_loopback(svc.host):
         raise ConfigError(job.source_file, "service.host", f"'{svc.host}' is reachable from other machines and "
                           f"no token is set", f"set the environment variable {svc.token_env} to a long random "
                           "string (clients send it as 'Authorization: Bearer ...'), or use host 127.0.0.1")
+    return token or None
 
 
 class Service:
     """The running service around one session."""
 
-    def __init__(self, session: Session, progress: Progress):
+    def __init__(self, session: Session, progress: Progress, token: str | None = None):
         self.s, self.job, self.store, self.progress = session, session.job, session.store, progress
         self.rounds = FreeALRun(session, progress)
+        self.token = token   # from service_token(job), checked before the session started
         self.stop = threading.Event()
         self.class_names = self.job.task.class_names
 
@@ -71,17 +81,17 @@ class Service:
     def serve(self) -> None:
         """Run until `stop` is set (SIGTERM / Ctrl-C): the job's rounds, then rounds as data arrives."""
         svc = self.job.service
-        token = os.environ.get(svc.token_env) or None
+        token = self.token
         inbox = Inbox(self.job.inbox_path, self.ingest_file, settle_s=max(0.5, svc.poll_s),
                       seen=self.store.file_ingested, remember=self.store.remember_file)
         api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels, self.quarantine), host=svc.host,
-                        port=svc.port, token=token)
+                        port=svc.port, token=token, token_env=svc.token_env, allowed_hosts=svc.allowed_hosts)
         try:
             url = api.start()
         except OSError as e:
             raise StateError(f"cannot listen on {svc.host}:{svc.port} ({e.strerror}). Fix: stop what uses that "
                              "port, or set service.port in the job file (0 = any free port)") from None
-        service_file = write_service_file(self.job.state_path, url, os.getpid())
+        service_file = write_service_file(self.job.state_path, api.local_url, os.getpid())
         watcher = threading.Thread(target=inbox.watch, args=(self.stop, svc.poll_s), daemon=True,
                                    name="inbox")
         watcher.start()

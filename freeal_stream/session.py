@@ -18,7 +18,7 @@ from typing import Any
 from freeal_stream import budget as budget_policy
 from ray.actor import ActorHandle
 
-from freeal_stream.actors.annotators import AnnotatorPool, wait_for_actors
+from freeal_stream.actors.annotators import AnnotatorPool, Annotators, wait_for_actors
 from freeal_stream.actors.runtime import cluster_has_gpu, start_ray
 from freeal_stream.actors.scorers import ScorerPool
 from freeal_stream.actors.store_actor import start_store
@@ -30,11 +30,12 @@ from freeal_stream.store import StateError, Store
 
 # Fields that may change between runs on the same state: they steer how far the job goes or where it
 # runs, not what its finished rounds mean. Anything else changed would mix incompatible rounds.
-RESUMABLE_FIELDS = {"budget", "freeal.rounds", "freeal.label_of_record", "freeal.target_accuracy", "freeal.warmup_epochs",
-                    "llm.concurrency",
+RESUMABLE_FIELDS = {"budget", "freeal.rounds", "freeal.label_of_record", "freeal.target_accuracy",
+                    "freeal.warmup_epochs", "freeal.generation_time_s", "llm.concurrency",
                     "llm.requests_per_minute", "llm.tokens_per_minute", "llm.timeout_s", "llm.max_retries",
                     "llm.server_threads", "slm.threads", "slm.device", "slm.epochs", "name", "state_dir", "ray",
-                    "service"}
+                    "service", "llm.mode", "llm.batch_poll_s", "llm.batch_poll_max_s", "llm.batch_max_wait_s",
+                    "llm.batch_max_requests", "llm.batch_enqueued_tokens"}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -82,7 +83,7 @@ class Session:
 
     job: JobConfig
     store: Store                          # the store actor's proxy: Store's methods, run by the one writer
-    annotators: AnnotatorPool
+    annotators: Annotators                # the live annotator pool or batch mode (llm.mode)
     scorers: ScorerPool
     trainer: ActorHandle                  # the trainer actor (`actors.trainer.Trainer`)
     model_name: str                       # the name the endpoint serves (the embedded server's own name)
@@ -146,15 +147,22 @@ def open_session(job: JobConfig, progress: Progress, address: str | None = None)
         store = _open_store(job)
         stack.callback(store.close)
         base_url, model, local = _llm_endpoint(job, stack, progress)
-        price = budget_policy.price_for(job.budget, model)
+        price = budget_policy.price_for(job.budget, model, batch=job.llm.mode == "batch")
         guard = budget_policy.BudgetGuard(job.budget, lambda: spent_now(store, job))
         llm_cfg = dataclasses.replace(job.llm, model=model)
-        annotators = AnnotatorPool(llm_cfg, base_url, api_key(job, local), store, size=job.ray.annotators,
-                                   chunk_size=job.ray.chunk_size, max_restarts=job.ray.max_restarts,
-                                   resources=job.ray.annotator_resources, guard=guard, price=price)
+        if job.llm.mode == "batch":
+            from freeal_stream.llm.batch import BatchAnnotators
+
+            annotators: Annotators = BatchAnnotators(llm_cfg, base_url, api_key(job, local), store, guard=guard,
+                                                     price=job.budget.prices.get(model), say=progress.say)
+        else:
+            annotators = AnnotatorPool(llm_cfg, base_url, api_key(job, local), store, size=job.ray.annotators,
+                                       chunk_size=job.ray.chunk_size, max_restarts=job.ray.max_restarts,
+                                       resources=job.ray.annotator_resources, guard=guard, price=price)
         stack.callback(annotators.shutdown)
-        wait_for_actors(annotators)
-        scorers = ScorerPool(job.slm.encoder, job.slm.max_length, job.slm.threads, size=job.ray.scorers,
+        if isinstance(annotators, AnnotatorPool):
+            wait_for_actors(annotators)
+        scorers = ScorerPool(job.slm.max_length, job.slm.threads, size=job.ray.scorers,
                              resources=job.ray.scorer_resources, max_restarts=job.ray.max_restarts)
         trainer = start_trainer(job.ray, job.slm.threads, cluster_has_gpu())
         progress.say(f"running on {where}: {annotators.size} annotators, {job.ray.scorers} scorers, 1 trainer, "

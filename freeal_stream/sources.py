@@ -8,17 +8,19 @@ caveat (a text over `data.max_text_chars`, a gold label outside the classes) is 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from freeal_stream.errors import UserError
 from freeal_stream.config import DataConfig
-from freeal_stream.readers import READERS, FileUnreadable, RawRecord
+from freeal_stream.readers import READERS, FileUnreadable, RawRecord, Records
 
 _SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
              ".parquet": "parquet", ".pq": "parquet"}
@@ -86,10 +88,14 @@ class Batch:
         for name in ("ids", "texts", "views", "golds", "hashes"):
             setattr(self, name, [getattr(self, name)[k] for k in keep])
 
-    def summary(self) -> str:
-        """'3 quarantined (empty text 2, not UTF-8 1); 1 flagged (long text 1)', or '' when nothing was."""
-        counts = Counter((p.action, p.reason) for p in self.problems)
-        return describe_counts([{"action": a, "reason": r, "count": n} for (a, r), n in counts.items()])
+    def problem_counts(self) -> Counter[tuple[str, str]]:
+        """Rows per (action, reason): what `summary_of` describes (sum them over a file's batches)."""
+        return Counter((p.action, p.reason) for p in self.problems)
+
+
+def summary_of(counts: Counter[tuple[str, str]]) -> str:
+    """'3 quarantined (empty text 2, not UTF-8 1); 1 flagged (long text 1)', or '' when nothing was."""
+    return describe_counts([{"action": a, "reason": r, "count": n} for (a, r), n in counts.items()])
 
 
 def describe_counts(counts: Sequence[dict[str, Any]]) -> str:
@@ -152,22 +158,23 @@ def truncation_note(text: str, max_chars: int) -> str:
 
 def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: int,
                 class_names: Sequence[str] | None, default_id: Callable[[int, str], str],
-                ids_from_rows: bool = False, ids_optional: bool = False) -> Batch:
+                ids_from_rows: bool = False, ids_optional: bool = False, start: int = 0) -> Batch:
     """Check each record and sort it into the batch, its quarantined rows and its flagged rows.
 
     Within a batch the first row with an id wins: the same id and text again is a plain duplicate (skipped),
-    the same id with another text is quarantined. `default_id(n, hash)` names rows without an id column, and
-    with `ids_optional` (API items) also rows that give none; a blank id is always quarantined.
+    the same id with another text is quarantined (across the batches of a file the store does the same).
+    `default_id(n, hash)` names rows without an id column (n counts records from `start`), and with
+    `ids_optional` (API items) also rows that give none; a blank id is always quarantined.
     """
     out = Batch([], [], [], [], [], ids_from_rows=ids_from_rows)
-    classes = {c.strip().casefold(): c for c in class_names or ()}
+    classes = _class_keys(class_names)
     seen: dict[str, tuple[str, str]] = {}    # id -> (hash, location of its first row)
 
     def problem(r: RawRecord, action: Action, reason: str, detail: str, item_id: str | None = None) -> None:
         raw = r.raw if r.raw is not None else json.dumps(r.values, default=str, ensure_ascii=False)
         out.problems.append(Problem(action, reason, detail, r.location, r.line, raw, item_id))
 
-    for n, r in enumerate(records):
+    for n, r in enumerate(records, start):
         if r.values is None:
             reason, detail = r.problem or ("unreadable row", f"{r.location}: cannot be read")
             problem(r, "quarantined", reason, detail)
@@ -201,7 +208,7 @@ def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: 
             continue
         seen[item_id] = (h, r.location)
         if gold is not None and classes:
-            known = classes.get(gold.strip().casefold())
+            known = classes.get(_class_key(gold))
             if known is None:
                 problem(r, "flagged", "unknown gold label", f"{r.location}: gold label '{gold}' (field "
                         f"'{cols.gold}') is not one of {list(classes.values())}; it is dropped, so it never counts "
@@ -217,42 +224,155 @@ def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: 
     return out
 
 
-def read_items(cfg: DataConfig, optional: frozenset[str] = frozenset(),
-               class_names: Sequence[str] | None = None) -> Batch:
-    """Read the whole file into a batch; bad rows are quarantined or flagged (see the module's policy).
+BATCH_ROWS = 10_000        # records per batch read from a file...
+BATCH_BYTES = 8 << 20      # ...or fewer, once their bytes in the file reach this
 
-    `optional` names column settings (e.g. 'gold_column') that a file may lack: later files dropped into
-    a service's inbox need only the text. With `class_names`, gold labels are checked against them.
+
+def read_batches(cfg: DataConfig, optional: frozenset[str] = frozenset(),
+                 class_names: Sequence[str] | None = None, *, rows: int | None = BATCH_ROWS,
+                 max_bytes: int | None = BATCH_BYTES) -> Iterator[Batch]:
+    """The file in batches of at most `rows` records (or `max_bytes` of them), bad rows quarantined or flagged
+    (see the module's policy); None = no limit. Memory is bounded by a batch, not the file.
+
+    Everything that refuses the whole file is checked before the first batch, so a refused file stores
+    nothing: the header or schema, and where the answer needs every row (a JSON file's keys, gold values
+    against the classes), a first pass over the file that keeps nothing. `optional` names column settings
+    (e.g. 'gold_column') that a file may lack: later files dropped into a service's inbox need only the text.
     """
     path = Path(cfg.path)
     if not path.exists():
         raise DataError(f"{path}: data file not found. Fix: check data.path (relative to the job file)")
     fmt = detect_format(path, cfg.format)
+    cols = _check_file(path, fmt, cfg, optional, class_names)
+    with contextlib.closing(_open(path, fmt)) as records:
+        start = 0
+        for chunk in _chunks(records.rows, rows, max_bytes, lambda e: _unreadable(path, fmt, e)):
+            yield build_batch(chunk, cols, max_text_chars=cfg.max_text_chars, class_names=class_names,
+                              default_id=lambda n, _h: f"row-{n}", ids_from_rows=cols.id is None, start=start)
+            start += len(chunk)
+
+
+def read_items(cfg: DataConfig, optional: frozenset[str] = frozenset(),
+               class_names: Sequence[str] | None = None) -> Batch:
+    """The whole file as one batch (`read_batches` without limits): for small files, tests and benchmarks."""
+    return next(read_batches(cfg, optional, class_names, rows=None, max_bytes=None),
+                Batch([], [], [], [], [], ids_from_rows=cfg.id_column is None))
+
+
+def _unreadable(path: Path, fmt: str, e: Exception) -> DataError:
+    return DataError(f"{path}: cannot be read as {fmt}: {e}. Fix: check the file, or set data.format")
+
+
+def _open(path: Path, fmt: str) -> Records:
     try:
-        columns, records = READERS[fmt](path)
+        return READERS[fmt](path)
     except (FileUnreadable, OSError) as e:
-        raise DataError(f"{path}: cannot be read as {fmt}: {e}. Fix: check the file, or set data.format") from None
+        raise _unreadable(path, fmt, e) from None
+
+
+def _chunks(records: Iterator[RawRecord], rows: int | None, max_bytes: int | None,
+            unreadable: Callable[[Exception], DataError]) -> Iterator[list[RawRecord]]:
+    chunk: list[RawRecord] = []
+    size = 0
+    try:
+        for r in records:
+            chunk.append(r)
+            size += r.size
+            if (rows is not None and len(chunk) >= rows) or (max_bytes is not None and size >= max_bytes):
+                yield chunk
+                chunk, size = [], 0
+    except (FileUnreadable, OSError) as e:   # found past the first pass (a Parquet page gone bad)
+        raise unreadable(e) from None
+    if chunk:
+        yield chunk
+
+
+def _check_file(path: Path, fmt: str, cfg: DataConfig, optional: frozenset[str],
+                class_names: Sequence[str] | None) -> Columns:
+    """Which columns to read, after every check that refuses the file as a whole (DataError)."""
     wanted = {"text_column": cfg.text_column, "id_column": cfg.id_column,
               "augmented_column": cfg.augmented_column, "gold_column": cfg.gold_column}
+    classes = _class_keys(class_names)
+    with contextlib.closing(_open(path, fmt)) as records:
+        columns = records.columns
+        scan = None
+        if columns is None or (cfg.gold_column is not None and classes):
+            try:
+                scan = _scan(records.rows, set(c for c in wanted.values() if c), cfg.gold_column, classes)
+            except (FileUnreadable, OSError) as e:
+                raise _unreadable(path, fmt, e) from None
+            if columns is None:
+                if scan.records and not scan.keys:
+                    raise _unreadable(path, fmt, FileUnreadable(f"no line is a JSON object ({scan.first_problem})"))
+                columns = scan.keys
     present = {}
     for setting, col in wanted.items():
         if col is not None and col not in columns and setting not in optional:
-            raise DataError(f"{path}: no column '{col}' (data.{setting}); the file has {columns}. "
-                            f"Fix: set data.{setting} to one of those")
+            raise DataError(f"{path}: no column '{col}' (data.{setting}); " + _columns_and_fix(columns, setting))
         present[setting] = col if col in columns else None
     cols = Columns(text=cfg.text_column, id=present["id_column"], view=present["augmented_column"],
                    gold=present["gold_column"])
-    batch = build_batch(records, cols, max_text_chars=cfg.max_text_chars, class_names=class_names,
-                        default_id=lambda n, _h: f"row-{n}", ids_from_rows=cols.id is None)
-    _check_golds(path, cols, batch)
-    return batch
-
-
-def _check_golds(path: Path, cols: Columns, batch: Batch) -> None:
-    """Refuse a file whose gold column has values but not one of them is a class: a config error, surely."""
-    unknown = sum(p.reason == "unknown gold label" for p in batch.problems)
-    if unknown and not any(g is not None for g in batch.golds):
-        sample = next(p.detail for p in batch.problems if p.reason == "unknown gold label")
-        raise DataError(f"{path}: none of the {unknown} values of column '{cols.gold}' (data.gold_column) is a "
-                        f"class of task.classes (first: {sample.split('; ')[0]}). Fix: make task.classes' names "
+    if scan is not None and cols.gold is not None and scan.unknown_golds and not scan.known_gold:
+        raise DataError(f"{path}: none of the {scan.unknown_golds} values of column '{cols.gold}' (data.gold_column) "
+                        f"is a class of task.classes (first: {scan.first_unknown!r}). Fix: make task.classes' names "
                         "the labels the file uses, or set data.gold_column to the right column (or remove it)")
+    return cols
+
+
+_SHOWN_KEYS = 50   # columns a JSON file's first pass remembers for an error message (any number is checked)
+
+
+@dataclass
+class _Scan:
+    """What a first pass over a file found (it keeps nothing else)."""
+
+    records: int = 0
+    keys: list[str] = field(default_factory=list)    # the wanted columns seen, then others, in order seen
+    first_problem: str = "no JSON object"
+    unknown_golds: int = 0
+    known_gold: bool = False
+    first_unknown: str | None = None
+
+
+def _scan(records: Iterator[RawRecord], wanted: set[str], gold: str | None, classes: dict[str, str]) -> _Scan:
+    out = _Scan()
+    seen: set[str] = set()
+    for r in records:
+        out.records += 1
+        if r.values is None:
+            if out.records == 1 and r.problem:
+                out.first_problem = r.problem[1]
+            continue
+        for key in r.values:
+            if key not in seen and (key in wanted or len(seen) < _SHOWN_KEYS):
+                seen.add(key)
+                out.keys.append(key)
+        value = r.values.get(gold) if gold is not None else None
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and classes:
+            if _class_key(str(value)) in classes:
+                out.known_gold = True
+            else:
+                out.unknown_golds += 1
+                out.first_unknown = out.first_unknown or str(value)
+    return out
+
+
+_PLAIN_NAME = re.compile(r"[\w .()\[\]#%&+,'-]{1,64}")
+
+
+def _columns_and_fix(columns: Sequence[str], setting: str) -> str:
+    """The file's column names and the fix for an error, unless they do not look like names: a file that is
+    not a data file at all (a password file, a key) must not have its first line quoted back."""
+    if columns and all(_PLAIN_NAME.fullmatch(c) for c in columns):
+        return f"the file has {list(columns)}. Fix: set data.{setting} to one of those"
+    return (f"the file's first line does not look like a header of column names ({len(columns)} field(s), not "
+            "shown). Fix: check that the path names a data file with a header line")
+
+
+def _class_key(name: str) -> str:
+    """How a gold label is matched to a class name: case- and space-insensitively."""
+    return name.strip().casefold()
+
+
+def _class_keys(class_names: Sequence[str] | None) -> dict[str, str]:
+    return {_class_key(c): c for c in class_names or ()}

@@ -6,10 +6,12 @@ inside a running service), so `freeal-stream status` and `GET /status` report th
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from freeal_stream import budget as budget_policy
 from freeal_stream.config import JobConfig
+from freeal_stream.review import format_review_check, review_check
 from freeal_stream.sources import describe_counts
 
 
@@ -87,6 +89,11 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
     by_source, disputed = store.label_counts(job.freeal.label_of_record)
     todo = remaining_requests(job, rounds, n_items - annotated)
     per_req = (spent.tokens / spent.requests, spent.cost / spent.requests) if spent.requests else None
+    price = job.budget.prices.get(job.llm.model)
+    by_mode = {mode: round(todo * budget_policy.cost(budget_policy.mode_price(price, mode == "batch"),
+                                                     raw["prompt_tokens"], raw["cached_tokens"],
+                                                     raw["completion_tokens"]) / raw["requests"], 6)
+               for mode in ("live", "batch")} if price and raw["requests"] and todo else None
     return {
         "job": job.name,
         "items": n_items,
@@ -97,15 +104,20 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
         "llm_labels_disputed": disputed,
         "rounds": [{"round": r["round"], "phase": r["phase"], **({"metrics": r["metrics"]} if r["metrics"] else {})}
                    for r in rounds],
-        "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"], "priced": priced},
+        "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"], "priced": priced,
+                  "charged_by_estimate": raw["usage_estimated"], "malformed_answers": raw["malformed"]},
         "left": _plain(budget_policy.headroom(spent, job.budget)),
         "estimate_to_finish": {
             "requests": todo,
             "tokens": round(todo * per_req[0]) if per_req else None,
             "cost": round(todo * per_req[1], 6) if per_req else None,
-            "basis": "the rounds left at the job's P on the current pool, at the mean cost per request so far",
+            "cost_by_mode": by_mode,
+            "basis": "the rounds left at the job's P on the current pool, at the mean cost per request so far "
+                     "(cost_by_mode: at the mean tokens per request so far, live and at the batch discount)",
         },
         "estimate": latest_estimate(rounds),
+        "batches": {"in_flight": store.open_batches(), "finished": store.batch_counts()},
+        "human_review": review_check(store.review_agreement()),
         "quarantine": bad_input(store, STATUS_PROBLEM_ROWS, _RAW_SHOWN),
         "llm_failures": store.failure_counts(),
     }
@@ -124,7 +136,8 @@ def format_status(st: dict[str, Any]) -> list[str]:
     lines = [f"job {st['job']}: {st['items']} items; annotated by the LLM {st['annotated_by_llm']}; never "
              f"annotated {st['never_annotated']}",
              f"labels by source: {st['labels_by_source']}; LLM labels the SLM disputes: {st['llm_labels_disputed']} "
-             f"(label_of_record '{st['label_of_record']}': " + _RULE_WORDS[st["label_of_record"]] + "; `export` marks them)",
+             f"(label_of_record '{st['label_of_record']}': " + _RULE_WORDS[st["label_of_record"]]
+             + "; `export` marks them)",
              f"spent: {s['requests']} requests, {s['tokens']} tokens ({s['cached_tokens']} prompt tokens from the "
              f"server's prefix cache), " + (f"cost {money(s['cost'])}" if s["priced"] else
                                              "cost not known (no budget.prices for the model)")]
@@ -133,9 +146,29 @@ def format_status(st: dict[str, Any]) -> list[str]:
     else:
         lines.append("left: " + ", ".join(f"{k} {'unlimited' if v is None else (money(v) if k == 'cost' else v)}"
                                           for k, v in left.items()))
+    by_mode = est.get("cost_by_mode")
     lines.append(f"estimated to finish: {est['requests']} requests"
                  + (f", ~{est['tokens']} tokens" if est["tokens"] is not None else "")
-                 + (f", cost ~{money(est['cost'])}" if est["cost"] is not None and s["priced"] else ""))
+                 + (f", cost ~{money(est['cost'])}" if est["cost"] is not None and s["priced"] else "")
+                 + (f" (~{money(by_mode['live'])} live, ~{money(by_mode['batch'])} in batch mode)" if by_mode else ""))
+    if s.get("charged_by_estimate"):
+        lines.append(f"charged by estimate: {s['charged_by_estimate']} answers came without usable usage (none, "
+                     "or not a sane count), so each is charged the pre-flight estimate (input ~4 characters a "
+                     "token, output at llm.max_tokens)")
+    if s.get("malformed_answers"):
+        lines.append(f"malformed answers: {s['malformed_answers']} paid answers failed the answer checks; stored with "
+                     "no label (never asked again), the SLM labels those texts")
+    batches = st.get("batches") or {}
+    if batches.get("in_flight"):
+        lines.append(f"batches in flight: {len(batches['in_flight'])} ("
+                     + "; ".join(f"{b['batch_id'] or 'not yet created'} {b['state']}, {b['requests']} requests to "
+                                 f"{b['model']}, since {time.strftime('%Y-%m-%d %H:%M', time.localtime(b['created_at']))}"
+                                 for b in batches["in_flight"]) + ") — `run` again resumes polling them")
+    if batches.get("finished"):
+        lines.append("batches finished: " + ", ".join(f"{k} {n}" for k, n in batches["finished"].items()))
+    review = format_review_check(st.get("human_review"))
+    if review:
+        lines.append(review)
     if st.get("estimate"):
         lines += format_estimate_lines(st["estimate"])
     if st.get("llm_failures"):

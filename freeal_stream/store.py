@@ -18,10 +18,17 @@ import numpy as np
 import pyarrow as pa
 
 from freeal_stream.errors import UserError
+from freeal_stream.llm import answer_check
 from freeal_stream.llm.client import ChatAnswer, ChatRequest
-from freeal_stream.records import Annotation, Demo, ItemColumns, PlanItem
+from freeal_stream.llm.ratelimit import estimate_usage
+from freeal_stream.private_files import private_dir, private_file
+from freeal_stream.records import Annotation, Demo, HumanLabel, ItemColumns, PlanItem, ReviewRow
 
-SCHEMA_VERSION = 3
+# 2: dense pool positions (items.pos); per-item probabilities out of slm_scores (they live in array files);
+#    llm_answers' token counts BIGINT, answers carry `malformed` and `usage_estimated`
+# 3: human labels and the review queue
+# 4: calibrated probabilities in slm_scores (p_right, llm_p_right: the `auto` label of record)
+SCHEMA_VERSION = 4
 # The store process's DuckDB memory: large joins and sorts spill to `<state>/duckdb.tmp` beyond it, so a pool
 # of millions is labelled and exported in bounded memory.
 MEMORY_LIMIT = "1GB"
@@ -33,8 +40,8 @@ CREATE TABLE IF NOT EXISTS items (
     gold VARCHAR, content_hash VARCHAR NOT NULL, ingested_at DOUBLE NOT NULL, pos BIGINT);
 CREATE TABLE IF NOT EXISTS llm_answers (
     key VARCHAR PRIMARY KEY, model VARCHAR, request JSON, content VARCHAR, finish_reason VARCHAR,
-    prompt_tokens INTEGER, completion_tokens INTEGER, cached_tokens INTEGER, top_logprobs JSON,
-    latency_s DOUBLE, attempts INTEGER, created_at DOUBLE);
+    prompt_tokens BIGINT, completion_tokens BIGINT, cached_tokens BIGINT, top_logprobs JSON,
+    latency_s DOUBLE, attempts INTEGER, created_at DOUBLE, malformed VARCHAR, usage_estimated BOOLEAN);
 CREATE TABLE IF NOT EXISTS llm_failures (
     key VARCHAR NOT NULL, model VARCHAR, error VARCHAR NOT NULL, attempts INTEGER, created_at DOUBLE);
 CREATE TABLE IF NOT EXISTS annotations (
@@ -54,10 +61,29 @@ CREATE TABLE IF NOT EXISTS round_plan (
     PRIMARY KEY (round, position));
 CREATE TABLE IF NOT EXISTS ingested_files (
     digest VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, ingested_at DOUBLE NOT NULL);
+CREATE TABLE IF NOT EXISTS llm_batches (
+    submission VARCHAR PRIMARY KEY, model VARCHAR NOT NULL, requests INTEGER NOT NULL,
+    prompt_tokens BIGINT NOT NULL, file_id VARCHAR, batch_id VARCHAR, state VARCHAR NOT NULL, detail VARCHAR,
+    created_at DOUBLE NOT NULL, updated_at DOUBLE NOT NULL, collected_at DOUBLE);
+CREATE TABLE IF NOT EXISTS llm_batch_requests (
+    submission VARCHAR NOT NULL, position INTEGER NOT NULL, key VARCHAR NOT NULL, request JSON,
+    answered BOOLEAN NOT NULL, PRIMARY KEY (submission, key));
 CREATE TABLE IF NOT EXISTS quarantine (
     key VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, location VARCHAR NOT NULL, line BIGINT,
     action VARCHAR NOT NULL, reason VARCHAR NOT NULL, detail VARCHAR NOT NULL, item_id VARCHAR,
     raw VARCHAR NOT NULL, created_at DOUBLE NOT NULL);
+"""
+
+# Human review (`freeal-stream review`): what a reviewer said about an item, and the rows last sent for review
+# with the label they were shown (what the reviewer checked: the unbiased accuracy check compares the two).
+# `reason` says why a row was picked ('random' rows measure the export's accuracy without bias).
+_HUMAN_DDL = """
+CREATE TABLE IF NOT EXISTS human_labels (
+    item_id VARCHAR PRIMARY KEY, label INTEGER NOT NULL, shown_label INTEGER, reason VARCHAR NOT NULL,
+    file VARCHAR NOT NULL, reviewer VARCHAR, imported_at DOUBLE NOT NULL);
+CREATE TABLE IF NOT EXISTS review_queue (
+    item_id VARCHAR PRIMARY KEY, reason VARCHAR NOT NULL, label INTEGER, source VARCHAR, confidence DOUBLE,
+    queued_at DOUBLE NOT NULL);
 """
 
 # The label of record per item, by the job's `freeal.label_of_record` rule; texts the LLM never labelled get the
@@ -85,7 +111,10 @@ pick AS (
     SELECT i.seq, i.id, i.text, i.gold, llm.label AS llm_label, slm.label AS slm_label,
            coalesce(slm.round >= llm.round, false) AS scored_after,
            coalesce(slm.round >= llm.round AND NOT slm.clean, false) AS disputed,
-           llm.round AS llm_round, slm.round AS slm_round, llm.confidence AS llm_conf, slm.confidence AS slm_conf,
+           llm.round AS llm_round, slm.round AS slm_round,
+           -- an Infinity logprob gives confidence NaN: null instead, as JSON (exports, /labels) has no NaN
+           CASE WHEN isfinite(llm.confidence) THEN llm.confidence END AS llm_conf,
+           CASE WHEN isfinite(slm.confidence) THEN slm.confidence END AS slm_conf,
            slm.p_right AS slm_p, CASE WHEN slm.round >= llm.round THEN slm.llm_p_right END AS llm_p
     FROM items i LEFT JOIN llm ON llm.item_id = i.id LEFT JOIN slm ON slm.item_id = i.id),
 ruled AS (SELECT *, CASE WHEN llm_label IS NOT NULL AND NOT ({slm_wins}) THEN 'llm'
@@ -101,15 +130,37 @@ FROM ruled
 """
 
 
-def _labels_sql(rule: str) -> str:
-    """The label-of-record query under `rule` (one of LABEL_RULES)."""
+def _machine_labels_sql(rule: str) -> str:
+    """The models' label of record under `rule` (one of LABEL_RULES), before any human label."""
     if rule not in LABEL_RULES:
         raise ValueError(f"label_of_record must be one of {LABEL_RULES}, not {rule!r}")
     return _LABELS_SQL.format(slm_wins=_SLM_WINS[rule])
 
 
+# The first layer of the label of record: a label a human gave (`review import`) stands over every model label,
+# whatever the rule, with source 'human' and confidence 1. The models' own labels and dispute flag stay visible.
+_HUMAN_FIRST_SQL = """
+SELECT m.seq, m.id, m.text, m.gold, coalesce(h.label, m.label) AS label,
+       CASE WHEN h.label IS NOT NULL THEN 'human' ELSE m.source END AS source,
+       CASE WHEN h.label IS NOT NULL THEN 1.0 ELSE m.confidence END AS confidence,
+       m.llm_label, m.slm_label, m.disputed, CASE WHEN h.label IS NOT NULL THEN 1.0 ELSE m.p_right END AS p_right
+FROM ({machine}) m LEFT JOIN human_labels h ON h.item_id = m.id
+"""
+
+
+def _labels_sql(rule: str) -> str:
+    """The label-of-record query: human labels first, then the models' labels under `rule`."""
+    return _HUMAN_FIRST_SQL.format(machine=_machine_labels_sql(rule))
+
+
 _UNSCORED_SQL = """SELECT pos FROM items WHERE id NOT IN (
     SELECT item_id FROM slm_scores WHERE round = (SELECT max(round) FROM slm_scores))"""
+
+
+def _estimate_stored(request: str) -> tuple[int, int]:
+    """The pre-flight estimate (prompt, completion) of a stored request (its JSON as put_answers wrote it)."""
+    r = json.loads(request)
+    return estimate_usage([(m["role"], m["content"]) for m in r["messages"]], r["max_tokens"])
 
 
 def _first(result: duckdb.DuckDBPyConnection) -> Any:
@@ -133,17 +184,58 @@ def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
                                       [table]).fetchall()}
 
 
-def _migrate(con: duckdb.DuckDBPyConnection) -> None:
-    """Bring a state file written by an older version to this schema (each step idempotent)."""
-    if "pos" not in _columns(con, "items"):   # v1 -> v2: dense pool positions, aligning per-item arrays on disk
+def _answers_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring a state file of schema 1 to this version, in one transaction (a kill leaves it as it was).
+
+    Token counts become BIGINT (an INTEGER overflowed after the answer was paid, before it was stored);
+    answers gain `malformed` and `usage_estimated`, and old answers whose usage was missing (stored as
+    0) or not a sane count are charged the estimate, as new ones are, so the budget counts them.
+    """
+    cols = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                 "WHERE table_name = 'llm_answers'").fetchall())
+    if "usage_estimated" in cols and cols["prompt_tokens"] == "BIGINT":
+        return
+    con.execute("BEGIN TRANSACTION").fetchall()
+    for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+        if cols[name] != "BIGINT":
+            con.execute(f"ALTER TABLE llm_answers ALTER COLUMN {name} SET DATA TYPE BIGINT").fetchall()
+    con.execute("ALTER TABLE llm_answers ADD COLUMN IF NOT EXISTS malformed VARCHAR").fetchall()
+    con.execute("ALTER TABLE llm_answers ADD COLUMN IF NOT EXISTS usage_estimated BOOLEAN DEFAULT false").fetchall()
+    bad = con.execute("""SELECT key, request FROM llm_answers
+        WHERE prompt_tokens IS NULL OR completion_tokens IS NULL OR coalesce(cached_tokens, 0) < 0
+           OR prompt_tokens < 0 OR completion_tokens < 0 OR prompt_tokens + completion_tokens = 0
+           OR greatest(prompt_tokens, completion_tokens) > ? OR coalesce(cached_tokens, 0) > prompt_tokens""",
+                           [answer_check.MAX_USAGE_TOKENS]).fetchall()
+    if bad:
+        con.executemany(
+            "UPDATE llm_answers SET prompt_tokens = ?, completion_tokens = ?, cached_tokens = 0, "
+            "usage_estimated = true WHERE key = ?", [(*_estimate_stored(request), key) for key, request in bad])
+    con.execute("COMMIT").fetchall()
+
+
+def _positions_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """Dense pool positions (per-item arrays on disk are aligned by them); per-item JSON probabilities dropped."""
+    if "pos" not in _columns(con, "items"):
         con.execute("ALTER TABLE items ADD COLUMN pos BIGINT").fetchall()
         con.execute("""UPDATE items SET pos = r.p FROM (SELECT seq AS s, row_number() OVER (ORDER BY seq) - 1 AS p
                        FROM items) r WHERE items.seq = r.s""").fetchall()
-    if "probs" in _columns(con, "slm_scores"):   # v1 -> v2: per-item probabilities live in the round's array file
+    if "probs" in _columns(con, "slm_scores"):
         con.execute("ALTER TABLE slm_scores DROP COLUMN probs").fetchall()
-    for column in ("p_right", "llm_p_right"):   # v2 -> v3: calibrated probabilities (the `auto` label of record)
+
+
+def _calibrated_v4(con: duckdb.DuckDBPyConnection) -> None:
+    """4: the calibrated probabilities a round stores per item (`rounds.quality`), for the `auto` rule."""
+    for column in ("p_right", "llm_p_right"):
         if column not in _columns(con, "slm_scores"):
             con.execute(f"ALTER TABLE slm_scores ADD COLUMN {column} DOUBLE").fetchall()
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring a state file written by an older version to this schema; every step is idempotent."""
+    _answers_v2(con)
+    _positions_v2(con)
+    con.execute(_HUMAN_DDL).fetchall()   # 3: human labels and the review queue (`review export/import`)
+    _calibrated_v4(con)
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]).fetchall()
 
 
@@ -152,12 +244,14 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        private_dir(folder, tighten=not folder.exists() or self.path.exists() or not any(folder.iterdir()))
         try:
             self.con = duckdb.connect(str(self.path))
         except duckdb.IOException as e:
             raise StateError(f"{self.path} is in use by another process ({e}). Fix: wait for the other "
                              "freeal-stream run on this state directory to finish, or use another state_dir.")
+        private_file(self.path)
         self._exec(f"SET memory_limit = '{MEMORY_LIMIT}'")
         self._exec("SET temp_directory = ?", [str(self.path.with_suffix(".tmp"))])
         self._exec(_DDL)
@@ -171,6 +265,17 @@ class Store:
             yield
         finally:
             self.con.unregister(name)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One commit for several statements: all of them land, or none."""
+        self.con.begin()
+        try:
+            yield
+        except BaseException:
+            self.con.rollback()
+            raise
+        self.con.commit()
 
     def _exec(self, sql: str, params: Any = None) -> None:
         """Run a statement and drain its result: DuckDB 2 refuses new work while a result is unread."""
@@ -253,10 +358,10 @@ class Store:
                                        ORDER BY w.k""").fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
-    def item_flags(self, class_names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Small per-position columns of the whole pool: `gold` (class index, -1 = none) and `has_view`."""
+    def item_flags(self, class_names: Sequence[str], size: int) -> dict[str, np.ndarray]:
+        """Small per-position columns of positions 0 .. size: `gold` (class index, -1 = none) and `has_view`."""
         rows = self.con.execute("""SELECT coalesce(list_position(?, gold) - 1, -1), view IS NOT NULL
-                                   FROM items ORDER BY pos""", [list(class_names)]).fetchnumpy()
+                                   FROM items WHERE pos < ? ORDER BY pos""", [list(class_names), size]).fetchnumpy()
         names = list(rows)
         return {"gold": rows[names[0]].astype(np.int64), "has_view": rows[names[1]].astype(bool)}
 
@@ -304,37 +409,64 @@ class Store:
 
     # ---- LLM answer cache (the AnswerCache protocol) ------------------------------------------------
     def get_answers(self, keys: Sequence[str]) -> dict[str, ChatAnswer]:
+        """Stored answers, checked again as on the wire: one stored by an older version with a malformed
+        field comes back (and is marked) as a malformed no-label answer, so it cannot break a resume."""
         if not keys:
             return {}
         with self._registered("wanted", pa.table({"key": pa.array(list(set(keys)), pa.string())})):
             rows = self.con.execute("""
                 SELECT a.key, content, finish_reason, prompt_tokens, completion_tokens, cached_tokens,
-                       top_logprobs, latency_s, attempts
+                       top_logprobs, latency_s, attempts, malformed, usage_estimated
                 FROM llm_answers a JOIN wanted w ON a.key = w.key""").fetchall()
-        out = {}
-        for k, content, fin, pt, ct, cached, tlp, lat, att in rows:
-            top = [[(t, lp) for t, lp in pos] for pos in json.loads(tlp)] if tlp else None
-            out[k] = ChatAnswer(key=k, content=content, finish_reason=fin, prompt_tokens=pt,
-                                completion_tokens=ct, cached_tokens=cached, top_logprobs=top,
-                                latency_s=lat, attempts=att, error=None, from_cache=True)
+        out, marked = {}, []
+        for k, content, fin, pt, ct, cached, tlp, lat, att, malformed, estimated in rows:
+            try:
+                top = answer_check.stored_logprobs(json.loads(tlp)) if tlp else None
+            except (answer_check.Malformed, ValueError) as e:
+                top, malformed = None, f"stored answer: {e}"
+                marked.append((malformed, k))
+            out[k] = ChatAnswer(key=k, content="" if malformed else content, finish_reason=fin, prompt_tokens=pt,
+                                completion_tokens=ct, cached_tokens=cached, top_logprobs=top, latency_s=lat,
+                                attempts=att, error=None, from_cache=True, malformed=malformed,
+                                usage_estimated=bool(estimated))
+        if marked:
+            self.con.executemany("UPDATE llm_answers SET malformed = ? WHERE key = ?", marked)
         return out
 
-    def put_answer(self, request: ChatRequest, answer: ChatAnswer) -> None:
-        """Commit one completed answer at once: a killed run must never pay for it again."""
-        self._exec(
-            "INSERT OR IGNORE INTO llm_answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [answer.key, request.model, json.dumps({"messages": request.as_messages(),
-                                                    "temperature": request.temperature,
-                                                    "max_tokens": request.max_tokens,
-                                                    "template_version": request.template_version}),
-             answer.content, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens,
-             answer.cached_tokens, json.dumps(answer.top_logprobs) if answer.top_logprobs else None,
-             answer.latency_s, answer.attempts, time.time()])
+    def put_answers(self, pairs: Sequence[tuple[ChatRequest, ChatAnswer]]) -> None:
+        """Commit answers (and failures: `error` set) in one write: a killed run must never pay for them again.
 
-    def record_failure(self, request: ChatRequest, answer: ChatAnswer) -> None:
-        """Log a request that got no answer (after its retries): nothing paid, asked again by a later round."""
-        self._exec("INSERT INTO llm_failures VALUES (?, ?, ?, ?, ?)",
-                   [answer.key, request.model, answer.error, answer.attempts, time.time()])
+        The first answer stored under a key stands (a second put never overwrites what was paid for)."""
+        answers = [(r, a) for r, a in pairs if a.error is None]
+        failures = [(r, a) for r, a in pairs if a.error is not None]
+        now = time.time()
+        if answers:
+            batch = pa.table({
+                "key": [a.key for _, a in answers], "model": [r.model for r, _ in answers],
+                "request": [json.dumps({"messages": r.as_messages(), "temperature": r.temperature,
+                                        "max_tokens": r.max_tokens, "template_version": r.template_version})
+                            for r, _ in answers],
+                "content": pa.array([a.content for _, a in answers], pa.string()),
+                "finish_reason": pa.array([a.finish_reason for _, a in answers], pa.string()),
+                "prompt_tokens": pa.array([a.prompt_tokens for _, a in answers], pa.int64()),
+                "completion_tokens": pa.array([a.completion_tokens for _, a in answers], pa.int64()),
+                "cached_tokens": pa.array([a.cached_tokens for _, a in answers], pa.int64()),
+                "top_logprobs": pa.array([json.dumps(a.top_logprobs) if a.top_logprobs else None
+                                          for _, a in answers], pa.string()),
+                "latency_s": pa.array([a.latency_s for _, a in answers], pa.float64()),
+                "attempts": pa.array([a.attempts for _, a in answers], pa.int32()),
+                "malformed": pa.array([a.malformed for _, a in answers], pa.string()),
+                "usage_estimated": pa.array([a.usage_estimated for _, a in answers], pa.bool_())})
+            with self._registered("incoming", batch):
+                self._exec("""INSERT OR IGNORE INTO llm_answers (key, model, request, content, finish_reason,
+                                  prompt_tokens, completion_tokens, cached_tokens, top_logprobs, latency_s, attempts,
+                                  created_at, malformed, usage_estimated)
+                              SELECT key, model, request, content, finish_reason, prompt_tokens, completion_tokens,
+                                  cached_tokens, top_logprobs, latency_s, attempts, $now, malformed, usage_estimated
+                              FROM incoming QUALIFY row_number() OVER (PARTITION BY key) = 1""", {"now": now})
+        if failures:   # a request that got no answer (after its retries): nothing paid, asked again later
+            self.con.executemany("INSERT INTO llm_failures VALUES (?, ?, ?, ?, ?)",
+                                 [(a.key, r.model, a.error, a.attempts, now) for r, a in failures])
 
     def failure_counts(self) -> dict[str, int]:
         """Failed requests by kind (e.g. timeout_exhausted), over the job's life."""
@@ -342,19 +474,84 @@ class Store:
                     .fetchall())
 
     def spent(self) -> dict[str, int]:
-        """What the LLM has cost so far, from the answers of record (cache hits cost nothing)."""
-        r = _first(self.con.execute("""SELECT count(*), coalesce(sum(prompt_tokens), 0),
-                                coalesce(sum(completion_tokens), 0), coalesce(sum(cached_tokens), 0)
-                                FROM llm_answers"""))
-        return {"requests": r[0], "prompt_tokens": r[1], "completion_tokens": r[2], "cached_tokens": r[3]}
+        """What the LLM has cost so far, all models together (`usage_by_model`, summed)."""
+        names = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated", "malformed")
+        rows = self.usage_by_model()
+        return {name: sum(u[name] for u in rows) for name in names}
 
     def usage_by_model(self) -> list[dict[str, Any]]:
-        """Per model: requests and tokens of the answers of record (what the budget prices)."""
-        rows = self.con.execute("""SELECT model, count(*), coalesce(sum(prompt_tokens), 0),
-                                   coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0)
-                                   FROM llm_answers GROUP BY model ORDER BY model""").fetchall()
-        return [{"model": m, "requests": n, "prompt_tokens": p, "cached_tokens": c, "completion_tokens": o}
-                for m, n, p, c, o in rows]
+        """Per model and mode (`batch`: answered through the batch API): requests and tokens of the answers of
+        record (what the budget prices: the one place spend is read), how many were charged the estimate for
+        want of usage, and how many were malformed."""
+        rows = self.con.execute("""SELECT model, b.key IS NOT NULL, count(*), coalesce(sum(prompt_tokens), 0),
+                                   coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0),
+                                   count(*) FILTER (WHERE usage_estimated), count(malformed)
+                                   FROM llm_answers a LEFT JOIN (SELECT DISTINCT key FROM llm_batch_requests
+                                                                 WHERE answered) b ON a.key = b.key
+                                   GROUP BY ALL ORDER BY 1, 2""").fetchall()
+        return [{"model": m, "batch": b, "requests": n, "prompt_tokens": int(p), "cached_tokens": int(c),
+                 "completion_tokens": int(o), "usage_estimated": e, "malformed": bad}
+                for m, b, n, p, c, o, e, bad in rows]
+
+    # ---- provider batches (llm.mode: batch) --------------------------------------------------------
+    # A submission is recorded with its requests before its file is uploaded, then gets the file id, then
+    # the batch id and the provider's states, so a killed run finds, and polls, what it had sent.
+    def add_batch(self, submission: str, model: str, prompt_tokens: int,
+                  requests: Sequence[tuple[str, str]]) -> None:
+        """Record a submission about to be uploaded: its (request key, request JSON) lines, in file order."""
+        now = time.time()
+        batch = pa.table({"submission": pa.array([submission] * len(requests), pa.string()),
+                          "position": pa.array(np.arange(len(requests), dtype=np.int32)),
+                          "key": pa.array([r[0] for r in requests], pa.string()),
+                          "request": pa.array([r[1] for r in requests], pa.string())})
+        with self._registered("incoming", batch), self._transaction():
+            self._exec("INSERT OR IGNORE INTO llm_batches VALUES (?, ?, ?, ?, NULL, NULL, 'prepared', NULL, ?, ?, "
+                       "NULL)", [submission, model, len(requests), prompt_tokens, now, now])
+            self._exec("INSERT OR IGNORE INTO llm_batch_requests SELECT submission, position, key, request, false "
+                       "FROM incoming")   # idempotent: the store actor may run a call again after a restart
+
+    def update_batch(self, submission: str, state: str, *, file_id: str | None = None,
+                     batch_id: str | None = None, detail: str | None = None) -> None:
+        self._exec("""UPDATE llm_batches SET state = ?, file_id = coalesce(?, file_id),
+                      batch_id = coalesce(?, batch_id), detail = coalesce(?, detail), updated_at = ?
+                      WHERE submission = ?""", [state, file_id, batch_id, detail, time.time(), submission])
+
+    def open_batches(self) -> list[dict[str, Any]]:
+        """Submissions whose results are not stored yet (in flight, or not yet sent), oldest first."""
+        rows = self.con.execute("""SELECT submission, model, requests, prompt_tokens, file_id, batch_id, state,
+                                          detail, created_at FROM llm_batches WHERE collected_at IS NULL
+                                   ORDER BY created_at, submission""").fetchall()
+        names = ("submission", "model", "requests", "prompt_tokens", "file_id", "batch_id", "state", "detail",
+                 "created_at")
+        return [dict(zip(names, r)) for r in rows]
+
+    def batch_requests(self, submission: str) -> list[tuple[str, str]]:
+        """(key, request JSON) of an open submission, in file order."""
+        return self.con.execute("SELECT key, request FROM llm_batch_requests WHERE submission = ? ORDER BY position",
+                                [submission]).fetchall()
+
+    def put_batch_results(self, answers: Sequence[tuple[ChatRequest, ChatAnswer]],
+                          failures: Sequence[tuple[ChatRequest, ChatAnswer]], submission: str) -> None:
+        """Store a batch's answers (priced at the batch discount) and failures in one commit."""
+        keys = [a.key for _, a in answers]
+        fresh = sorted(set(keys) - set(self.get_answers(keys)))   # answered before (e.g. live): priced as it was
+        with self._registered("fresh", pa.table({"key": pa.array(fresh, pa.string())})), self._transaction():
+            self.put_answers([*answers, *failures])
+            self._exec("""UPDATE llm_batch_requests SET answered = true
+                          WHERE submission = ? AND key IN (SELECT key FROM fresh)""", [submission])
+
+    def finish_batch(self, submission: str, state: str, detail: str | None = None) -> None:
+        """A submission's results are all stored: it leaves the open list (and its request texts are dropped)."""
+        now = time.time()
+        with self._transaction():
+            self._exec("""UPDATE llm_batches SET state = ?, detail = coalesce(?, detail), updated_at = ?,
+                          collected_at = ? WHERE submission = ?""", [state, detail, now, now, submission])
+            self._exec("UPDATE llm_batch_requests SET request = NULL WHERE submission = ?", [submission])
+
+    def batch_counts(self) -> dict[str, int]:
+        """Submissions whose results are stored, by the provider's final state (for `status`)."""
+        return dict(self.con.execute("""SELECT state, count(*) FROM llm_batches WHERE collected_at IS NOT NULL
+                                        GROUP BY state ORDER BY state""").fetchall())
 
     # ---- annotations, scores, demos ---------------------------------------------------------------
     def add_annotations(self, round_: int, rows: Sequence[Annotation]) -> None:
@@ -479,6 +676,94 @@ class Store:
         return [{"round": r[0], "kind": r[1], "phase": r[2], "started_at": r[3], "finished_at": r[4],
                  "model_path": r[5], "metrics": json.loads(r[6]) if r[6] else {}} for r in rows]
 
+    # ---- human review -----------------------------------------------------------------------------
+    def review_candidates(self, rule: str, n: int, *, order: str, where: str = "true",
+                          exclude: Sequence[str] = (), params: dict[str, Any] | None = None) -> list[ReviewRow]:
+        """Up to `n` rows worth a human look: labelled, never reviewed, not in `exclude`, matching `where`, in
+        `order` (SQL over the label-of-record columns: id, label, source, confidence, disputed, ...)."""
+        skip = pa.table({"id": pa.array(list(exclude), pa.string())})
+        with self._registered("picked", skip):
+            rows = self.con.execute(f"""
+                SELECT id, text, label, source, confidence, llm_label, slm_label, disputed
+                FROM ({_labels_sql(rule)}) l
+                WHERE label IS NOT NULL AND source <> 'human' AND id NOT IN (SELECT id FROM picked) AND ({where})
+                ORDER BY {order}, seq LIMIT $n""", {"n": n, **(params or {})}).fetchall()
+        return [ReviewRow(i, t, lab, src, conf, ll, sl, bool(d), "") for i, t, lab, src, conf, ll, sl, d in rows]
+
+    def label_class_counts(self, rule: str) -> dict[int, int]:
+        """Labels of record per class index (unlabelled items left out)."""
+        return dict(self.con.execute(f"""SELECT label, count(*) FROM ({_labels_sql(rule)}) WHERE label IS NOT NULL
+                                         GROUP BY label""").fetchall())
+
+    def random_sample_ids(self, rule: str, k: int, seed: str) -> list[tuple[str, bool]]:
+        """(id, reviewed already) of the next `k` labelled rows, in one seeded random order, that are not in the
+        review's random sample yet. The sample is a prefix of that order: a row reviewed for another reason that
+        falls in it joins the sample as it is (skipping it would leave the hard rows out of the sample)."""
+        return self.con.execute(f"""SELECT l.id, h.item_id IS NOT NULL FROM ({_labels_sql(rule)}) l
+                                    LEFT JOIN human_labels h ON h.item_id = l.id
+                                    WHERE l.label IS NOT NULL AND coalesce(h.reason, '') <> 'random'
+                                    ORDER BY md5(l.id || $seed), l.seq LIMIT $k""", {"seed": seed, "k": k}).fetchall()
+
+    def queue_for_review(self, rows: Sequence[ReviewRow], joined_random: Sequence[str] = ()) -> None:
+        """Remember the rows sent for review with the label they show (a row sent again is replaced), and count
+        the reviewed rows of `joined_random` in the random sample."""
+        if joined_random:
+            with self._registered("joined", pa.table({"id": pa.array(list(joined_random), pa.string())})):
+                self._exec("UPDATE human_labels SET reason = 'random' WHERE item_id IN (SELECT id FROM joined)")
+        if not rows:
+            return
+        batch = pa.table({"item_id": [r.item_id for r in rows], "reason": [r.reason for r in rows],
+                          "label": pa.array([r.label for r in rows], pa.int32()),
+                          "source": [r.source for r in rows],
+                          "confidence": pa.array([r.confidence for r in rows], pa.float64())})
+        with self._registered("incoming", batch):
+            self._exec("""INSERT OR REPLACE INTO review_queue
+                          SELECT item_id, reason, label, source, confidence, epoch(now()) FROM incoming""")
+
+    def add_human_labels(self, file: str, labels: Sequence[HumanLabel], rule: str) -> dict[str, int]:
+        """Store reviewers' labels (source 'human'); returns how many were new, changed, or as stored already.
+
+        One statement, so an import is all or nothing; importing the same file again changes nothing. Each
+        keeps the label the reviewer was shown (from the review queue; for a row never queued, the models'
+        label of record now) and why it was queued ('not queued' otherwise), for the accuracy check.
+        """
+        if not labels:
+            return {"new": 0, "changed": 0, "unchanged": 0}
+        batch = pa.table({"item_id": [h.item_id for h in labels], "label": pa.array([h.label for h in labels], pa.int32()),
+                          "reviewer": pa.array([h.reviewer for h in labels], pa.string())})
+        with self._registered("incoming", batch):
+            counts = _first(self.con.execute("""
+                SELECT count(*) FILTER (WHERE h.item_id IS NULL), count(*) FILTER (WHERE h.label <> n.label),
+                       count(*) FILTER (WHERE h.label = n.label)
+                FROM incoming n LEFT JOIN human_labels h ON h.item_id = n.item_id"""))
+            self._exec(f"""
+                INSERT INTO human_labels
+                SELECT n.item_id, n.label, coalesce(q.label, m.label), coalesce(q.reason, 'not queued'), $file,
+                       n.reviewer, epoch(now())
+                FROM incoming n LEFT JOIN review_queue q ON q.item_id = n.item_id
+                     LEFT JOIN ({_machine_labels_sql(rule)}) m ON m.id = n.item_id
+                ON CONFLICT (item_id) DO UPDATE SET label = excluded.label, file = excluded.file,
+                    reviewer = excluded.reviewer, imported_at = excluded.imported_at
+                WHERE human_labels.label <> excluded.label""", {"file": file})
+        return dict(zip(("new", "changed", "unchanged"), counts))
+
+    def known_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of these ids are stored items."""
+        with self._registered("wanted", pa.table({"id": pa.array(list(set(ids)), pa.string())})):
+            return {r[0] for r in self.con.execute("SELECT i.id FROM items i JOIN wanted w ON i.id = w.id").fetchall()}
+
+    def human_label_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, labels) of the items a human labelled."""
+        rows = self.con.execute("""SELECT i.pos, h.label FROM human_labels h JOIN items i ON i.id = h.item_id
+                                   ORDER BY i.pos""").fetchnumpy()
+        return rows["pos"].astype(np.int64), rows["label"].astype(np.int64)
+
+    def review_agreement(self) -> list[dict[str, Any]]:
+        """Per reason a row was reviewed: rows, and how many of them showed the label the human gave."""
+        rows = self.con.execute("""SELECT reason, count(*), count(*) FILTER (WHERE shown_label = label)
+                                   FROM human_labels GROUP BY reason ORDER BY reason""").fetchall()
+        return [{"reason": r, "reviewed": n, "agreed": a} for r, n, a in rows]
+
     # ---- outputs ----------------------------------------------------------------------------------
     def labels_rows(self, rule: str) -> list[tuple]:
         """(seq, id, text, gold, label, source, confidence, llm_label, slm_label, disputed, p_right) per item."""
@@ -494,9 +779,9 @@ class Store:
 
     def gold_agreement(self, class_names: Sequence[str], rule: str) -> tuple[int, int]:
         """(items with a gold label, of which the label of record agrees): for reporting only."""
-        n, right = _first(self.con.execute(f"""SELECT count(*), count(*) FILTER (WHERE list_position(?, gold) - 1 = label)
-                                               FROM ({_labels_sql(rule)}) WHERE gold IS NOT NULL""",
-                                           [list(class_names)]))
+        n, right = _first(self.con.execute(
+            f"""SELECT count(*), count(*) FILTER (WHERE list_position(?, gold) - 1 = label)
+                FROM ({_labels_sql(rule)}) WHERE gold IS NOT NULL""", [list(class_names)]))
         return n, right
 
     def export(self, path: str, fmt: str, class_names: Sequence[str], rule: str) -> int:
@@ -515,6 +800,26 @@ class Store:
         self._exec("CREATE OR REPLACE TEMP TABLE class_names (idx INTEGER, name VARCHAR)")
         self.con.executemany("INSERT INTO class_names VALUES (?, ?)", list(enumerate(class_names)))
         self._exec(f"CREATE OR REPLACE TEMP VIEW labels_out AS {_labels_sql(rule)}")
+
+    def labels_by_class_and_source(self, rule: str) -> list[tuple[int | None, str, int]]:
+        """(class index or None, source kind: 'human' / 'llm' / 'slm' / 'none', items) for the report."""
+        return self.con.execute(f"""SELECT label, coalesce(split_part(source, ' ', 1), 'none'), count(*)
+                                    FROM ({_labels_sql(rule)}) GROUP BY ALL ORDER BY ALL""").fetchall()
+
+    def confidence_histogram(self, rule: str, bins: int) -> list[tuple[str, int, int]]:
+        """(source kind, bin, items) of the label of record's confidence in `bins` equal bins over [0, 1]
+        (items without a confidence left out)."""
+        return self.con.execute(f"""SELECT split_part(source, ' ', 1), least(floor(confidence * $b), $b - 1)::INT,
+                                           count(*)
+                                    FROM ({_labels_sql(rule)}) WHERE confidence IS NOT NULL
+                                    GROUP BY ALL ORDER BY ALL""", {"b": bins}).fetchall()
+
+    def disputed_examples(self, rule: str, limit: int) -> list[tuple[str, str, int | None, str, float | None,
+                                                                      int | None, int | None]]:
+        """(id, text, label, source, confidence, llm_label, slm_label) of disputed rows, least confident first."""
+        return self.con.execute(f"""SELECT id, text, label, source, confidence, llm_label, slm_label
+                                    FROM ({_labels_sql(rule)}) WHERE disputed
+                                    ORDER BY confidence NULLS FIRST, seq LIMIT ?""", [limit]).fetchall()
 
     def label_counts(self, rule: str) -> tuple[dict[str, int], int]:
         """(labels of record by source: 'llm', 'slm', 'none'; LLM labels the SLM disputes), in one pass."""

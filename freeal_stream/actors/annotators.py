@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -23,43 +23,76 @@ from freeal_stream import budget as budget_policy
 from freeal_stream.actors.runtime import Secret
 from freeal_stream.config import LLMConfig
 from freeal_stream.errors import ActorsDied, UserError
-from freeal_stream.llm.client import ChatAnswer, ChatRequest, Ledger, LLMClient
+from freeal_stream.llm.client import ChatAnswer, ChatRequest, Ledger, LLMClient, add_ledger
 
 log = logging.getLogger(__name__)
 
 BUDGET_ERROR = "budget_exhausted"   # a request the budget did not admit (not sent, not stored)
+ProgressFn = Callable[[int, int, Ledger], None]
+AnswersFn = Callable[[list[int], list[ChatAnswer]], None]
+
+
+class Annotators(Protocol):
+    """What the coordinator sends its LLM requests through: live (AnnotatorPool) or a provider's batch API
+    (llm.batch.BatchAnnotators)."""
+
+    ledger: Ledger
+    size: int   # annotator actors (0: none, requests go out as batch files)
+
+    def complete_many(self, requests: Sequence[ChatRequest], progress: ProgressFn | None = None,
+                      on_answers: AnswersFn | None = None) -> list[ChatAnswer]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class Delivery:
+    """One `complete_many` call's answers: stored ones first, duplicates sent once, each new answer handed
+    to `on_answers(indices, answers)` (so labels are committed as they arrive) and counted in `progress`."""
+
+    def __init__(self, requests: Sequence[ChatRequest], store: Any, ledger: Ledger,
+                 progress: ProgressFn | None, on_answers: AnswersFn | None):
+        self.keys = [r.key() for r in requests]
+        self.where: dict[str, list[int]] = {}
+        for i, k in enumerate(self.keys):
+            self.where.setdefault(k, []).append(i)
+        self.answers: dict[str, ChatAnswer] = store.get_answers(list(self.where)) if self.keys else {}
+        ledger.cache_hits += sum(len(self.where[k]) for k in self.answers)
+        self.ledger, self.progress, self.on_answers = ledger, progress, on_answers
+        self.done = 0
+        if self.answers:
+            self.deliver(list(self.answers.values()))
+        self.unsent = [requests[self.where[k][0]] for k in self.where if k not in self.answers]
+
+    def deliver(self, batch: list[ChatAnswer]) -> None:
+        batch = [a for a in batch if a.key in self.where]
+        idx = [i for a in batch for i in self.where[a.key]]
+        for a in batch:
+            self.answers[a.key] = a
+        self.done += len(idx)
+        if self.on_answers is not None and idx:
+            self.on_answers(idx, [self.answers[self.keys[i]] for i in idx])
+        if self.progress is not None:
+            self.progress(self.done, len(self.keys), self.ledger)
+
+    def result(self) -> list[ChatAnswer]:
+        return [self.answers[k] for k in self.keys]
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class Annotator:
-    """One LLM client process. Restarts are the pool's job (a new actor, not a re-run __init__)."""
+    """One LLM client process. Restarts are the pool's job (a new actor, not a re-run __init__). It takes several
+    chunks at once (`max_concurrency`), which share its client's concurrency, so a chunk's slow tail never
+    leaves the client idle."""
 
     def __init__(self, cfg: LLMConfig, base_url: str, api_key: Secret | None, store: Any):
         self.client = LLMClient(cfg, base_url, api_key.value if api_key else None, cache=store)
 
     def complete(self, requests: list[ChatRequest]) -> tuple[list[ChatAnswer], Ledger]:
-        """Answers for one chunk, and what sending it cost (the ledger since the last call)."""
-        before = dataclasses.replace(self.client.ledger, failures=dict(self.client.ledger.failures))
-        answers = self.client.complete_many(requests)
-        return answers, _ledger_delta(self.client.ledger, before)
+        """Answers for one chunk, and what sending it cost."""
+        return self.client.complete(requests)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
-
-
-def _ledger_delta(now: Ledger, before: Ledger) -> Ledger:
-    failures = {k: v - before.failures.get(k, 0) for k, v in now.failures.items() if v - before.failures.get(k, 0)}
-    return Ledger(**{f.name: getattr(now, f.name) - getattr(before, f.name)
-                     for f in dataclasses.fields(Ledger) if f.name != "failures"}, failures=failures)
-
-
-def _add_ledger(total: Ledger, part: Ledger) -> None:
-    for f in dataclasses.fields(Ledger):
-        if f.name == "failures":
-            for k, v in part.failures.items():
-                total.failures[k] = total.failures.get(k, 0) + v
-        else:
-            setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
 
 
 def share(cfg: LLMConfig, n: int) -> list[LLMConfig]:
@@ -96,55 +129,35 @@ class AnnotatorPool:
         self.guard, self.price = guard, price
         self.ledger = Ledger()
         self.restarts = 0
+        # chunks in flight per annotator: enough queued requests to keep its share of the concurrency busy
+        self.in_flight = max(2, math.ceil(2 * max(c.concurrency for c in self._actor_cfgs) / chunk_size))
         self.actors = [self._new_actor(slot) for slot in range(self.size)]
 
     def _new_actor(self, slot: int) -> Any:
-        return Annotator.options(resources=self.resources).remote(self._actor_cfgs[slot], self.base_url, self._key,
-                                                                   self.store)
+        return Annotator.options(resources=self.resources, max_concurrency=self.in_flight).remote(
+            self._actor_cfgs[slot], self.base_url, self._key, self.store)
 
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])
 
-    def complete_many(self, requests: Sequence[ChatRequest],
-                      progress: Callable[[int, int, Ledger], None] | None = None,
-                      on_answers: Callable[[list[int], list[ChatAnswer]], None] | None = None
-                      ) -> list[ChatAnswer]:
+    def complete_many(self, requests: Sequence[ChatRequest], progress: ProgressFn | None = None,
+                      on_answers: AnswersFn | None = None) -> list[ChatAnswer]:
         """Answers in the order of `requests`. Stored answers are read, not sent; duplicates go once.
 
         `on_answers(indices, answers)` sees each batch as it completes (so labels are committed as they
         arrive). A request the budget does not admit comes back failed with error BUDGET_ERROR.
         """
-        keys = [r.key() for r in requests]
-        where: dict[str, list[int]] = {}
-        for i, k in enumerate(keys):
-            where.setdefault(k, []).append(i)
-        answers: dict[str, ChatAnswer] = self.store.get_answers(list(where)) if keys else {}
-        self.ledger.cache_hits += sum(len(where[k]) for k in answers)
-        done = 0
-
-        def deliver(batch: list[ChatAnswer]) -> None:
-            nonlocal done
-            idx = [i for a in batch for i in where[a.key]]
-            for a in batch:
-                answers[a.key] = a
-            done += len(idx)
-            if on_answers is not None and idx:
-                on_answers(idx, [answers[keys[i]] for i in idx])
-            if progress is not None:
-                progress(done, len(keys), self.ledger)
-
-        if answers:
-            deliver(list(answers.values()))
-        unique = [requests[where[k][0]] for k in where if k not in answers]
+        d = Delivery(requests, self.store, self.ledger, progress, on_answers)
+        unique = d.unsent
         chunks = [list(range(s, min(s + self.chunk_size, len(unique))))
                   for s in range(0, len(unique), self.chunk_size)]
-        for refused in self._run_chunks(unique, chunks, deliver):
-            deliver([_not_admitted(unique[p].key()) for p in refused])
-        return [answers[k] for k in keys]
+        for refused in self._run_chunks(unique, chunks, d.deliver):
+            d.deliver([not_admitted(unique[p].key()) for p in refused])
+        return d.result()
 
     def _run_chunks(self, unique: list[ChatRequest], chunks: list[list[int]],
                     deliver: Callable[[list[ChatAnswer]], None]) -> list[list[int]]:
-        """Keep each annotator busy with (up to) two chunks; returns the positions the budget refused."""
+        """Keep each annotator busy with `in_flight` chunks; returns the positions the budget refused."""
         queue = list(reversed(chunks))
         running: dict[Any, tuple[int, Any, _Chunk]] = {}   # ObjectRef -> (actor slot, actor, chunk)
         refused: list[list[int]] = []
@@ -157,7 +170,7 @@ class AnnotatorPool:
 
         while queue or running:
             for slot in range(self.size):
-                while queue and load[slot] < 2:
+                while queue and load[slot] < self.in_flight:
                     positions = queue.pop()
                     est = [budget_policy.estimate(unique[p].messages, unique[p].max_tokens, self.price)
                            for p in positions]
@@ -185,7 +198,7 @@ class AnnotatorPool:
                 queue.append(chunk.positions)   # sent again first; stored answers come from the store
                 continue
             self._release(chunk)
-            _add_ledger(self.ledger, spent)
+            add_ledger(self.ledger, spent)
             deliver(batch)
         return refused
 
@@ -205,7 +218,7 @@ class AnnotatorPool:
             ray.kill(a)
 
 
-def _not_admitted(key: str) -> ChatAnswer:
+def not_admitted(key: str) -> ChatAnswer:
     return ChatAnswer(key=key, content=None, finish_reason=None, prompt_tokens=0, completion_tokens=0,
                       cached_tokens=0, top_logprobs=None, latency_s=0.0, attempts=0, error=BUDGET_ERROR,
                       from_cache=False)

@@ -3,12 +3,16 @@
 The coordinator hands out shards lazily (a shard's input is built only when a scorer is free to take it) and
 writes each result to disk as it comes back, so memory holds a few shards, never the pool. A scorer that
 dies is replaced and its shard sent again (inference has no side effects, so a retry is always safe).
+Scoring runs while nothing else does (the coordinator waits, the annotators and the trainer are idle), so each
+scorer then uses its share of its node's cores, not just the one CPU Ray books for it: `slm.threads` is only
+the floor.
 """
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,26 +43,29 @@ class ShardScores:
 
 @ray.remote(num_cpus=1, max_restarts=0)
 class Scorer:
-    def __init__(self, encoder: str, max_length: int, threads: int):
+    def __init__(self, max_length: int):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.max_length = max_length
+        self._encoder: tuple[str, Any] | None = None   # (encoder name, encoder)
+        self._model: tuple[str, Any] | None = None     # (model tag, SLM)
+
+    def embed(self, encoder: str, texts: list[str], threads: int) -> np.ndarray:
+        """Frozen-encoder embeddings (round 1's retrieval, head-mode inputs) on `threads` cores."""
         import torch
 
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(threads)
-        self.encoder_name, self.max_length = encoder, max_length
-        self._encoder: Any = None
-        self._model: tuple[str, Any] | None = None   # (model tag, SLM)
+        if self._encoder is None or self._encoder[0] != encoder:
+            from freeal_stream.slm.encoder import load_encoder
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """Frozen-encoder embeddings (round 1's retrieval, head-mode inputs)."""
-        if self._encoder is None:
-            from freeal_stream.slm.encoder import Encoder
+            self._encoder = (encoder, load_encoder(encoder, self.max_length))
+        return self._encoder[1].embed(texts)
 
-            self._encoder = Encoder(self.encoder_name, self.max_length)
-        return self._encoder.embed(texts)
-
-    def score(self, tag: str, files: dict[str, bytes], shard: ShardInput) -> ShardScores:
+    def score(self, tag: str, files: dict[str, bytes], shard: ShardInput, threads: int) -> ShardScores:
         """The logits of a shard under the model whose files are given (loaded once per tag), computed exactly
         as the trainer computes them."""
+        import torch
+
+        torch.set_num_threads(threads)
         if self._model is None or self._model[0] != tag:
             from freeal_stream.slm.model import SLM, write_model_files
 
@@ -71,43 +78,60 @@ class Scorer:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def cores(self) -> tuple[str, int]:
+        """(node id, cores this process may run on)."""
+        return ray.get_runtime_context().get_node_id(), len(os.sched_getaffinity(0))
+
 
 class ScorerPool:
     """N scorers kept busy with shards; the ones that die are replaced."""
 
-    def __init__(self, encoder: str, max_length: int, threads: int, *, size: int,
-                 resources: dict[str, float] | None = None, max_restarts: int = 5):
-        self._args = (encoder, max_length, threads)
+    def __init__(self, max_length: int, threads: int, *, size: int, resources: dict[str, float] | None = None,
+                 max_restarts: int = 5):
+        self.max_length, self.min_threads = max_length, threads
         self.resources = resources or {}
         self.max_restarts, self.restarts = max_restarts, 0
         self.actors = [self._new() for _ in range(size)]
+        self._threads: list[int] | None = None   # per actor slot, found on first use
 
     def _new(self) -> Any:
-        return Scorer.options(resources=self.resources).remote(*self._args)
+        return Scorer.options(resources=self.resources).remote(self.max_length)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def work_threads(self) -> list[int]:
+        """Threads per scorer: its node's cores (as many as Ray may use there) shared among the scorers placed on
+        that node, and never fewer than slm.threads. A replacement keeps its slot's count."""
+        if self._threads is None:
+            where = ray.get([a.cores.remote() for a in self.actors])
+            cpus = {n["NodeID"]: int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"]}
+            on_node = Counter(node for node, _ in where)
+            self._threads = [max(self.min_threads, min(cores, cpus.get(node, cores)) // on_node[node])
+                             for node, cores in where]
+        return self._threads
+
+    def embed(self, encoder: str, texts: list[str]) -> np.ndarray:
         """Embeddings of a few texts (demos, paraphrases) in one call."""
-        return self._one(lambda a: a.embed.remote(texts))
+        return self._one(lambda a, threads: a.embed.remote(encoder, texts, threads))
 
-    def embed_shards(self, shards: Iterable[tuple[int, list[str]]], on_done: Callable[[int, np.ndarray], None]
-                     ) -> None:
+    def embed_shards(self, encoder: str, shards: Iterable[tuple[int, list[str]]],
+                     on_done: Callable[[int, np.ndarray], None]) -> None:
         """Frozen embeddings of each (start, texts) shard, handed to `on_done(start, emb)` as they finish."""
-        self._run(shards, lambda a, texts: a.embed.remote(texts), on_done)
+        self._run(shards, lambda a, threads, texts: a.embed.remote(encoder, texts, threads), on_done)
 
     def score_shards(self, tag: str, files: dict[str, bytes], shards: Iterable[tuple[int, ShardInput]],
                      on_done: Callable[[int, ShardScores], None]) -> None:
         """The model's scores of each (start, input) shard, handed to `on_done(start, scores)` as they finish."""
         ref = ray.put(files)
-        self._run(shards, lambda a, shard: a.score.remote(tag, ref, shard), on_done)
+        self._run(shards, lambda a, threads, shard: a.score.remote(tag, ref, shard, threads), on_done)
 
-    def _one(self, call: Callable[[Any], Any]) -> Any:
+    def _one(self, call: Callable[[Any, int], Any]) -> Any:
         done: list[Any] = []
-        self._run(iter([(0, None)]), lambda a, _x: call(a), lambda _s, out: done.append(out))
+        self._run(iter([(0, None)]), lambda a, threads, _x: call(a, threads), lambda _s, out: done.append(out))
         return done[0]
 
-    def _run(self, shards: Iterable[tuple[int, Any]], call: Callable[[Any, Any], Any],
+    def _run(self, shards: Iterable[tuple[int, Any]], call: Callable[[Any, int, Any], Any],
              on_done: Callable[[int, Any], None]) -> None:
         """Up to two shards in flight per scorer; a shard is taken from `shards` only when there is room."""
+        threads = self.work_threads()
         source: Iterator[tuple[int, Any]] = iter(shards)
         retry: list[tuple[int, Any]] = []
         running: dict[Any, tuple[int, Any, int, Any]] = {}   # ref -> (actor slot, actor, start, input)
@@ -121,7 +145,7 @@ class ScorerPool:
                         exhausted = True
                         break
                     actor = self.actors[slot]
-                    running[call(actor, nxt[1])] = (slot, actor, *nxt)
+                    running[call(actor, threads[slot], nxt[1])] = (slot, actor, *nxt)
                     load[slot] += 1
             if not running:
                 return

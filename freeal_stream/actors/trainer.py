@@ -3,7 +3,7 @@
 It gets the rows to train on (the labelled ones and a sample of the rest for the consistency term) and
 returns the model's files instead of writing them, so a trainer on another node needs no shared disk; the
 scorers then score the whole pool with those files. `messages` can be polled while `train` runs (the actor
-takes two calls at once), which is how the coordinator shows progress.
+takes two calls at once), and `step` says where the current epoch is, which is how the coordinator shows progress.
 """
 from __future__ import annotations
 
@@ -36,15 +36,27 @@ class Trainer:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(threads)
         self._messages: list[str] = []
+        self._step: tuple[int, int, int] | None = None   # (epoch, step, steps) of the training under way
 
     def train(self, data: TrainingData, n_classes: int, slm: SLMConfig, freeal: FreeALConfig, seed: int
               ) -> TrainedSLM:
-        fitted = fit_slm(data, n_classes, slm, freeal, seed=seed, progress=self._messages.append)
+        self._step = None
+        fitted = fit_slm(data, n_classes, slm, freeal, seed=seed, progress=self._messages.append,
+                         on_step=self._on_step)
         return TrainedSLM(model_files(fitted.model), fitted.mode, fitted.history)
+
+    def _on_step(self, epoch: int, step: int, steps: int) -> None:
+        self._step = (epoch, step, steps)
+
+    def step(self) -> tuple[int, int, int] | None:
+        """(epoch, step, steps) of the training under way, None before its first step."""
+        return self._step
 
     def out_of_fold(self, data: TrainingData, n_classes: int, slm: SLMConfig, freeal: FreeALConfig, folds: int,
                     held_out: int, seed: int) -> np.ndarray:
-        """Logits of labelled rows from fold models that did not see their label (calibration)."""
+        """Logits of labelled rows from fold models that did not see their label (calibration); progress by
+        message per fold, not by step."""
+        self._step = None
         return out_of_fold_logits(data, n_classes, slm, freeal, folds, held_out=held_out, seed=seed,
                                   progress=self._messages.append)
 

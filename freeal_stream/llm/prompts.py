@@ -13,11 +13,12 @@ from typing import Sequence
 from freeal_stream.config import DataConfig
 from freeal_stream.llm.verbalizer import Verbalizer
 
-TEMPLATE_VERSION = "v1"
+TEMPLATE_VERSION = "v2"   # v2: generation asks for fewer, shorter texts, prototypes as "Example:" paragraphs
 
 MIN_ITEM_WORDS = 3
-MAX_ITEM_WORDS = 60
-_PROTOTYPE_MAX_WORDS = 60  # keeps a generation prompt bounded whatever the data's text lengths
+MAX_ITEM_WORDS = 60        # the longest generated demo kept
+ASK_WORDS = 40             # the longest asked for: short asks are what a small model on a CPU can afford
+PROTOTYPE_WORDS = 40       # keeps a generation prompt bounded whatever the data's text lengths
 
 _TEXT_TAG = re.compile(r"<\s*/?\s*text\s*>", re.IGNORECASE)
 # chat-template control tokens (ChatML, Llama, Mistral): servers such as llama.cpp may parse them inside a
@@ -87,7 +88,10 @@ def _shorten(text: str, max_words: int) -> str:
 
 def generation_messages(task_description: str, verbalizer: Verbalizer, class_idx: int,
                         prototypes: Sequence[str], n: int) -> list[dict[str, str]]:
-    """Ask for `n` new texts of one class, imitating unlabelled prototypes from the data set."""
+    """Ask for `n` new texts of one class, imitating unlabelled prototypes from the data set.
+
+    The prototypes are shown as unnumbered "Example:" paragraphs and the answer is a numbered list: shown
+    as a numbered list, a 0.5B model continues it, copying every prototype (BENCHMARKS.md section 9)."""
     name, word = verbalizer.names[class_idx], verbalizer.answer_words[class_idx]
     label = word if name.casefold() == word.casefold() else f"{word} ({name})"
     system = (
@@ -95,14 +99,11 @@ def generation_messages(task_description: str, verbalizer: Verbalizer, class_idx
         f"The possible labels are: {_choices(verbalizer)}.\n"
         "You write realistic example texts for this task."
     )
-    shown = "\n".join(f"{i}. {_shorten(' '.join(t.split()), _PROTOTYPE_MAX_WORDS)}"
-                      for i, t in enumerate(prototypes, 1))
+    shown = "\n\n".join(f"Example: {_shorten(' '.join(t.split()), PROTOTYPE_WORDS)}" for t in prototypes)
     user = (
-        "Here are unlabelled texts from the data set, showing its style, length and topics:\n"
-        f"{shown}\n\n"
-        f"Write {n} NEW texts whose correct label is '{label}'. Imitate the style, length and variety "
-        "of the texts above, but do not copy them. Write one text per line, numbered "
-        f"1. to {n}., with no other lines and without the label."
+        f"Unlabelled texts from the data set, showing its style and topics:\n\n{shown}\n\n"
+        f"Write {n} NEW texts whose correct label is '{label}', each at most {ASK_WORDS} words. Do not repeat "
+        f"the examples. Write one text per line, numbered 1. to {n}., with no other lines and without the label."
     )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 

@@ -12,10 +12,16 @@ import time
 from typing import Awaitable, Callable, Iterable
 
 
-def estimate_tokens(messages: Iterable[tuple[str, str]], max_tokens: int) -> int:
-    """A request's cost before the server tells us: ~4 characters per token, plus the answer's cap."""
+def estimate_usage(messages: Iterable[tuple[str, str]], max_tokens: int) -> tuple[int, int]:
+    """(prompt, completion) tokens of a request before the server tells us: ~4 characters per input
+    token, and the answer at its cap. Also what an answer is charged when the server reports no usage."""
     chars = sum(len(role) + len(content) for role, content in messages)
-    return math.ceil(chars / 4) + max_tokens
+    return math.ceil(chars / 4), max_tokens
+
+
+def estimate_tokens(messages: Iterable[tuple[str, str]], max_tokens: int) -> int:
+    """A request's whole estimate (`estimate_usage`, summed)."""
+    return sum(estimate_usage(messages, max_tokens))
 
 
 class _Bucket:

@@ -83,17 +83,20 @@ def _caused_by_connect_error(exc: BaseException) -> bool:
     return False
 
 
+def status_failure(status: int, message: str = "", wait: float | None = None) -> Failure:
+    """The Failure an HTTP error status stands for (a live answer's, or a batch result line's)."""
+    if status == 429:
+        return Failure("rate_limited", True, status, wait, message)
+    if status == 408:
+        return Failure("timeout", True, status, wait, message)
+    transient = status in _TRANSIENT_STATUS or 500 <= status <= 599
+    return Failure(f"http_{status}", transient, status, wait if transient else None, message)
+
+
 def classify(exc: openai.OpenAIError | BadResponse) -> Failure:
     """Map an openai exception (or a BadResponse) to a Failure, transient or final."""
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        wait = retry_after_s(exc.response.headers)
-        if status == 429:
-            return Failure("rate_limited", True, status, wait, exc.message)
-        if status == 408:
-            return Failure("timeout", True, status, wait, exc.message)
-        transient = status in _TRANSIENT_STATUS or 500 <= status <= 599
-        return Failure(f"http_{status}", transient, status, wait if transient else None, exc.message)
+        return status_failure(exc.status_code, exc.message, retry_after_s(exc.response.headers))
     if isinstance(exc, openai.APITimeoutError):
         return Failure("timeout", True, message=str(exc))
     if isinstance(exc, openai.APIConnectionError):

@@ -10,6 +10,8 @@ import re
 
 import numpy as np
 
+from freeal_stream.llm.answer_check import is_logprob
+
 _EDGE_JUNK = re.compile(r"^[\W_]+|[\W_]+$")
 _LEAD_TAG = re.compile(r"^(?:answer|label|category)\s*[:=\-]\s*")
 _SPACES = re.compile(r"\s+")
@@ -51,27 +53,41 @@ class Verbalizer:
         return list(self._word_class)
 
     def parse(self, text: str | None) -> int | None:
-        """The class the answer names, or None unless it is exactly one class word (after normalising)."""
-        if text is None:
+        """The class the answer names, or None unless it is exactly one class word (after normalising).
+
+        Anything but a string is no label: a replayed answer must never crash a resume."""
+        if not isinstance(text, str):
             return None
         answer = normalise(_LEAD_TAG.sub("", normalise(text)))
         return self._word_class.get(answer)
+
+    def grammar(self) -> str:
+        """A GBNF grammar (llama.cpp's `grammar` field) whose only sentences are the answer words, so a
+        constrained answer is always exactly one class word: no 'no label' answers."""
+        quoted = (w.replace("\\", "\\\\").replace('"', '\\"') for w in self.answer_words)
+        return "root ::= " + " | ".join(f'"{w}"' for w in quoted)
 
     def probs_from_logprobs(self, top_logprobs: list[list[tuple[str, float]]] | None) -> np.ndarray | None:
         """Class probabilities from the first generated token's top candidates, or None if none maps.
 
         A candidate counts for a class when it is a non-empty prefix of words of that class only
-        (tokenizers often split 'positive' into 'pos' + 'itive'); ambiguous prefixes are skipped.
+        (tokenizers often split 'positive' into 'pos' + 'itive'); ambiguous prefixes are skipped, and so
+        is any candidate that is not a (token, finite logprob <= 0) pair (answer_check's rule).
         """
-        if not top_logprobs or not top_logprobs[0]:
+        if not isinstance(top_logprobs, list) or not top_logprobs or not isinstance(top_logprobs[0], list):
             return None
         mass = np.zeros(len(self.names))
-        for token, logprob in top_logprobs[0]:
+        for cand in top_logprobs[0]:
+            if not isinstance(cand, (tuple, list)) or len(cand) != 2:
+                continue
+            token, logprob = cand
+            if not isinstance(token, str) or not is_logprob(logprob):
+                continue
             piece = normalise(token)
             if not piece:
                 continue
             owners = {c for word, c in self._word_class.items() if word.startswith(piece)}
             if len(owners) == 1:
-                mass[owners.pop()] += math.exp(logprob)
+                mass[owners.pop()] += math.exp(min(logprob, 0.0))
         total = mass.sum()
         return mass / total if total > 0 else None

@@ -5,6 +5,9 @@ answers into `Annotation` rows the moment it arrives, so a killed round loses no
 """
 from __future__ import annotations
 
+import numpy as np
+
+from freeal_stream.llm import calibration
 from freeal_stream.llm.client import ChatAnswer, ChatRequest, Ledger
 from freeal_stream.llm.prompts import TEMPLATE_VERSION, clean_paraphrase, paraphrase_max_tokens, paraphrase_messages
 from freeal_stream.records import Annotation
@@ -13,13 +16,17 @@ from freeal_stream.rounds.planning import RoundPlan, affordable
 
 
 def annotate(ctx: RoundContext, plan: RoundPlan) -> None:
-    """Ask the LLM for the planned labels not yet stored; each batch of labels is committed on arrival."""
+    """Ask the LLM for the planned labels not yet stored; each batch of labels is committed on arrival.
+
+    The demo blocks' calibration requests go first (stored answers come back free), so every label is read
+    against its prompt's prior the moment it arrives (llm/calibration.py)."""
     round_ = plan.round
     done = ctx.store.annotated_in_round(round_)
     todo = [k for k, it in enumerate(plan.items) if it.item_id not in done]
     if len(todo) < len(plan):
         ctx.say(f"round {round_}: {len(plan) - len(todo)} of {len(plan)} planned labels already stored; asking for "
                 "the rest")
+    priors = _priors(ctx, plan, todo)
     stage = f"round {round_} annotate"
 
     def report(n: int, total: int, ledger: Ledger) -> None:
@@ -32,13 +39,28 @@ def annotate(ctx: RoundContext, plan: RoundPlan) -> None:
             if ans.content is None:
                 continue   # failed or not admitted: not stored, so the item stays in the pool
             item = plan.items[todo[k]]
-            label = ctx.verbalizer.parse(ans.content)
-            probs = ctx.verbalizer.probs_from_logprobs(ans.top_logprobs)
-            conf = float(probs[label]) if (label is not None and probs is not None) else None
-            rows.append(Annotation(item.item_id, ans.key, label, conf, item.demo_ids))
+            reading = calibration.read(ctx.verbalizer, ans, priors.get(item.demo_ids))
+            rows.append(Annotation(item.item_id, ans.key, reading.label, reading.confidence, item.demo_ids))
         ctx.store.add_annotations(round_, rows)
 
     ctx.session.annotators.complete_many([plan.requests[k] for k in todo], progress=report, on_answers=commit)
+
+
+def _priors(ctx: RoundContext, plan: RoundPlan, todo: list[int]) -> dict[tuple[str, ...], np.ndarray]:
+    """Each demo block's class prior, from its content-free answers (blocks whose answers carry no class
+    logprobs, or that the budget did not admit, are left out: their labels are read uncalibrated)."""
+    blocks = [b for b in plan.blocks(todo) if plan.calibration.get(b)]
+    requests = [r for b in blocks for r in plan.calibration[b]]
+    if not requests:
+        return {}
+    answers = iter(ctx.session.annotators.complete_many(
+        requests, progress=lambda d, t, _l: ctx.progress.update(f"round {plan.round} calibrate", d, t)))
+    priors = {}
+    for b in blocks:
+        got = [a for _, a in zip(plan.calibration[b], answers) if a.content is not None]
+        if (p := calibration.prior(ctx.verbalizer, got)) is not None:
+            priors[b] = p
+    return priors
 
 
 def warn_if_one_class(ctx: RoundContext, round_: int, enough: int = 20) -> None:

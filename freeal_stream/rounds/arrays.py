@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from freeal_stream.private_files import private_dir
+
 DTYPE = np.dtype(np.float32)
 
 
@@ -38,7 +40,7 @@ class RowArray:
     def create(cls, path: Path, width: int) -> RowArray:
         """A new, empty array (replacing any array stored at `path`)."""
         array = cls(path, width)
-        array.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(array.path.parent)
         array.path.write_bytes(b"")
         array.commit(0)
         return array

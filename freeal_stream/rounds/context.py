@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from freeal_stream.config import JobConfig, LLMConfig
+from freeal_stream.config import STATIC_ENCODER, JobConfig, LLMConfig, SLMConfig
 from freeal_stream.llm.verbalizer import Verbalizer
 from freeal_stream.progress import Progress
 from freeal_stream.rounds.pool import Pool
 from freeal_stream.session import Session
+from freeal_stream.slm.encoder import choose_encoder
+from freeal_stream.slm.static_encoder import distilled_dir
 from freeal_stream.store import Store
 
 
@@ -45,9 +47,25 @@ class RoundContext:
         return self.job.state_path / "arrays"
 
     @cached_property
+    def encoder(self) -> str:
+        """The job's frozen encoder. `auto` is chosen once, by the pool's size when the first round starts, and
+        kept in the store, so every later round (however the pool grows) and every resumed run use the same one."""
+        choice = choose_encoder(self.job.slm, self.store.count_items(), self.store.get_meta("slm_encoder"))
+        self.store.set_meta("slm_encoder", choice.name)
+        self.say(choice.why)
+        if choice.name == STATIC_ENCODER and not distilled_dir().is_dir():
+            self.say(f"{STATIC_ENCODER} is distilled from the bundled MiniLM on its first use (about a minute on a "
+                     f"quiet core; kept in {distilled_dir().parent})")
+        return choice.name
+
+    @cached_property
+    def slm(self) -> SLMConfig:
+        """The job's SLM settings with the frozen encoder resolved (what the trainer builds its model with)."""
+        return dataclasses.replace(self.job.slm, encoder=self.encoder)
+
+    @cached_property
     def pool(self) -> Pool:
-        slm = self.job.slm
-        return Pool(self.store, self.arrays_dir, self.session.scorers, slm.encoder, slm.max_length,
+        return Pool(self.store, self.arrays_dir, self.session.scorers, self.encoder, self.job.slm.max_length,
                     self.job.task.class_names, self.progress)
 
     def say(self, msg: str) -> None:

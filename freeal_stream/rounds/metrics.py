@@ -8,15 +8,29 @@ from typing import Any
 import numpy as np
 
 from freeal_stream.rounds.context import RoundContext
-from freeal_stream.rounds.planning import llm_label_array
+from freeal_stream.rounds.planning import human_label_array, llm_label_array
 from freeal_stream.rounds.quality import round_quality
 from freeal_stream.rounds.state import SLMState
 from freeal_stream.session import spent_now
 from freeal_stream.store import LABEL_RULES
 
 
+class PhaseClock:
+    """Wall seconds per phase of a round (`plan_s`, `annotate_s`, `train_s`, `demos_s`); a phase a resumed
+    round skips is absent."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[f"{phase}_s"] = round(now - self._last, 2)
+        self._last = now
+
+
 def round_metrics(ctx: RoundContext, state: SLMState, started: float, planned: int, clean: np.ndarray,
-                  spent_before: dict[str, int]) -> dict[str, Any]:
+                  spent_before: dict[str, int], laps: dict[str, float]) -> dict[str, Any]:
     """The figures stored with a finished round (and shown by `status`)."""
     store = ctx.store
     labels = llm_label_array(ctx)
@@ -27,10 +41,12 @@ def round_metrics(ctx: RoundContext, state: SLMState, started: float, planned: i
         "pool": ctx.pool.size, "llm_requested": planned, "llm_labelled": stored["labelled"],
         "llm_no_label": stored["no_label"], "llm_failed": planned - stored["requested"],
         "annotated_total": int((labels >= 0).sum()), "sent_total": store.annotated_count(),
+        "human_labels": int((human_label_array(ctx) >= 0).sum()),
         "demo_pool": len(state.demos), "clean_set": int(len(clean)),
         **{f"{k}_round": spent[k] - spent_before[k] for k in spent},
         **{f"{k}_total": v for k, v in spent.items()},
         "cost_total": round(spent_now(store, ctx.job).cost, 6),
+        **laps,
         **round_quality(ctx, state.round),   # the export's estimated accuracy and the calibration behind it
     }
     gold = ctx.pool.gold()

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from freeal_stream import budget as budget_policy
-from freeal_stream.calibration import Calibration
+from freeal_stream.dawid_skene import Calibration
 from freeal_stream.demos import group_queries, retrieve_for_groups, small_loss_per_class
+from freeal_stream.llm import calibration
 from freeal_stream.llm.client import ChatRequest
-from freeal_stream.llm.prompts import TEMPLATE_VERSION, annotation_messages
 from freeal_stream.records import Demo, PlanItem
 from freeal_stream.rounds.context import RoundContext
 from freeal_stream.rounds.quality import round_quality, target_reached
@@ -31,17 +31,36 @@ STRATEGY_SHARD_ROWS = 65536
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """A round's requests: one per item, aligned with `items` (the item and the demos its prompt shows)."""
+    """A round's requests: one per item, aligned with `items` (the item and the demos its prompt shows), and
+    per demo block (an item's `demo_ids`) the content-free requests that calibrate its answers (none when the
+    job does not calibrate)."""
 
     round: int
     items: tuple[PlanItem, ...]
     requests: tuple[ChatRequest, ...]
+    calibration: dict[tuple[str, ...], tuple[ChatRequest, ...]]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def head(self, n: int) -> RoundPlan:
-        return RoundPlan(self.round, self.items[:n], self.requests[:n])
+        return RoundPlan(self.round, self.items[:n], self.requests[:n], self.calibration)
+
+    def blocks(self, positions: Sequence[int]) -> list[tuple[str, ...]]:
+        """The demo blocks of the items at `positions`, each once, in order."""
+        return list(dict.fromkeys(self.items[k].demo_ids for k in positions))
+
+    def sending_order(self) -> list[tuple[int | None, ChatRequest]]:
+        """Every request with its item's position (None: a calibration request), a block's calibration just
+        before its first item: the order the budget pays for them in."""
+        out: list[tuple[int | None, ChatRequest]] = []
+        seen: set[tuple[str, ...]] = set()
+        for k, (item, request) in enumerate(zip(self.items, self.requests)):
+            if item.demo_ids not in seen:
+                seen.add(item.demo_ids)
+                out += [(None, r) for r in self.calibration.get(item.demo_ids, ())]
+            out.append((k, request))
+        return out
 
 
 def plan_round(ctx: RoundContext, round_: int, state: SLMState, strategy: QueryStrategy) -> RoundPlan | None:
@@ -57,7 +76,9 @@ def plan_round(ctx: RoundContext, round_: int, state: SLMState, strategy: QueryS
         ctx.say(f"round {round_}: nothing left to annotate; stopping")
         return None
     plan = retrieve_demos(ctx, round_, state, targets)
-    n = affordable(ctx, plan.requests)
+    order = plan.sending_order()
+    paid_for = order[:affordable(ctx, [r for _, r in order])]
+    n = sum(k is not None for k, _ in paid_for)
     if n == 0:
         ctx.say(f"round {round_}: the budget is spent; stopping (raise budget caps to go on)")
         return None
@@ -72,16 +93,21 @@ def stored_plan(ctx: RoundContext, round_: int, state: SLMState) -> RoundPlan:
 
 
 def build_plan(ctx: RoundContext, round_: int, items: list[PlanItem], demos: tuple[Demo, ...]) -> RoundPlan:
-    """The requests for planned items: the prompt shows each item's demos, then the item."""
+    """The requests for planned items (the prompt shows each item's demos, then the item) and the
+    calibration requests of each demo block."""
     by_id = {d.id: d for d in demos}
     positions = ctx.store.positions_of([it.item_id for it in items])
     texts = ctx.pool.texts(positions)
-    requests = tuple(
-        ChatRequest.build(annotation_messages(ctx.job.task.description, ctx.verbalizer,
-                                              [(by_id[d].text, by_id[d].label) for d in it.demo_ids],
-                                              text, ctx.job.data.max_text_chars), ctx.llm, TEMPLATE_VERSION)
-        for it, text in zip(items, texts))
-    return RoundPlan(round_, tuple(items), requests)
+    task, limit = ctx.job.task.description, ctx.job.data.max_text_chars
+
+    def shown(demo_ids: tuple[str, ...]) -> list[tuple[str, int]]:
+        return [(by_id[d].text, by_id[d].label) for d in demo_ids]
+
+    requests = tuple(calibration.annotation_request(ctx.llm, task, ctx.verbalizer, shown(it.demo_ids), text, limit)
+                     for it, text in zip(items, texts))
+    blocks = dict.fromkeys(it.demo_ids for it in items)
+    calib = {b: calibration.calibration_requests(ctx.llm, task, ctx.verbalizer, shown(b), limit) for b in blocks}
+    return RoundPlan(round_, tuple(items), requests, calib)
 
 
 # ---- which texts ----------------------------------------------------------------------------------------
@@ -89,7 +115,9 @@ def choose_targets(ctx: RoundContext, round_: int, state: SLMState, strategy: Qu
     """Pool positions that go to the LLM this round, sorted."""
     size = ctx.pool.size
     annotated = np.zeros(size, bool)
-    annotated[ctx.store.annotated_positions()] = True
+    asked = ctx.store.annotated_positions()
+    annotated[asked[asked < size]] = True
+    annotated[human_label_array(ctx) >= 0] = True   # a human's label is never sent to the LLM again
     if ctx.job.freeal.schedule == "full":
         return _refinement_targets(ctx, state, annotated)
     unannotated = np.flatnonzero(~annotated)
@@ -99,9 +127,10 @@ def choose_targets(ctx: RoundContext, round_: int, state: SLMState, strategy: Qu
                          budget_left=None if left is None or left.requests == float("inf") else int(left.requests))
     llm_labels = llm_label_array(ctx) if "llm_labels" in strategy.needs else None
     previous = _previous_predictions(ctx, round_) if "slm_labels" in strategy.needs else None
-    stored = round_quality(ctx, state.round).get("calibration")
-    # calibrated where the round could calibrate: `uncertainty` (least_confidence) then sends the texts where
-    # the SLM is least likely right
+    wants_probs = "probs" in strategy.needs and state.logits is not None
+    stored = round_quality(ctx, state.round).get("calibration") if wants_probs else None
+    # calibrated where the round could calibrate: `route` (least confidence) then sends the texts where the SLM
+    # is least likely right
     probs_of = Calibration.from_json(stored).probs if stored else softmax
 
     def shards():
@@ -109,7 +138,7 @@ def choose_targets(ctx: RoundContext, round_: int, state: SLMState, strategy: Qu
             at = unannotated[start:start + STRATEGY_SHARD_ROWS]
             ids = np.array(ctx.store.items_at(at.tolist()).ids, dtype=object)
             cols = {}
-            if "probs" in strategy.needs and state.logits is not None:
+            if wants_probs:
                 cols["probs"] = probs_of(state.logits.gather(at)).astype(np.float32)
             if "embeddings" in strategy.needs:
                 cols["embeddings"] = state.emb.gather(at)   # the frozen encoder's before any SLM
@@ -133,7 +162,9 @@ def _refinement_targets(ctx: RoundContext, state: SLMState, annotated: np.ndarra
     keep = np.zeros(ctx.pool.size, bool)
     for idx in small_loss_per_class(labels, losses, ctx.job.freeal.clean_ratio).values():
         keep[idx] = True
-    keep[ctx.store.annotated_positions(min_rounds=2)] = True
+    twice = ctx.store.annotated_positions(min_rounds=2)
+    keep[twice[twice < len(keep)]] = True
+    keep[human_label_array(ctx) >= 0] = True
     return np.flatnonzero(~keep)
 
 
@@ -150,8 +181,25 @@ def llm_label_array(ctx: RoundContext) -> np.ndarray:
     """Each pool item's latest LLM label (-1: not asked, or no usable answer)."""
     labels = np.full(ctx.pool.size, -1, dtype=np.int64)
     positions, values = ctx.store.llm_label_positions()
+    inside = positions < ctx.pool.size   # the pool is a snapshot (see Pool)
+    labels[positions[inside]] = values[inside]
+    return labels
+
+
+def human_label_array(ctx: RoundContext) -> np.ndarray:
+    """Each pool item's human label (-1: not reviewed), from `review import`."""
+    labels = np.full(ctx.pool.size, -1, dtype=np.int64)
+    positions, values = ctx.store.human_label_positions()
     labels[positions] = values
     return labels
+
+
+def training_labels(ctx: RoundContext) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, human) per pool position: what the SLM trains on and its demos come from. A human label
+    replaces the LLM's and is clean by fiat (`human` marks those rows); elsewhere the latest LLM label."""
+    human = human_label_array(ctx)
+    reviewed = human >= 0
+    return np.where(reviewed, human, llm_label_array(ctx)), reviewed
 
 
 def _previous_predictions(ctx: RoundContext, round_: int) -> np.ndarray | None:
@@ -161,7 +209,8 @@ def _previous_predictions(ctx: RoundContext, round_: int) -> np.ndarray | None:
         return None
     preds = np.full(ctx.pool.size, -1, dtype=np.int64)
     positions, values = ctx.store.slm_predictions(round_ - 2)
-    preds[positions] = values
+    inside = positions < ctx.pool.size
+    preds[positions[inside]] = values[inside]
     return preds
 
 
@@ -187,7 +236,7 @@ def _demo_embeddings(ctx: RoundContext, state: SLMState) -> np.ndarray:
     positions = ctx.store.positions_of([d.id for d in state.demos])
     if (positions >= 0).all():
         return state.emb.gather(positions)
-    return ctx.session.scorers.embed([d.text for d in state.demos])
+    return ctx.session.scorers.embed(ctx.encoder, [d.text for d in state.demos])
 
 
 # ---- how many the budget pays for ------------------------------------------------------------------------

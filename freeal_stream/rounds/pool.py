@@ -21,17 +21,27 @@ from freeal_stream.slm.encoder import cache_key
 from freeal_stream.store import Store
 
 SHARD_ROWS = 4096   # rows per store read and per scorer task
+TEXT_SHARD_ROWS = 1024   # rows per scorer task that runs the encoder over texts (~5-10 s on a CPU core): progress
+
+
+def embedding_space(encoder: str, max_length: int) -> str:
+    """The name part of an embedding array's file: arrays from different encoders never mix."""
+    return hashlib.sha1(cache_key(encoder, max_length).encode()).hexdigest()[:12]
 
 
 class Pool:
-    """Positions, texts on demand, and the frozen-embedding arrays of one job's items."""
+    """Positions, texts on demand, and the frozen-embedding arrays of one job's items.
+
+    `size` is a snapshot taken by `refresh` (at the start of each round): items ingested meanwhile are stored
+    at once but join the pool at the next refresh, so every per-item array of a round has the same length.
+    """
 
     def __init__(self, store: Store, arrays_dir: Path, scorers: ScorerPool, encoder: str, max_length: int,
                  class_names: Sequence[str], progress: Progress):
         self.store, self.scorers, self.progress = store, scorers, progress
-        self.arrays_dir = Path(arrays_dir)
+        self.arrays_dir, self.encoder = Path(arrays_dir), encoder
         self.class_names = list(class_names)
-        self._space = hashlib.sha1(cache_key(encoder, max_length).encode()).hexdigest()[:12]
+        self._space = embedding_space(encoder, max_length)
         self._flags: dict[str, np.ndarray] = {}
         self.size = 0
         self.refresh()
@@ -50,11 +60,12 @@ class Pool:
     def texts(self, positions: Sequence[int]) -> list[str]:
         return self.columns(positions).texts
 
-    def shards(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, ItemColumns]]:
-        """(start, items) for consecutive shards of positions start .. stop, read lazily."""
+    def shards(self, start: int = 0, stop: int | None = None, size: int = SHARD_ROWS
+               ) -> Iterator[tuple[int, ItemColumns]]:
+        """(start, items) for consecutive shards of `size` positions start .. stop, read lazily."""
         stop = self.size if stop is None else stop
-        for s in range(start, stop, SHARD_ROWS):
-            yield s, self.store.items_range(s, min(s + SHARD_ROWS, stop))
+        for s in range(start, stop, size):
+            yield s, self.store.items_range(s, min(s + size, stop))
 
     def gold(self) -> np.ndarray:
         """Each item's gold class index (-1 = none); for reporting only."""
@@ -65,7 +76,7 @@ class Pool:
 
     def _flag(self, name: str) -> np.ndarray:
         if not self._flags:
-            self._flags = self.store.item_flags(self.class_names)
+            self._flags = self.store.item_flags(self.class_names, self.size)
         return self._flags[name]
 
     # ---- frozen embeddings ------------------------------------------------------------------------
@@ -87,6 +98,7 @@ class Pool:
         what = "texts" if kind == "frozen" else "views"
         self.progress.say(f"embedding {n:,} {what} with the frozen encoder ({len(self.scorers.actors)} scorer actors)")
         done = 0
+        self.progress.update(f"embed {what}", 0, n)
 
         def write(at: int, emb: np.ndarray) -> None:
             nonlocal array, done
@@ -96,6 +108,6 @@ class Pool:
             done += len(emb)
             self.progress.update(f"embed {what}", done, n)
 
-        self.scorers.embed_shards(((s, pick(cols)) for s, cols in self.shards(start)), write)
+        self.scorers.embed_shards(self.encoder, ((s, pick(cols)) for s, cols in self.shards(start, size=TEXT_SHARD_ROWS)), write)
         array.commit(self.size)
         return array

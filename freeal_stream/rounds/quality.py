@@ -2,7 +2,7 @@
 record compares, and the export's expected accuracy with an interval (docs/METHOD.md section 7).
 
 After a round's SLM is trained, fold SLMs trained with one fold of the LLM labels hidden give every LLM-labelled
-item logits from a model that never fitted its label (cross-fitting); `calibration.fit_calibration` fits the
+item logits from a model that never fitted its label (cross-fitting); `dawid_skene.fit_calibration` fits the
 SLM's temperature and the LLM's confusion matrix on them. Then, per item:
 
   * `p_right`: P(the SLM's prediction is right): its calibrated probability, or, where the LLM labelled the
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from freeal_stream.calibration import Calibration, fit_calibration
+from freeal_stream.dawid_skene import Calibration, fit_calibration
 from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.rounds.context import RoundContext
 
@@ -114,10 +114,11 @@ def fit_round_calibration(oof: OutOfFold, labels: np.ndarray, n_classes: int) ->
 
 
 def interval(rule: str, cal: Calibration, logits: np.ndarray, oof: np.ndarray, llm: np.ndarray, clean: np.ndarray,
-             fitted_on: tuple[np.ndarray, np.ndarray], seed: int) -> tuple[float, float]:
+             human: np.ndarray, fitted_on: tuple[np.ndarray, np.ndarray], seed: int) -> tuple[float, float]:
     """The estimate's interval from the rows given (the pool or a uniform sample of it): the labels of record
     are fixed by the fitted calibration; each bootstrap refit (on resampled `fitted_on` = (oof logits, labels)
-    of every LLM-labelled row) re-scores those same labels, plus the pool's own luck (binomial)."""
+    of every LLM-labelled row) re-scores those same labels, plus the pool's own luck (binomial). A human label
+    (`human`) is right by fiat."""
     probs = item_probabilities(cal, logits, oof, llm)
     wins = slm_wins(rule, probs, llm, clean)
     chosen = np.where(wins, logits.argmax(1), llm)
@@ -132,7 +133,7 @@ def interval(rule: str, cal: Calibration, logits: np.ndarray, oof: np.ndarray, l
         post = refit.probs(logits)
         if has.any():
             post[has] = refit.posteriors(oof[has], llm[has])
-        q = post[rows, chosen]
+        q = np.where(human, 1.0, post[rows, chosen])
         draws.append(q.mean() + rng.normal(0.0, np.sqrt((q * (1 - q)).sum()) / len(q)))
     tail = (1 - INTERVAL) / 2
     low, high = np.quantile(draws, [tail, 1 - tail])
@@ -140,9 +141,10 @@ def interval(rule: str, cal: Calibration, logits: np.ndarray, oof: np.ndarray, l
 
 
 def store_quality(ctx: RoundContext, round_: int, cal: Calibration, tally: Tally, labels: np.ndarray,
-                  logits: RowArray, oof: OutOfFold, clean: np.ndarray) -> dict[str, Any]:
+                  human: np.ndarray, logits: RowArray, oof: OutOfFold, clean: np.ndarray) -> dict[str, Any]:
     """The round's calibration and the export's estimate (point from `tally`, the interval from a sample of the
-    pool), stored for `round_quality`; returns the estimate."""
+    pool), stored for `round_quality`; returns the estimate. `labels`: the LLM's (-1: none); `human`: rows a
+    human labelled."""
     rule = ctx.job.freeal.label_of_record
     sample = np.arange(len(labels))
     if len(sample) > SAMPLE:
@@ -152,7 +154,7 @@ def store_quality(ctx: RoundContext, round_: int, cal: Calibration, tally: Tally
     has = llm >= 0
     oof_rows[has] = oof.at(sample[has])
     low, high = interval(rule, cal, logits.gather(sample), oof_rows, llm, clean[sample],
-                         (oof.logits, labels[oof.positions]), ctx.job.seed + round_)
+                         human[sample], (oof.logits, labels[oof.positions]), ctx.job.seed + round_)
     point = tally.total / tally.n
     est = {"accuracy": round(point, 4), "low": round(min(low, point), 4), "high": round(max(high, point), 4),
            "interval": INTERVAL, "rule": rule, "items": tally.n, "slm_labels": round(tally.slm_labels / tally.n, 4),

@@ -10,7 +10,7 @@ import hashlib
 from freeal_stream.actors.scorers import ShardInput, ShardScores
 from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.rounds.context import RoundContext
-from freeal_stream.rounds.pool import SHARD_ROWS
+from freeal_stream.rounds.pool import SHARD_ROWS, TEXT_SHARD_ROWS
 from freeal_stream.rounds.state import round_arrays
 
 
@@ -35,13 +35,14 @@ def score_pool(ctx: RoundContext, round_: int, files: dict[str, bytes], mode: st
     todo = pool.size - start
     ctx.say(f"scoring {todo:,} items with round {round_}'s SLM ({len(ctx.session.scorers.actors)} scorer actors)")
     done = 0
+    ctx.progress.update(f"round {round_} score", 0, todo)
 
     def shards():
         if mode == "head":
             for s in range(start, pool.size, SHARD_ROWS):
                 yield s, ShardInput(emb=frozen.read(s, min(s + SHARD_ROWS, pool.size)))
         else:
-            for s, cols in pool.shards(start):
+            for s, cols in pool.shards(start, size=TEXT_SHARD_ROWS):
                 yield s, ShardInput(texts=cols.texts)
 
     def write(at: int, scores: ShardScores) -> None:

@@ -76,7 +76,8 @@ def initial_demos(ctx: RoundContext) -> list[Demo]:
     generated = generate_demos(ctx.session.annotators, ctx.llm, ctx.job.task.description, ctx.verbalizer,
                                PoolTexts(ctx.pool), prototypes=fr.prototypes, per_class=fr.generated_per_class,
                                seed=ctx.job.seed,
-                               progress=lambda d, t, _l: ctx.progress.update("demo generation", d, t))
+                               progress=lambda d, t, _l: ctx.progress.update("demo generation", d, t),
+                               time_box_s=fr.generation_time_s, say=ctx.say)
     demos = [Demo(f"gen-{n}", text, label, source) for n, (text, label, source) in enumerate(generated)]
     ctx.store.set_demo_pool(0, demos)
     return demos

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
+import math
 import os
 import tempfile
 import urllib.error
@@ -15,6 +17,17 @@ from urllib.parse import urlencode, urlsplit
 from freeal_stream.errors import UserError
 
 SERVICE_FILE = "service.json"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, as JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class ServiceError(UserError):
@@ -71,7 +84,7 @@ class ServiceClient:
             return False
 
     def _call(self, method: str, path: str, payload: Any = None) -> dict[str, Any]:
-        data = None if payload is None else json.dumps(payload).encode()
+        data = None if payload is None else json.dumps(json_safe(payload), allow_nan=False).encode()
         request = urllib.request.Request(self.base_url + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
@@ -117,19 +130,52 @@ def write_service_file(state_dir: Path, url: str, pid: int) -> Path:
     return path
 
 
-def find_service(state_dir: Path, timeout_s: float = 2.0) -> str | None:
+def is_loopback_literal(host: str) -> bool:
+    """A literal loopback IP, or `localhost`; any other name could be pointed elsewhere by whoever runs DNS."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_service_url(url: str, where: Path, host: str | None = None, port: int | None = None) -> None:
+    """Refuse a service URL that is neither on this machine's loopback nor the job's own ``host:port``.
+
+    The URL comes from a file in the state folder, which someone else may have written: items and the token
+    must not follow it to their machine.
+    """
+    parts = urlsplit(url)
+    try:
+        url_host, url_port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        url_host, url_port = "", 0
+    if is_loopback_literal(url_host) or (host or "").lower().strip("[]") == url_host and port == url_port != 0:
+        return
+    configured = f"the job's service.host:service.port ({host}:{port})" if host else "a job's service address"
+    raise ServiceError(f"{where} names the service URL {url!r}, which is neither this machine's loopback nor "
+                       f"{configured}: refusing to send it data or the token. Fix: delete the file if no service "
+                       "of yours runs, or set service.host and service.port to where yours listens")
+
+
+def find_service(state_dir: Path, timeout_s: float = 2.0, *, host: str | None = None,
+                 port: int | None = None) -> str | None:
     """The URL of the service published in ``state_dir``, if its process is alive and it answers /health.
 
     A stale file (dead pid, nothing answering) is ignored, not removed: a service starting meanwhile may
-    have just written a fresh one, and it replaces the file on start anyway.
+    have just written a fresh one, and it replaces the file on start anyway. A URL beyond loopback and the
+    job's service ``host:port`` is refused (ServiceError) before anything is sent to it.
     """
+    path = state_dir / SERVICE_FILE
     try:
-        info = json.loads((state_dir / SERVICE_FILE).read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
         url, pid = info["url"], info["pid"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not isinstance(url, str) or isinstance(pid, bool) or not isinstance(pid, int) or not _alive(pid):
         return None
+    check_service_url(url, path, host, port)
     try:
         client = ServiceClient(url, timeout_s=timeout_s)
     except ValueError:

@@ -1,10 +1,20 @@
 """HTTP API through which clients add unlabelled items to a running service and read its labels.
 
-Bound to a loopback address it needs no token, as only local users can reach it (a token, if set, is still
-required). Bound to any other address it refuses to start without one, and every endpoint but /health then
-needs ``Authorization: Bearer <token>``. The token is never logged or echoed.
+FastAPI on uvicorn, in a background thread. Bound to a loopback address it needs no token, as only local
+users can reach it (a token, if set, is still required). Bound to any other address it refuses to start
+without one, and every endpoint but /health then needs ``Authorization: Bearer <token>``. The token is
+never logged or echoed.
 
-Endpoints (JSON in and out):
+Before any routing, a request must name an allowed Host (the bound address, localhost, 127.0.0.1 or [::1]
+with the port, or one of ``allowed_hosts``: a web page whose DNS name was rebound to 127.0.0.1 names its
+own) and carry no Origin but those hosts' (a browser page of another site gets 403; no CORS headers are ever
+sent). Bodies: JSON or JSON lines only (else 415), with a Content-Length (else 411) of at most
+``max_body_bytes`` (else 413), received in full within ``body_timeout_s`` (else 408, one log line); at
+most ``max_body_bytes_in_flight`` bytes of bodies are read and parsed at once (later ones wait, then 503),
+and at most ``max_connections`` connections are served at once (503). A connection that sends no request
+headers within ``headers_timeout_s`` is closed. JSON answers never hold NaN or Infinity (null instead).
+
+Endpoints (JSON in and out; the OpenAPI description at /openapi.json):
     POST /items    {"items": [{"id", "text", "view", "gold"}, ...]}, a JSON list of items, or JSON lines with
                    Content-Type application/x-ndjson. Only ``text`` is required. A bad item (or a JSON line
                    that does not parse) is quarantined, not refused: the answer counts it and names its
@@ -17,36 +27,59 @@ Endpoints (JSON in and out):
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
-import socketserver
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from freeal_stream.errors import FreealError
+from freeal_stream.service.client import json_safe
 from freeal_stream.sources import MAX_LISTED_PROBLEMS
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "FREEAL_SERVICE_TOKEN"
 MAX_BODY_BYTES = 32 << 20
+# One large body parsed at a time (parsing holds the GIL, so two at once are no faster): 32 MB of JSON is up
+# to ~500 MB of Python objects when the items are tiny, ~120 MB with 1,000-character texts.
+MAX_BODY_BYTES_IN_FLIGHT = MAX_BODY_BYTES
+MAX_CONNECTIONS = 64
+BODY_TIMEOUT_S = 60.0
+HEADERS_TIMEOUT_S = 10.0
 MAX_ITEMS = 50_000
 MAX_LABELS_LIMIT = 10_000
-# A body refused unread (401, 404, 413...) and smaller than this is read and dropped, so the client gets the
-# answer rather than a reset connection (closing a socket with unread data resets it).
-_DRAIN_LIMIT = 256 << 20
 _ITEM_FIELDS = ("gold", "id", "text", "view")
 # ValueError includes integers too long to convert; RecursionError, arrays nested too deeply
 _JSON_ERRORS = (ValueError, RecursionError)
 _NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
+_BODY_TYPES = {"application/json"} | _NDJSON_TYPES
+_ROUTES = ("/health", "/items", "/labels", "/status")
+# A body refused unread (401, 404, 413...) and smaller than this is read and dropped, so the client gets the
+# answer rather than a reset connection (closing a socket with unread data resets it).
+_DRAIN_LIMIT = 256 << 20
+_DRAIN_IDLE_S = 2.0
+_BODY_READ = "freeal.body_read"   # set in the request's scope once its body has been read to the end
 
 
 @dataclass(frozen=True)
@@ -99,7 +132,27 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
-def parse_items(body: bytes, content_type: str, max_items: int = MAX_ITEMS) -> PostedItems:
+def json_bytes(value: Any) -> bytes:
+    """The JSON a client gets: strict (no NaN / Infinity tokens), ASCII (a lone surrogate is escaped)."""
+    return json.dumps(json_safe(value), allow_nan=False).encode()
+
+
+def _utf8_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """A quarantine row whose strings have any lone surrogate written as its escape, so it can be stored."""
+    return {k: v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v
+            for k, v in row.items()}
+
+
+def _surrogate_at(text: str) -> int | None:
+    """The position of the first lone surrogate in ``text`` (valid JSON, but not Unicode text), if any."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def parse_items(body: bytes | bytearray, content_type: str, max_items: int = MAX_ITEMS) -> PostedItems:
     """The items of a POST /items body, bad ones set aside with the item and field at fault.
 
     Raises ApiError only when the body as a whole cannot be read (not UTF-8, not JSON, the wrong shape).
@@ -119,10 +172,12 @@ def parse_items(body: bytes, content_type: str, max_items: int = MAX_ITEMS) -> P
         except _JSON_ERRORS as exc:
             raise ApiError(400, f"the body is not JSON: {exc} (for JSON lines, send Content-Type "
                                 "application/x-ndjson)") from None
+        del text   # a large body is held once, as parsed objects
         items = doc
         if isinstance(doc, dict) and "items" in doc and set(doc) <= {"items", "source", "quarantined"}:
             items, source, sent_aside = doc["items"], doc.get("source", source), doc.get("quarantined", [])
             _check_envelope(source, sent_aside)
+            sent_aside = [_utf8_safe(row) for row in sent_aside]
         if not isinstance(items, list):
             raise ApiError(400, 'the body must be {"items": [...]} or a JSON list of items')
         lines = list(range(len(items)))
@@ -138,8 +193,8 @@ def parse_items(body: bytes, content_type: str, max_items: int = MAX_ITEMS) -> P
             _check_item(place, item)
             good.append(item)
         except ApiError as exc:
-            rejected.append({"location": place, "line": line, "reason": "invalid item", "field": exc.field,
-                             "detail": str(exc), "raw": json.dumps(item, ensure_ascii=False)})
+            rejected.append(_utf8_safe({"location": place, "line": line, "reason": "invalid item", "field": exc.field,
+                                        "detail": str(exc), "raw": json.dumps(item, ensure_ascii=False)}))
     return PostedItems(good, list(sent_aside) + rejected, source)
 
 
@@ -165,8 +220,9 @@ _ASIDE_FIELDS = {"location": str, "reason": str, "detail": str, "raw": str}
 
 def _check_envelope(source: Any, rows: Any) -> None:
     """The optional "source" and "quarantined" parts of an object body (a program's, not a person's input)."""
-    if not isinstance(source, str) or not 0 < len(source) <= 300:
-        raise ApiError(400, "source must be a non-empty string of at most 300 characters", {"field": "source"})
+    if not isinstance(source, str) or not 0 < len(source) <= 300 or _surrogate_at(source) is not None:
+        raise ApiError(400, "source must be a non-empty string of at most 300 characters of Unicode text",
+                       {"field": "source"})
     if not isinstance(rows, list) or not all(
             isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in _ASIDE_FIELDS.items())
             and (r.get("line") is None or (isinstance(r["line"], int) and not isinstance(r["line"], bool)))
@@ -195,6 +251,12 @@ def _check_item(where: str, item: Any) -> None:
     gold = item.get("gold")
     if isinstance(gold, bool) or not isinstance(gold, (str, int, type(None))):
         raise bad("gold", "must be a string, an integer or null")
+    for name in _ITEM_FIELDS:
+        value = item.get(name)
+        at = _surrogate_at(value) if isinstance(value, str) else None
+        if at is not None:
+            raise bad(name, f"holds a lone surrogate ({ascii(value[at])} at character {at}), which is not "
+                            "Unicode text. Fix: send the text as valid UTF-8")
 
 
 def post_items(handlers: ApiHandlers, posted: PostedItems) -> dict[str, Any]:
@@ -210,118 +272,6 @@ def post_items(handlers: ApiHandlers, posted: PostedItems) -> dict[str, Any]:
     return {**answer, "received": answer["received"] + len(posted.rejected),
             "quarantined": answer.get("quarantined", 0) + len(posted.rejected),
             "problems": (refused + answer.get("problems", []))[:MAX_LISTED_PROBLEMS]}
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, api: ApiServer):
-        self.address_family = family
-        self.api = api
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer's own looks up the host's FQDN, which can stall for seconds on a badly set-up resolver
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    timeout = 30  # seconds a client may stall mid-request before its thread is freed
-    server_version = "freeal-stream"
-    sys_version = ""
-
-    def do_GET(self) -> None:
-        self._answer()
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def _answer(self) -> None:
-        headers: dict[str, str] = {}
-        self._body_read = False
-        try:
-            status, payload = 200, json.dumps(self._route()).encode()
-        except ApiError as exc:
-            status, payload, headers = exc.status, json.dumps(exc.body).encode(), exc.headers
-        except Exception:
-            log.exception("API %s %s failed", self.command, urlsplit(self.path).path)
-            status, payload = 500, json.dumps({"error": "internal error; see the service log"}).encode()
-        if not self._body_read:
-            self._drop_body()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _route(self) -> dict[str, Any]:
-        url = urlsplit(self.path)
-        api = self.server.api
-        if url.path != "/health":
-            self._authorize(api.token)
-        routes: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
-            "/items": ("POST", lambda: post_items(api.handlers, self._items())),
-            "/status": ("GET", api.handlers.status),
-            "/labels": ("GET", lambda: api.handlers.labels(*_labels_query(url.query))),
-            "/health": ("GET", lambda: {"ok": True}),
-        }
-        if url.path not in routes:
-            raise ApiError(404, f"no such endpoint; there are {', '.join(sorted(routes))}")
-        method, call = routes[url.path]
-        if self.command != method:
-            raise ApiError(405, f"{url.path} takes {method}", headers={"Allow": method})
-        return call()
-
-    def _authorize(self, token: str | None) -> None:
-        if token is None:
-            return
-        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-        if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())):
-            raise ApiError(401, f"missing or wrong token: send 'Authorization: Bearer <{TOKEN_ENV}>'",
-                           headers={"WWW-Authenticate": "Bearer"})
-
-    def _items(self) -> PostedItems:
-        api = self.server.api
-        length = self._body_length()
-        if length is None:
-            raise ApiError(411, "send the body with a valid Content-Length (chunked bodies are not taken)")
-        if length > api.max_body_bytes:
-            raise ApiError(413, f"the body is {length} bytes; the limit is {api.max_body_bytes}: "
-                                "split the items over several requests")
-        body = self.rfile.read(length)
-        self._body_read = True
-        if len(body) < length:
-            raise ApiError(400, "the body ended before its Content-Length")
-        return parse_items(body, self.headers.get_content_type(), api.max_items)
-
-    def _body_length(self) -> int | None:
-        """The declared body size; None for a chunked body, or a missing or invalid Content-Length."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return None
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            return None
-        return length if length >= 0 else None
-
-    def _drop_body(self) -> None:
-        length = self._body_length() or 0
-        try:
-            while 0 < length <= _DRAIN_LIMIT:
-                chunk = self.rfile.read(min(length, 1 << 20))
-                if not chunk:
-                    return
-                length -= len(chunk)
-        except OSError:
-            return  # the client stalled or left; the connection closes after the answer anyway
 
 
 def _labels_query(query: str) -> tuple[int, int]:
@@ -345,58 +295,408 @@ def _labels_query(query: str) -> tuple[int, int]:
     return number("since", 0, 0, 2**63 - 1), number("limit", 1000, 1, MAX_LABELS_LIMIT)
 
 
+# ---- the ASGI application ---------------------------------------------------------------------------
+
+class _Json(Response):
+    media_type = "application/json; charset=utf-8"
+
+    def render(self, content: Any) -> bytes:
+        return json_bytes(content)
+
+
+_NO_SNIFF = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+def _answer(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> _Json:
+    return _Json(body, status, {**_NO_SNIFF, **(headers or {})})
+
+
+def _refusal(exc: ApiError) -> _Json:
+    return _answer(exc.body, exc.status, exc.headers)
+
+
+async def _refuse(exc: ApiError, scope: Scope, receive: Receive, send: Send, timeout_s: float) -> None:
+    """Answer a refused request, after reading and dropping what is left of its body (up to a limit; a
+    client that stops sending for _DRAIN_IDLE_S gets the answer at once)."""
+    dropped, deadline = 0, time.monotonic() + timeout_s
+    while not scope.get(_BODY_READ) and dropped <= _DRAIN_LIMIT and "close" not in exc.headers.get("Connection", ""):
+        try:
+            message = await asyncio.wait_for(receive(), min(_DRAIN_IDLE_S, max(0.0, deadline - time.monotonic())))
+        except asyncio.TimeoutError:
+            break
+        dropped += len(message.get("body", b""))
+        scope[_BODY_READ] = message["type"] != "http.request" or not message.get("more_body", False)
+    await _refusal(exc)(scope, receive, send)
+
+
+class _Refused(Response):
+    """A refusal raised while routing or handling, answered once the rest of the body is dropped."""
+
+    def __init__(self, exc: ApiError, timeout_s: float):
+        super().__init__()
+        self.exc, self.timeout_s = exc, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _refuse(self.exc, scope, receive, send, self.timeout_s)
+
+
+class _Gate:
+    """Host allow-list, Origin check and bearer token, before any routing (a refused request learns nothing)."""
+
+    def __init__(self, app: ASGIApp, api: ApiServer):
+        self.app, self.api = app, api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                self.api.check_caller(Headers(scope=scope), scope["path"])
+            except ApiError as exc:
+                await _refuse(exc, scope, receive, send, self.api.body_timeout_s)
+                return
+        await self.app(scope, receive, send)
+
+
+class _ByteBudget:
+    """How many bytes of request bodies may be read and parsed at once; a request waits for its share."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._freed: asyncio.Condition | None = None   # made on the server's event loop
+
+    @contextlib.asynccontextmanager
+    async def share(self, size: int, wait_s: float) -> AsyncIterator[None]:
+        if self._freed is None:
+            self._freed = asyncio.Condition()
+        size = min(size, self.limit)
+        async with self._freed:
+            try:
+                await asyncio.wait_for(self._freed.wait_for(lambda: self.used + size <= self.limit), wait_s)
+            except asyncio.TimeoutError:
+                raise ApiError(503, f"too many large requests at once ({self.used} bytes being read); retry "
+                                    "shortly", headers={"Retry-After": "1"}) from None
+            self.used += size
+        try:
+            yield
+        finally:
+            async with self._freed:
+                self.used -= size
+                self._freed.notify_all()
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers: uvicorn has none, so a client
+    that connects and sends nothing (or its headers a byte at a time) would hold a connection for ever."""
+
+    def __init__(self, *args: Any, headers_timeout_s: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.headers_timeout_s = headers_timeout_s
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._await_request()
+
+    def _await_request(self) -> None:
+        self.loop.call_later(self.headers_timeout_s, self._close_if_idle, self.cycle)
+
+    def _close_if_idle(self, cycle: Any) -> None:
+        if self.cycle is cycle and not self.transport.is_closing():   # no new request since
+            self.transport.close()
+
+
+class _ItemIn(BaseModel):
+    text: str
+    id: str | int | None = None
+    view: str | None = None
+    gold: str | int | None = None
+
+
+class _ItemsIn(BaseModel):
+    items: list[_ItemIn]
+    source: str | None = None
+    quarantined: list[dict[str, Any]] = []
+
+
+class _Problem(BaseModel):
+    location: str
+    action: str
+    reason: str
+    detail: str
+
+
+class _ItemsOut(BaseModel):
+    received: int
+    added: int
+    duplicates: int
+    quarantined: int = 0
+    flagged: int = 0
+    problems: list[_Problem] = []
+
+
+class _Label(BaseModel):
+    seq: int
+    id: str
+    label: str | None
+    source: str | None
+    confidence: float | None
+
+
+class _LabelsOut(BaseModel):
+    items: list[_Label]
+    next: int
+
+
+class _ErrorOut(BaseModel):
+    error: str
+    field: str | None = None
+
+
+_ITEMS_SCHEMA = _ItemsIn.model_json_schema(ref_template="#/components/schemas/{model}")
+_ITEMS_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {k: v for k, v in _ITEMS_SCHEMA.items() if k != "$defs"}},
+    "application/x-ndjson": {"schema": {"type": "string", "description": "one item object per line"}}}}}
+_LABELS_QUERY = {"parameters": [
+    {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LABELS_LIMIT,
+                                                "default": 1000}}]}
+_ERRORS: dict[int | str, dict[str, Any]] = {"default": {"model": _ErrorOut}}
+
+
+def _build_app(api: ApiServer) -> FastAPI:
+    # no /docs page: FastAPI's loads its JavaScript from a CDN, which would then run in this API's origin
+    app = FastAPI(title="freeal-stream service", version="1", docs_url=None, redoc_url=None,
+                  description=(__doc__ or "").split("\n\n")[0])
+    app.add_middleware(_Gate, api=api)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = FastAPI.openapi(app)
+            app.openapi_schema.setdefault("components", {}).setdefault("schemas", {}).update(_ITEMS_SCHEMA["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]   # the request body is described, parsed by parse_items
+    refusal = functools.partial(_Refused, timeout_s=api.body_timeout_s)
+
+    @app.exception_handler(ApiError)
+    async def refused(request: Request, exc: ApiError) -> Response:
+        return refusal(exc)
+
+    @app.exception_handler(HTTPException)
+    async def routing(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            return refusal(ApiError(405, f"{request.url.path} takes {allowed}", headers={"Allow": allowed}))
+        if exc.status_code == 404:
+            return refusal(ApiError(404, f"no such endpoint; there are {', '.join(_ROUTES)} (described at "
+                                          "/openapi.json)"))
+        return refusal(ApiError(exc.status_code, str(exc.detail)))
+
+    @app.post("/items", openapi_extra=_ITEMS_BODY, responses={200: {"model": _ItemsOut}, **_ERRORS},
+              summary="add items; bad ones are quarantined one by one, the rest stored")
+    async def items(request: Request) -> Response:
+        return _answer(await api.take_items(request))
+
+    @app.get("/status", responses={200: {"model": dict[str, Any]}, **_ERRORS}, summary="the service's status")
+    async def status() -> Response:
+        return _answer(await _call("GET /status", api.handlers.status))
+
+    @app.get("/labels", openapi_extra=_LABELS_QUERY, responses={200: {"model": _LabelsOut}, **_ERRORS},
+             summary="labels in ingestion order, from position `since`")
+    async def labels(request: Request) -> Response:
+        since, limit = _labels_query(request.url.query)
+        return _answer(await _call("GET /labels", api.handlers.labels, since, limit))
+
+    @app.get("/health", responses={200: {"model": dict[str, bool]}}, summary="whether the service answers")
+    async def health() -> Response:
+        return _answer({"ok": True})
+
+    return app
+
+
+async def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on a worker thread; an unexpected error is logged here and answered as a bare 500."""
+    try:
+        return await run_in_threadpool(fn, *args)
+    except ApiError:
+        raise
+    except Exception:
+        log.exception("API %s failed", what)
+        raise ApiError(500, "internal error; see the service log") from None
+
+
+def _body_length(headers: Headers) -> int | None:
+    """The declared body size; None for a chunked body, or a missing or invalid Content-Length."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return None
+    try:
+        length = int(headers.get("content-length", ""))
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+def _host_names(host: str, port: int, extra: Iterable[str]) -> frozenset[str]:
+    """The Host header values a request may carry: ``name:port`` for the bound host and the loopback names,
+    and each of ``extra`` (with ``:port`` added when it names none)."""
+    def bracket(name: str) -> str:   # an IPv6 address is written [::1] in a Host header
+        try:
+            return f"[{name}]" if ipaddress.ip_address(name).version == 6 else name
+        except ValueError:
+            return name
+
+    allowed = {f"{name}:{port}".lower() for name in (bracket(host), "localhost", "127.0.0.1", "[::1]")}
+    for entry in extra:
+        entry = bracket(entry.strip())
+        has_port = bool(re.fullmatch(r".*[^:]:\d+", entry)) and not entry.endswith("]")
+        allowed.add((entry if has_port else f"{entry}:{port}").lower())
+    return frozenset(allowed)
+
+
 class ApiServer:
     """The HTTP API on a background thread: ``start()`` returns its base URL, ``stop()`` ends it."""
 
     def __init__(self, handlers: ApiHandlers, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None, *, max_body_bytes: int = MAX_BODY_BYTES,
-                 max_items: int = MAX_ITEMS):
-        if token is not None and not token.strip():
-            raise ValueError(f"the service token is empty: set the env var {TOKEN_ENV} to a long random "
-                             "string")
-        if token is None and not is_loopback(host):
-            raise ValueError(f"refusing to serve on {host!r} without a token, as anyone who can reach it "
-                             f"could add items and read labels: set the env var {TOKEN_ENV} to a long random "
-                             "string, or bind to 127.0.0.1")
+                 token: str | None = None, *, token_env: str = "FREEAL_SERVICE_TOKEN", allowed_hosts: Sequence[str] = (),
+                 max_body_bytes: int = MAX_BODY_BYTES, max_items: int = MAX_ITEMS,
+                 max_body_bytes_in_flight: int = MAX_BODY_BYTES_IN_FLIGHT, max_connections: int = MAX_CONNECTIONS,
+                 body_timeout_s: float = BODY_TIMEOUT_S, headers_timeout_s: float = HEADERS_TIMEOUT_S):
+        if token is None and not is_loopback(host):   # the rule and its message: serve.service_token
+            raise ValueError(f"refusing to serve on {host!r} without a token")
         self.handlers = handlers
         self.host = host
         self.port = port
-        self.token = token
+        self.token, self.token_env = token, token_env
+        self.allowed_hosts = tuple(allowed_hosts)
         self.max_body_bytes = max_body_bytes
         self.max_items = max_items
-        self._httpd: _Server | None = None
+        self.max_connections = max_connections
+        self.body_timeout_s = body_timeout_s
+        self.headers_timeout_s = headers_timeout_s
+        self.max_body_bytes_in_flight = max(max_body_bytes_in_flight, 1)
+        self._hosts: frozenset[str] = frozenset()
+        self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._bound: tuple[str, int] | None = None
 
     @property
     def url(self) -> str:
         """The base URL, e.g. http://127.0.0.1:8765 (valid once started)."""
-        if self._httpd is None:
+        if self._bound is None:
             raise RuntimeError("the API server is not running")
-        host, port = self._httpd.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+        host, port = self._bound
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def local_url(self) -> str:
+        """The URL a client on this machine should use: the loopback address when bound to all interfaces."""
+        host, port = self._bound or (self.host, self.port)
+        wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+        if host not in wildcard:
+            return self.url
+        local = wildcard[host]
+        return f"http://[{local}]:{port}" if ":" in local else f"http://{local}:{port}"
+
+    def check_caller(self, headers: Headers, path: str) -> None:
+        """Refuse a request naming another Host (DNS rebinding), from another site's page, or without the token."""
+        host = headers.get("host", "").lower()
+        if "*" not in self.allowed_hosts and host not in self._hosts:
+            raise ApiError(403, f"Host {host or '(none)'!r} is not one this service answers to. Fix: reach it "
+                                "by the address it listens on, or add the name to service.allowed_hosts")
+        origin = headers.get("origin")
+        if origin is not None and origin.lower() not in {f"{scheme}://{h}" for h in self._hosts
+                                                         for scheme in ("http", "https")}:
+            raise ApiError(403, "cross-origin requests are refused (a web page cannot use this API)")
+        if path != "/health" and self.token is not None:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())):
+                raise ApiError(401, f"missing or wrong token: send 'Authorization: Bearer <{self.token_env}>'",
+                               headers={"WWW-Authenticate": "Bearer"})
+
+    async def take_items(self, request: Request) -> dict[str, Any]:
+        """Read a POST /items body within the limits (length, type, bytes in flight, time), then store it."""
+        length = _body_length(request.headers)
+        if length is None:
+            raise ApiError(411, "send the body with a valid Content-Length (chunked bodies are not taken)")
+        if length > self.max_body_bytes:
+            raise ApiError(413, f"the body is {length} bytes; the limit is {self.max_body_bytes}: "
+                                "split the items over several requests")
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media not in _BODY_TYPES:
+            raise ApiError(415, f"Content-Type {media or '(none)'!r} is not taken: send application/json, or "
+                                "application/x-ndjson for JSON lines")
+        started = time.monotonic()
+        async with self._budget.share(length, self.body_timeout_s):
+            body = await self._read_body(request, length, self.body_timeout_s - (time.monotonic() - started))
+            posted = await _call("parsing POST /items", parse_items, body, media, self.max_items)
+            del body
+            return await _call("POST /items", post_items, self.handlers, posted)
+
+    async def _read_body(self, request: Request, length: int, timeout_s: float) -> bytearray:
+        body = bytearray()
+        deadline = time.monotonic() + timeout_s
+        more = True
+        while more:
+            try:
+                message = await asyncio.wait_for(request.receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                client = request.client.host if request.client else "?"
+                log.warning("API: POST /items from %s: %d of %d body bytes in %.0f s; answered 408", client,
+                            len(body), length, timeout_s)
+                raise ApiError(408, f"the body did not arrive within {timeout_s:.0f} s ({len(body)} of {length} "
+                                    "bytes)", headers={"Connection": "close"}) from None
+            if message["type"] == "http.disconnect":
+                request.scope[_BODY_READ] = True
+                raise ApiError(400, "the client left before sending its whole body")
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        request.scope[_BODY_READ] = True
+        if len(body) < length:
+            raise ApiError(400, "the body ended before its Content-Length")
+        return body
 
     def start(self) -> str:
-        """Bind and serve in a daemon thread; returns the base URL."""
-        if self._httpd is not None:
+        """Bind and serve in a daemon thread; returns the base URL. A bind error (port taken) is an OSError."""
+        if self._server is not None:
             raise RuntimeError("the API server is already running")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._httpd = _Server((self.host, self.port), family, self)
-        # a short poll interval makes stop() quick (serve_forever notices shutdown between polls)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="freeal-api",
+        # IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets that say TCP (else 40 ms per answer)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self._bound = (sock.getsockname()[0], sock.getsockname()[1])
+        self._budget = _ByteBudget(self.max_body_bytes_in_flight)   # its lock belongs to the new event loop
+        self._hosts = _host_names(self.host, self._bound[1], self.allowed_hosts)
+        config = uvicorn.Config(
+            _build_app(self), lifespan="off", ws="none", log_config=None, access_log=False, server_header=False,
+            http=functools.partial(_Protocol, headers_timeout_s=self.headers_timeout_s),
+            limit_concurrency=self.max_connections, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="freeal-api",
                                         daemon=True)
         self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                self._server = self._thread = self._bound = None
+                raise OSError(f"the API server on {self.host}:{self.port} did not start; see the log")
+            time.sleep(0.01)
         log.info("API listening on %s", self.url)
         return self.url
 
     def stop(self) -> None:
-        """Stop serving and close the socket; requests in flight finish on their own threads."""
-        if self._httpd is None:
+        """Stop serving and close the socket; requests in flight get up to 5 s to finish."""
+        if self._server is None:
             return
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.should_exit = True
         if self._thread is not None:
             self._thread.join()
-        self._httpd = self._thread = None
+        self._server = self._thread = self._bound = None
 
     def __enter__(self) -> ApiServer:
         self.start()

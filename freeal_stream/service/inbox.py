@@ -184,20 +184,42 @@ class Inbox:
         note = (f"{name} was not ingested: {why}\n"
                 f"To fix: {fix}. Moving it back from failed/ into {self.root} retries it.\n")
         fd, tmp = tempfile.mkstemp(dir=self.failed, prefix=".note-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(note)
-        os.replace(tmp, self.failed / f"{moved.name}.error.txt")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(note)
+            os.replace(tmp, self.failed / _fitting(moved.name, ".error.txt", self.failed))
+        except BaseException:
+            os.unlink(tmp)
+            raise
         return InboxResult(name, "failed", error=why)
 
     @staticmethod
     def _move(path: Path, folder: Path) -> Path:
         """Rename into ``folder``; on a name clash add ``.<timestamp>.<n>`` before the suffix (kept, so a
-        file moved back from failed/ is still recognised)."""
+        file moved back from failed/ is still recognised). A name that would be over the folder's length
+        limit has its stem cut (ending in '~'): a failed rename would leave the file in the inbox, to be
+        taken (and fail) again at every scan."""
         target = folder / path.name
         stamp = time.strftime("%Y%m%dT%H%M%S")
         n = 0
         while os.path.lexists(target):
             n += 1
-            target = folder / f"{path.stem}.{stamp}.{n}{path.suffix}"
+            target = folder / _fitting(path.stem, f".{stamp}.{n}{path.suffix}", folder)
         os.rename(path, target)
         return target
+
+
+def _fitting(stem: str, tail: str, folder: Path) -> str:
+    """``stem + tail``, the stem cut at a character boundary (and marked '~') when the name would be over
+    the folder's file-name limit (in bytes); a tail too long to keep is cut too."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len((stem + tail).encode("utf-8", "surrogateescape")) <= limit:
+        return stem + tail
+    if len(tail.encode("utf-8", "surrogateescape")) > limit // 2:
+        stem, tail = stem + tail, ""
+    room = limit - 1 - len(tail.encode("utf-8", "surrogateescape"))
+    cut = stem.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return cut + "~" + tail

