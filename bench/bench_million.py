@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -51,14 +52,25 @@ def role(proc: psutil.Process, driver: int) -> str:
 
 
 class RssSampler(threading.Thread):
-    """Peak RSS per role (and of the sum over all processes at one instant) of a process tree."""
+    """Peak RSS per role (and of the sum over all processes at one instant) of a process tree, and CPU seconds
+    per role (each process's last sample). `procs` and `name` widen it beyond the tree of `pid` (a cluster's
+    processes, which the CLI did not start) and its roles (e.g. by node); by default: the tree and `role`."""
 
-    def __init__(self, pid: int, every_s: float = 0.25):
+    def __init__(self, pid: int, every_s: float = 0.25, procs: Callable[[], list[psutil.Process]] | None = None,
+                 name: Callable[[psutil.Process], str] | None = None):
         super().__init__(daemon=True)
-        self.pid, self.every_s = pid, every_s
+        self.pid, self.every_s, self.list_procs, self.role_of = pid, every_s, procs, name
         self.peak: dict[str, int] = {}
         self.peak_total = 0
+        self._cpu: dict[int, tuple[str, float]] = {}   # pid -> (role, CPU seconds at its last sample)
         self.stop = threading.Event()
+
+    @property
+    def cpu_s(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for r, seconds in self._cpu.values():
+            out[r] = out.get(r, 0.0) + seconds
+        return out
 
     def run(self) -> None:
         try:
@@ -67,30 +79,35 @@ class RssSampler(threading.Thread):
             return
         while not self.stop.is_set():
             try:
-                procs = [root, *root.children(recursive=True)]
+                procs = self.list_procs() if self.list_procs is not None else [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
             total = 0
             for p in procs:
                 try:
-                    rss = p.memory_info().rss
+                    rss, cpu = p.memory_info().rss, p.cpu_times()
+                    r = self.role_of(p) if self.role_of is not None else role(p, self.pid)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                r = role(p, self.pid)
                 self.peak[r] = max(self.peak.get(r, 0), rss)
+                self._cpu[p.pid] = (r, cpu.user + cpu.system)
                 total += rss
             self.peak_total = max(self.peak_total, total)
             self.stop.wait(self.every_s)
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
-    """Run `freeal-stream ARGS` from `cwd`'s checkout; wall time, timestamped output lines, peak RSS."""
+def run_cli(args: list[str], cwd: Path, env: dict[str, str], log: Path,
+            procs: Callable[[int], Callable[[], list[psutil.Process]]] | None = None,
+            name: Callable[[int], Callable[[psutil.Process], str]] | None = None) -> dict:
+    """Run `freeal-stream ARGS` from `cwd`'s checkout; wall time, timestamped output lines, peak RSS and CPU
+    seconds by role. `procs(pid)` / `name(pid)`, given the CLI's pid, make the sampler's (see RssSampler)."""
     t0 = time.monotonic()
     lines: list[tuple[float, str]] = []
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen([sys.executable, "-m", "freeal_stream.cli", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, cwd=cwd, env={**env, "PYTHONPATH": str(cwd)})
-        sampler = RssSampler(proc.pid)
+        sampler = RssSampler(proc.pid, procs=procs(proc.pid) if procs else None,
+                             name=name(proc.pid) if name else None)
         sampler.start()
         for line in proc.stdout:   # progress lines end in \r on a terminal; here they are plain lines
             lines.append((round(time.monotonic() - t0, 2), line.rstrip()))
@@ -102,7 +119,8 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
         raise SystemExit(f"freeal-stream {' '.join(args)} failed; see {log}")
     return {"wall_s": round(time.monotonic() - t0, 1), "lines": lines,
             "peak_rss_mb": {k: round(v / 2**20) for k, v in sorted(sampler.peak.items())},
-            "peak_rss_total_mb": round(sampler.peak_total / 2**20)}
+            "peak_rss_total_mb": round(sampler.peak_total / 2**20),
+            "cpu_s": {k: round(v, 1) for k, v in sorted(sampler.cpu_s.items())}}
 
 
 def first_at(lines: list[tuple[float, str]], pattern: str) -> float | None:

@@ -70,8 +70,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     from collections import Counter
 
-    from freeal_stream.intake import add_batch, read_data_batches
-    from freeal_stream.sources import summary_of
+    from freeal_stream.intake import add_batch, read_data_batches, written
+    from freeal_stream.sources import Batch, summary_of
     from freeal_stream.store import Store
 
     running = _running_service(job)
@@ -79,14 +79,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     for name in args.files:
         added = extra = rows = 0
         problems: Counter[tuple[str, str]] = Counter()
-        store = None
-        try:
-            for batch in read_data_batches(job, Path(name)):   # a batch at a time: memory bounded by one
-                if running is not None:
-                    got, more = _send_to_service(running, batch, name)
-                else:
-                    store = store or Store(job.state_path / "freeal.duckdb")
-                    got, more = add_batch(store, batch, name), 0
+        store: Store | None = None
+
+        def write(batch: Batch, name: str = name) -> tuple[int, int]:
+            nonlocal store
+            if running is not None:
+                return _send_to_service(running, batch, name)
+            store = store or Store(job.state_path / "freeal.duckdb")   # opened once a batch is read: a refused
+            return add_batch(store, batch, name), 0                       # file leaves no state behind
+
+        try:   # a batch at a time (memory bounded by two), the next read while the last is stored
+            for batch, (got, more) in written(read_data_batches(job, Path(name)), write):
                 added, extra, rows = added + got, extra + more, rows + len(batch.ids)
                 problems += batch.problem_counts()
         finally:

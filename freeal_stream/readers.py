@@ -224,8 +224,12 @@ def _csv_records(f: BinaryIO, lines: Iterator[_Line], header: list[str], delim: 
                     yield _too_long(f"line {taken[0].number}", taken[0].number, taken[0].text, taken[0].size)
                 else:
                     runs_on = len(taken) > 1 or "end of data" in str(e)
-                    why = "a quote opened on this line is never closed" if runs_on else f"bad quoting ({e})"
-                    yield _bad_csv(taken[0], "unreadable row", why)
+                    if not runs_on and taken[0].bad is None and _is_json_object(taken[0].text):
+                        yield _bad_csv(taken[0], "JSON line in a CSV file", "a JSON object, not a row of the CSV's "
+                                       "columns")
+                    else:
+                        why = "a quote opened on this line is never closed" if runs_on else f"bad quoting ({e})"
+                        yield _bad_csv(taken[0], "unreadable row", why)
                     feed.read_again(taken[1:])
                 reader = csv.reader(feed, delimiter=delim, strict=True)
                 continue
@@ -233,6 +237,9 @@ def _csv_records(f: BinaryIO, lines: Iterator[_Line], header: list[str], delim: 
             if not fields:              # a blank line
                 continue
             first = taken[0]
+            if len(taken) == 1 and first.bad is None and _is_json_object(first.text, fields):
+                yield _bad_csv(first, "JSON line in a CSV file", "a JSON object, not a row of the CSV's columns")
+                continue
             if len(taken) == 1 and first.bad is None and len(fields) == len(header):   # the common case, fast
                 yield RawRecord(f"line {first.number}", first.number, dict(zip(header, fields)),
                                 first.text.rstrip("\r\n"), None, first.size)
@@ -252,9 +259,25 @@ def _csv_records(f: BinaryIO, lines: Iterator[_Line], header: list[str], delim: 
                                 raw.rstrip("\r\n"), None, sum(line.size for line in taken))
 
 
+def _is_json_object(line: str, fields: list[str] | None = None) -> bool:
+    """Whether a CSV line is a JSON object (a JSON line pasted into a CSV file), which the csv module would
+    otherwise split at its commas into fields of garbage. `fields`, when given, spares the parse for the
+    usual line, whose first field does not start with '{'."""
+    if fields is not None and not fields[0].lstrip().startswith("{"):
+        return False
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def _bad_csv(first: _Line, reason: str, why: str, lines: list[_Line] | None = None) -> RawRecord:
-    fix = ("save the file as UTF-8" if reason == "not UTF-8" else
-           'quote fields that hold the delimiter or a line break ("a, b"), and double quotes inside them ("")')
+    fix = {"not UTF-8": "save the file as UTF-8",
+           "JSON line in a CSV file": "write it as a CSV row, or put JSON records in a .jsonl file of their own",
+           }.get(reason, 'quote fields that hold the delimiter or a line break ("a, b"), and double quotes inside '
+                         'them ("")')
     lines = lines or [first]
     return RawRecord(f"line {first.number}", first.number, None,
                      _as_written("".join(line.text for line in lines)).rstrip("\r\n"),

@@ -60,6 +60,7 @@ class Batch:
     views: list[str | None]
     golds: list[str | None]
     hashes: list[str]
+    records: list[RawRecord] = field(default_factory=list)   # each item's row, for a quarantine found later
     problems: list[Problem] = field(default_factory=list)
     duplicates: int = 0           # rows repeating an earlier row's id and text: nothing new, skipped
     ids_from_rows: bool = False   # no id column: ids are row numbers, unique only within this file
@@ -77,15 +78,15 @@ class Batch:
         return sum(p.reason == "empty text" for p in self.problems)
 
     def quarantine_ids(self, ids: Iterable[str], reason: str, why: str) -> None:
-        """Move the items with these ids out of the batch into its quarantined problems."""
+        """Move the items with these ids out of the batch into its quarantined problems, each located and shown
+        as its row was (a file's line as written)."""
         drop = set(ids)
         keep = [k for k, i in enumerate(self.ids) if i not in drop]
         for k in (k for k, i in enumerate(self.ids) if i in drop):
-            raw = json.dumps({"id": self.ids[k], "text": self.texts[k], "view": self.views[k], "gold": self.golds[k]},
-                             ensure_ascii=False)
-            self.problems.append(Problem("quarantined", reason, f"id '{self.ids[k]}': {why}", f"id '{self.ids[k]}'",
-                                         None, raw, self.ids[k]))
-        for name in ("ids", "texts", "views", "golds", "hashes"):
+            r = self.records[k]
+            self.problems.append(Problem("quarantined", reason, f"{r.location}: id '{self.ids[k]}' {why}",
+                                         r.location, r.line, _raw_of(r), self.ids[k]))
+        for name in ("ids", "texts", "views", "golds", "hashes", "records"):
             setattr(self, name, [getattr(self, name)[k] for k in keep])
 
     def problem_counts(self) -> Counter[tuple[str, str]]:
@@ -171,8 +172,7 @@ def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: 
     seen: dict[str, tuple[str, str]] = {}    # id -> (hash, location of its first row)
 
     def problem(r: RawRecord, action: Action, reason: str, detail: str, item_id: str | None = None) -> None:
-        raw = r.raw if r.raw is not None else json.dumps(r.values, default=str, ensure_ascii=False)
-        out.problems.append(Problem(action, reason, detail, r.location, r.line, raw, item_id))
+        out.problems.append(Problem(action, reason, detail, r.location, r.line, _raw_of(r), item_id))
 
     for n, r in enumerate(records, start):
         if r.values is None:
@@ -221,7 +221,13 @@ def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: 
         out.views.append(view)
         out.golds.append(gold)
         out.hashes.append(h)
+        out.records.append(r)
     return out
+
+
+def _raw_of(r: RawRecord) -> str:
+    """A row's content as written (a file's line), or as JSON where there is none (an API item)."""
+    return r.raw if r.raw is not None else json.dumps(r.values, default=str, ensure_ascii=False)
 
 
 BATCH_ROWS = 10_000        # records per batch read from a file...
@@ -296,9 +302,11 @@ def _check_file(path: Path, fmt: str, cfg: DataConfig, optional: frozenset[str],
     with contextlib.closing(_open(path, fmt)) as records:
         columns = records.columns
         scan = None
-        if columns is None or (cfg.gold_column is not None and classes):
-            try:
-                scan = _scan(records.rows, set(c for c in wanted.values() if c), cfg.gold_column, classes)
+        gold = cfg.gold_column if classes and (columns is None or cfg.gold_column in columns) else None
+        if columns is None or gold is not None:
+            try:   # a file with a header (CSV, Parquet) is scanned only until its first gold value of a class
+                scan = _scan(records.rows, set(c for c in wanted.values() if c), gold, classes,
+                             until_known_gold=columns is not None)
             except (FileUnreadable, OSError) as e:
                 raise _unreadable(path, fmt, e) from None
             if columns is None:
@@ -334,7 +342,10 @@ class _Scan:
     first_unknown: str | None = None
 
 
-def _scan(records: Iterator[RawRecord], wanted: set[str], gold: str | None, classes: dict[str, str]) -> _Scan:
+def _scan(records: Iterator[RawRecord], wanted: set[str], gold: str | None, classes: dict[str, str], *,
+          until_known_gold: bool = False) -> _Scan:
+    """The first pass. A JSON file is read to its end (its keys, and a broken JSON array, show only there); a file
+    with a header may stop at its first gold value of a class, as then nothing left can refuse the file."""
     out = _Scan()
     seen: set[str] = set()
     for r in records:
@@ -351,6 +362,8 @@ def _scan(records: Iterator[RawRecord], wanted: set[str], gold: str | None, clas
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and classes:
             if _class_key(str(value)) in classes:
                 out.known_gold = True
+                if until_known_gold:
+                    return out
             else:
                 out.unknown_golds += 1
                 out.first_unknown = out.first_unknown or str(value)

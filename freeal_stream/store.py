@@ -298,7 +298,9 @@ class Store:
         """Insert items whose id and text are both new; returns how many were added.
 
         Deduplicated by id and by content hash (within the batch too, first one wins), so re-ingesting a
-        file, or the same text under a second id, adds nothing and is never paid for twice.
+        file, or the same text under a second id, adds nothing and is never paid for twice. Anti joins, not
+        NOT IN: DuckDB hashes the batch and streams the table past it, where NOT IN hashed the whole table for
+        every batch (0.11 s against 0.2-0.3 s a 10,000-row batch at 1M items).
         """
         start = _first(self.con.execute("SELECT coalesce(max(seq), -1) + 1 FROM items"))[0]
         batch = pa.table({
@@ -312,8 +314,8 @@ class Store:
             self._exec("""
                 INSERT INTO items (seq, id, text, view, gold, content_hash, ingested_at, pos)
                 SELECT seq, id, text, view, gold, content_hash, epoch(now()), $n + row_number() OVER (ORDER BY seq) - 1
-                FROM (SELECT * FROM incoming
-                      WHERE id NOT IN (SELECT id FROM items) AND content_hash NOT IN (SELECT content_hash FROM items)
+                FROM (SELECT * FROM (incoming n ANTI JOIN items i ON i.id = n.id) m
+                      ANTI JOIN items j ON j.content_hash = m.content_hash
                       QUALIFY row_number() OVER (PARTITION BY content_hash ORDER BY seq) = 1
                           AND row_number() OVER (PARTITION BY id ORDER BY seq) = 1)""", {"n": before})
         return self.count_items() - before

@@ -91,6 +91,29 @@ def test_ragged_rows_and_bad_quoting_are_quarantined_and_every_good_row_is_store
     assert counts(store, job) == {("quarantined", "unreadable row"): 4}
 
 
+def test_json_lines_in_a_csv_file_are_quarantined_not_split_into_fields(tmp_path, store):
+    # the csv module splits '{"id": "j", "text": "t", "gold": "pos"}' at its commas into three fields of garbage
+    data = tmp_path / "d.csv"
+    data.write_text('id,text,gold\n'
+                    'a,first good row,pos\n'
+                    '{"id": "j1", "text": "a json line", "gold": "pos"}\n'
+                    '  {"id":"j2","text":"compact, with a comma","gold":"neg"}\n'
+                    '{"id": "j3"}\n'
+                    'b,"{""quoted"": ""a CSV field that is JSON""}",neg\n'
+                    '{not json,really,pos\n', encoding="utf-8")
+    job = make_job(tmp_path, data, id_column="id", gold_column="gold")
+    assert ingest_file(store, job, data) == 3
+    assert stored(store) == {"a": "first good row", "b": '{"quoted": "a CSV field that is JSON"}',
+                             "{not json": "really"}
+    assert quarantined(store) == [
+        ("line 3", "JSON line in a CSV file", '{"id": "j1", "text": "a json line", "gold": "pos"}'),
+        ("line 4", "JSON line in a CSV file", '  {"id":"j2","text":"compact, with a comma","gold":"neg"}'),
+        ("line 5", "JSON line in a CSV file", '{"id": "j3"}')]
+    assert store.problems(1)[0]["detail"] == (
+        "line 3: a JSON object, not a row of the CSV's columns. Fix: write it as a CSV row, or put JSON records "
+        "in a .jsonl file of their own")
+
+
 def test_non_utf8_bytes_quarantine_the_row_with_the_bytes_shown(tmp_path, store):
     data = tmp_path / "d.csv"
     data.write_bytes(b"id,text\na,fine\nb,caf\xff\xfe au lait\nc,also fine\n")
@@ -194,11 +217,10 @@ def test_an_id_stored_earlier_with_another_text_is_quarantined_in_a_later_file(t
     assert ingest_file(store, job, first) == 2
     assert ingest_file(store, job, later) == 1   # c; b is a plain duplicate
     assert stored(store) == {"a": "original", "b": "second", "c": "new"}
-    [row] = store.problems(10)
-    assert (row["source"], row["location"], row["reason"], row["item_id"]) == (
-        "later.csv", "id 'a'", "id reused with another text", "a")
-    assert json.loads(row["raw"]) == {"id": "a", "text": "changed", "view": None, "gold": None}
-    assert "already stored with a different text; the stored one is kept" in row["detail"]
+    [row] = store.problems(10)   # located and shown as the row was written, as a clash within one file is
+    assert (row["source"], row["location"], row["line"], row["reason"], row["item_id"], row["raw"]) == (
+        "later.csv", "line 2", 2, "id reused with another text", "a", "a,changed")
+    assert row["detail"].startswith("line 2: id 'a' is already stored with a different text; the stored one is kept")
     ingest_file(store, job, later)   # the same file again records nothing twice
     assert counts(store, job) == {("quarantined", "id reused with another text"): 1}
 
@@ -351,3 +373,29 @@ def test_ingest_status_and_quarantine_commands_report_the_bad_rows(tmp_path, cap
                                                        ("unreadable row", 'd,"open')]
     assert main(["quarantine", str(job_path)]) == 0
     assert "d.csv line 5: quarantined, unreadable row: line 5: a quote opened" in capsys.readouterr().out
+
+
+def test_batches_are_stored_in_file_order_while_the_next_is_read(tmp_path):
+    import threading
+    from freeal_stream.intake import written
+    from freeal_stream.sources import Batch
+
+    next_read = threading.Event()
+    log: list[str] = []
+
+    def batches():
+        for k in range(3):
+            log.append(f"read {k}")
+            if k:
+                next_read.set()
+            yield Batch([str(k)], [], [], [], [])
+
+    def write(batch):
+        overlapped = batch.ids[0] == "2" or next_read.wait(10)   # the next batch is read while this one is written
+        next_read.clear()
+        log.append(f"wrote {batch.ids[0]}")
+        return overlapped
+
+    out = [(b.ids[0], ok) for b, ok in written(batches(), write)]
+    assert out == [("0", True), ("1", True), ("2", True)]
+    assert [e for e in log if e.startswith("wrote")] == ["wrote 0", "wrote 1", "wrote 2"]

@@ -117,3 +117,41 @@ def test_a_file_that_is_not_a_data_file_is_not_quoted_in_the_error(tmp_path):
     data.write_text("id,body\na,x\n")   # a real header is still listed, to help
     with pytest.raises(DataError, match=r"the file has \['id', 'body'\]"):
         read_items(DataConfig(path=str(data)))
+
+
+def _counting_reader(monkeypatch, fmt: str) -> list[int]:
+    """Count the records a format's reader gives, over all the times a file is opened."""
+    from freeal_stream import sources
+
+    seen = [0]
+    real = sources.READERS[fmt]
+
+    def reader(path):
+        records = real(path)
+        inner = records.rows
+
+        def rows():
+            for r in inner:
+                seen[0] += 1
+                yield r
+        records.rows = rows()
+        return records
+    monkeypatch.setitem(sources.READERS, fmt, reader)
+    return seen
+
+
+def test_a_gold_column_is_checked_without_reading_a_headed_file_twice(tmp_path, monkeypatch):
+    # the first pass (is any gold value a class?) stops at the first that is; only JSON is read to its end
+    data = tmp_path / "d.csv"
+    data.write_text("text,gold\n" + "".join(f"text {n},{'zz' if n < 3 else 'pos'}\n" for n in range(1000)))
+    seen = _counting_reader(monkeypatch, "csv")
+    batch = read_items(DataConfig(path=str(data), gold_column="gold"), class_names=["pos", "neg"])
+    assert len(batch.ids) == 1000 and seen[0] == 1000 + 4
+    with pytest.raises(DataError, match="none of the 3 values of column 'gold'"):   # still refused, whole
+        data.write_text("text,gold\na,x\nb,y\nc,z\n")
+        read_items(DataConfig(path=str(data), gold_column="gold"), class_names=["pos", "neg"])
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"t {n}", "gold": "pos"}) + "\n" for n in range(10)))
+    seen = _counting_reader(monkeypatch, "jsonl")
+    assert len(read_items(DataConfig(path=str(jsonl), gold_column="gold"), class_names=["pos"]).ids) == 10
+    assert seen[0] == 20
