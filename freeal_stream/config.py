@@ -208,10 +208,12 @@ class FreeALConfig:
     generation_time_s: float | None = 120.0   # no new demo-generation try after this; the short classes are
                                               # then topped up with texts labelled zero-shot (null = no limit)
     # Whose label stands where the LLM labelled a text (texts it never labelled get the SLM's under every rule):
-    # 'auto' (default): the SLM's prediction where its calibrated probability of being right beats the LLM label's
-    # (both judged given both models' labels, docs/METHOD.md section 7); 'llm': the LLM's always; 'slm': the
-    # SLM's wherever it put the LLM's label in its noisy split (`disputed`). BENCHMARKS.md section 9.
-    label_of_record: Literal["auto", "llm", "slm"] = "auto"
+    # 'llm' (default): the LLM's always; 'auto': the SLM's prediction where its calibrated probability of being
+    # right beats the LLM label's (both judged given both models' labels, docs/METHOD.md section 7); 'slm': the
+    # SLM's wherever it put the LLM's label in its noisy split (`disputed`). With GPT-3.5's MR labels 'auto' was
+    # 0-0.2 pt below 'llm' at every round, never above (BENCHMARKS.md, "Export quality per LLM spend"), so 'llm'
+    # stays the default; 'slm' where the SLM is the stronger model (the demo's 0.5B LLM, section 8b).
+    label_of_record: Literal["llm", "slm", "auto"] = "llm"
     # Stop sending texts to the LLM once the export's estimated accuracy (the lower end of its interval) reaches
     # this; null = spend the rounds and budget given.
     target_accuracy: float | None = None
