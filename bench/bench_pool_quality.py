@@ -96,8 +96,8 @@ def llm_everywhere(dataset: str, train: pd.DataFrame, accuracy: float) -> float:
 class InstantServer:
     """The instant LLM as a separate process on 127.0.0.1; its URL once it listens."""
 
-    def __init__(self, table: Path, accuracy: float, log: Path):
-        cmd = [PYTHON, "-m", "freeal_stream.testing.instant_llm", "--table", str(table), "--port", "0"]
+    def __init__(self, table: Path, accuracy: float, log: Path, port: int):
+        cmd = [PYTHON, "-m", "freeal_stream.testing.instant_llm", "--table", str(table), "--port", str(port)]
         if accuracy < 1.0:
             cmd += ["--accuracy", str(accuracy)]
         self.log = open(log, "w", encoding="utf-8")  # noqa: SIM115 (open while the server runs)
@@ -343,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llm-accuracy", type=float, default=0.9, help="the simulated LLM's accuracy (SUBJ)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="delete each condition's state first (else resume)")
+    ap.add_argument("--port", type=int, default=18917,
+                    help="the instant LLM's port on 127.0.0.1: fixed, as a state resumes only with the same base_url")
     ap.add_argument("--data-dir", type=Path, default=None, help="default: $FREEAL_DATA_DIR or ../shared/data")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_pool_quality"))
     ap.add_argument("--out", type=Path, default=None)
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.dataset}: pool {len(train)}, LLM everywhere {100 * reference:.2f}%; work {args.work}; -> {out}",
           flush=True)
     server = InstantServer(table, 1.0 if DATASETS[args.dataset]["llm_column"] else args.llm_accuracy,
-                           args.work / f"instant_llm_{args.dataset}.log")
+                           args.work / f"instant_llm_{args.dataset}.log", args.port)
     try:
         for strategy in args.strategies.split(","):
             for mode in args.modes.split(","):
