@@ -6,7 +6,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test
+.PHONY: install demo lint test
 install: .venv/.installed
 .venv/.installed: pyproject.toml constraints.txt scripts/install.sh
 	bash scripts/install.sh
@@ -16,5 +16,11 @@ demo: install
 	.venv/bin/freeal-stream run jobs/demo.yaml
 	.venv/bin/freeal-stream export jobs/demo.yaml .freeal/demo/labels.csv
 
-test: install
+# Lint, the format check and the type check run before the tests (CI runs `make test`).
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+test: install lint
 	.venv/bin/python -m pytest -q

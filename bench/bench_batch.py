@@ -1,13 +1,13 @@
 """Live against batch mode: the same job through the same local batch service (issue 18, item 4).
 
-The demo job (jobs/demo.yaml: its data, classes and settings) runs twice against freeal_stream/testing/fake_batch_api.py,
-each on its own state and a fresh upstream (llama.cpp's sampled answers depend on its prompt cache): with
-llm.mode live (requests pass through the service to the upstream LLM) and with llm.mode batch (the same
-requests go out as batch files, which the service runs against the upstream, one row at a time).
-Per mode it records requests and tokens of the stored answers (`status --json`), what the service received
-(live requests passed through; batches, uploads and batch rows), the cost at list prices (a yardstick:
-gpt-4o-mini's price per million tokens, input 0.15, cached input 0.075, output 0.60, batch discount 50%),
-the wall time of `freeal-stream run`, and whether the exported labels are identical.
+The demo job (jobs/demo.yaml: its data, classes and settings) runs twice against
+freeal_stream/testing/fake_batch_api.py, each on its own state and a fresh upstream (llama.cpp's sampled answers
+depend on its prompt cache): with llm.mode live (requests pass through the service to the upstream LLM) and with
+llm.mode batch (the same requests go out as batch files, which the service runs against the upstream, one row at
+a time). Per mode it records requests and tokens of the stored answers (`status --json`), what the service
+received (live requests passed through; batches, uploads and batch rows), the cost at list prices (a yardstick:
+gpt-4o-mini's price per million tokens, input 0.15, cached input 0.075, output 0.60, batch discount 50%), the
+wall time of `freeal-stream run`, and whether the exported labels are identical.
 
     .venv/bin/python -m bench.bench_batch --upstream keyword   # freeal_stream/testing/keyword_llm.py: instant
     .venv/bin/python -m bench.bench_batch --upstream local     # the bundled llama.cpp LLM
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from bench.common import REPO
-from freeal_stream.testing.fake_batch_api import FakeBatchAPI  # noqa: E402
+from freeal_stream.testing.fake_batch_api import FakeBatchAPI
 
 PRICE = {"input": 0.15, "cached_input": 0.075, "output": 0.60, "batch_discount": 0.5}
 POLL = {"batch_poll_s": 1.0, "batch_poll_max_s": 5.0}

@@ -15,7 +15,8 @@ scored ONCE on the test set next to the current defaults (a confirmation, not a 
 -> bench/results/defaults_mr.json and defaults_mr.png. A check that the chosen warm-up holds on noisier labels
 (GPT-3.5's labels with 15% more flipped at random, ~80% right, as in the demo):
 
-    python -m bench.bench_defaults --budgets noisy --small-grid --skip-confirm --out bench/results/defaults_mr_noisy.json
+    python -m bench.bench_defaults --budgets noisy --small-grid --skip-confirm \
+        --out bench/results/defaults_mr_noisy.json
 
 Fine-tune mode (the whole encoder; ~3x slower an epoch for the recipe than for CE) on a stratified
 `--fit-limit` subset of the fit part, scored on the same validation rows; the test-set confirmation then
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 res = fit_one(c, fit, labels, seed, args.cache_dir, args.threads, args.mode)
                 run = {"seed": seed, "val_acc": accuracy(res, val), "n_clean": int(res.clean.sum())}
-                has, right = labels >= 0, labels == gold_fit
+                right = labels == gold_fit
                 if c["recipe"] == "robust":
                     run["clean_precision"] = float(right[res.clean].mean())
                 if demo_sweep_for(c):

@@ -111,12 +111,12 @@ def speed(args: argparse.Namespace, texts: list[str]) -> dict:
                     torch.set_num_threads(threads)
                     encoders[enc].embed(sample[:256])   # warm
                     rates.setdefault(f"{enc} | in-process {threads} thread(s)", []).append(
-                        timed(lambda: encoders[enc].embed(sample), len(sample)))
+                        timed(lambda enc=enc, sample=sample: encoders[enc].embed(sample), len(sample)))
                 for size, pool in pools.items():
                     threads = pool.work_threads()
                     ray.get([a.embed.remote(enc, sample[:256], t) for a, t in zip(pool.actors, threads)])  # load
                     rates.setdefault(f"{enc} | {size} scorer(s) x {threads[0]} thread(s)", []).append(
-                        timed(lambda: pool.embed(enc, sample), len(sample)))
+                        timed(lambda pool=pool, enc=enc, sample=sample: pool.embed(enc, sample), len(sample)))
             print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()),
                   flush=True)
         million = {}

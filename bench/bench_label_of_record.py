@@ -11,7 +11,8 @@ are disputed, and how often the SLM is right on them. Two kinds of run:
     defaults) trained on all 8,662 labels, one run per seed; disputed = the LLM-labelled rows outside the
     GMM clean set, exactly as the store decides it.
 
-    python -m bench.bench_label_of_record --mr --seeds 0,1 --state .freeal/demo --state /tmp/benchC_loop/state_mr_full_s0_n600
+    python -m bench.bench_label_of_record --mr --seeds 0,1 --state .freeal/demo \
+        --state /tmp/benchC_loop/state_mr_full_s0_n600
 
 -> bench/results/label_of_record.json and label_of_record.png
 """
@@ -74,7 +75,7 @@ def from_mr(data_dir: Path, seeds: list[int], cache_dir: Path) -> list[dict]:
     for seed in seeds:
         result = train_slm(train["text"].tolist(), labels, len(CLASSES), SLMConfig(mode="head"), FreeALConfig(),
                            views=views_of(train), recipe=Recipe(), seed=seed, cache_dir=cache_dir,
-                           progress=lambda msg: print(f"  [seed {seed}] {msg}", flush=True))
+                           progress=lambda msg, seed=seed: print(f"  [seed {seed}] {msg}", flush=True))
         disputed = ~result.clean[has]
         out.append({"run": f"MR, GPT-3.5 labels, robust head SLM, seed {seed}",
                     **summary(labels[has], result.probs.argmax(1)[has], result.probs.max(1)[has], gold[has],

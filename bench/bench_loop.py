@@ -216,7 +216,7 @@ def run_schedule(dataset: str, schedule: str, seed: int, data_path: Path, train:
     test_gold = np.array([names.index(g) for g in test["label"]])
     test_texts = test["text"].tolist()
     progress = Progress()
-    say = lambda msg: progress.say(f"[{dataset} {schedule} seed {seed}] {msg}")  # noqa: E731
+    say = lambda msg: progress.say(f"[{dataset} {schedule} seed {seed}] {msg}")
     entry: dict[str, Any] = {"dataset": dataset, "schedule": schedule, "seed": seed, "job_file": str(job_file),
                              "job": raw, "n_pool": len(train), "n_test": len(test), "rounds": [],
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -313,10 +313,13 @@ def plot(dataset: str, data: dict[str, Any], out: Path) -> None:
         e = full[0]
         stages, llm, slm = [], [], []
         if "zero_shot" in e:
-            stages.append("zero-shot"); llm.append(e["zero_shot"]["acc"]); slm.append(None)
+            stages.append("zero-shot")
+            llm.append(e["zero_shot"]["acc"])
+            slm.append(None)
         for r in e["rounds"]:
             stages.append(f"round {r['round']}")
-            llm.append(r["llm_whole_pool"]["acc"]); slm.append(r["slm_test_acc"])
+            llm.append(r["llm_whole_pool"]["acc"])
+            slm.append(r["slm_test_acc"])
         x = np.arange(len(stages))
         ax.bar(x - 0.2, [100 * v for v in llm], 0.4, label="LLM labels (pool, no label = wrong)")
         ax.bar(x + 0.2, [100 * v if v is not None else 0 for v in slm], 0.4, label="SLM (test subset)")
@@ -330,7 +333,7 @@ def plot(dataset: str, data: dict[str, Any], out: Path) -> None:
         ax.set_title(f"{dataset.upper()} full schedule, pool {e['n_pool']} (seed {e['seed']})")
         ax.legend(fontsize=6.5, loc="upper left", framealpha=0.85, ncol=2)
     ax = axes[1]
-    for k, e in data.items():
+    for e in data.values():
         if e["schedule"] != "budgeted" or not e["rounds"]:
             continue
         req = [r["usage_total"]["requests"] - zero_shot_requests(e) for r in e["rounds"]]

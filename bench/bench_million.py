@@ -89,6 +89,8 @@ class RssSampler(threading.Thread):
                     r = self.role_of(p) if self.role_of is not None else role(p, self.pid)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
+                if r.startswith("gone") and p.pid in self._cpu:   # exiting: keep what it was
+                    r = self._cpu[p.pid][0]
                 self.peak[r] = max(self.peak.get(r, 0), rss)
                 self._cpu[p.pid] = (r, cpu.user + cpu.system)
                 total += rss

@@ -65,7 +65,7 @@ def cleanlab_peer(train, test, cfg, freeal, seed, cache_dir, folds: int) -> dict
     has = np.flatnonzero(labels >= 0)
     oos = np.zeros((len(texts), len(CLASSES)))
     t0 = time.perf_counter()
-    for k, (_, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(has, labels[has])):
+    for _, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(has, labels[has]):
         fold_labels = labels.copy()
         fold_labels[has[held]] = -1            # held-out fold: its labels are never seen by its model
         oos[has[held]] = _quiet_train(texts, fold_labels, cfg, freeal, seed, cache_dir).probs[has[held]]
@@ -190,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             rx = [float(f) * 100 for f in AL_CHECKPOINTS]
             ry = [summary[f"al_random_gold_{f:.0%}"]["test_acc_mean"] * 100 for f in AL_CHECKPOINTS]
             ax.plot(rx, ry, "s--", color="C7", ms=4, label="random sampling, gold labels")
-        lines = {"a_gold_ce": ("gold CE, 100% human", "k"), "c_gpt35_robust_bt": ("FreeAL SLM: GPT-3.5 + robust, 0% human", "C3"),
-                 "b_gpt35_ce": ("GPT-3.5 + plain CE, 0% human", "C1"), "cleanlab_ce": ("GPT-3.5 + cleanlab + CE, 0% human", "C2")}
+        lines = {"a_gold_ce": ("gold CE, 100% human", "k"),
+                 "c_gpt35_robust_bt": ("FreeAL SLM: GPT-3.5 + robust, 0% human", "C3"),
+                 "b_gpt35_ce": ("GPT-3.5 + plain CE, 0% human", "C1"),
+                 "cleanlab_ce": ("GPT-3.5 + cleanlab + CE, 0% human", "C2")}
         for name, (lab, col) in lines.items():
             v = summary[name]["test_acc_mean"] * 100
             ax.axhline(v, color=col, ls=":" if name == "a_gold_ce" else "--", lw=1.2, label=f"{lab}: {v:.2f}")

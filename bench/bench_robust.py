@@ -10,7 +10,8 @@ build from that SLM (freeal_stream.demos.select_demo_pool with FreeALConfig's cl
 medoids_per_class k). Fixed epochs; nothing is selected on test.
 
     python -m bench.bench_robust --mode head --seeds 0,1,2
-    python -m bench.bench_robust --mode finetune --train-limit 1000 --seeds 0,1,2 --conditions a_gold_ce,b_gpt35_ce,c_gpt35_robust_bt
+    python -m bench.bench_robust --mode finetune --train-limit 1000 --seeds 0,1,2 \
+        --conditions a_gold_ce,b_gpt35_ce,c_gpt35_robust_bt
     python -m bench.bench_robust --mode finetune --train-limit 1000 --combine A.json B.json   # merge split runs
 
 -> bench/results/slm_robust.json (merged under a key naming mode and options) and slm_robust_<key>.png
@@ -58,7 +59,7 @@ def print_table(key: str, summary: dict[str, dict]) -> None:
     print(f"{'condition':<20} {'test acc':>15} {'clean prec':>10} {'n_clean':>8} {'demo prec':>9} "
           f"{'R% prec':>8} {'train s':>8}")
     for name, s in summary.items():
-        def f(k, scale=100.0, fmt="{:.2f}"):
+        def f(k, scale=100.0, fmt="{:.2f}", s=s):
             return fmt.format(s[k] * scale) if k in s else "-"
         print(f"{name:<20} {f('test_acc_mean'):>7} ± {f('test_acc_std'):<5} {f('clean_precision_mean'):>10} "
               f"{f('n_clean_mean', 1, '{:.0f}'):>8} {f('demo_precision_mean'):>9} {f('small_loss_precision_mean'):>8} "

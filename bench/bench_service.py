@@ -72,7 +72,12 @@ PLAIN2 = "plain openai thread pool, 2 in flight"
 ACTORS1 = "AnnotatorPool 1 actor (1 in flight) + store actor"
 ACTORS2 = "AnnotatorPool 2 actors (2 in flight: the default for concurrency 1) + store actor"
 VERB = Verbalizer({"negative": ["negative"], "positive": ["positive"]})
-WORDS = ["the", "film", "plot", "actor", "scene", "slow", "funny", "dull", "great", "script", "score", "music", "ending", "twist", "cast", "camera", "story", "pace", "drama", "comedy", "horror", "sequel", "director", "dialogue", "visual", "effect", "moving", "boring", "clever", "charming", "flat", "heart", "tense", "cheap", "smart", "long", "short", "dark", "bright", "warm", "cold", "loud", "quiet", "order", "refund", "delivery", "parcel", "invoice", "login", "password", "screen", "crash", "update", "button", "account", "email", "card", "price"]
+WORDS = ["the", "film", "plot", "actor", "scene", "slow", "funny", "dull", "great", "script", "score", "music",
+         "ending", "twist", "cast", "camera", "story", "pace", "drama", "comedy", "horror", "sequel", "director",
+         "dialogue", "visual", "effect", "moving", "boring", "clever", "charming", "flat", "heart", "tense", "cheap",
+         "smart", "long", "short", "dark", "bright", "warm", "cold", "loud", "quiet", "order", "refund", "delivery",
+         "parcel", "invoice", "login", "password", "screen", "crash", "update", "button", "account", "email", "card",
+         "price"]
 
 
 def _env() -> dict[str, str]:
@@ -206,8 +211,8 @@ def part_ingest(tmp: Path, rows: int, big_rows: int, batch: int, post_batch: int
     runs: list[dict[str, Any]] = []
     for rep in range(reps):
         tag = str(rep)
-        for fn in (lambda: _direct(tmp, tag, i, x, h, batch), lambda: _actor(tmp, tag, i, x, h, batch),
-                   lambda: _http(tmp, tag, i, x, post_batch), lambda: _inbox(tmp, tag, i, x)):
+        for fn in (lambda tag=tag: _direct(tmp, tag, i, x, h, batch), lambda tag=tag: _actor(tmp, tag, i, x, h, batch),
+                   lambda tag=tag: _http(tmp, tag, i, x, post_batch), lambda tag=tag: _inbox(tmp, tag, i, x)):
             for r in fn():
                 r["rep"] = rep
                 runs.append(r)
@@ -542,7 +547,8 @@ def bare_ray_init_s() -> float:
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
     total = time.perf_counter() - t
-    return {"ray_init_s": round(float(out.stdout.strip().splitlines()[-1]), 2), "python_ray_init_shutdown_s": round(total, 2)}
+    return {"ray_init_s": round(float(out.stdout.strip().splitlines()[-1]), 2),
+            "python_ray_init_shutdown_s": round(total, 2)}
 
 
 def import_cli_s() -> float:
@@ -583,7 +589,8 @@ def part_resume(tmp: Path, logs: Path, delay_s: float) -> dict[str, Any]:
         first_body = len(server.requests)
         mark: dict[str, int] = {}
 
-        def ready(w: LogWatch) -> bool:   # a few requests into round 2's annotation, as tests/integration/test_resume_kill.py
+        # a few requests into round 2's annotation, as tests/integration/test_resume_kill.py
+        def ready(w: LogWatch) -> bool:
             if "n" not in mark and w.first("round 2/3:") is not None:
                 mark["n"] = len(stamps)
             return "n" in mark and len(stamps) >= mark["n"] + 5
@@ -614,14 +621,16 @@ def table(res: dict[str, Any]) -> str:
     lines = []
     if "ingest" in res:
         ing = res["ingest"]
-        lines += ["| ingestion path | rows | rows per call | rows/s (each rep) | mean rows/s |", "|---|---|---|---|---|"]
+        lines += ["| ingestion path | rows | rows per call | rows/s (each rep) | mean rows/s |",
+                  "|---|---|---|---|---|"]
         for r in ing["summary"]:
             each = " / ".join(f"{v:,}" for v in r["rows_per_s_each"])
             lines.append(f"| {r['path']} | {r['rows']:,} | {r['batch_rows']:,} | {each} | {r['rows_per_s_mean']:,} |")
         if ing["big"]:
             b = ing["big"]
             lines.append(f"| (a) Store.add_items, in process, one long run | {b['rows']:,} | {b['batch_rows']:,} | "
-                         f"first 5 batches {b['first_batches_rows_per_s']:,}, last 5 {b['last_batches_rows_per_s']:,} | "
+                         f"first 5 batches {b['first_batches_rows_per_s']:,}, "
+                         f"last 5 {b['last_batches_rows_per_s']:,} | "
                          f"{b['rows_per_s']:,} |")
         lines.append("")
     for part, key in (("llm", "zero-shot"), ("llm", "grouped demos (8 per block)"), ("fake", None)):
@@ -656,10 +665,12 @@ def table(res: dict[str, Any]) -> str:
         rr = r["rerun_after_kill"]
         lines.append(f"| (requests: full run {r['full_run']['requests_received']}; killed run "
                      f"{r['killed_run']['requests_received']} + {r['killed_run']['requests_after_kill']} sent by its "
-                     f"actors after the SIGKILL + rerun {rr['requests_received']} = {rr['killed_plus_rerun_requests']}, "
+                     f"actors after the SIGKILL + rerun {rr['requests_received']} = "
+                     f"{rr['killed_plus_rerun_requests']}, "
                      f"of which sent twice: {rr['sent_twice']}) | | | | | |")
         lines.append(f"| (bare `ray.init` + shutdown in a fresh python: {r['python_ray_init_shutdown_s']} s; importing "
-                     f"the CLI's modules: {r['python_imports_s']} s; DuckDB file free {r['killed_run']['file_free_after_kill_s']} "
+                     f"the CLI's modules: {r['python_imports_s']} s; DuckDB file free "
+                     f"{r['killed_run']['file_free_after_kill_s']} "
                      "s after the SIGKILL) | | | | | |")
         lines.append("")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Soak: `serve` ingesting continuously for N seconds while rounds run against a fault-injecting endpoint
-(the harness in freeal_stream/testing/soak.py, which tests/integration/test_soak.py runs for 2 minutes). Writes bench/results/soak.json.
+(the harness in freeal_stream/testing/soak.py, which tests/integration/test_soak.py runs for 2 minutes).
+Writes bench/results/soak.json.
 
     .venv/bin/python -m bench.bench_soak --seconds 600
 """

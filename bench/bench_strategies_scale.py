@@ -17,8 +17,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -59,7 +59,8 @@ def run_one(strategy: str, rows: int, n_classes: int, shard_rows: int, seed: int
     """One measurement, in this process (the parent starts a fresh one per configuration)."""
     s = load_strategy(strategy)
     ctx = QueryContext(round=2, seed=seed, n_classes=n_classes)
-    select(s, synthetic_shards(1000, 500, n_classes, seed + 1, s.needs), 10, ctx)  # warm-up: lazy imports, BLAS, k-means
+    # warm-up: lazy imports, BLAS, k-means
+    select(s, synthetic_shards(1000, 500, n_classes, seed + 1, s.needs), 10, ctx)
     base = _maxrss_mb()
     n = rows // 100
     t0 = time.perf_counter()
@@ -78,7 +79,8 @@ def run_one(strategy: str, rows: int, n_classes: int, shard_rows: int, seed: int
     return {"strategy": strategy, "pool": rows, "n": n, "classes": n_classes, "shard_rows": shard_rows,
             "select_s": select_s, "generate_only_s": gen_s, "strategy_s": select_s - gen_s,
             "peak_rss_delta_mb": peak - base, "rss_after_warmup_mb": base,
-            "pool_if_materialised_mb": rows * (13 + DIM * ("embeddings" in s.needs) + n_classes) * 4 / 2**20, "passes": passes}
+            "pool_if_materialised_mb": rows * (13 + DIM * ("embeddings" in s.needs) + n_classes) * 4 / 2**20,
+            "passes": passes}
 
 
 def main(argv: list[str] | None = None) -> int:

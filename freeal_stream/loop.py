@@ -25,7 +25,7 @@ from freeal_stream.session import Session
 from strategies.registry import load_strategy
 
 
-class Phase(str, Enum):
+class Phase(str, Enum):  # noqa: UP042 (StrEnum would change str() and format() of a member)
     """Where a round stands (stored as its value in `rounds.phase`)."""
 
     ANNOTATING = "annotating"   # the plan is stored; requests are being sent
@@ -90,10 +90,10 @@ class FreeALRun:
         """A new round's plan (stored before anything is sent), or the stored plan of a round under way."""
         ctx, fr = self.ctx, self.ctx.job.freeal
         if phase is not None:
-            plan = stored_plan(ctx, round_, before)
+            stored = stored_plan(ctx, round_, before)
             step = {Phase.ANNOTATING: "annotation", Phase.ANNOTATED: "training", Phase.TRAINED: "the demo pool"}
-            ctx.say(f"round {round_}: resuming at {step[phase]} (its plan of {len(plan)} texts is stored)")
-            return plan
+            ctx.say(f"round {round_}: resuming at {step[phase]} (its plan of {len(stored)} texts is stored)")
+            return stored
         plan = plan_round(ctx, round_, before, self.strategy)
         if plan is not None:
             ctx.store.set_round_plan(round_, list(plan.items))
@@ -119,6 +119,7 @@ class FreeALRun:
         new = self.ctx.store.unscored_positions()
         if len(new):
             state = state_after(self.ctx, done[-1])
+            assert state.logits is not None  # a done round has an SLM
             self.ctx.store.add_scores(state.round, new, softmax(state.logits.gather(new)),
                                       np.full(len(new), np.nan), np.zeros(len(new), bool))
         return len(new)

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
+from freeal_stream.errors import FreealError
+
 MAX_RECORD_BYTES = 1 << 20   # one record; a longer one is quarantined (its first RAW_KEPT characters kept)
 RAW_KEPT = 2000              # characters of an over-long record kept as its raw content
 _CHUNK = 1 << 16             # bytes per read
-
-from freeal_stream.errors import FreealError
 
 
 class FileUnreadable(FreealError):
@@ -183,7 +183,7 @@ class _Feed:
 
 def read_csv(path: Path) -> Records:
     """The header's column names and every record after it; blank lines are skipped."""
-    f = open(path, "rb")
+    f = open(path, "rb")  # noqa: SIM115 (the records iterator closes it)
     try:
         lines = _lines(f, universal=True)
         first = next((line for line in lines if line.text.strip()), None)
@@ -289,7 +289,7 @@ def read_jsonl(path: Path) -> Records:
     """One JSON object per line (or, when the file starts with '[', one JSON array of objects, streamed).
 
     The columns are the keys of the objects, known only once every record is read (columns None)."""
-    f = open(path, "rb")
+    f = open(path, "rb")  # noqa: SIM115 (the records iterator closes it)
     try:
         array = _first_byte(f) == b"["
     except BaseException:

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from freeal_stream.config import ConfigError, JobConfig
+from freeal_stream.intake import add_api_items, ingest_data_file, quarantine_rows
 from freeal_stream.loop import FreeALRun
 from freeal_stream.progress import Progress
 from freeal_stream.service.client import write_service_file
 from freeal_stream.service.http_api import ApiHandlers, ApiServer, is_loopback
 from freeal_stream.service.inbox import Inbox
-from freeal_stream.intake import add_api_items, ingest_data_file, quarantine_rows
 from freeal_stream.session import Session
-from freeal_stream.store import StateError
 from freeal_stream.status import job_status
+from freeal_stream.store import StateError
 
 
 def service_token(job: JobConfig) -> str | None:

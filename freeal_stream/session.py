@@ -15,9 +15,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from freeal_stream import budget as budget_policy
 from ray.actor import ActorHandle
 
+from freeal_stream import budget as budget_policy
 from freeal_stream.actors.annotators import AnnotatorPool, Annotators, wait_for_actors
 from freeal_stream.actors.runtime import cluster_has_gpu, start_ray
 from freeal_stream.actors.scorers import ScorerPool

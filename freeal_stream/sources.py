@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from freeal_stream.errors import UserError
 from freeal_stream.config import DataConfig
+from freeal_stream.errors import UserError
 from freeal_stream.readers import READERS, FileUnreadable, RawRecord, Records
 
 _SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",

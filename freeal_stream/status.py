@@ -15,10 +15,8 @@ from freeal_stream.review import format_review_check, review_check
 from freeal_stream.sources import describe_counts
 
 
-def _plain(s: budget_policy.Spent | None) -> dict[str, Any] | None:
-    if s is None:
-        return None
-    fix = lambda v: None if v == math.inf else v  # noqa: E731
+def _plain(s: budget_policy.Spent) -> dict[str, Any]:
+    fix = lambda v: None if v == math.inf else v
     return {"requests": fix(s.requests), "tokens": fix(s.tokens), "cost": fix(round(s.cost, 6))}
 
 
@@ -106,7 +104,7 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
                    for r in rounds],
         "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"], "priced": priced,
                   "charged_by_estimate": raw["usage_estimated"], "malformed_answers": raw["malformed"]},
-        "left": _plain(budget_policy.headroom(spent, job.budget)),
+        "left": None if (left := budget_policy.headroom(spent, job.budget)) is None else _plain(left),
         "estimate_to_finish": {
             "requests": todo,
             "tokens": round(todo * per_req[0]) if per_req else None,
@@ -131,7 +129,7 @@ def format_status(st: dict[str, Any]) -> list[str]:
     """Human-readable lines for `freeal-stream status`."""
     from freeal_stream.rounds.metrics import format_round
 
-    money = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    money = lambda v: "-" if v is None else f"{v:.4f}"
     s, left, est = st["spent"], st["left"], st["estimate_to_finish"]
     lines = [f"job {st['job']}: {st['items']} items; annotated by the LLM {st['annotated_by_llm']}; never "
              f"annotated {st['never_annotated']}",
@@ -162,7 +160,8 @@ def format_status(st: dict[str, Any]) -> list[str]:
     if batches.get("in_flight"):
         lines.append(f"batches in flight: {len(batches['in_flight'])} ("
                      + "; ".join(f"{b['batch_id'] or 'not yet created'} {b['state']}, {b['requests']} requests to "
-                                 f"{b['model']}, since {time.strftime('%Y-%m-%d %H:%M', time.localtime(b['created_at']))}"
+                                 f"{b['model']}, since "
+                                 f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(b['created_at']))}"
                                  for b in batches["in_flight"]) + ") — `run` again resumes polling them")
     if batches.get("finished"):
         lines.append("batches finished: " + ", ".join(f"{k} {n}" for k, n in batches["finished"].items()))
@@ -176,8 +175,8 @@ def format_status(st: dict[str, Any]) -> list[str]:
         lines.append(f"LLM requests failed after retries (not paid; asked again later): {sum(failed.values())} ("
                      + ", ".join(f"{k} {n}" for k, n in failed.items()) + ")")
     if st.get("quarantine"):
-        lines.append(format_bad_input(st["quarantine"]) + (f" — list them with `freeal-stream quarantine "
-                                                              f"<job>`" if st["quarantine"]["rows"] else ""))
+        lines.append(format_bad_input(st["quarantine"]) + (" — list them with `freeal-stream quarantine "
+                                                              "<job>`" if st["quarantine"]["rows"] else ""))
     for r in st["rounds"]:
         lines.append(f"  round {r['round']}: {r['phase']}"
                      + (f" — {format_round(r['metrics'])}" if r.get("metrics") else ""))

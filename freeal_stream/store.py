@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +250,7 @@ class Store:
             self.con = duckdb.connect(str(self.path))
         except duckdb.IOException as e:
             raise StateError(f"{self.path} is in use by another process ({e}). Fix: wait for the other "
-                             "freeal-stream run on this state directory to finish, or use another state_dir.")
+                             "freeal-stream run on this state directory to finish, or use another state_dir.") from e
         private_file(self.path)
         self._exec(f"SET memory_limit = '{MEMORY_LIMIT}'")
         self._exec("SET temp_directory = ?", [str(self.path.with_suffix(".tmp"))])
@@ -731,7 +731,8 @@ class Store:
         """
         if not labels:
             return {"new": 0, "changed": 0, "unchanged": 0}
-        batch = pa.table({"item_id": [h.item_id for h in labels], "label": pa.array([h.label for h in labels], pa.int32()),
+        batch = pa.table({"item_id": [h.item_id for h in labels],
+                          "label": pa.array([h.label for h in labels], pa.int32()),
                           "reviewer": pa.array([h.reviewer for h in labels], pa.string())})
         with self._registered("incoming", batch):
             counts = _first(self.con.execute("""

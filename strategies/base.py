@@ -9,8 +9,9 @@ scikit-activeml, where utility and budget are separate).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import ClassVar, Iterable
+from typing import ClassVar
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class Shard:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def only(self, needs: frozenset[str]) -> "Shard":
+    def only(self, needs: frozenset[str]) -> Shard:
         """The same rows with every column outside `needs` dropped (no copy)."""
         return Shard(self.ids, **{f.name: getattr(self, f.name) if f.name in needs else None
                                   for f in fields(self) if f.name != "ids"})

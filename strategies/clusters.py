@@ -1,7 +1,7 @@
 """Streamed k-means over the pool's embeddings, for the strategies that spread a batch across clusters."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from sklearn.cluster import MiniBatchKMeans

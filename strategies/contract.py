@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class Pool:
     n_classes: int
 
     @classmethod
-    def make(cls, rows: int, n_classes: int, seed: int, dim: int = 16) -> "Pool":
+    def make(cls, rows: int, n_classes: int, seed: int, dim: int = 16) -> Pool:
         rng = np.random.default_rng(seed)
         centers = rng.normal(size=(6, dim))
         emb = (centers[rng.integers(0, 6, rows)] + 0.3 * rng.normal(size=(rows, dim))).astype(np.float32)

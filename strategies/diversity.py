@@ -1,7 +1,7 @@
 """Diversity sampling: cover the embedding space, so a batch is not many copies of one kind of text."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -5,7 +5,8 @@ call `predict_proba(X)` on a classifier, so they work behind `_GivenProbs`, whic
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 from modAL.uncertainty import classifier_entropy, classifier_margin, classifier_uncertainty

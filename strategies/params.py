@@ -4,7 +4,8 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from typing import Any, Literal, Mapping, Union
+from collections.abc import Mapping
+from typing import Any, Literal, Union
 
 from strategies.base import StrategyError
 
@@ -25,7 +26,7 @@ def check_params(strategy: str, cls: type, params: Mapping[str, Any]) -> None:
         if p.default is inspect.Parameter.empty and p.name not in params:
             raise StrategyError(strategy, f"missing parameter '{p.name}'. Fix: set it under strategy.params")
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]  # read, not called: no unsoundness
     except Exception:  # an annotation that cannot be resolved: nothing to check the values against
         hints = {}
     for key, value in params.items():

@@ -6,8 +6,9 @@ import importlib
 import importlib.metadata
 import importlib.util
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from strategies.base import QueryStrategy, StrategyError
 from strategies.params import check_params
@@ -49,7 +50,8 @@ def resolve(name: str) -> type[QueryStrategy]:
         try:
             return _checked_class(name, found[0].load())
         except Exception as e:
-            raise StrategyError(name, f"entry point {found[0].value} cannot be loaded ({type(e).__name__}: {e})") from None
+            raise StrategyError(name, f"entry point {found[0].value} cannot be loaded "
+                                      f"({type(e).__name__}: {e})") from None
     installed = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
     raise StrategyError(name, f"unknown strategy. Fix: use a built-in ({', '.join(BUILTINS)}), 'module:Class', "
                               f"'path/to/file.py:Class', or an installed '{ENTRY_POINT_GROUP}' entry point"
@@ -77,6 +79,7 @@ def _load_file(path: Path) -> Any:
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None  # a .py path always has a source loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # before exec: dataclasses and pickling look the module up
     try:

@@ -6,8 +6,10 @@ stopped with a `StrategyError` naming it and the problem, before the caller's ro
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -52,7 +54,7 @@ def select(strategy: QueryStrategy, shards: ShardSource, n: int, ctx: QueryConte
         _guarded(name, "fit", lambda: strategy.fit(_prepared(_open(shards), strategy.needs, ctx), ctx))
     best = _Best.empty()
     for shard in _prepared(_open(shards), strategy.needs, ctx):
-        cand = _guarded(name, "candidates", lambda: strategy.candidates(shard, n, ctx))
+        cand = _guarded(name, "candidates", functools.partial(strategy.candidates, shard, n, ctx))
         best = best.merge(_checked(name, cand, shard, n), n, ctx)
     if len(set(best.ids.tolist())) != len(best.ids):
         raise _PoolError("an id appears in more than one shard; each id must be in the pool once")
@@ -84,8 +86,9 @@ def _prepared(shards: Iterable[Shard], needs: frozenset[str], ctx: QueryContext)
         if present is not None and cols != present:
             raise _PoolError(f"column(s) {sorted(cols ^ present)} are set in some shards and None in others")
         present = cols
-        if "probs" in cols and (shard.probs.ndim != 2 or shard.probs.shape[1] != ctx.n_classes):
-            raise _PoolError(f"probs has shape {shard.probs.shape}, expected (rows, {ctx.n_classes})")
+        probs = shard.probs
+        if "probs" in cols and probs is not None and (probs.ndim != 2 or probs.shape[1] != ctx.n_classes):
+            raise _PoolError(f"probs has shape {probs.shape}, expected (rows, {ctx.n_classes})")
         for c in cols & {"llm_labels", "slm_labels"}:
             labels = getattr(shard, c)
             if labels.min() < -1 or labels.max() >= ctx.n_classes:
@@ -137,10 +140,10 @@ class _Best:
     ties: np.ndarray
 
     @classmethod
-    def empty(cls) -> "_Best":
+    def empty(cls) -> _Best:
         return cls(np.empty(0, dtype=object), np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint64))
 
-    def merge(self, cand: Candidates, n: int, ctx: QueryContext) -> "_Best":
+    def merge(self, cand: Candidates, n: int, ctx: QueryContext) -> _Best:
         groups = np.zeros(len(cand.ids), dtype=np.int64) if cand.groups is None else cand.groups
         ids = np.concatenate([self.ids, cand.ids])
         scores = np.concatenate([self.scores, cand.scores])

@@ -1,7 +1,7 @@
 """Shards over arrays already in memory: how the loop (and the tests) feed `select`."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 

@@ -29,7 +29,8 @@ from freeal_stream.service.client import SERVICE_FILE, ServiceClient, find_servi
 from freeal_stream.testing.fake_openai_server import FakeOpenAIServer
 from freeal_stream.testing.jobs import ROOT, cli_process, make_job, wait_for
 from freeal_stream.testing.keyword_llm import respond
-from tests.integration.test_ray_loopback import is_loopback, job_processes, listening
+from freeal_stream.testing.sockets import is_loopback, listening
+from tests.integration.test_ray_loopback import job_processes
 from tests.unit.test_http_api import host_address
 
 BAIT = "Overflow bait: my invoice shows a double charge"
@@ -233,7 +234,7 @@ def attack(url: str, api: ServiceClient, job: Path, proc: subprocess.Popen, log:
             status, reply, _ = raw(url, data.encode())
             if "path tricks" in what:
                 others = [get(url + path)[0] for path in ("/items/../status", "//status")]
-                return f"{others + [status]} (no file is ever served)"
+                return f"{[*others, status]} (no file is ever served)"
             return f"{status}: {reply.split(b'{', 1)[-1][:60].decode(errors='replace') if status else 'closed'}"
 
     @attempt("slowloris: request headers one byte every 0.5 s")
@@ -276,7 +277,7 @@ def attack(url: str, api: ServiceClient, job: Path, proc: subprocess.Popen, log:
     @attempt("stalled body: `Content-Length: 100`, 10 bytes sent, then nothing")
     def _() -> str:
         before = log.read_text().count("\n")
-        status, reply, took = raw(url, f"POST /items HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        status, _, took = raw(url, f"POST /items HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                                        "Content-Length: 100\r\n\r\n[{\"text\":".encode(), timeout=120)
         text = log.read_text()
         return (f"{status} after {took:.0f} s; {text.count(chr(10)) - before} log line(s), "

@@ -1,11 +1,11 @@
 """A supervised pool of annotator actors that send chat requests for the coordinator.
 
-Each annotator is an `LLMClient` in its own process with a share of the job's concurrency and of its
-request and token rate limits; the shares add up to the job's limits, so together they stay under them. The pool sends chunks
-of consecutive requests (prompts that share a demo prefix stay on one annotator and hit its server's
-prefix cache), admits each chunk through the budget guard, and replaces an annotator that dies: its
-chunk is sent again, and answers it stored before dying come back from the store, not the API.
-Ray's ActorPool does neither (it does not replace dead actors), hence this small supervisor.
+Each annotator is an `LLMClient` in its own process with a share of the job's concurrency and of its request and
+token rate limits; the shares add up to the job's limits, so together they stay under them. The pool sends
+chunks of consecutive requests (prompts that share a demo prefix stay on one annotator and hit its server's
+prefix cache), admits each chunk through the budget guard, and replaces an annotator that dies: its chunk is
+sent again, and answers it stored before dying come back from the store, not the API. Ray's ActorPool does
+neither (it does not replace dead actors), hence this small supervisor.
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -103,7 +104,7 @@ def share(cfg: LLMConfig, n: int) -> list[LLMConfig]:
     """
     limits = [v for v in (cfg.concurrency, cfg.requests_per_minute, cfg.tokens_per_minute) if v > 0]
     k = max(1, min([n, *limits]))
-    part = lambda v, i: 0 if v == 0 else v // k + (i < v % k)  # noqa: E731
+    part = lambda v, i: 0 if v == 0 else v // k + (i < v % k)
     return [dataclasses.replace(cfg, concurrency=part(cfg.concurrency, i),
                                 requests_per_minute=part(cfg.requests_per_minute, i),
                                 tokens_per_minute=part(cfg.tokens_per_minute, i)) for i in range(k)]
@@ -134,7 +135,9 @@ class AnnotatorPool:
         self.actors = [self._new_actor(slot) for slot in range(self.size)]
 
     def _new_actor(self, slot: int) -> Any:
-        return Annotator.options(resources=self.resources, max_concurrency=self.in_flight).remote(
+        # mypy does not apply the @ray.remote class decorator, so it cannot see ActorClass.options
+        return Annotator.options(  # type: ignore[attr-defined]
+            resources=self.resources, max_concurrency=self.in_flight).remote(
             self._actor_cfgs[slot], self.base_url, self._key, self.store)
 
     def node_ids(self) -> list[str]:
@@ -227,7 +230,7 @@ def not_admitted(key: str) -> ChatAnswer:
 def wait_for_actors(pool: AnnotatorPool, timeout_s: float = 120.0) -> None:
     """Block until every annotator has started (placement on a pinned node can take a moment)."""
     deadline = time.monotonic() + timeout_s
-    ready, pending = ray.wait([a.node_id.remote() for a in pool.actors], num_returns=pool.size,
+    _, pending = ray.wait([a.node_id.remote() for a in pool.actors], num_returns=pool.size,
                               timeout=max(0.0, deadline - time.monotonic()))
     if pending:
         raise UserError(f"{len(pending)} of {pool.size} annotator actors could not be placed within "

@@ -95,7 +95,8 @@ class ScorerPool:
         self._threads: list[int] | None = None   # per actor slot, found on first use
 
     def _new(self) -> Any:
-        return Scorer.options(resources=self.resources).remote(self.max_length)
+        # mypy does not apply the @ray.remote class decorator, so it cannot see ActorClass.options
+        return Scorer.options(resources=self.resources).remote(self.max_length)  # type: ignore[attr-defined]
 
     def work_threads(self) -> list[int]:
         """Threads per scorer: its node's cores (as many as Ray may use there) shared among the scorers placed on

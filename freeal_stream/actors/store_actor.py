@@ -17,7 +17,6 @@ from ray.exceptions import RayTaskError
 
 from freeal_stream.store import StateError, Store
 
-
 # What crosses to the store actor: Store's public methods, nothing else (not its connection).
 STORE_METHODS = frozenset(name for name, _ in inspect.getmembers(Store, inspect.isfunction) if not name.startswith("_"))
 
@@ -92,7 +91,8 @@ def start_store(path: Path) -> Store:
     node = ray.get_runtime_context().get_node_id()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    handle = StoreActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
-        str(path))
+    # mypy does not apply the @ray.remote class decorator, so it cannot see ActorClass.options
+    handle = StoreActor.options(  # type: ignore[attr-defined]
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(path))
     ray.get(handle.pid.remote())   # surfaces StateError (file held by another process) here
     return cast(Store, StoreProxy(handle))

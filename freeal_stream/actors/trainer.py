@@ -28,7 +28,7 @@ class TrainedSLM:
     history: list[dict]
 
 
-@ray.remote(max_restarts=0, max_concurrency=2)
+@ray.remote(max_restarts=0, max_concurrency=2)  # type: ignore[call-overload]  # Ray's stub lacks max_concurrency
 class Trainer:
     def __init__(self, threads: int):
         import torch
@@ -72,4 +72,6 @@ class Trainer:
 def start_trainer(cfg: RayConfig, threads: int, has_gpu: bool) -> Any:
     """The trainer actor: 1 CPU, plus 1 GPU when the job wants one and the cluster has one."""
     gpus = 1 if cfg.trainer_gpu == "always" or (cfg.trainer_gpu == "auto" and has_gpu) else 0
-    return Trainer.options(num_cpus=1, num_gpus=gpus, resources=cfg.trainer_resources).remote(threads)
+    # mypy does not apply the @ray.remote class decorator, so it cannot see ActorClass.options
+    return Trainer.options(  # type: ignore[attr-defined]
+        num_cpus=1, num_gpus=gpus, resources=cfg.trainer_resources).remote(threads)

@@ -16,8 +16,9 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from openai.types import Batch
 
@@ -199,6 +200,7 @@ class BatchAnnotators:
     # ---- polling and collecting -----------------------------------------------------------------------
     def _poll(self, sub: _Submission) -> Batch | None:
         """The batch's state now (None while the endpoint is unavailable, until llm.give_up_after_s)."""
+        assert sub.batch_id is not None  # only sent submissions are in flight
         try:
             batch = self.api.retrieve(sub.batch_id)
             sub.failing_since = None
@@ -247,6 +249,7 @@ class BatchAnnotators:
             self.ledger.completion_tokens += a.completion_tokens
             self.ledger.cached_tokens += a.cached_tokens
         for _, a in failures:
+            assert a.error is not None  # a failure always names its error
             self.ledger.failures[a.error] = self.ledger.failures.get(a.error, 0) + 1
         self.say(f"batch {sub.batch_id}: {batch.status}; {len(answers)} answers stored, {len(failures)} failed, "
                  f"{len(again)} to send again" + (f" ({_errors(batch)})" if _errors(batch) else ""))

@@ -7,7 +7,8 @@ run killed between upload and create finds what it had sent instead of sending i
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 import openai
 from openai.types import Batch
@@ -20,6 +21,13 @@ from freeal_stream.llm.retry import classify
 METADATA_KEY = "freeal_submission"
 LOOKUP_SLACK_S = 3600.0   # how far before a submission was recorded its upload or batch may be dated
 T = TypeVar("T")
+
+
+class _Dated(Protocol):
+    created_at: int   # a file's or batch's creation time (Unix seconds)
+
+
+DatedT = TypeVar("DatedT", bound=_Dated)
 
 
 class BatchAPIUnavailable(FatalLLMError):
@@ -70,7 +78,7 @@ class BatchAPI:
                 return b
         return None
 
-    def _newer(self, pages: Iterable[T], since: float) -> Iterable[T]:
+    def _newer(self, pages: Iterable[DatedT], since: float) -> Iterable[DatedT]:
         """Items of a newest-first listing down to `since` (less slack), pages fetched as needed."""
         it = iter(pages)
         while True:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
 from collections.abc import Mapping, Sequence
-from typing import Any
-
+from dataclasses import asdict, dataclass
+from typing import Any, Final
 
 from freeal_stream.llm.client import ChatAnswer, ChatRequest, FatalLLMError, _read_answer, request_body
 from freeal_stream.llm.ratelimit import estimate_tokens
@@ -20,7 +19,7 @@ from freeal_stream.llm.retry import BadResponse, status_failure
 
 log = logging.getLogger(__name__)
 
-ENDPOINT = "/v1/chat/completions"
+ENDPOINT: Final = "/v1/chat/completions"   # Final: a Literal where the SDK wants one
 MAX_FILE_BYTES = 200 * 1000 * 1000   # OpenAI's cap per input file (decimal MB: errs low)
 UNFINISHED = "batch_unfinished"      # a row the batch never ran (expired, cancelled, failed batch, missing)
 

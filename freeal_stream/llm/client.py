@@ -22,17 +22,17 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, TypeVar
 
 import openai
 
-from freeal_stream.errors import UserError
 from freeal_stream.config import LLMConfig
-from freeal_stream.llm.breaker import CircuitBreaker, EndpointDead
+from freeal_stream.errors import UserError
 from freeal_stream.llm import answer_check
+from freeal_stream.llm.breaker import CircuitBreaker, EndpointDead
 from freeal_stream.llm.ratelimit import RateLimiter, estimate_tokens, estimate_usage
 from freeal_stream.llm.retry import BadResponse, Failure, RetryPolicy, classify
 

@@ -23,7 +23,7 @@ import math
 import random
 import re
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from freeal_stream.config import LLMConfig
 from freeal_stream.llm import calibration
@@ -179,7 +179,7 @@ def _zero_shot_demos(client: Completer, cfg: LLMConfig, task_description: str, v
         part = draw[start:start + 2 * sum(missing.values())]
         start += len(part)
         for text, verdict in zip(part, _zero_shot(client, cfg, task_description, verbalizer, part, progress)):
-            if missing.get(verdict, 0) > 0:   # None (no label) and classes already full are skipped
+            if verdict is not None and missing.get(verdict, 0) > 0:   # no label, or a class already full: skip
                 out.append((text, verdict, "zero-shot"))
                 missing[verdict] -= 1
     order = list(wanted)

@@ -8,7 +8,7 @@ cached answers to the old wording are not reused for the new one.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from freeal_stream.config import DataConfig
 from freeal_stream.llm.verbalizer import Verbalizer

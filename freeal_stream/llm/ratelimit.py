@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 
 def estimate_usage(messages: Iterable[tuple[str, str]], max_tokens: int) -> tuple[int, int]:

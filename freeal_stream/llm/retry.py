@@ -12,8 +12,8 @@ from typing import Any
 
 import openai
 
-from freeal_stream.errors import FreealError
 from freeal_stream.config import LLMConfig
+from freeal_stream.errors import FreealError
 
 _TRANSIENT_STATUS = {408, 409, 429}
 

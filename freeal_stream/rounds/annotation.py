@@ -69,9 +69,9 @@ def warn_if_one_class(ctx: RoundContext, round_: int, enough: int = 20) -> None:
     counts = ctx.store.round_label_counts(round_)
     if len(counts) == 1 and sum(counts.values()) >= enough and ctx.n_classes > 1:
         (label, n), = counts.items()
-        ctx.say(f"warning: all {n} LLM labels of round {round_} are '{ctx.job.task.class_names[label]}'; the LLM may be "
-                "unable to tell the classes apart. Check task.description, the class words and the demos (status and "
-                "export show them) before spending more")
+        ctx.say(f"warning: all {n} LLM labels of round {round_} are '{ctx.job.task.class_names[label]}'; the LLM "
+                "may be unable to tell the classes apart. Check task.description, the class words and the demos "
+                "(status and export show them) before spending more")
 
 
 def paraphrases(ctx: RoundContext, texts: list[str]) -> list[str | None]:

@@ -54,10 +54,10 @@ class Pool:
         return self.size - before
 
     # ---- rows -------------------------------------------------------------------------------------
-    def columns(self, positions: Sequence[int]) -> ItemColumns:
+    def columns(self, positions: Sequence[int] | np.ndarray) -> ItemColumns:
         return self.store.items_at(list(map(int, positions)))
 
-    def texts(self, positions: Sequence[int]) -> list[str]:
+    def texts(self, positions: Sequence[int] | np.ndarray) -> list[str]:
         return self.columns(positions).texts
 
     def shards(self, start: int = 0, stop: int | None = None, size: int = SHARD_ROWS
@@ -93,7 +93,7 @@ class Pool:
         array = RowArray.open(path)
         start = array.rows if array is not None else 0
         if start >= self.size:
-            return array
+            return array  # type: ignore[return-value]  # None on an empty pool (no round reads it then)
         n = self.size - start
         what = "texts" if kind == "frozen" else "views"
         self.progress.say(f"embedding {n:,} {what} with the frozen encoder ({len(self.scorers.actors)} scorer actors)")
@@ -108,6 +108,8 @@ class Pool:
             done += len(emb)
             self.progress.update(f"embed {what}", done, n)
 
-        self.scorers.embed_shards(self.encoder, ((s, pick(cols)) for s, cols in self.shards(start, size=TEXT_SHARD_ROWS)), write)
+        shards = ((s, pick(cols)) for s, cols in self.shards(start, size=TEXT_SHARD_ROWS))
+        self.scorers.embed_shards(self.encoder, shards, write)
+        assert array is not None  # write() created it: there were rows to embed
         array.commit(self.size)
         return array

@@ -91,7 +91,7 @@ def state_after(ctx: RoundContext, round_: int) -> SLMState:
     info = next(r for r in ctx.store.rounds() if r["round"] == round_)
     files = read_model_files(info["model_path"])
     mode = model_mode(files)
-    from freeal_stream.rounds.scoring import score_pool   # scoring writes the arrays this module names
+    from freeal_stream.rounds.scoring import score_pool  # scoring writes the arrays this module names
 
     logits, emb = score_pool(ctx, round_, files, mode)
     return SLMState(round_, files, mode, logits, emb, tuple(ctx.store.demo_pool(round_)))

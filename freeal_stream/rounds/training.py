@@ -49,7 +49,7 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
     warmup = resolve_warmup(job.freeal, n_lab, job.slm.epochs)
     rows = training_rows(labels, job.seed + round_)
     sampled = "" if len(rows) == pool.size else f", {len(rows) - n_lab:,} of them in the consistency term"
-    say = lambda msg: ctx.say(f"[round {round_} train] {msg}")  # noqa: E731
+    say = lambda msg: ctx.say(f"[round {round_} train] {msg}")
     n_human = int(human.sum())
     humans = f" ({n_human} of them human labels, clean by fiat)" if n_human else ""
     say(f"SLM in {mode} mode on {n_lab} labels{humans} + {pool.size - n_lab} unlabelled texts{sampled} "
@@ -104,7 +104,7 @@ def training_data(ctx: RoundContext, rows: np.ndarray, labels: np.ndarray, mode:
         view_emb = emb.copy()
         at = np.flatnonzero(has_view)
         if len(at):
-            view_emb[at] = ctx.session.scorers.embed(ctx.encoder, [views[k] for k in at])
+            view_emb[at] = ctx.session.scorers.embed(ctx.encoder, [v for v in views if v is not None])  # rows `at`
     return TrainingData(labels, emb=emb, view_emb=view_emb, has_view=has_view)
 
 

@@ -151,7 +151,7 @@ def check_service_url(url: str, where: Path, host: str | None = None, port: int 
         url_host, url_port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         url_host, url_port = "", 0
-    if is_loopback_literal(url_host) or (host or "").lower().strip("[]") == url_host and port == url_port != 0:
+    if is_loopback_literal(url_host) or ((host or "").lower().strip("[]") == url_host and port == url_port != 0):
         return
     configured = f"the job's service.host:service.port ({host}:{port})" if host else "a job's service address"
     raise ServiceError(f"{where} names the service URL {url!r}, which is neither this machine's loopback nor "

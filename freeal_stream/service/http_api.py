@@ -253,9 +253,8 @@ def _check_item(where: str, item: Any) -> None:
         raise bad("gold", "must be a string, an integer or null")
     for name in _ITEM_FIELDS:
         value = item.get(name)
-        at = _surrogate_at(value) if isinstance(value, str) else None
-        if at is not None:
-            raise bad(name, f"holds a lone surrogate ({ascii(value[at])} at character {at}), which is not "
+        if isinstance(value, str) and (at := _surrogate_at(value)) is not None:
+            raise bad(name, f"holds a lone surrogate ({value[at]!a} at character {at}), which is not "
                             "Unicode text. Fix: send the text as valid UTF-8")
 
 
@@ -263,8 +262,8 @@ def post_items(handlers: ApiHandlers, posted: PostedItems) -> dict[str, Any]:
     """Quarantine the refused items, store the rest, and answer with both counts (and the first problems)."""
     if posted.rejected and handlers.quarantine is not None:
         handlers.quarantine(posted.rejected, posted.source)
-    answer = (handlers.add_items(posted.items) if posted.items
-              else {"received": 0, "added": 0, "duplicates": 0, "flagged": 0})
+    answer: dict[str, Any] = (handlers.add_items(posted.items) if posted.items
+                              else {"received": 0, "added": 0, "duplicates": 0, "flagged": 0})
     if not posted.rejected:
         return answer
     refused = [{"location": r["location"], "action": "quarantined", "reason": r["reason"], "detail": r["detail"]}
@@ -322,7 +321,7 @@ async def _refuse(exc: ApiError, scope: Scope, receive: Receive, send: Send, tim
     while not scope.get(_BODY_READ) and dropped <= _DRAIN_LIMIT and "close" not in exc.headers.get("Connection", ""):
         try:
             message = await asyncio.wait_for(receive(), min(_DRAIN_IDLE_S, max(0.0, deadline - time.monotonic())))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         dropped += len(message.get("body", b""))
         scope[_BODY_READ] = message["type"] != "http.request" or not message.get("more_body", False)
@@ -371,7 +370,7 @@ class _ByteBudget:
         async with self._freed:
             try:
                 await asyncio.wait_for(self._freed.wait_for(lambda: self.used + size <= self.limit), wait_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ApiError(503, f"too many large requests at once ({self.used} bytes being read); retry "
                                     "shortly", headers={"Retry-After": "1"}) from None
             self.used += size
@@ -559,7 +558,8 @@ class ApiServer:
     """The HTTP API on a background thread: ``start()`` returns its base URL, ``stop()`` ends it."""
 
     def __init__(self, handlers: ApiHandlers, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None, *, token_env: str = "FREEAL_SERVICE_TOKEN", allowed_hosts: Sequence[str] = (),
+                 token: str | None = None, *, token_env: str = "FREEAL_SERVICE_TOKEN",
+                 allowed_hosts: Sequence[str] = (),
                  max_body_bytes: int = MAX_BODY_BYTES, max_items: int = MAX_ITEMS,
                  max_body_bytes_in_flight: int = MAX_BODY_BYTES_IN_FLIGHT, max_connections: int = MAX_CONNECTIONS,
                  body_timeout_s: float = BODY_TIMEOUT_S, headers_timeout_s: float = HEADERS_TIMEOUT_S):
@@ -641,7 +641,7 @@ class ApiServer:
         while more:
             try:
                 message = await asyncio.wait_for(request.receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 client = request.client.host if request.client else "?"
                 log.warning("API: POST /items from %s: %d of %d body bytes in %.0f s; answered 408", client,
                             len(body), length, timeout_s)
@@ -675,7 +675,8 @@ class ApiServer:
         self._hosts = _host_names(self.host, self._bound[1], self.allowed_hosts)
         config = uvicorn.Config(
             _build_app(self), lifespan="off", ws="none", log_config=None, access_log=False, server_header=False,
-            http=functools.partial(_Protocol, headers_timeout_s=self.headers_timeout_s),
+            # uvicorn calls `http` as a protocol factory; its stub wants the class itself
+            http=functools.partial(_Protocol, headers_timeout_s=self.headers_timeout_s),  # type: ignore[arg-type]
             limit_concurrency=self.max_connections, timeout_keep_alive=5, timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="freeal-api",

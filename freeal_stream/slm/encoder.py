@@ -11,17 +11,18 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from freeal_stream.config import AUTO_ENCODER, STATIC_ENCODER, SLMConfig
 from freeal_stream.errors import UserError
 from freeal_stream.private_files import private_dir
-from freeal_stream.config import AUTO_ENCODER, STATIC_ENCODER, SLMConfig
 
 if TYPE_CHECKING:
     from freeal_stream.slm.static_encoder import StaticEncoder
@@ -91,7 +92,7 @@ def cache_key(encoder: str, max_length: int) -> str:
     return f"{name}|max_length={max_length}"
 
 
-def load_encoder(name: str, max_length: int, device: str | torch.device = "cpu") -> "Encoder | StaticEncoder":
+def load_encoder(name: str, max_length: int, device: str | torch.device = "cpu") -> Encoder | StaticEncoder:
     """The encoder a (resolved, never `auto`) `slm.encoder` names."""
     if name == STATIC_ENCODER:
         from freeal_stream.slm.static_encoder import StaticEncoder
@@ -262,7 +263,7 @@ class EmbeddingCache:
         self._loaded.add(stem.with_suffix(".keys").name)
 
 
-def cached_embed(encoder: "Encoder | StaticEncoder", texts: Sequence[str], cache_dir: Path | None, batch_size: int = 64
+def cached_embed(encoder: Encoder | StaticEncoder, texts: Sequence[str], cache_dir: Path | None, batch_size: int = 64
                  ) -> np.ndarray:
     """Frozen embeddings through the disk cache when one is given, else computed now."""
     if cache_dir is None:

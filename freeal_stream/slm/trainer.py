@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,10 +20,9 @@ import torch.nn.functional as F
 
 from freeal_stream.config import STATIC_ENCODER, FreeALConfig, SLMConfig
 from freeal_stream.slm.augment import feature_noise, perturb
-from freeal_stream.slm.encoder import cached_embed, choose_encoder, load_encoder
-from freeal_stream.slm.model import SLM
-from freeal_stream.slm.robust import (alpha_ramp, classwise_clean_split, gmm_clean_split, kl_consistency, mixup,
-                                      soft_ce)
+from freeal_stream.slm.encoder import Encoder, cached_embed, choose_encoder, load_encoder
+from freeal_stream.slm.model import SLM, Mode
+from freeal_stream.slm.robust import alpha_ramp, classwise_clean_split, gmm_clean_split, kl_consistency, mixup, soft_ce
 
 LR_WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
@@ -54,7 +54,7 @@ class Recipe:
     per_class_split: bool = True
 
     @classmethod
-    def plain_ce(cls) -> "Recipe":
+    def plain_ce(cls) -> Recipe:
         """Ordinary CE on all labelled rows: the baseline the robust recipe must beat."""
         return cls(gmm=False, consistency=False, mixup=False)
 
@@ -134,6 +134,7 @@ class _FrozenInputs:
         noisy = feature_noise(self.orig(idx))
         if self.view_emb is None:
             return noisy
+        assert self.has_view is not None  # given with view_emb
         t = torch.from_numpy(idx).to(self.emb.device)
         return torch.where(self.has_view[t, None], self.view_emb[t], noisy)  # rows without a view: noise
 
@@ -148,12 +149,18 @@ class _TextInputs:
                  rng: np.random.Generator):
         self.model, self.texts, self.views, self.rng = model, texts, views, rng
 
-    def orig(self, idx: np.ndarray) -> torch.Tensor:
+    @property
+    def encoder(self) -> Encoder:
         enc = self.model.encoder
+        assert isinstance(enc, Encoder)  # fine-tune mode: SLM refuses the static encoder
+        return enc
+
+    def orig(self, idx: np.ndarray) -> torch.Tensor:
+        enc = self.encoder
         return enc(enc.tokenize([self.texts[i] for i in idx]))
 
     def aug(self, idx: np.ndarray) -> torch.Tensor:
-        enc = self.model.encoder
+        enc = self.encoder
         views = [None if self.views is None else self.views[i] for i in idx]
         return enc(enc.tokenize([v if v is not None else perturb(enc.cut(self.texts[i]), self.rng)
                                  for i, v in zip(idx, views)]))
@@ -283,7 +290,7 @@ class TrainingData:
     trusted: np.ndarray | None = None   # rows whose label is clean by fiat (a human's): never in the noisy split
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return "head" if self.emb is not None else "finetune"
 
     def check(self, n_classes: int) -> None:
@@ -295,7 +302,8 @@ class TrainingData:
         for name in ("view_emb", "has_view", "views", "trusted"):
             col = getattr(self, name)
             if col is not None and len(col) != rows:
-                raise ValueError(f"{rows} texts but {len(col)} {name.replace('_emb', 's').replace('has_view', 'views')}")
+                what = name.replace("_emb", "s").replace("has_view", "views")
+                raise ValueError(f"{rows} texts but {len(col)} {what}")
         if n_classes < 2:
             raise ValueError("n_classes must be >= 2")
         if len(self.labels) and (self.labels.min() < -1 or self.labels.max() >= n_classes):

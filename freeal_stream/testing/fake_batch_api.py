@@ -33,9 +33,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 MAX_LINES = 50_000
 MAX_BYTES = 200 * 1000 * 1000
@@ -95,6 +96,7 @@ class FakeBatchAPI:
     @property
     def base_url(self) -> str:
         host, port = self._httpd.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET server; only AF_UNIX addresses are bytes
         return f"http://{host}:{port}/v1"
 
     def script(self, *scripts: BatchScript) -> None:
@@ -118,7 +120,8 @@ class FakeBatchAPI:
 
     # ---- files ----------------------------------------------------------------------------------------
     def _add_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
-        f = {"id": f"file-{uuid.uuid4().hex[:24]}", "object": "file", "bytes": len(content), "created_at": _now(),
+        f: dict[str, Any] = {"id": f"file-{uuid.uuid4().hex[:24]}", "object": "file", "bytes": len(content),
+                             "created_at": _now(),
              "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
              "status_details": None}
         with self._lock:
@@ -134,10 +137,13 @@ class FakeBatchAPI:
         fields = {part.get_param("name", header="content-disposition"): part for part in msg.iter_parts()}
         if "file" not in fields or "purpose" not in fields:
             raise ApiError(400, "missing required parameter: 'file' and 'purpose'", param="file")
-        purpose = fields["purpose"].get_payload(decode=True).decode()
+        purpose_bytes = fields["purpose"].get_payload(decode=True)
+        assert isinstance(purpose_bytes, bytes)  # a non-multipart part decodes to bytes
+        purpose = purpose_bytes.decode()
         if purpose not in ("batch", "fine-tune", "assistants", "vision", "user_data"):
             raise ApiError(400, f"'{purpose}' is not a valid purpose", param="purpose")
         content = fields["file"].get_payload(decode=True) or b""
+        assert isinstance(content, bytes)  # as for purpose
         if purpose == "batch" and len(content) > MAX_BYTES:
             raise ApiError(400, f"file is {len(content)} bytes; a batch file may hold at most {MAX_BYTES}")
         with self._lock:
@@ -151,7 +157,7 @@ class FakeBatchAPI:
 
     # ---- batches ----------------------------------------------------------------------------------------
     def _create(self, body: dict[str, Any]) -> dict[str, Any]:
-        file_id = body.get("input_file_id")
+        file_id = str(body.get("input_file_id"))  # a missing id reads 'None' and is not found (404)
         if body.get("endpoint") not in ENDPOINTS:
             raise ApiError(400, f"endpoint must be one of {list(ENDPOINTS)}", param="endpoint")
         if body.get("completion_window") != "24h":
@@ -440,8 +446,9 @@ def main(argv: list[str] | None = None) -> None:
                                  description="a local OpenAI files + batches API on 127.0.0.1 (for tests and demos)")
     ap.add_argument("--port", type=int, default=8089)
     ap.add_argument("--upstream", default="keyword",
-                    help="who answers each line: 'keyword' (freeal_stream/testing/keyword_llm.py, instant), 'local' (the embedded "
-                         "llama.cpp server) or the base URL of any OpenAI-compatible chat endpoint")
+                    help="who answers each line: 'keyword' (freeal_stream/testing/keyword_llm.py, instant), "
+                         "'local' (the embedded llama.cpp server) or the base URL of any OpenAI-compatible chat "
+                         "endpoint")
     ap.add_argument("--workers", type=int, default=1, help="rows run at once")
     args = ap.parse_args(argv)
     import contextlib

@@ -83,8 +83,8 @@ class InstantLLM:
             return right
         if _unit(text, "acc") < self.accuracy:
             return right
-        words = [w.strip() for w in (_CLASS_WORDS.search(system).group(1).split(",")
-                                     if _CLASS_WORDS.search(system) else self.by_class)]
+        listed = _CLASS_WORDS.search(system)
+        words = [w.strip() for w in (listed.group(1).split(",") if listed else self.by_class)]
         others = [w for w in words if w != right] or [right]
         return others[int(_unit(text, "wrong") * len(others))]
 

@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -20,7 +21,8 @@ def make_job(tmp_path: Path, n_per_class: int, **overrides) -> Path:
     """A copy of the demo job on a small stratified subset of its data, with its state under tmp_path."""
     with open(DEMO / "data" / "support_tickets.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    picked, seen = [], {}
+    picked: list[dict[str, str]] = []
+    seen: dict[str, int] = {}
     for r in rows:
         if seen.get(r["label"], 0) < n_per_class:
             seen[r["label"]] = seen.get(r["label"], 0) + 1

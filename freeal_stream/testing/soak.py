@@ -79,9 +79,9 @@ def run_soak(tmp: Path, seconds: float, seed: int = 7, fault_rate: float = 0.3) 
     con = duckdb.connect(str(state / "freeal.duckdb"), read_only=True)
     try:
         ids = [r[0] for r in con.execute("SELECT id FROM items").fetchall()]
-        stored_answers = con.execute("SELECT count(*) FROM llm_answers").fetchone()[0]
+        stored_answers = con.execute("SELECT count(*) FROM llm_answers").fetchall()[0][0]
         failures = dict(con.execute("SELECT error, count(*) FROM llm_failures GROUP BY error").fetchall())
-        rounds = con.execute("SELECT count(*) FROM rounds WHERE phase = 'done'").fetchone()[0]
+        rounds = con.execute("SELECT count(*) FROM rounds WHERE phase = 'done'").fetchall()[0][0]
     finally:
         con.close()
     export = tmp / "labels.csv"

@@ -1,6 +1,6 @@
 """A whole job against a flaky endpoint: 429 storms (with and without Retry-After), 5xx, timeouts, dropped
-connections, garbage bodies, empty, truncated, foreign-language and two-label answers. The job ends with every row labelled, and no
-answer that was stored is ever asked for again."""
+connections, garbage bodies, empty, truncated, foreign-language and two-label answers. The job ends with every row
+labelled, and no answer that was stored is ever asked for again."""
 from __future__ import annotations
 
 from freeal_stream.store import Store

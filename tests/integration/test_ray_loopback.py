@@ -3,7 +3,6 @@ every listening TCP socket of the driver and of every Ray process of its session
 Also the rule for joining a cluster: over the network only with Ray's token authentication."""
 from __future__ import annotations
 
-import ipaddress
 import time
 from pathlib import Path
 
@@ -14,12 +13,7 @@ from freeal_stream.actors.runtime import RayJoinError, address_host, check_can_j
 from freeal_stream.testing.fake_openai_server import FakeOpenAIServer
 from freeal_stream.testing.jobs import cli_process, make_job
 from freeal_stream.testing.keyword_llm import respond
-
-
-def is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip.split("%")[0])
-    mapped = getattr(address, "ipv4_mapped", None)   # ::ffff:127.0.0.1 on a dual-stack socket
-    return (mapped or address).is_loopback
+from freeal_stream.testing.sockets import is_loopback, listening
 
 
 def job_processes(driver: psutil.Process) -> list[psutil.Process]:
@@ -44,19 +38,6 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return p.cmdline()
     except psutil.Error:
         return []
-
-
-def listening(procs: list[psutil.Process]) -> set[tuple[str, str, int]]:
-    found = set()
-    for p in procs:
-        try:
-            name = p.name()
-            for c in p.net_connections(kind="tcp"):
-                if c.status == psutil.CONN_LISTEN:
-                    found.add((name, c.laddr.ip, c.laddr.port))
-        except psutil.Error:
-            continue
-    return found
 
 
 @pytest.mark.integration

@@ -150,7 +150,7 @@ def test_killed_run_resumes_to_the_same_labels_without_paying_twice(tmp_path, re
         repeated = repeated_requests(server)
     # only requests in flight at the kill (answered by the server, never stored) may go out again
     assert repeated <= CONCURRENCY
-    assert len(paid_before_kill) > 0 and sent_before_kill < len(server.requests) or kill_point == "mid-training"
+    assert (len(paid_before_kill) > 0 and sent_before_kill < len(server.requests)) or kill_point == "mid-training"
     assert len(server.requests) <= ref_requests + CONCURRENCY
     labels = exported_labels(job, tmp_path)
     assert len(labels) == 80 and all(labels.values())

@@ -69,11 +69,13 @@ def test_planted_key_never_lands_in_state_logs_exports_or_ray_files(tmp_path, mo
 def test_a_key_in_the_job_file_is_refused_without_repeating_it():
     key = f"sk-planted-{uuid.uuid4().hex}"
     with pytest.raises(ConfigError) as err:
-        parse_job({"name": "j", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
+        parse_job({"name": "j", "data": {"path": "x.csv"},
+                   "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
                    "llm": {"api_key": key}})
     assert "llm.api_key" in str(err.value) and key not in str(err.value)
     with pytest.raises(ConfigError) as err:
-        parse_job({"name": "j", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
+        parse_job({"name": "j", "data": {"path": "x.csv"},
+                   "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
                    "llm": {"api_key_env": key}})
     assert key not in str(err.value)
 

@@ -44,3 +44,28 @@ def test_training_rows_keep_every_label_and_sample_the_rest_only_above_the_cap()
     rows = training_rows(big, seed=0)
     assert len(rows) == CONSISTENCY_SAMPLE + 2 and {5, 70_000 % len(big)} <= set(rows.tolist())
     assert np.array_equal(rows, np.sort(rows)) and np.array_equal(rows, training_rows(big, seed=0))
+
+
+def test_gather_maps_one_window_at_a_time_and_returns_rows_in_the_order_asked(tmp_path, monkeypatch):
+    """A sample of rows spread over a big file must not map the whole file into the process at once."""
+    from freeal_stream.rounds import arrays
+
+    rows, width = 1000, 4
+    a = RowArray.create(tmp_path / "big.f32", width)
+    data = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
+    a.write(0, data)
+    a.commit(rows)
+    monkeypatch.setattr(arrays, "WINDOW_BYTES", 64 * width * 4)   # 64 rows a window
+    mapped_rows: list[int] = []
+    real_memmap = np.memmap
+
+    def recording_memmap(*args, **kwargs):
+        m = real_memmap(*args, **kwargs)
+        mapped_rows.append(m.shape[0])
+        return m
+
+    monkeypatch.setattr(arrays.np, "memmap", recording_memmap)
+    positions = np.random.default_rng(1).integers(0, rows, size=300)   # random order, with repeats
+    assert np.array_equal(a.gather(positions), data[positions])
+    assert mapped_rows and max(mapped_rows) <= 64
+    assert np.array_equal(a.gather(np.array([999, 0])), data[[999, 0]])   # first and last window

@@ -377,6 +377,7 @@ def test_ingest_status_and_quarantine_commands_report_the_bad_rows(tmp_path, cap
 
 def test_batches_are_stored_in_file_order_while_the_next_is_read(tmp_path):
     import threading
+
     from freeal_stream.intake import written
     from freeal_stream.sources import Batch
 

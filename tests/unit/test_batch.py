@@ -1,7 +1,7 @@
 """llm.mode batch: batch files, results, prices, and BatchAnnotators against a real local batch service.
 
-The service (freeal_stream/testing/fake_batch_api.py) implements OpenAI's files and batches endpoints and runs every line
-against the keyword LLM, so answers are real and comparable with live ones; the client is the openai SDK.
+The service (freeal_stream/testing/fake_batch_api.py) implements OpenAI's files and batches endpoints and runs every
+line against the keyword LLM, so answers are real and comparable with live ones; the client is the openai SDK.
 Kills are real SIGKILLs of a child process at the moment the service receives (or has handled) a call.
 """
 from __future__ import annotations
@@ -202,7 +202,8 @@ def test_status_estimates_the_cost_to_finish_in_each_mode(store):
 
 def test_batch_mode_needs_an_endpoint_with_a_batch_api():
     with pytest.raises(ConfigError, match="llm.mode.*needs base_url"):
-        parse_job({"name": "t", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
+        parse_job({"name": "t", "data": {"path": "x.csv"},
+                   "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
                    "llm": {"mode": "batch"}}, "/jobs/job.yaml")
 
 
@@ -410,7 +411,8 @@ def test_a_run_killed_between_upload_and_create_resumes_without_submitting_twice
 
 
 def test_the_batch_service_has_a_command_line(tmp_path):
-    """`python -m freeal_stream.testing.fake_batch_api` (the README's walk-through) serves the batch API until stopped."""
+    """`python -m freeal_stream.testing.fake_batch_api` (the README's walk-through) serves the batch API until
+    stopped."""
     p = subprocess.Popen([sys.executable, "-m", "freeal_stream.testing.fake_batch_api", "--port", "0"], cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
     try:

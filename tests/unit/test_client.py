@@ -65,7 +65,7 @@ def test_key_is_stable_and_sensitive_to_every_field():
     assert a.key() == req("hello").key() and len(a.key()) == 64
     assert dataclasses.replace(a, temperature=0).key() == a.key()   # 0 and 0.0 are one value
     changed = [
-        dataclasses.replace(a, messages=a.messages + (("user", "more"),)),
+        dataclasses.replace(a, messages=(*a.messages, ("user", "more"))),
         dataclasses.replace(a, messages=(("system", "Classify."), ("assistant", "hello"))),
         dataclasses.replace(a, model="other"),
         dataclasses.replace(a, temperature=0.5),

@@ -81,14 +81,14 @@ def post_items(url: str, body: bytes, content_type: str = "application/json"):
 
 
 def test_round_trip_through_the_client(service, monkeypatch):
-    memory, server = service
+    _, server = service
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # ignored: a proxy would see the token
     client = ServiceClient(server.url)
     assert client.health()
     sent = [{"id": "a", "text": "refund please"}, {"id": 7, "text": "where is my parcel", "gold": "shipping"},
             {"text": "no id given", "view": "another view"}]
     assert client.add_items(sent) == {"received": 3, "added": 3, "duplicates": 0}
-    assert client.add_items(sent[:1] + [{"id": "b", "text": "refund please"}]) == {
+    assert client.add_items([*sent[:1], {"id": "b", "text": "refund please"}]) == {
         "received": 2, "added": 0, "duplicates": 2}
     assert client.status() == {"items": 3}
     first = client.labels(since=0, limit=2)
@@ -326,7 +326,7 @@ def status_of(reply: bytes) -> int:
 
 def test_a_host_that_is_not_this_service_is_refused(service):
     """DNS rebinding: a page at attacker.example, re-pointed at 127.0.0.1, sends its own name as Host."""
-    memory, server = service
+    _, server = service
     port = server.url.rsplit(":", 1)[1]
     for host in ("attacker.example", f"attacker.example:{port}", f"127.0.0.1.attacker.example:{port}",
                  "127.0.0.1:1", "", f"127.0.0.1:{port}@attacker.example"):
@@ -497,7 +497,7 @@ def test_json_answers_never_hold_nan_or_infinity():
         for path in ("/labels", "/status"):
             with urllib.request.urlopen(server.url + path, timeout=10) as response:
                 raw = response.read().decode()
-            strict = json.loads(raw, parse_constant=lambda name: pytest.fail(f"{path} holds {name}"))
+            strict = json.loads(raw, parse_constant=lambda name, path=path: pytest.fail(f"{path} holds {name}"))
             if path == "/labels":
                 assert [x["confidence"] for x in strict["items"]] == [None, None, 0.5]
             else:

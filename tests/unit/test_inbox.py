@@ -169,7 +169,7 @@ def test_an_unsupported_file_type_fails_with_a_note(env):
 
 
 def test_a_symlink_out_of_the_inbox_is_not_followed(env, tmp_path):
-    store, clock, inbox = env
+    store, _, inbox = env
     outside = tmp_path / "outside"
     outside.mkdir()
     secret = outside / "secret.csv"

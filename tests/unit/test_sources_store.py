@@ -294,7 +294,7 @@ def test_the_state_folder_and_its_files_are_private(tmp_path):
     from freeal_stream.slm.encoder import EmbeddingCache
     from freeal_stream.slm.model import write_model_files
 
-    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
     old = os.umask(0o022)
     try:
         Store(tmp_path / "new" / "state" / "freeal.duckdb").close()

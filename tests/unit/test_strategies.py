@@ -36,6 +36,17 @@ def test_grouped_order_is_round_robin_best_first():
     assert got == [0, 4, 3, 1, 2]  # each group's best (by score), then group 0's second and third
 
 
+class _FixedScores(QueryStrategy):
+    """Scores (and groups) given per id up front."""
+
+    def __init__(self, row: dict[str, int], scores: np.ndarray, groups: np.ndarray | None):
+        self.row, self.scores, self.groups = row, scores, groups
+
+    def candidates(self, shard, n, ctx):
+        at = np.array([self.row[i] for i in shard.ids])
+        return top(shard.ids, self.scores[at], n, ctx, None if self.groups is None else self.groups[at])
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_merging_shard_tops_equals_whole_pool_top(grouped):
     rng = np.random.default_rng(0)
@@ -45,14 +56,9 @@ def test_merging_shard_tops_equals_whole_pool_top(grouped):
         groups = rng.integers(0, 6, size) if grouped else np.zeros(size, dtype=int)
         row = {i: k for k, i in enumerate(ids)}
         n = int(rng.integers(1, size + 3))
-
-        class Fixed(QueryStrategy):
-            def candidates(self, shard, n, ctx):
-                at = np.array([row[i] for i in shard.ids])
-                return top(shard.ids, scores[at], n, ctx, groups[at] if grouped else None)
-
+        fixed = _FixedScores(row, scores, groups if grouped else None)
         cuts = np.sort(rng.choice(np.arange(1, size), size=min(size - 1, 5), replace=False))
-        got = select(Fixed(), [Shard(part) for part in np.split(ids, cuts)], n, CTX).tolist()
+        got = select(fixed, [Shard(part) for part in np.split(ids, cuts)], n, CTX).tolist()
         assert got == top(ids, scores, n, CTX, groups if grouped else None).ids.tolist(), trial
 
 
