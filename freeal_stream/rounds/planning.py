@@ -138,7 +138,7 @@ def choose_targets(ctx: RoundContext, round_: int, state: SLMState, strategy: Qu
             at = unannotated[start:start + STRATEGY_SHARD_ROWS]
             ids = np.array(ctx.store.items_at(at.tolist()).ids, dtype=object)
             cols = {}
-            if wants_probs:
+            if wants_probs and state.logits is not None:
                 cols["probs"] = probs_of(state.logits.gather(at)).astype(np.float32)
             if "embeddings" in strategy.needs:
                 cols["embeddings"] = state.emb.gather(at)   # the frozen encoder's before any SLM

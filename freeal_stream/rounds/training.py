@@ -113,7 +113,7 @@ def _call_trainer(ctx: RoundContext, submit: Callable[[Any], Any], say: Callable
     out of memory) is replaced and the call made again (training has no side effects)."""
     session, job = ctx.session, ctx.job
     while True:
-        trainer = session.trainer
+        trainer: Any = session.trainer
         ref = submit(trainer)
         shown = None
         try:
@@ -163,7 +163,7 @@ def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, human: np.
     for start, block in logits.shards(SCORE_WRITE_ROWS):
         at = np.arange(start, start + len(block))
         probs = None
-        if cal is not None:
+        if cal is not None and oof is not None:
             llm = llm_all[at]
             oof_block = np.full(block.shape, np.nan, dtype=np.float32)
             oof_block[llm >= 0] = oof.at(at[llm >= 0])

@@ -394,7 +394,8 @@ def out_of_fold_logits(data: TrainingData, n_classes: int, cfg: SLMConfig, freea
         if data.emb is not None:
             emb = data.emb[held]
         else:
-            emb = fitted.model.encoder.embed([data.texts[i] for i in held], EMBED_BATCH)
+            assert data.texts is not None   # fine-tune data carries texts, head data embeddings
+            emb = fitted.model.encoder.embed([data.texts[i] for i in held.tolist()], EMBED_BATCH)
         out[held] = fitted.model.logits_from_embeddings(emb)
         say(f"calibration fold {k + 1}/{folds}: {len(held)} held-out labels ({time.perf_counter() - t0:.0f} s)")
     return out
