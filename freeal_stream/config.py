@@ -210,7 +210,7 @@ class FreeALConfig:
     # 'llm' (default): the LLM's always; 'auto': the SLM's prediction where its calibrated probability of being
     # right beats the LLM label's (both judged given both models' labels, docs/METHOD.md section 7); 'slm': the
     # SLM's wherever it put the LLM's label in its noisy split (`disputed`). With GPT-3.5's MR labels 'auto' was
-    # 0-0.2 pt below 'llm' at every round, never above (BENCHMARKS.md, "Export quality per LLM spend"), so 'llm'
+    # 0-0.3 pt below 'llm' at every round, never above (BENCHMARKS.md, "Export quality per LLM spend"), so 'llm'
     # stays the default; 'slm' where the SLM is the stronger model (the demo's 0.5B LLM, section 8b).
     label_of_record: Literal["llm", "slm", "auto"] = "llm"
     # Stop sending texts to the LLM once the export's estimated accuracy (the lower end of its interval) reaches
