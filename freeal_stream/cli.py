@@ -120,10 +120,10 @@ def _send_to_service(running: Any, batch: Any, name: str, chunk: int = 5000) -> 
 
 
 def _print_summary(store: Any, job: JobConfig, progress: Progress) -> None:
-    from freeal_stream.status import format_status, job_status
+    from freeal_stream.status import format_estimate_lines, format_status, job_status
 
     st = job_status(store, job)
-    for line in format_status(st)[1:5]:
+    for line in format_status(st)[1:5] + (format_estimate_lines(st["estimate"]) if st["estimate"] else []):
         progress.say(line)
     n, right = store.gold_agreement(job.task.class_names, job.freeal.label_of_record)
     if n:

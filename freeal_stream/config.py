@@ -206,11 +206,16 @@ class FreeALConfig:
     generated_per_class: int = 10
     generation_time_s: float | None = 120.0   # no new demo-generation try after this; the short classes are
                                               # then topped up with texts labelled zero-shot (null = no limit)
-    # Whose label stands where the SLM puts an LLM label in its noisy split (the export marks those
-    # `disputed` either way). 'llm' (default): a strong LLM beats a small SLM there: with GPT-3.5's MR
-    # labels the SLM was right on 14% of them. 'slm': when the SLM is the stronger model, as with the
-    # bundled 0.5B LLM on the demo, where it was right on 91% (BENCHMARKS.md section 8b).
-    label_of_record: Literal["llm", "slm"] = "llm"
+    # Whose label stands where the LLM labelled a text (texts it never labelled get the SLM's under every rule):
+    # 'llm' (default): the LLM's always; 'auto': the SLM's prediction where its calibrated probability of being
+    # right beats the LLM label's (both judged given both models' labels, docs/METHOD.md section 7); 'slm': the
+    # SLM's wherever it put the LLM's label in its noisy split (`disputed`). With GPT-3.5's MR labels 'auto' was
+    # 0-0.3 pt below 'llm' at every round, never above (BENCHMARKS.md, "Export quality per LLM spend"), so 'llm'
+    # stays the default; 'slm' where the SLM is the stronger model (the demo's 0.5B LLM, section 8b).
+    label_of_record: Literal["llm", "slm", "auto"] = "llm"
+    # Stop sending texts to the LLM once the export's estimated accuracy (the lower end of its interval) reaches
+    # this; null = spend the rounds and budget given.
+    target_accuracy: float | None = None
 
     def validate(self) -> None:
         _check(self.demos_per_prompt >= 0, "demos_per_prompt must be >= 0")
@@ -227,6 +232,8 @@ class FreeALConfig:
                "prototypes and generated_per_class must be >= 1")
         _check(self.generation_time_s is None or self.generation_time_s > 0,
                "generation_time_s must be > 0 (null = no time box)")
+        _check(self.target_accuracy is None or 0.0 < self.target_accuracy <= 1.0,
+               "target_accuracy must be in (0, 1] (a share of the pool labelled right) or null")
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from freeal_stream.store import StateError, Store
 
 # Fields that may change between runs on the same state: they steer how far the job goes or where it
 # runs, not what its finished rounds mean. Anything else changed would mix incompatible rounds.
-RESUMABLE_FIELDS = {"budget", "freeal.rounds", "freeal.label_of_record", "freeal.warmup_epochs",
-                    "freeal.generation_time_s", "llm.concurrency",
+RESUMABLE_FIELDS = {"budget", "freeal.rounds", "freeal.label_of_record", "freeal.target_accuracy",
+                    "freeal.warmup_epochs", "freeal.generation_time_s", "llm.concurrency",
                     "llm.requests_per_minute", "llm.tokens_per_minute", "llm.timeout_s", "llm.max_retries",
                     "llm.server_threads", "slm.threads", "slm.device", "slm.epochs", "name", "state_dir", "ray",
                     "service", "llm.mode", "llm.batch_poll_s", "llm.batch_poll_max_s", "llm.batch_max_wait_s",

@@ -53,6 +53,28 @@ def format_bad_input(q: dict[str, Any]) -> str:
     return "bad input: " + (describe_counts(q["by_reason"]) or "no row quarantined or flagged")
 
 
+SHORT_COVERAGE = (0.8, 0.9, 0.95, 0.99)   # the coverage table's rows `status` prints (all of them: --json)
+
+
+def latest_estimate(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last finished round's estimate of the export's accuracy (no gold), with its coverage table."""
+    for r in reversed(rounds):
+        if r["phase"] == "done" and r["metrics"].get("estimate"):
+            return {"round": r["round"], **r["metrics"]["estimate"]}
+    return None
+
+
+def format_estimate_lines(est: dict[str, Any]) -> list[str]:
+    """Two lines: the export's estimated accuracy with its interval, then the coverage table in short."""
+    cover = ", ".join(f">= {c['threshold']:g}: {100 * c['share']:.0f}% at {c['accuracy']:.3f}" for c in est["coverage"]
+                      if c["accuracy"] is not None and c["threshold"] in SHORT_COVERAGE)
+    over = f" over its {est['items']:,} items" if "items" in est else ""
+    return [f"export accuracy, estimated without gold after round {est['round']}{over}: {est['accuracy']:.3f} "
+            f"({100 * est['interval']:.0f}% interval {est['low']:.3f}-{est['high']:.3f}; label_of_record "
+            f"'{est['rule']}', SLM labels {100 * est['slm_labels']:.0f}% of the pool)",
+            f"  keeping only labels at least this likely right (share of pool at est. accuracy): {cover}"]
+
+
 def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
     """The state as plain data (JSON-ready)."""
     rounds = store.rounds()
@@ -91,11 +113,16 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
             "basis": "the rounds left at the job's P on the current pool, at the mean cost per request so far "
                      "(cost_by_mode: at the mean tokens per request so far, live and at the batch discount)",
         },
+        "estimate": latest_estimate(rounds),
         "batches": {"in_flight": store.open_batches(), "finished": store.batch_counts()},
         "human_review": review_check(store.review_agreement()),
         "quarantine": bad_input(store, STATUS_PROBLEM_ROWS, _RAW_SHOWN),
         "llm_failures": store.failure_counts(),
     }
+
+
+_RULE_WORDS = {"llm": "the LLM's label stands", "slm": "the SLM's prediction replaces it",
+               "auto": "the label more likely right stands"}
 
 
 def format_status(st: dict[str, Any]) -> list[str]:
@@ -107,8 +134,7 @@ def format_status(st: dict[str, Any]) -> list[str]:
     lines = [f"job {st['job']}: {st['items']} items; annotated by the LLM {st['annotated_by_llm']}; never "
              f"annotated {st['never_annotated']}",
              f"labels by source: {st['labels_by_source']}; LLM labels the SLM disputes: {st['llm_labels_disputed']} "
-             f"(label_of_record '{st['label_of_record']}': "
-             + ("the LLM's label stands" if st["label_of_record"] == "llm" else "the SLM's prediction replaces it")
+             f"(label_of_record '{st['label_of_record']}': " + _RULE_WORDS[st["label_of_record"]]
              + "; `export` marks them)",
              f"spent: {s['requests']} requests, {s['tokens']} tokens ({s['cached_tokens']} prompt tokens from the "
              f"server's prefix cache), " + (f"cost {money(s['cost'])}" if s["priced"] else
@@ -142,6 +168,8 @@ def format_status(st: dict[str, Any]) -> list[str]:
     review = format_review_check(st.get("human_review"))
     if review:
         lines.append(review)
+    if st.get("estimate"):
+        lines += format_estimate_lines(st["estimate"])
     if st.get("llm_failures"):
         failed = st["llm_failures"]
         lines.append(f"LLM requests failed after retries (not paid; asked again later): {sum(failed.values())} ("

@@ -27,7 +27,8 @@ from freeal_stream.records import Annotation, Demo, HumanLabel, ItemColumns, Pla
 # 2: dense pool positions (items.pos); per-item probabilities out of slm_scores (they live in array files);
 #    llm_answers' token counts BIGINT, answers carry `malformed` and `usage_estimated`
 # 3: human labels and the review queue
-SCHEMA_VERSION = 3
+# 4: calibrated probabilities in slm_scores (p_right, llm_p_right: the `auto` label of record)
+SCHEMA_VERSION = 4
 # The store process's DuckDB memory: large joins and sorts spill to `<state>/duckdb.tmp` beyond it, so a pool
 # of millions is labelled and exported in bounded memory.
 MEMORY_LIMIT = "1GB"
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS annotations (
     confidence DOUBLE, demo_ids JSON, PRIMARY KEY (item_id, round));
 CREATE TABLE IF NOT EXISTS slm_scores (
     round INTEGER NOT NULL, item_id VARCHAR NOT NULL, pred INTEGER NOT NULL, confidence DOUBLE NOT NULL,
-    loss DOUBLE, clean BOOLEAN, PRIMARY KEY (round, item_id));
+    loss DOUBLE, clean BOOLEAN, p_right DOUBLE, llm_p_right DOUBLE, PRIMARY KEY (round, item_id));
 CREATE TABLE IF NOT EXISTS demo_pools (
     round INTEGER NOT NULL, position INTEGER NOT NULL, demo_id VARCHAR NOT NULL, text VARCHAR NOT NULL,
     label INTEGER NOT NULL, source VARCHAR NOT NULL, PRIMARY KEY (round, position));
@@ -85,11 +86,16 @@ CREATE TABLE IF NOT EXISTS review_queue (
     queued_at DOUBLE NOT NULL);
 """
 
-# The label of record per item, by the job's `freeal.label_of_record` rule. 'llm': an LLM label stands.
-# 'slm': an LLM label that a later (or same-round) SLM put in its noisy split is replaced by the SLM's
-# prediction. Either way texts the LLM never labelled get the SLM's prediction, and `disputed` marks the
-# LLM labels that the SLM put in its noisy split, so a user can review them.
-LABEL_RULES = ("llm", "slm")
+# The label of record per item, by the job's `freeal.label_of_record` rule; texts the LLM never labelled get the
+# SLM's prediction under every rule. Where the LLM did label a text, the rule says when the SLM's prediction
+# replaces it (`slm_wins`): 'llm' never; 'slm' where a later (or same-round) SLM put the LLM's label in its noisy
+# split (`disputed`, marked under every rule so a user can review them); 'auto' where that SLM's calibrated
+# probability of being right is higher than the LLM label's (`rounds.quality`: both given both models' labels).
+# `p_right` is the label of record's calibrated probability of being right (NULL where no calibrated round has
+# scored the item); `confidence` is that probability where there is one, else the model's own confidence.
+# One layer per source, first match wins: a higher-priority source is one more CTE and one more WHEN.
+LABEL_RULES = ("llm", "slm", "auto")
+_SLM_WINS = {"llm": "false", "slm": "disputed", "auto": "coalesce(scored_after AND slm_p > llm_p, false)"}
 
 _LABELS_SQL = """
 WITH llm AS (
@@ -98,23 +104,28 @@ WITH llm AS (
     FROM annotations WHERE label IS NOT NULL GROUP BY item_id),
 slm AS (
     SELECT item_id, arg_max(pred, round) AS label, max(round) AS round,
-           arg_max(confidence, round) AS confidence, arg_max(clean, round) AS clean
+           arg_max(confidence, round) AS confidence, arg_max(clean, round) AS clean,
+           arg_max(p_right, round) AS p_right, arg_max(llm_p_right, round) AS llm_p_right
     FROM slm_scores GROUP BY item_id),
 pick AS (
     SELECT i.seq, i.id, i.text, i.gold, llm.label AS llm_label, slm.label AS slm_label,
+           coalesce(slm.round >= llm.round, false) AS scored_after,
            coalesce(slm.round >= llm.round AND NOT slm.clean, false) AS disputed,
            llm.round AS llm_round, slm.round AS slm_round,
            -- an Infinity logprob gives confidence NaN: null instead, as JSON (exports, /labels) has no NaN
            CASE WHEN isfinite(llm.confidence) THEN llm.confidence END AS llm_conf,
-           CASE WHEN isfinite(slm.confidence) THEN slm.confidence END AS slm_conf
+           CASE WHEN isfinite(slm.confidence) THEN slm.confidence END AS slm_conf,
+           slm.p_right AS slm_p, CASE WHEN slm.round >= llm.round THEN slm.llm_p_right END AS llm_p
     FROM items i LEFT JOIN llm ON llm.item_id = i.id LEFT JOIN slm ON slm.item_id = i.id),
-ruled AS (SELECT *, llm_label IS NOT NULL AND NOT (disputed AND {replace_disputed}) AS use_llm FROM pick)
+ruled AS (SELECT *, CASE WHEN llm_label IS NOT NULL AND NOT ({slm_wins}) THEN 'llm'
+                         WHEN slm_label IS NOT NULL THEN 'slm' END AS winner FROM pick)
 SELECT seq, id, text, gold,
-       CASE WHEN use_llm THEN llm_label ELSE slm_label END AS label,
-       CASE WHEN use_llm THEN 'llm round ' || llm_round
-            WHEN slm_label IS NOT NULL THEN 'slm round ' || slm_round END AS source,
-       CASE WHEN use_llm THEN llm_conf ELSE slm_conf END AS confidence,
-       llm_label, slm_label, disputed
+       CASE winner WHEN 'llm' THEN llm_label WHEN 'slm' THEN slm_label END AS label,
+       CASE winner WHEN 'llm' THEN 'llm round ' || llm_round WHEN 'slm' THEN 'slm round ' || slm_round END AS source,
+       CASE winner WHEN 'llm' THEN coalesce(llm_p, llm_conf) WHEN 'slm' THEN coalesce(slm_p, slm_conf) END
+           AS confidence,
+       llm_label, slm_label, disputed,
+       CASE winner WHEN 'llm' THEN llm_p WHEN 'slm' THEN slm_p END AS p_right
 FROM ruled
 """
 
@@ -123,7 +134,7 @@ def _machine_labels_sql(rule: str) -> str:
     """The models' label of record under `rule` (one of LABEL_RULES), before any human label."""
     if rule not in LABEL_RULES:
         raise ValueError(f"label_of_record must be one of {LABEL_RULES}, not {rule!r}")
-    return _LABELS_SQL.format(replace_disputed="true" if rule == "slm" else "false")
+    return _LABELS_SQL.format(slm_wins=_SLM_WINS[rule])
 
 
 # The first layer of the label of record: a label a human gave (`review import`) stands over every model label,
@@ -132,7 +143,7 @@ _HUMAN_FIRST_SQL = """
 SELECT m.seq, m.id, m.text, m.gold, coalesce(h.label, m.label) AS label,
        CASE WHEN h.label IS NOT NULL THEN 'human' ELSE m.source END AS source,
        CASE WHEN h.label IS NOT NULL THEN 1.0 ELSE m.confidence END AS confidence,
-       m.llm_label, m.slm_label, m.disputed
+       m.llm_label, m.slm_label, m.disputed, CASE WHEN h.label IS NOT NULL THEN 1.0 ELSE m.p_right END AS p_right
 FROM ({machine}) m LEFT JOIN human_labels h ON h.item_id = m.id
 """
 
@@ -212,11 +223,19 @@ def _positions_v2(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("ALTER TABLE slm_scores DROP COLUMN probs").fetchall()
 
 
+def _calibrated_v4(con: duckdb.DuckDBPyConnection) -> None:
+    """4: the calibrated probabilities a round stores per item (`rounds.quality`), for the `auto` rule."""
+    for column in ("p_right", "llm_p_right"):
+        if column not in _columns(con, "slm_scores"):
+            con.execute(f"ALTER TABLE slm_scores ADD COLUMN {column} DOUBLE").fetchall()
+
+
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Bring a state file written by an older version to this schema; every step is idempotent."""
     _answers_v2(con)
     _positions_v2(con)
     con.execute(_HUMAN_DDL).fetchall()   # 3: human labels and the review queue (`review export/import`)
+    _calibrated_v4(con)
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]).fetchall()
 
 
@@ -600,18 +619,26 @@ class Store:
         return rows["pos"].astype(np.int64), rows["label"].astype(np.int64)
 
     def add_scores(self, round_: int, positions: np.ndarray, probs: np.ndarray, losses: np.ndarray,
-                   clean: np.ndarray) -> None:
-        """A round's SLM verdict on pool positions: prediction and confidence from `probs`, and the CE loss and
-        clean flag of the labelled ones (NaN / False elsewhere)."""
+                   clean: np.ndarray, p_right: np.ndarray | None = None, llm_p_right: np.ndarray | None = None
+                   ) -> None:
+        """A round's SLM verdict on pool positions: prediction and confidence from `probs`, the CE loss and
+        clean flag of the labelled ones (NaN / False elsewhere) and, from a calibrated round, the probability
+        that the prediction is right and that the LLM's label is right (NaN: none)."""
+        def column(values: np.ndarray | None) -> pa.Array:
+            if values is None:
+                return pa.nulls(len(positions), pa.float64())
+            values = np.asarray(values, dtype=np.float64)
+            return pa.array(values, mask=np.isnan(values))
+
         batch = pa.table({
             "pos": pa.array(np.asarray(positions, dtype=np.int64)),
             "pred": pa.array(probs.argmax(1).astype(np.int32)),
             "confidence": pa.array(probs.max(1).astype(np.float64)),
-            "loss": pa.array(losses, pa.float64(), from_pandas=True),  # from_pandas: NaN -> null
-            "clean": pa.array(np.asarray(clean, dtype=bool))})
+            "loss": column(losses), "clean": pa.array(np.asarray(clean, dtype=bool)),
+            "p_right": column(p_right), "llm_p_right": column(llm_p_right)})
         with self._registered("incoming", batch):
             self._exec("""INSERT OR REPLACE INTO slm_scores
-                          SELECT $r, i.id, n.pred, n.confidence, n.loss, n.clean
+                          SELECT $r, i.id, n.pred, n.confidence, n.loss, n.clean, n.p_right, n.llm_p_right
                           FROM incoming n JOIN items i ON i.pos = n.pos""", {"r": round_})
 
     def slm_predictions(self, round_: int) -> tuple[np.ndarray, np.ndarray]:
@@ -742,7 +769,7 @@ class Store:
 
     # ---- outputs ----------------------------------------------------------------------------------
     def labels_rows(self, rule: str) -> list[tuple]:
-        """(seq, id, text, gold, label, source, confidence, llm_label, slm_label, disputed) per item."""
+        """(seq, id, text, gold, label, source, confidence, llm_label, slm_label, disputed, p_right) per item."""
         return self.con.execute(_labels_sql(rule)).fetchall()
 
     def labels_since(self, since: int, limit: int, class_names: Sequence[str], rule: str) -> dict[str, Any]:
@@ -755,8 +782,10 @@ class Store:
 
     def gold_agreement(self, class_names: Sequence[str], rule: str) -> tuple[int, int]:
         """(items with a gold label, of which the label of record agrees): for reporting only."""
-        rows = self.con.execute(f"SELECT gold, label FROM ({_labels_sql(rule)}) WHERE gold IS NOT NULL").fetchall()
-        return len(rows), sum(1 for g, lab in rows if lab is not None and class_names[lab] == g)
+        n, right = _first(self.con.execute(
+            f"""SELECT count(*), count(*) FILTER (WHERE list_position(?, gold) - 1 = label)
+                FROM ({_labels_sql(rule)}) WHERE gold IS NOT NULL""", [list(class_names)]))
+        return n, right
 
     def export(self, path: str, fmt: str, class_names: Sequence[str], rule: str) -> int:
         """Write every item's label of record (with both models' own labels) to `path`; returns the rows."""

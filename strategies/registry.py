@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "freeal_stream.strategies"
 BUILTINS: dict[str, str] = {
     "random": "strategies.random:RandomStrategy",
     "uncertainty": "strategies.uncertainty:UncertaintyStrategy",
+    "route": "strategies.uncertainty:RouteStrategy",
     "diversity": "strategies.diversity:DiversityStrategy",
     "hybrid": "strategies.hybrid:HybridStrategy",
     "disagreement": "strategies.disagreement:DisagreementStrategy",

@@ -27,3 +27,14 @@ class UncertaintyStrategy(QueryStrategy):
     def candidates(self, shard: Shard, n: int, ctx: QueryContext) -> Candidates:
         scores = np.zeros(len(shard)) if shard.probs is None else uncertainty(shard.probs, self.measure)
         return top(shard.ids, scores, n, ctx)
+
+
+class RouteStrategy(UncertaintyStrategy):
+    """Send the LLM the texts where the SLM is least likely right: least confidence on the probabilities the loop
+    hands strategies, which are calibrated from round 2 on (docs/METHOD.md section 7). The texts the SLM gets right
+    cost nothing to keep, so the LLM's labels go where the SLM's would be wrong. Random in round 1."""
+
+    name = "route"
+
+    def __init__(self) -> None:
+        super().__init__("least_confidence")

@@ -11,11 +11,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 
 from freeal_stream.config import FreeALConfig, RayConfig, SLMConfig
 from freeal_stream.slm.model import model_files
-from freeal_stream.slm.trainer import TrainingData, fit_slm
+from freeal_stream.slm.trainer import TrainingData, fit_slm, out_of_fold_logits
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,14 @@ class Trainer:
     def step(self) -> tuple[int, int, int] | None:
         """(epoch, step, steps) of the training under way, None before its first step."""
         return self._step
+
+    def out_of_fold(self, data: TrainingData, n_classes: int, slm: SLMConfig, freeal: FreeALConfig, folds: int,
+                    held_out: int, seed: int) -> np.ndarray:
+        """Logits of labelled rows from fold models that did not see their label (calibration); progress by
+        message per fold, not by step."""
+        self._step = None
+        return out_of_fold_logits(data, n_classes, slm, freeal, folds, held_out=held_out, seed=seed,
+                                  progress=self._messages.append)
 
     def messages(self) -> list[str]:
         """Progress lines since the last call."""

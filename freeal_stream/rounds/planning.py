@@ -12,11 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from freeal_stream import budget as budget_policy
+from freeal_stream.dawid_skene import Calibration
 from freeal_stream.demos import group_queries, retrieve_for_groups, small_loss_per_class
 from freeal_stream.llm import calibration
 from freeal_stream.llm.client import ChatRequest
 from freeal_stream.records import Demo, PlanItem
 from freeal_stream.rounds.context import RoundContext
+from freeal_stream.rounds.quality import round_quality, target_reached
 from freeal_stream.rounds.state import SLMState, softmax
 from freeal_stream.session import spent_now
 from freeal_stream.slm.trainer import per_sample_ce
@@ -63,7 +65,12 @@ class RoundPlan:
 
 def plan_round(ctx: RoundContext, round_: int, state: SLMState, strategy: QueryStrategy) -> RoundPlan | None:
     """Choose the round's texts, retrieve their demos and fit the plan to the budget; None when the round
-    cannot run (nothing left to annotate, or the budget is spent), having said why."""
+    cannot run (nothing left to annotate, the budget is spent, or the export is estimated good enough), having
+    said why."""
+    reached = target_reached(ctx, state.round)
+    if reached is not None:
+        ctx.say(f"round {round_}: {reached}; stopping (raise freeal.target_accuracy to go on)")
+        return None
     targets = choose_targets(ctx, round_, state, strategy)
     if len(targets) == 0:
         ctx.say(f"round {round_}: nothing left to annotate; stopping")
@@ -120,14 +127,19 @@ def choose_targets(ctx: RoundContext, round_: int, state: SLMState, strategy: Qu
                          budget_left=None if left is None or left.requests == float("inf") else int(left.requests))
     llm_labels = llm_label_array(ctx) if "llm_labels" in strategy.needs else None
     previous = _previous_predictions(ctx, round_) if "slm_labels" in strategy.needs else None
+    wants_probs = "probs" in strategy.needs and state.logits is not None
+    stored = round_quality(ctx, state.round).get("calibration") if wants_probs else None
+    # calibrated where the round could calibrate: `route` (least confidence) then sends the texts where the SLM
+    # is least likely right
+    probs_of = Calibration.from_json(stored).probs if stored else softmax
 
     def shards():
         for start in range(0, len(unannotated), STRATEGY_SHARD_ROWS):
             at = unannotated[start:start + STRATEGY_SHARD_ROWS]
             ids = np.array(ctx.store.items_at(at.tolist()).ids, dtype=object)
             cols = {}
-            if "probs" in strategy.needs and state.logits is not None:
-                cols["probs"] = softmax(state.logits.gather(at))
+            if wants_probs and state.logits is not None:
+                cols["probs"] = probs_of(state.logits.gather(at)).astype(np.float32)
             if "embeddings" in strategy.needs:
                 cols["embeddings"] = state.emb.gather(at)   # the frozen encoder's before any SLM
             if llm_labels is not None:

@@ -7,19 +7,30 @@ the paper does. Scoring the pool is the scorer actors' job, shard by shard (`sco
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
-from freeal_stream.actors.trainer import TrainedSLM
 from freeal_stream.demos import select_demo_pool
 from freeal_stream.records import Demo
 from freeal_stream.rounds.annotation import paraphrases
 from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.rounds.context import RoundContext
-from freeal_stream.rounds.planning import llm_losses, training_labels
+from freeal_stream.rounds.planning import llm_label_array, llm_losses, training_labels
+from freeal_stream.rounds.quality import (
+    CALIBRATION_ITEMS,
+    FOLDS,
+    OutOfFold,
+    Tally,
+    fit_round_calibration,
+    item_probabilities,
+    slm_wins,
+    store_quality,
+)
 from freeal_stream.rounds.scoring import score_pool
 from freeal_stream.rounds.state import SLMState, softmax
 from freeal_stream.slm.model import write_model_files
@@ -44,10 +55,14 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
     say(f"SLM in {mode} mode on {n_lab} labels{humans} + {pool.size - n_lab} unlabelled texts{sampled} "
         f"(views: {view_kind(ctx)}; warm-up {warmup} epochs)")
     data = dataclasses.replace(training_data(ctx, rows, labels[rows], mode), trusted=human[rows] if n_human else None)
-    trained = _train(ctx, data, job.seed + round_, say, f"round {round_} train")
+    shared = ray.put(data)   # sent once to the trainer, for the SLM and for the calibration's fold SLMs
+    trained = _call_trainer(
+        ctx, lambda t: t.train.remote(shared, ctx.n_classes, ctx.slm, job.freeal, job.seed + round_), say,
+        f"round {round_} train")
     model_dir = write_model_files(trained.files, job.state_path / "models" / f"round-{round_}")
     logits, _ = score_pool(ctx, round_, trained.files, trained.mode, fresh=True)
-    _store_scores(ctx, round_, labels, human, logits)
+    oof = _cross_fit(ctx, shared, rows, trained.mode, job.seed + round_, say, f"round {round_} calibration")
+    _store_scores(ctx, round_, labels, human, logits, oof)
     return model_dir
 
 
@@ -93,13 +108,13 @@ def training_data(ctx: RoundContext, rows: np.ndarray, labels: np.ndarray, mode:
     return TrainingData(labels, emb=emb, view_emb=view_emb, has_view=has_view)
 
 
-def _train(ctx: RoundContext, data: TrainingData, seed: int, say, stage: str) -> TrainedSLM:
-    """Train in the trainer actor, relaying its progress lines; a trainer that dies (killed, out of memory) is
-    replaced and the training run again (it has no side effects)."""
+def _call_trainer(ctx: RoundContext, submit: Callable[[Any], Any], say: Callable[[str], None], stage: str) -> Any:
+    """`submit(trainer)`'s result, relaying the trainer's progress lines and steps; a trainer that dies (killed,
+    out of memory) is replaced and the call made again (training has no side effects)."""
     session, job = ctx.session, ctx.job
     while True:
-        trainer = session.trainer
-        ref: ray.ObjectRef[TrainedSLM] = trainer.train.remote(data, ctx.n_classes, ctx.slm, job.freeal, seed)
+        trainer: Any = session.trainer
+        ref = submit(trainer)
         shown = None
         try:
             while not ray.wait([ref], timeout=2.0)[0]:
@@ -109,27 +124,56 @@ def _train(ctx: RoundContext, data: TrainingData, seed: int, say, stage: str) ->
                 if at is not None and at != shown:   # steps within the epoch under way
                     ctx.progress.update(f"{stage} epoch {at[0]}/{job.slm.epochs}", at[1], at[2], "steps")
                     shown = at
-            trained = ray.get(ref)
+            result = ray.get(ref)
             for msg in ray.get(trainer.messages.remote()):
                 say(msg)
-            return trained
+            return result
         except RayActorError:
             say("the trainer actor died; starting a new one and training again")
             session.replace_trainer()
 
 
-def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, human: np.ndarray, logits: RowArray) -> None:
-    """The SLM's prediction and confidence for every item, and its loss and clean flag for the labelled ones
-    (human labels are clean whatever their loss)."""
+def _cross_fit(ctx: RoundContext, data: Any, rows: np.ndarray, mode: str, seed: int,
+               say: Callable[[str], None], stage: str) -> OutOfFold:
+    """Out-of-fold logits of the labelled rows, for the round's calibration (`rounds.quality`)."""
+    folds = FOLDS[mode]
+    held_out = CALIBRATION_ITEMS // folds
+    say(f"calibration: {folds} fold SLMs, each with a {100 // folds}% share of the labels (at most {held_out:,}) "
+        "hidden")
+    logits = _call_trainer(ctx, lambda t: t.out_of_fold.remote(data, ctx.n_classes, ctx.slm, ctx.job.freeal,
+                                                                 folds, held_out, seed), say, stage)
+    has = ~np.isnan(logits).any(1)
+    return OutOfFold(rows[has], logits[has])
+
+
+def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, human: np.ndarray, logits: RowArray,
+                  oof: OutOfFold | None = None) -> None:
+    """The SLM's prediction and confidence for every item, its loss and clean flag for the labelled ones (human
+    labels are clean whatever their loss) and, when the round calibrates, both models' probability of being
+    right and the export's estimate (`rounds.quality`; a human label is right by fiat)."""
     job = ctx.job
     has = np.flatnonzero(labels >= 0)
     losses = np.full(len(labels), np.nan)
     clean = np.zeros(len(labels), bool)
     losses[has], clean[has] = final_split(logits.gather(has), labels[has], job.freeal.tau, job.seed + round_)
     clean |= human
+    llm_all = llm_label_array(ctx)
+    cal = None if oof is None else fit_round_calibration(oof, llm_all, ctx.n_classes)
+    tally = Tally()
     for start, block in logits.shards(SCORE_WRITE_ROWS):
         at = np.arange(start, start + len(block))
-        ctx.store.add_scores(round_, at, softmax(block), losses[at], clean[at])
+        probs = None
+        if cal is not None and oof is not None:
+            llm = llm_all[at]
+            oof_block = np.full(block.shape, np.nan, dtype=np.float32)
+            oof_block[llm >= 0] = oof.at(at[llm >= 0])
+            probs = item_probabilities(cal, block, oof_block, llm)
+            wins = slm_wins(job.freeal.label_of_record, probs, llm, clean[at]) & ~human[at]
+            tally.add(np.where(human[at], 1.0, np.where(wins, probs.p_right, probs.llm_p_right)), wins)
+        ctx.store.add_scores(round_, at, softmax(block), losses[at], clean[at],
+                             None if probs is None else probs.p_right, None if probs is None else probs.llm_p_right)
+    if cal is not None and oof is not None:
+        store_quality(ctx, round_, cal, tally, llm_all, human, logits, oof, clean)
 
 
 def select_demos(ctx: RoundContext, round_: int, state: SLMState) -> tuple[list[Demo], np.ndarray]:

@@ -357,6 +357,50 @@ def fit_slm(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALCo
     return FittedSLM(model, data.mode, history)
 
 
+def fold_of(labels: np.ndarray, folds: int, seed: int, held_out: int | None = None) -> np.ndarray:
+    """Each labelled row's fold (0..folds-1, balanced within each class), -1 for rows without a label and, beyond
+    `held_out` rows per fold, for rows no fold hides (calibration needs a few thousand, not millions)."""
+    fold = np.full(len(labels), -1, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels[labels >= 0]):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        fold[rows] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    if held_out is not None and (fold >= 0).sum() > folds * held_out:
+        for k in range(folds):
+            rows = rng.permutation(np.flatnonzero(fold == k))
+            fold[rows[held_out:]] = -1
+    return fold
+
+
+def out_of_fold_logits(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALConfig, folds: int, *,
+                       held_out: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None
+                       ) -> np.ndarray:
+    """Logits for labelled rows from an SLM that did not train on their label: `folds` SLMs, each trained as
+    `fit_slm` trains one with one fold's labels (at most `held_out` of them) hidden; those rows stay in the
+    consistency term, which uses no label. Rows without a label, or hidden by no fold, get NaN. What calibration
+    needs: a model's confidence judged on labels it never fitted (its own training labels it has partly
+    memorised)."""
+    labels = np.asarray(data.labels, dtype=np.int64)
+    fold = fold_of(labels, folds, seed, held_out)
+    out = np.full((len(labels), n_classes), np.nan, dtype=np.float32)
+    say = progress or (lambda _msg: None)
+    for k in range(folds):
+        held = np.flatnonzero(fold == k)
+        if not len(held):
+            continue
+        t0 = time.perf_counter()
+        fitted = fit_slm(dataclasses.replace(data, labels=np.where(fold == k, -1, labels)), n_classes, cfg, freeal,
+                         seed=seed + k + 1)
+        if data.emb is not None:
+            emb = data.emb[held]
+        else:
+            assert data.texts is not None   # fine-tune data carries texts, head data embeddings
+            emb = fitted.model.encoder.embed([data.texts[i] for i in held.tolist()], EMBED_BATCH)
+        out[held] = fitted.model.logits_from_embeddings(emb)
+        say(f"calibration fold {k + 1}/{folds}: {len(held)} held-out labels ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
 def final_split(logits: np.ndarray, labels: np.ndarray, tau: float, seed: int, recipe: Recipe = Recipe()
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(losses, clean) of the trained model on labelled rows: each row's CE (NaN where label == -1) and the

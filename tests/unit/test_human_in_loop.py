@@ -82,3 +82,29 @@ def test_trusted_rows_stay_in_the_slms_clean_split(tmp_path):
     after_warmup = [(p["n_clean"], k["n_clean"]) for p, k in zip(plain.history[2:], kept.history[2:])]
     assert all(k >= p + 6 for p, k in after_warmup), after_warmup   # the GMM drops >= 6 of the 8; trust keeps them
     assert steps[0] == (1, 1, steps[0][2]) and steps[-1][0] == 5 and steps[-1][1] == steps[-1][2]
+
+
+def test_the_estimate_counts_a_human_label_as_right(tmp_path):
+    """The round's gold-free estimate of the export's accuracy is the mean over the pool of the label of record's
+    probability of being right, as the export carries it: 1 for a human label, whatever the models think (here
+    the SLM is sure of the other class on three of the four)."""
+    import json
+
+    from freeal_stream.rounds.quality import OutOfFold
+
+    ctx = context(tmp_path)
+    labels, human = training_labels(ctx)
+    sure = np.where((np.arange(N) % 4 == 1)[:, None], [-4.0, 4.0], [4.0, -4.0]).astype(np.float32)
+    logits = RowArray.create(tmp_path / "logits.f32", 2)
+    logits.write(0, sure + np.random.default_rng(0).normal(0, 0.5, sure.shape).astype(np.float32))
+    logits.commit(N)
+    has = np.flatnonzero(labels >= 0)
+    oof = OutOfFold(has, sure[has] + np.random.default_rng(1).normal(0, 0.5, (len(has), 2)).astype(np.float32))
+    _store_scores(ctx, 1, labels, human, logits, oof)
+    estimate = json.loads(ctx.store.get_meta("quality/round-1"))["estimate"]
+    rows = {r[1]: r for r in ctx.store.labels_rows(ctx.job.freeal.label_of_record)}
+    ctx.store.close()
+    assert all(rows[i][5] == "human" and rows[i][10] == 1.0 for i in HUMAN)
+    assert None not in [r[10] for r in rows.values()]
+    assert estimate["accuracy"] == round(float(np.mean([r[10] for r in rows.values()])), 4)
+    assert estimate["low"] <= estimate["accuracy"] <= estimate["high"]

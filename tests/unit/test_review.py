@@ -97,9 +97,9 @@ def test_human_labels_win_in_every_output_and_import_is_idempotent(tmp_path):
     assert first == {"new": 2, "changed": 0, "unchanged": 0}
     assert s.add_human_labels("a.csv", [_h(rows[0].item_id, 2), _h(rows[1].item_id, rows[1].label)], "slm") == \
         {"new": 0, "changed": 0, "unchanged": 2}
-    for rule in ("llm", "slm"):
+    for rule in ("llm", "slm", "auto"):
         after = {r[1]: r for r in s.labels_rows(rule)}
-        assert after[rows[0].item_id][4:7] == (2, "human", 1.0)
+        assert after[rows[0].item_id][4:7] == (2, "human", 1.0) and after[rows[0].item_id][10] == 1.0
         assert after[rows[0].item_id][7:10] == before[rows[0].item_id][7:10]   # the models' own labels stay
     assert s.label_counts("slm")[0]["human"] == 2
     changed = {i for i, r in {r[1]: r for r in s.labels_rows("slm")}.items() if r[4] != before[i][4]}

@@ -112,7 +112,7 @@ def test_answers_stored_by_an_older_version_resume_migrated_checked_and_charged(
     assert got[reqs[1].key()].content == "positive" and verb.parse(got[reqs[1].key()].content) == 0
     spent = s.spent()
     assert spent["usage_estimated"] == 2 and spent["malformed"] == 1 and spent["prompt_tokens"] > 0
-    assert s.get_meta("schema_version") == "3"
+    assert s.get_meta("schema_version") == "4"
     big = ChatRequest(messages=(("user", "x"),), model="m", temperature=0.0, max_tokens=4, logprobs=False,
                       top_logprobs=0, template_version="v")
     s.put_answers([(big, dataclasses.replace(answer(big.key()), prompt_tokens=3_000_000_000))])  # BIGINT now
@@ -148,6 +148,59 @@ def test_label_of_record_under_each_rule(tmp_path):
     assert list(s.annotated_positions(min_rounds=2)) == [0]
     with pytest.raises(ValueError, match="label_of_record"):
         s.labels_rows("majority")
+    s.close()
+
+
+def test_auto_rule_keeps_the_label_more_likely_right(tmp_path):
+    """'auto' replaces an LLM label by the SLM's prediction only where the calibrated probabilities (stored by the
+    round that judged that LLM label) say the SLM's is more likely right; the confidence is that probability."""
+    s = Store(tmp_path / "s.duckdb")
+    s.add_items(list("adcef"), list("vwxyz"), [None] * 5, [None] * 5, list("12345"))
+    s.add_annotations(1, [Annotation(i, f"k{i}", 0, 0.9, ()) for i in "adf"])
+    probs = np.array([[0.2, 0.8], [0.4, 0.6], [0.3, 0.7], [0.5, 0.5]])
+    nan = np.nan
+    s.add_scores(1, np.arange(4), probs, np.array([3.0, 1.0, nan, nan]), np.array([True, False, False, False]),
+                 p_right=np.array([0.9, 0.3, 0.8, nan]), llm_p_right=np.array([0.1, 0.7, nan, nan]))
+    s.add_scores(1, np.array([4]), np.array([[0.1, 0.9]]), np.array([2.0]), np.array([False]))   # not calibrated
+    s.add_annotations(2, [Annotation("e", "ke", 0, 0.6, ())])   # labelled after the last SLM: nothing judged it
+    auto = {r[1]: r for r in s.labels_rows("auto")}
+    assert auto["a"][4:7] == (1, "slm round 1", 0.9) and auto["a"][10] == 0.9   # the SLM more likely right
+    assert auto["d"][4:7] == (0, "llm round 1", 0.7) and auto["d"][9]   # disputed, yet the LLM more likely right
+    assert {r[1]: r for r in s.labels_rows("slm")}["d"][4:6] == (1, "slm round 1")
+    assert auto["c"][4:7] == (1, "slm round 1", 0.8)   # never annotated: the calibrated probability
+    assert auto["e"][4:7] == (0, "llm round 2", 0.6) and auto["e"][10] is None   # not judged yet: as 'llm'
+    assert auto["f"][4:7] == (0, "llm round 1", 0.9)   # no calibration stored: the LLM's label and confidence
+    llm = {r[1]: r for r in s.labels_rows("llm")}
+    assert llm["a"][4:7] == (0, "llm round 1", 0.1)   # the rule's label, with its calibrated probability
+    assert s.label_counts("auto") == ({"llm": 3, "slm": 2}, 2)
+    s.close()
+
+
+def test_a_schema_3_state_gains_the_calibrated_probabilities_and_a_human_label_still_wins(tmp_path):
+    """A state written by the human-review version (schema 3: human_labels, no p_right) migrates on open; under
+    'auto' a human label stands over both models' labels, with probability 1."""
+    import duckdb
+
+    from freeal_stream.records import HumanLabel
+
+    path = tmp_path / "v3.duckdb"
+    s = Store(path)
+    s.add_items(list("ab"), list("xy"), [None] * 2, [None] * 2, list("12"))
+    s.add_annotations(1, [Annotation(i, f"k{i}", 0, 0.9, ()) for i in "ab"])
+    s.add_scores(1, np.arange(2), np.array([[0.2, 0.8], [0.3, 0.7]]), np.array([3.0, 2.0]), np.array([False, False]))
+    s.close()
+    con = duckdb.connect(str(path))   # as schema 3 left it
+    con.execute("ALTER TABLE slm_scores DROP COLUMN p_right; ALTER TABLE slm_scores DROP COLUMN llm_p_right")
+    con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    con.close()
+    s = Store(path)
+    assert s.get_meta("schema_version") == "4"
+    s.add_scores(2, np.arange(2), np.array([[0.2, 0.8], [0.3, 0.7]]), np.array([3.0, 2.0]), np.array([False, False]),
+                 p_right=np.array([0.9, 0.9]), llm_p_right=np.array([0.1, 0.1]))
+    s.add_human_labels("r.csv", [HumanLabel("b", 0, "ann")], "auto")
+    auto = {r[1]: r for r in s.labels_rows("auto")}
+    assert auto["a"][4:7] == (1, "slm round 2", 0.9) and auto["a"][10] == 0.9
+    assert auto["b"][4:7] == (0, "human", 1.0) and auto["b"][10] == 1.0 and auto["b"][7:9] == (0, 1)
     s.close()
 
 
@@ -200,11 +253,14 @@ def test_a_version_1_state_file_is_migrated_on_open(tmp_path):
     con.execute("INSERT INTO slm_scores VALUES (1, 'a', 0, 0.9, '[0.9, 0.1]', NULL, false)")
     con.close()
     s = Store(path)
-    assert s.items_range(0, 5).ids == ["a", "b"] and s.get_meta("schema_version") == "3"
+    assert s.items_range(0, 5).ids == ["a", "b"] and s.get_meta("schema_version") == "4"
     assert s.add_items(["c"], ["z"], [None], [None], ["h3"]) == 1 and list(s.positions_of(["c"])) == [2]
     positions, preds = s.slm_predictions(1)
     assert list(positions) == [0] and list(preds) == [0]
+    # 4: the calibrated probabilities, empty for rounds scored before they existed ('auto' then acts as 'llm')
+    assert {r[1]: r for r in s.labels_rows("auto")}["a"][6:] == (0.9, None, 0, False, None)
     s.close()
+    assert Store(path).get_meta("schema_version") == "4"   # opening again changes nothing
 
 
 @pytest.mark.parametrize("fmt", ["JSON", "CSV", "PARQUET"])

@@ -66,6 +66,41 @@ def test_status_lists_failed_requests_by_kind(tmp_path):
                                "(http_500_exhausted 1, timeout_exhausted 2)") for line in format_status(st))
 
 
+def test_status_shows_the_latest_estimate_and_the_target_stops_spending(tmp_path):
+    """The last finished round's gold-free estimate reaches `status` (plain data and lines), and a job whose target
+    the estimate's lower end has reached plans no further round."""
+    import json
+    from types import SimpleNamespace
+
+    from freeal_stream.rounds.quality import COVERAGE, target_reached
+
+    s = Store(tmp_path / "s.duckdb")
+    cover = [{"threshold": t, "share": round(1 - t / 2, 4), "accuracy": round(min(1.0, t + 0.05), 4)}
+             for t in COVERAGE]
+    est = {"accuracy": 0.873, "low": 0.861, "high": 0.885, "interval": 0.9, "rule": "auto", "slm_labels": 0.7,
+           "coverage": cover}
+    base = {"seconds": 1.0, "llm_labelled": 1, "llm_no_label": 0, "llm_failed": 0, "requests_round": 1,
+            "prompt_tokens_round": 10, "completion_tokens_round": 1, "cached_tokens_round": 0, "clean_set": 1,
+            "demo_pool": 2, "slm_mode": "head"}
+    s.set_phase(1, "budgeted", "done", metrics={**base, "round": 1, "estimate": {**est, "accuracy": 0.8}})
+    s.set_phase(2, "budgeted", "done", metrics={**base, "round": 2, "estimate": est})
+    s.set_phase(3, "budgeted", "annotating")
+    st = job_status(s, job())
+    assert st["estimate"] == {"round": 2, **est}
+    lines = format_status(st)
+    assert any(line.startswith("export accuracy, estimated without gold after round 2: 0.873 (90% interval "
+                               "0.861-0.885") for line in lines)
+    assert any(">= 0.9: 55% at 0.950" in line for line in lines)
+    assert any(line.startswith("  round 2: done") and "export est. 0.873 [0.861, 0.885]" in line for line in lines)
+    s.set_meta("quality/round-2", json.dumps({"estimate": est}))
+    ctx = lambda target: SimpleNamespace(job=parse_job({"name": "j", "data": {"path": "x.csv"}, "task": {  # noqa: E731
+        "description": "d", "classes": {"a": ["a"], "b": ["b"]}}, "freeal": {"target_accuracy": target}}), store=s)
+    assert target_reached(ctx(0.86), 2) is not None and "0.873 [0.861, 0.885]" in target_reached(ctx(0.86), 2)
+    assert target_reached(ctx(0.87), 2) is None      # the point estimate is there, the lower end is not
+    assert target_reached(ctx(None), 2) is None and target_reached(ctx(0.5), 0) is None
+    s.close()
+
+
 def test_status_counts_answers_charged_by_estimate_and_malformed_ones(tmp_path):
     s = Store(tmp_path / "s.duckdb")
     reqs = [ChatRequest(messages=(("user", f"hi {n}"),), model="m", temperature=0.0, max_tokens=2, logprobs=False,

@@ -255,3 +255,17 @@ def test_params_missing_and_optional_types(tmp_path):
         load_strategy(path, {"k": 1, "rate": "x"})
     with pytest.raises(StrategyError, match="needs unknown column\\(s\\) \\['logits'\\]"):
         load_strategy(path, {"k": 1, "rate": None})
+
+
+def test_route_sends_the_texts_the_slm_is_least_likely_to_get_right():
+    """Least confidence, not entropy: [0.5, 0.5, 0] is less likely right (0.5) than [0.55, 0.225, 0.225] (0.55),
+    although its entropy is lower."""
+    ctx = QueryContext(round=2, seed=3, n_classes=3)
+    probs = np.array([[0.5, 0.5, 0.0], [0.45, 0.3, 0.25], [0.9, 0.05, 0.05]], dtype=np.float32)
+    shard = Shard(np.array(["a", "b", "c"], dtype=object), probs=probs)
+    assert select(load_strategy("route"), [shard], 1, ctx).tolist() == ["b"]
+    assert select(load_strategy("uncertainty"), [shard], 1, ctx).tolist() == ["b"]   # entropy agrees here...
+    flat = np.array([[0.5, 0.5, 0.0], [0.55, 0.225, 0.225], [0.9, 0.05, 0.05]], dtype=np.float32)
+    shard = Shard(np.array(["a", "b", "c"], dtype=object), probs=flat)
+    assert select(load_strategy("route"), [shard], 1, ctx).tolist() == ["a"]        # ...not here: 0.5 < 0.55
+    assert select(load_strategy("uncertainty"), [shard], 1, ctx).tolist() == ["b"]
