@@ -7,6 +7,7 @@ accuracy against gold is printed because grouping trades retrieval precision for
 
     .venv/bin/python -m bench.bench_annotator [--queries 48] [--groups 1,8,16] [--out bench/results/annotator.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ from freeal_stream.llm.verbalizer import Verbalizer
 from freeal_stream.local_llm import LocalLLMServer
 from freeal_stream.slm.encoder import Encoder
 
-TASK = ("Classify the customer support message by its main topic: billing, technical, shipping or account.")
+TASK = "Classify the customer support message by its main topic: billing, technical, shipping or account."
 
 
 def load(n_demo_per_class: int, n_queries: int, seed: int) -> tuple[list, list, Verbalizer]:
@@ -53,18 +54,31 @@ def run_config(group: int, demos, queries, verb, demo_emb, query_emb, m: int, mo
         client = LLMClient(cfg, server.base_url, None)
         groups = group_queries(query_emb, demo_emb, group)
         lists = retrieve_for_groups(query_emb, groups, demo_emb, np.array([d[1] for d in demos]), m, len(verb))
-        plan = [(q, ChatRequest.build(annotation_messages(TASK, verb, [demos[d] for d in dl], queries[q][0]),
-                                      cfg, TEMPLATE_VERSION))
-                for g, dl in zip(groups, lists) for q in g]
+        plan = [
+            (
+                q,
+                ChatRequest.build(
+                    annotation_messages(TASK, verb, [demos[d] for d in dl], queries[q][0]), cfg, TEMPLATE_VERSION
+                ),
+            )
+            for g, dl in zip(groups, lists)
+            for q in g
+        ]
         start = time.perf_counter()
         answers = client.complete_many([r for _, r in plan])
         seconds = time.perf_counter() - start
     right = sum(verb.parse(a.content) == queries[q][1] for (q, _), a in zip(plan, answers))
     prompt = sum(a.prompt_tokens for a in answers)
     cached = sum(a.cached_tokens for a in answers)
-    return {"demo_group_size": group, "queries": len(plan), "seconds": round(seconds, 1),
-            "labels_per_s": round(len(plan) / seconds, 3), "accuracy": round(right / len(plan), 3),
-            "prompt_tokens": prompt, "cached_share": round(cached / prompt, 3) if prompt else 0.0}
+    return {
+        "demo_group_size": group,
+        "queries": len(plan),
+        "seconds": round(seconds, 1),
+        "labels_per_s": round(len(plan) / seconds, 3),
+        "accuracy": round(right / len(plan), 3),
+        "prompt_tokens": prompt,
+        "cached_share": round(cached / prompt, 3) if prompt else 0.0,
+    }
 
 
 def main() -> None:
@@ -80,14 +94,21 @@ def main() -> None:
     demos, queries, verb = load(args.demos_per_class, args.queries, args.seed)
     enc = Encoder("all-MiniLM-L6-v2", max_length=64)
     demo_emb, query_emb = enc.embed([d[0] for d in demos]), enc.embed([q[0] for q in queries])
-    results = [run_config(int(g), demos, queries, verb, demo_emb, query_emb, args.m, args.model)
-               for g in args.groups.split(",")]
+    results = [
+        run_config(int(g), demos, queries, verb, demo_emb, query_emb, args.m, args.model)
+        for g in args.groups.split(",")
+    ]
     base = results[0]["labels_per_s"]
     for r in results:
         r["speedup_vs_first"] = round(r["labels_per_s"] / base, 2)
         print(json.dumps(r))
-    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": f"{platform.node()} {platform.machine()}",
-           "model": args.model, "m": args.m, "results": results}
+    out = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": f"{platform.node()} {platform.machine()}",
+        "model": args.model,
+        "m": args.m,
+        "results": results,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
 

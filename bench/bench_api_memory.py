@@ -7,6 +7,7 @@ each answer's status, the wall time and the child's peak RSS (ru_maxrss).
     .venv/bin/python -m bench.bench_api_memory [--posts 16] [--mb 31] [--chars 990]
     PYTHONPATH=/path/to/another/checkout .venv/bin/python -m bench.bench_api_memory   # e.g. the code before
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,9 +68,11 @@ def main() -> None:
     child.stdin.close()
     peak_kb = int(child.stdout.readline())
     child.wait()
-    print(f"{args.posts} concurrent POSTs of {len(body) / 1e6:.1f} MB ({n} items each): answers "
-          f"{dict(Counter(statuses))}, {wall:.1f} s; API process RSS {baseline_kb / 1024:.0f} MB at start, "
-          f"peak {peak_kb / 1024:.0f} MB")
+    print(
+        f"{args.posts} concurrent POSTs of {len(body) / 1e6:.1f} MB ({n} items each): answers "
+        f"{dict(Counter(statuses))}, {wall:.1f} s; API process RSS {baseline_kb / 1024:.0f} MB at start, "
+        f"peak {peak_kb / 1024:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

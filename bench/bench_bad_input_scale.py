@@ -20,6 +20,7 @@ flagged again though nothing new is stored (within one batch it is not), a wrink
 both meet the same load. CPU seconds are the CLI process's own (user + system, its DuckDB threads included):
 on a shared machine they say more than wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,20 +44,44 @@ from bench.bench_million import run_cli
 from bench.common import REPO, data_dir, result_meta, write_result
 from bench.synthetic import write_pool
 
-LONG_RECORD = 1_200_000   # characters of an over-long record's text (the limit is 1 MiB a record)
-MAX_TEXT_CHARS = 1000     # data.max_text_chars: a longer text is stored and flagged
+LONG_RECORD = 1_200_000  # characters of an over-long record's text (the limit is 1 MiB a record)
+MAX_TEXT_CHARS = 1000  # data.max_text_chars: a longer text is stored and flagged
 # kind -> share of the rows it replaces (per format; too_long is a fixed count instead)
 KINDS = {
-    "csv": {"bad_quote": 0.002, "unclosed": 0.001, "not_utf8": 0.002, "empty": 0.002, "id_reused": 0.003,
-            "exact_repeat": 0.001, "ragged": 0.002, "foreign_line": 0.002, "long_text": 0.0005,
-            "unknown_gold": 0.0005},
-    "jsonl": {"not_utf8": 0.002, "empty": 0.002, "id_reused": 0.003, "exact_repeat": 0.001, "bad_type": 0.002,
-              "foreign_line": 0.004, "long_text": 0.0005, "unknown_gold": 0.0005},
+    "csv": {
+        "bad_quote": 0.002,
+        "unclosed": 0.001,
+        "not_utf8": 0.002,
+        "empty": 0.002,
+        "id_reused": 0.003,
+        "exact_repeat": 0.001,
+        "ragged": 0.002,
+        "foreign_line": 0.002,
+        "long_text": 0.0005,
+        "unknown_gold": 0.0005,
+    },
+    "jsonl": {
+        "not_utf8": 0.002,
+        "empty": 0.002,
+        "id_reused": 0.003,
+        "exact_repeat": 0.001,
+        "bad_type": 0.002,
+        "foreign_line": 0.004,
+        "long_text": 0.0005,
+        "unknown_gold": 0.0005,
+    },
 }
 TOO_LONG = 5
-EXPECTED_REASON = {"bad_quote": "unreadable row", "unclosed": "unreadable row", "ragged": "unreadable row",
-                   "not_utf8": "not UTF-8", "empty": "empty text", "id_reused": "id reused with another text",
-                   "bad_type": "bad field type", "too_long": "record too long"}
+EXPECTED_REASON = {
+    "bad_quote": "unreadable row",
+    "unclosed": "unreadable row",
+    "ragged": "unreadable row",
+    "not_utf8": "not UTF-8",
+    "empty": "empty text",
+    "id_reused": "id reused with another text",
+    "bad_type": "bad field type",
+    "too_long": "record too long",
+}
 FOREIGN = {"csv": "JSON line in a CSV file", "jsonl": "broken JSON line"}
 FLAGGED = {"long_text": "long text", "unknown_gold": "unknown gold label"}
 
@@ -64,15 +89,16 @@ FLAGGED = {"long_text": "long text", "unknown_gold": "unknown gold label"}
 @dataclass(frozen=True)
 class BadFile:
     path: Path
-    rows: int                      # records written (blank lines none)
-    expected: Path                 # CSV: line, action, reason of every quarantined or flagged row
-    good: Path                     # CSV: id, content_hash of every row that must be stored
+    rows: int  # records written (blank lines none)
+    expected: Path  # CSV: line, action, reason of every quarantined or flagged row
+    good: Path  # CSV: id, content_hash of every row that must be stored
     kinds: dict[str, int]
 
 
 def _csv_line(fields: list[str]) -> str:
-    return ",".join(f'"{f.replace(chr(34), chr(34) * 2)}"' if any(c in f for c in ',"\r\n') else f
-                    for f in fields) + "\n"
+    return (
+        ",".join(f'"{f.replace(chr(34), chr(34) * 2)}"' if any(c in f for c in ',"\r\n') else f for f in fields) + "\n"
+    )
 
 
 def _quoted_line(fields: list[str]) -> str:
@@ -99,10 +125,10 @@ def make_bad_file(pool_csv: Path, fmt: str, out_dir: Path, seed: int = 1) -> Bad
     kinds = KINDS[fmt]
     n_rows = sum(1 for _ in _pool_rows(pool_csv))
     long_at = set(rng.sample(range(1000, n_rows), TOO_LONG))
-    stored: list[tuple[str, str, str]] = []     # (id, text, label) of the good rows so far
-    plain: list[int] = []                        # those of them not flagged (what an exact repeat copies)
+    stored: list[tuple[str, str, str]] = []  # (id, text, label) of the good rows so far
+    plain: list[int] = []  # those of them not flagged (what an exact repeat copies)
     made: Counter[str] = Counter()
-    line = 1 if fmt == "csv" else 0            # the CSV header is line 1
+    line = 1 if fmt == "csv" else 0  # the CSV header is line 1
     with open(path, "wb") as f, open(expected, "w", newline="") as ef, open(good, "w", newline="") as gf:
         exp, gw = csv.writer(ef), csv.writer(gf)
         exp.writerow(["line", "action", "reason"])
@@ -111,7 +137,7 @@ def make_bad_file(pool_csv: Path, fmt: str, out_dir: Path, seed: int = 1) -> Bad
             f.write(b"id,text,label\n")
         quote_next = False
         for k, (id_, text, label) in enumerate(_pool_rows(pool_csv)):
-            line += 1   # every record is one physical line (MR's texts hold no line break)
+            line += 1  # every record is one physical line (MR's texts hold no line break)
             roll, kind = rng.random(), None
             for name, share in kinds.items():
                 roll -= share
@@ -120,8 +146,11 @@ def make_bad_file(pool_csv: Path, fmt: str, out_dir: Path, seed: int = 1) -> Bad
                     break
             if k in long_at:
                 kind = "too_long"
-            if quote_next or (kind in ("id_reused", "exact_repeat") and not plain) or (
-                    kind == "unclosed" and '"' in text):
+            if (
+                quote_next
+                or (kind in ("id_reused", "exact_repeat") and not plain)
+                or (kind == "unclosed" and '"' in text)
+            ):
                 kind = None
             if kind is None or kind in FLAGGED:
                 if kind == "long_text":
@@ -130,8 +159,11 @@ def make_bad_file(pool_csv: Path, fmt: str, out_dir: Path, seed: int = 1) -> Bad
                 if kind == "unknown_gold":
                     label = "neutral"
                 fields = [id_, text, label]
-                f.write((_quoted_line(fields) if quote_next else _csv_line(fields)).encode() if fmt == "csv"
-                        else _json_line(*fields).encode())
+                f.write(
+                    (_quoted_line(fields) if quote_next else _csv_line(fields)).encode()
+                    if fmt == "csv"
+                    else _json_line(*fields).encode()
+                )
                 quote_next = False
                 stored.append((id_, text, label))
                 if kind is None:
@@ -145,16 +177,20 @@ def make_bad_file(pool_csv: Path, fmt: str, out_dir: Path, seed: int = 1) -> Bad
             if kind == "exact_repeat":
                 same = stored[rng.choice(plain)]
                 f.write((_csv_line(list(same)) if fmt == "csv" else _json_line(*same)).encode())
-                continue   # nothing new: neither stored again nor quarantined
+                continue  # nothing new: neither stored again nor quarantined
             exp.writerow([line, "quarantined", FOREIGN[fmt] if kind == "foreign_line" else EXPECTED_REASON[kind]])
             if kind == "id_reused":
                 near = rng.random() < 0.5
                 other = stored[-rng.randint(1, min(100, len(stored)))] if near else rng.choice(stored)
-                row: bytes = (_csv_line([other[0], text, label]) if fmt == "csv" else
-                              _json_line(other[0], text, label)).encode()
+                row: bytes = (
+                    _csv_line([other[0], text, label]) if fmt == "csv" else _json_line(other[0], text, label)
+                ).encode()
             elif kind == "not_utf8":
-                row = ((_csv_line([id_, text + " caf\udce9", label])) if fmt == "csv" else
-                       _json_line(id_, text, label).replace('"}', ' caf\udce9"}')).encode("utf-8", "surrogateescape")
+                row = (
+                    (_csv_line([id_, text + " caf\udce9", label]))
+                    if fmt == "csv"
+                    else _json_line(id_, text, label).replace('"}', ' caf\udce9"}')
+                ).encode("utf-8", "surrogateescape")
             elif kind == "empty":
                 blank = rng.choice(["", "   "])
                 row = (_csv_line([id_, blank, label]) if fmt == "csv" else _json_line(id_, blank, label)).encode()
@@ -167,7 +203,7 @@ def make_bad_file(pool_csv: Path, fmt: str, out_dir: Path, seed: int = 1) -> Bad
                 row = f'{id_},"bad "quote" {text.replace(chr(34), "")}",{label}\n'.encode()
             elif kind == "unclosed":
                 row = f'{id_},"{text},{label}\n'.encode()
-                quote_next = True   # the runaway field stops at the next row's first quote, with an error
+                quote_next = True  # the runaway field stops at the next row's first quote, with an error
             elif kind == "ragged":
                 row = (_csv_line([id_, text, label]).rstrip("\n") + ",extra\n").encode()
             elif kind == "bad_type":
@@ -179,13 +215,22 @@ def make_bad_file(pool_csv: Path, fmt: str, out_dir: Path, seed: int = 1) -> Bad
 
 
 def job_file(work: Path, data: Path) -> Path:
-    job = {"name": "bad-input-scale",
-           "data": {"path": str(data), "text_column": "text", "id_column": "id", "gold_column": "label",
-                    "max_text_chars": MAX_TEXT_CHARS},
-           "task": {"description": "Sentiment of a movie review sentence.",
-                    "classes": {"negative": ["negative"], "positive": ["positive"]}},
-           "llm": {"base_url": "http://127.0.0.1:9/v1", "model": "none"},   # ingest never calls it
-           "state_dir": str(work / "state")}
+    job = {
+        "name": "bad-input-scale",
+        "data": {
+            "path": str(data),
+            "text_column": "text",
+            "id_column": "id",
+            "gold_column": "label",
+            "max_text_chars": MAX_TEXT_CHARS,
+        },
+        "task": {
+            "description": "Sentiment of a movie review sentence.",
+            "classes": {"negative": ["negative"], "positive": ["positive"]},
+        },
+        "llm": {"base_url": "http://127.0.0.1:9/v1", "model": "none"},  # ingest never calls it
+        "state_dir": str(work / "state"),
+    }
     path = work / "job.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
@@ -202,9 +247,16 @@ def ingest(tree: Path, data: Path, work: Path) -> dict:
     run = run_cli(["ingest", str(job), str(data)], tree, env, work / "ingest.log")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"tree": str(tree), "file": str(data), "file_mb": round(data.stat().st_size / 2**20, 1),
-            "wall_s": run["wall_s"], "cpu_s": round(cpu, 1), "peak_rss_mb": run["peak_rss_mb"].get("driver"),
-            "said": [line for _, line in run["lines"]][:2], "state": str(work / "state" / "freeal.duckdb")}
+    return {
+        "tree": str(tree),
+        "file": str(data),
+        "file_mb": round(data.stat().st_size / 2**20, 1),
+        "wall_s": run["wall_s"],
+        "cpu_s": round(cpu, 1),
+        "peak_rss_mb": run["peak_rss_mb"].get("driver"),
+        "said": [line for _, line in run["lines"]][:2],
+        "state": str(work / "state" / "freeal.duckdb"),
+    }
 
 
 def check(state: Path, bad: BadFile) -> dict:
@@ -213,26 +265,36 @@ def check(state: Path, bad: BadFile) -> dict:
     con = duckdb.connect(str(state), read_only=True)
     try:
         got = con.execute("SELECT line, action, reason FROM quarantine WHERE source = ?", [str(bad.path)]).fetchall()
-        exp = con.execute(f"SELECT line, action, reason FROM read_csv('{bad.expected}', header=true, "
-                          "columns={'line': 'BIGINT', 'action': 'VARCHAR', 'reason': 'VARCHAR'})").fetchall()
+        exp = con.execute(
+            f"SELECT line, action, reason FROM read_csv('{bad.expected}', header=true, "
+            "columns={'line': 'BIGINT', 'action': 'VARCHAR', 'reason': 'VARCHAR'})"
+        ).fetchall()
         missing_bad, extra_bad = sorted(set(exp) - set(got)), sorted(set(got) - set(exp), key=str)
         good = f"read_csv('{bad.good}', header=true, columns={{'id': 'VARCHAR', 'content_hash': 'VARCHAR'}})"
-        not_stored = con.execute(f"SELECT count(*) FROM (SELECT id, content_hash FROM {good} "
-                                 "EXCEPT SELECT id, content_hash FROM items)").fetchone()[0]
-        unexpected = con.execute(f"SELECT id, content_hash FROM items EXCEPT SELECT id, content_hash FROM {good}"
-                                 ).fetchall()
+        not_stored = con.execute(
+            f"SELECT count(*) FROM (SELECT id, content_hash FROM {good} EXCEPT SELECT id, content_hash FROM items)"
+        ).fetchone()[0]
+        unexpected = con.execute(
+            f"SELECT id, content_hash FROM items EXCEPT SELECT id, content_hash FROM {good}"
+        ).fetchall()
         n_items = con.execute("SELECT count(*) FROM items").fetchone()[0]
-        by_reason = dict(con.execute("SELECT action || ': ' || reason, count(*) FROM quarantine GROUP BY ALL "
-                                     "ORDER BY 1").fetchall())
+        by_reason = dict(
+            con.execute("SELECT action || ': ' || reason, count(*) FROM quarantine GROUP BY ALL ORDER BY 1").fetchall()
+        )
     finally:
         con.close()
-    return {"items": n_items, "expected_items": sum(1 for _ in open(bad.good)) - 1,
-            "recorded": by_reason, "expected_recorded": len(exp),
-            "bad_rows_missing": len(missing_bad), "bad_rows_extra": len(extra_bad),
-            "good_rows_not_stored": not_stored, "rows_stored_that_should_not_be": len(unexpected),
-            "examples": {"missing": missing_bad[:5], "extra": extra_bad[:5],
-                         "stored": [list(r) for r in unexpected[:5]]},
-            "all_accounted_for": not (missing_bad or extra_bad or not_stored or unexpected)}
+    return {
+        "items": n_items,
+        "expected_items": sum(1 for _ in open(bad.good)) - 1,
+        "recorded": by_reason,
+        "expected_recorded": len(exp),
+        "bad_rows_missing": len(missing_bad),
+        "bad_rows_extra": len(extra_bad),
+        "good_rows_not_stored": not_stored,
+        "rows_stored_that_should_not_be": len(unexpected),
+        "examples": {"missing": missing_bad[:5], "extra": extra_bad[:5], "stored": [list(r) for r in unexpected[:5]]},
+        "all_accounted_for": not (missing_bad or extra_bad or not_stored or unexpected),
+    }
 
 
 def main() -> None:
@@ -251,7 +313,7 @@ def main() -> None:
     pool = write_pool(data_dir(args.data_dir), args.rows, args.work / f"pool_{args.rows}.csv")
     print(f"pool of {args.rows} rows: {pool} ({time.monotonic() - t:.0f} s)", flush=True)
     for rep in range(args.repeat):
-        for name, tree in (trees if rep % 2 == 0 else trees[::-1]):
+        for name, tree in trees if rep % 2 == 0 else trees[::-1]:
             r = {"which": name, **ingest(tree, pool, args.work / f"clean_{name}")}
             result["clean"].append(r)
             print(json.dumps(r), flush=True)
@@ -259,8 +321,11 @@ def main() -> None:
     for fmt in (f for f in args.formats.split(",") if f):
         t = time.monotonic()
         bad = make_bad_file(pool, fmt, args.work)
-        print(f"bad {fmt} file: {bad.path} ({bad.path.stat().st_size / 2**20:.0f} MB, {bad.kinds}; "
-              f"{time.monotonic() - t:.0f} s)", flush=True)
+        print(
+            f"bad {fmt} file: {bad.path} ({bad.path.stat().st_size / 2**20:.0f} MB, {bad.kinds}; "
+            f"{time.monotonic() - t:.0f} s)",
+            flush=True,
+        )
         for name, tree in trees:
             r = {"which": name, "format": fmt, "kinds": bad.kinds, **ingest(tree, bad.path, args.work / f"bad_{name}")}
             r["check"] = check(Path(r["state"]), bad)

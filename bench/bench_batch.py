@@ -12,6 +12,7 @@ wall time of `freeal-stream run`, and whether the exported labels are identical.
     .venv/bin/python -m bench.bench_batch --upstream keyword   # freeal_stream/testing/keyword_llm.py: instant
     .venv/bin/python -m bench.bench_batch --upstream local     # the bundled llama.cpp LLM
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,14 @@ from freeal_stream.testing.fake_batch_api import FakeBatchAPI
 
 PRICE = {"input": 0.15, "cached_input": 0.075, "output": 0.60, "batch_discount": 0.5}
 POLL = {"batch_poll_s": 1.0, "batch_poll_max_s": 5.0}
-ENV = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE",
-           HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+ENV = dict(
+    os.environ,
+    PYTHONPATH=str(REPO),
+    RAY_AUTH_MODE="disabled",
+    OMP_WAIT_POLICY="PASSIVE",
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+)
 
 
 def write_job(work: Path, mode: str, base_url: str, model: str) -> Path:
@@ -51,8 +58,14 @@ def write_job(work: Path, mode: str, base_url: str, model: str) -> Path:
 
 
 def cli(*args: str, log: Path | None = None) -> str:
-    out = subprocess.run([sys.executable, "-m", "freeal_stream.cli", *args], cwd=REPO, env=ENV, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = subprocess.run(
+        [sys.executable, "-m", "freeal_stream.cli", *args],
+        cwd=REPO,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     if log is not None:
         log.write_text(out.stdout)
     if out.returncode != 0:
@@ -76,11 +89,19 @@ def run_mode(api: FakeBatchAPI, work: Path, mode: str, model: str) -> dict[str, 
     got = labels(job)
     with open(REPO / "jobs" / "data" / "support_tickets.csv", encoding="utf-8") as f:
         gold = {r["id"]: r["label"] for r in csv.DictReader(f)}
-    return {"mode": mode, "wall_s": round(wall, 1), "spent": status["spent"],
-            "service": {"chat_requests": api.chat_requests, "batches": api.batches_created, "uploads": api.uploads,
-                        "batch_rows": api.rows_run},
-            "accuracy": round(sum(gold[i] == r["label"] for i, r in got.items()) / len(got), 4),
-            "labels": {i: (r["label"], r["llm_label"]) for i, r in got.items()}}
+    return {
+        "mode": mode,
+        "wall_s": round(wall, 1),
+        "spent": status["spent"],
+        "service": {
+            "chat_requests": api.chat_requests,
+            "batches": api.batches_created,
+            "uploads": api.uploads,
+            "batch_rows": api.rows_run,
+        },
+        "accuracy": round(sum(gold[i] == r["label"] for i, r in got.items()) / len(got), 4),
+        "labels": {i: (r["label"], r["llm_label"]) for i, r in got.items()},
+    }
 
 
 def main() -> None:
@@ -96,7 +117,7 @@ def main() -> None:
 
         shutil.rmtree(work)
     runs = []
-    for mode in ("live", "batch"):   # a fresh upstream each: llama.cpp's sampled answers depend on its prompt cache
+    for mode in ("live", "batch"):  # a fresh upstream each: llama.cpp's sampled answers depend on its prompt cache
         with contextlib.ExitStack() as stack:
             if args.upstream == "keyword":
                 from freeal_stream.testing.fake_openai_server import FakeOpenAIServer
@@ -112,19 +133,32 @@ def main() -> None:
             runs.append(run_mode(api, work, mode, model))
     live, batch = runs
     same = live["labels"] == batch["labels"]
-    result = {"upstream": args.upstream, "model": model, "price_per_million": PRICE, "poll": POLL,
-              "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} CPUs",
-              "labels_identical": same, "items": len(live["labels"]),
-              "runs": [{k: v for k, v in r.items() if k != "labels"} for r in runs]}
+    result = {
+        "upstream": args.upstream,
+        "model": model,
+        "price_per_million": PRICE,
+        "poll": POLL,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+        "labels_identical": same,
+        "items": len(live["labels"]),
+        "runs": [{k: v for k, v in r.items() if k != "labels"} for r in runs],
+    }
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'mode':6} {'wall s':>7} {'requests':>8} {'tokens':>8} {'cached':>7} {'cost':>9} {'batches':>7} "
-          f"{'accuracy':>8}")
+    print(
+        f"{'mode':6} {'wall s':>7} {'requests':>8} {'tokens':>8} {'cached':>7} {'cost':>9} {'batches':>7} "
+        f"{'accuracy':>8}"
+    )
     for r in runs:
         s = r["spent"]
-        print(f"{r['mode']:6} {r['wall_s']:7.1f} {s['requests']:8d} {s['tokens']:8d} {s['cached_tokens']:7d} "
-              f"{s['cost']:9.6f} {r['service']['batches']:7d} {r['accuracy']:8.4f}")
-    print(f"labels identical (label of record and LLM label, all {len(live['labels'])} items): {same}; "
-          f"batch/live cost {batch['spent']['cost'] / live['spent']['cost']:.3f}; written to {out}")
+        print(
+            f"{r['mode']:6} {r['wall_s']:7.1f} {s['requests']:8d} {s['tokens']:8d} {s['cached_tokens']:7d} "
+            f"{s['cost']:9.6f} {r['service']['batches']:7d} {r['accuracy']:8.4f}"
+        )
+    print(
+        f"labels identical (label of record and LLM label, all {len(live['labels'])} items): {same}; "
+        f"batch/live cost {batch['spent']['cost'] / live['spent']['cost']:.3f}; written to {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ alone, then all of a kind together: labels/s of annotators, texts/s of scorers e
 scoring (the job's last SLM, from its embeddings as head mode does, and from its texts as fine-tune mode
 does), answers/s the store actor writes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,11 +62,11 @@ from bench.common import REPO, RESULTS, data_dir, result_meta, write_result
 from bench.synthetic import mr_sentences, write_pool
 from freeal_stream.testing.sockets import is_loopback, listening
 
-HEAD = {"num_cpus": 1, "resources": {"trainer": 1}}   # the trainer's CPU; the driver and store need none
+HEAD = {"num_cpus": 1, "resources": {"trainer": 1}}  # the trainer's CPU; the driver and store need none
 
 
 def worker_node(annotators: int) -> dict[str, Any]:
-    return {"num_cpus": 1, "resources": {"annotator": annotators, "scorer": 1}}   # the scorer's CPU
+    return {"num_cpus": 1, "resources": {"annotator": annotators, "scorer": 1}}  # the scorer's CPU
 
 
 class LocalCluster:
@@ -75,11 +76,16 @@ class LocalCluster:
     MARK = "FREEAL_BENCH_CLUSTER"
 
     def __init__(self, annotators_per_node: int, temp_dir: Path, tries: int = 3):
-        if "ray" in sys.modules:   # Ray reads its auth mode once, when imported
+        if "ray" in sys.modules:  # Ray reads its auth mode once, when imported
             raise RuntimeError("start the cluster before anything imports ray")
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_urlsafe(32),
-                          PYTHONPATH=str(REPO), OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1",
-                          TRANSFORMERS_OFFLINE="1")   # this process's, and every node's processes'
+        os.environ.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=secrets.token_urlsafe(32),
+            PYTHONPATH=str(REPO),
+            OMP_WAIT_POLICY="PASSIVE",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+        )  # this process's, and every node's processes'
         from ray.cluster_utils import Cluster
 
         from freeal_stream.actors.runtime import loopback_only_ray
@@ -87,9 +93,9 @@ class LocalCluster:
         loopback_only_ray()
         self.cluster: Any = None
         self.address = ""
-        nodes = {"temp_dir": str(temp_dir), "include_dashboard": False}   # session files of its own
+        nodes = {"temp_dir": str(temp_dir), "include_dashboard": False}  # session files of its own
         t0 = time.monotonic()
-        for attempt in range(tries):   # a node that takes over 30 s to register (Ray's fixed limit) fails it
+        for attempt in range(tries):  # a node that takes over 30 s to register (Ray's fixed limit) fails it
             os.environ[self.MARK] = f"{os.getpid()}-{attempt}"
             try:
                 self.cluster = Cluster(initialize_head=True, head_node_args={**HEAD, **nodes})
@@ -97,9 +103,8 @@ class LocalCluster:
                     self.cluster.add_node(**worker_node(annotators_per_node), **nodes)
                 self.cluster.wait_for_nodes(timeout=120)
                 break
-            except Exception as e:   # Ray raises a plain Exception for a node that did not come up
-                print(f"cluster start failed ({e}); {'retrying' if attempt + 1 < tries else 'giving up'}",
-                      flush=True)
+            except Exception as e:  # Ray raises a plain Exception for a node that did not come up
+                print(f"cluster start failed ({e}); {'retrying' if attempt + 1 < tries else 'giving up'}", flush=True)
                 self.close()
                 if attempt + 1 == tries:
                     raise
@@ -149,7 +154,7 @@ class LocalCluster:
 
         ray.shutdown()
         if self.cluster is not None:
-            with contextlib.suppress(Exception):   # a node half started; what is left is killed below
+            with contextlib.suppress(Exception):  # a node half started; what is left is killed below
                 self.cluster.shutdown()
             self.cluster = None
             time.sleep(2)
@@ -190,6 +195,7 @@ def kill_leftovers(mine: bool = False) -> list[int]:
 
 def exit_on_signals() -> None:
     """SIGTERM and SIGHUP end the bench as Ctrl-C does, through its `finally` blocks (which stop the cluster)."""
+
     def stop(signum: int, _frame: Any) -> None:
         raise SystemExit(f"stopped by signal {signum}")
 
@@ -226,25 +232,36 @@ def join_without_token(address: str) -> str:
     return (out.stderr.strip().splitlines() or ["?"])[-1]
 
 
-def run_job(cluster: LocalCluster, url: str, pool_csv: Path, work: Path, args: argparse.Namespace,
-            server_pid: int) -> dict:
+def run_job(
+    cluster: LocalCluster, url: str, pool_csv: Path, work: Path, args: argparse.Namespace, server_pid: int
+) -> dict:
     """`freeal-stream run JOB --address ...` on the cluster: phases, rates, memory and CPU per role and node."""
-    shutil.rmtree(work, ignore_errors=True)   # a state left by an earlier run would be resumed, not redone
+    shutil.rmtree(work, ignore_errors=True)  # a state left by an earlier run would be resumed, not redone
     work.mkdir(parents=True)
     job = job_file(work, pool_csv, url, args, args.fraction, args.encoder)
     raw = yaml.safe_load(job.read_text())
     raw["slm"]["threads"] = 1
-    raw["ray"] = {"annotators": 2 * args.annotators_per_node, "scorers": 2, "annotator_resources": {"annotator": 1},
-                  "scorer_resources": {"scorer": 1}, "trainer_resources": {"trainer": 1}}
+    raw["ray"] = {
+        "annotators": 2 * args.annotators_per_node,
+        "scorers": 2,
+        "annotator_resources": {"annotator": 1},
+        "scorer_resources": {"scorer": 1},
+        "trainer_resources": {"trainer": 1},
+    }
     job.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = dict(os.environ, INSTANT_KEY="x")
     exclude = {os.getpid(), server_pid}
     watch = SocketWatch(cluster, exclude)
     watch.start()
     try:
-        run = run_cli(["run", str(job), "--address", cluster.address], REPO, env, work / "run.log",
-                      procs=lambda _pid: lambda: cluster.processes(exclude),
-                      name=lambda pid: lambda p: f"{role(p, pid)}@{cluster.node_of(p)}")
+        run = run_cli(
+            ["run", str(job), "--address", cluster.address],
+            REPO,
+            env,
+            work / "run.log",
+            procs=lambda _pid: lambda: cluster.processes(exclude),
+            name=lambda pid: lambda p: f"{role(p, pid)}@{cluster.node_of(p)}",
+        )
     finally:
         watch.stop.set()
         watch.join()
@@ -259,23 +276,48 @@ def run_job(cluster: LocalCluster, url: str, pool_csv: Path, work: Path, args: a
     lines = run["lines"]
     embed_at = first_at(lines, r"embedding [\d,]+ texts with the frozen encoder")
     embed_end = first_at(lines, r"generating demonstrations|round 1/") if embed_at is not None else None
-    scoring = [(t, int(m.group(1).replace(",", ""))) for t, line in lines
-               if (m := re.search(r"scoring ([\d,]+) items with round", line))]
-    score_s = [round(next((u for u, line in lines if u >= t and re.search(rf"score\] {n}/{n}\b", line)), t) - t, 1)
-               for t, n in scoring]   # to its progress line saying all are done
+    scoring = [
+        (t, int(m.group(1).replace(",", "")))
+        for t, line in lines
+        if (m := re.search(r"scoring ([\d,]+) items with round", line))
+    ]
+    score_s = [
+        round(next((u for u, line in lines if u >= t and re.search(rf"score\] {n}/{n}\b", line)), t) - t, 1)
+        for t, n in scoring
+    ]  # to its progress line saying all are done
     labels = sum(m.get("llm_requested", 0) for m in rounds)
     annotate_s = sum(m.get("annotate_s", 0) for m in rounds)
     exposed = sorted(s for s in watch.seen if not is_loopback(s[1]))
     return {
-        "items": items, "wall_s": run["wall_s"],
+        "items": items,
+        "wall_s": run["wall_s"],
         "ingest_done_s": first_at(lines, r"ingested \d+ new items"),
         "embed_s": round(embed_end - embed_at, 1) if embed_at is not None and embed_end is not None else None,
-        "rounds": [{k: m.get(k) for k in ("round", "seconds", "plan_s", "annotate_s", "train_s", "demos_s",
-                                          "llm_requested", "slm_acc", "llm_label_acc")} for m in rounds],
-        "labels": labels, "labels_per_s": round(labels / annotate_s, 1) if annotate_s else None,
+        "rounds": [
+            {
+                k: m.get(k)
+                for k in (
+                    "round",
+                    "seconds",
+                    "plan_s",
+                    "annotate_s",
+                    "train_s",
+                    "demos_s",
+                    "llm_requested",
+                    "slm_acc",
+                    "llm_label_acc",
+                )
+            }
+            for m in rounds
+        ],
+        "labels": labels,
+        "labels_per_s": round(labels / annotate_s, 1) if annotate_s else None,
         "pool_scoring": [{"items": n, "s": t} for (_, n), t in zip(scoring, score_s)],
-        "peak_rss_mb": run["peak_rss_mb"], "peak_rss_total_mb": run["peak_rss_total_mb"], "cpu_s": run["cpu_s"],
-        "listening_sockets": len(watch.seen), "listening_beyond_loopback": exposed,
+        "peak_rss_mb": run["peak_rss_mb"],
+        "peak_rss_total_mb": run["peak_rss_total_mb"],
+        "cpu_s": run["cpu_s"],
+        "listening_sockets": len(watch.seen),
+        "listening_beyond_loopback": exposed,
         "log": str(work / "run.log"),
     }
 
@@ -304,23 +346,28 @@ class Meter:
         return {"per_s": round(n / wall, 1), "per_cpu_s": round(n / cpu, 1) if cpu > 0 else None}
 
 
-def scorer_rates(meter: Meter, scorers: Any, encoder: str, texts: list[str], files: dict[str, bytes]
-                 ) -> dict[str, Any]:
+def scorer_rates(meter: Meter, scorers: Any, encoder: str, texts: list[str], files: dict[str, bytes]) -> dict[str, Any]:
     """Texts/s of a scorer pool: frozen embedding, then a trained SLM's scores from those embeddings (head mode)
     and from the texts (through the encoder, as fine-tune mode scores), each after a warm-up call per actor."""
     from freeal_stream.actors.scorers import ShardInput
 
-    shards = [(s, texts[s:s + 256]) for s in range(0, len(texts), 256)]
-    n = 2 * len(scorers.actors)   # warm-up shards: the pool gives each actor two before the next actor
-    scorers.embed_shards(encoder, [(k, texts[k:k + 8]) for k in range(n)], lambda _s, _e: None)   # loads it
+    shards = [(s, texts[s : s + 256]) for s in range(0, len(texts), 256)]
+    n = 2 * len(scorers.actors)  # warm-up shards: the pool gives each actor two before the next actor
+    scorers.embed_shards(encoder, [(k, texts[k : k + 8]) for k in range(n)], lambda _s, _e: None)  # loads it
     emb: dict[int, Any] = {}
     out: dict[str, Any] = {
-        "embed": meter.rate("Scorer", len(texts), lambda: scorers.embed_shards(encoder, shards, emb.__setitem__))}
-    for kind, inputs in (("score_from_embeddings", [(s, ShardInput(emb=emb[s])) for s, _ in shards]),
-                         ("score_from_texts", [(s, ShardInput(texts=t)) for s, t in shards])):
-        scorers.score_shards("probe", files, inputs[:n], lambda _s, _r: None)   # loads the model everywhere
-        out[kind] = meter.rate("Scorer", len(texts), lambda inputs=inputs: scorers.score_shards(
-            "probe", files, inputs, lambda _s, _r: None))
+        "embed": meter.rate("Scorer", len(texts), lambda: scorers.embed_shards(encoder, shards, emb.__setitem__))
+    }
+    for kind, inputs in (
+        ("score_from_embeddings", [(s, ShardInput(emb=emb[s])) for s, _ in shards]),
+        ("score_from_texts", [(s, ShardInput(texts=t)) for s, t in shards]),
+    ):
+        scorers.score_shards("probe", files, inputs[:n], lambda _s, _r: None)  # loads the model everywhere
+        out[kind] = meter.rate(
+            "Scorer",
+            len(texts),
+            lambda inputs=inputs: scorers.score_shards("probe", files, inputs, lambda _s, _r: None),
+        )
     out["nodes"] = sorted(set(scorers.node_ids()))
     return out
 
@@ -346,16 +393,17 @@ def probes(cluster: LocalCluster, url: str, work: Path, args: argparse.Namespace
         out["store_answer_writes"] = meter.rate("StoreActor", 20000, lambda: store_writes(store, requests[-20000:]))
         cfg = LLMConfig(model="instant", max_tokens=4, concurrency=args.concurrency)
         for k, size in enumerate((1, 2 * args.annotators_per_node)):
-            batch = requests[k * args.probe_requests:(k + 1) * args.probe_requests]
-            pool = AnnotatorPool(cfg, url, "x", store, size=size, chunk_size=16, max_restarts=0,
-                                 resources={"annotator": 1})
+            batch = requests[k * args.probe_requests : (k + 1) * args.probe_requests]
+            pool = AnnotatorPool(
+                cfg, url, "x", store, size=size, chunk_size=16, max_restarts=0, resources={"annotator": 1}
+            )
             wait_for_actors(pool)
             rate = meter.rate("Annotator", len(batch), lambda p=pool, b=batch: p.complete_many(b))
             out[f"annotators_{size}"] = {**rate, "nodes": sorted(set(pool.node_ids()))}
             pool.shutdown()
     finally:
         store.close()
-    texts = [t for t, _ in mr_sentences(data_dir(args.data_dir))][:args.probe_texts]
+    texts = [t for t, _ in mr_sentences(data_dir(args.data_dir))][: args.probe_texts]
     model_dir = max((work / "job" / "state" / "models").glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
     files = read_model_files(model_dir)
     for size in (1, 2):
@@ -366,8 +414,9 @@ def probes(cluster: LocalCluster, url: str, work: Path, args: argparse.Namespace
     return out
 
 
-def projection(job: dict[str, Any], probes: dict[str, Any], ingest_per_s: float | None,
-               args: argparse.Namespace) -> dict[str, Any]:
+def projection(
+    job: dict[str, Any], probes: dict[str, Any], ingest_per_s: float | None, args: argparse.Namespace
+) -> dict[str, Any]:
     """Minutes for `--project-texts` texts (P = `--project-fraction` x `--project-rounds`, head mode, the static
     encoder) on N worker nodes of `--node-vcpus` vCPUs, from the rates measured here, a vCPU there assumed to do
     per CPU second what one here does. On the workers: frozen embedding over (vCPUs - 2) one-thread scorers a
@@ -377,7 +426,7 @@ def projection(job: dict[str, Any], probes: dict[str, Any], ingest_per_s: float 
     pool scoring, as a line through the rounds' seconds against labels held) and each round's pool scoring
     through the coordinator (its items/s in the job, where the coordinator reads and ships every shard)."""
     texts, rounds, p = args.project_texts, args.project_rounds, args.project_fraction
-    held = [texts * (1 - (1 - p) ** (r + 1)) for r in range(rounds)]   # labels held after round r+1
+    held = [texts * (1 - (1 - p) ** (r + 1)) for r in range(rounds)]  # labels held after round r+1
     labels = held[-1]
     embed = probes["scorers_1"]["embed"]["per_cpu_s"]
     annotate = probes["annotators_1"]["per_cpu_s"]
@@ -387,28 +436,44 @@ def projection(job: dict[str, Any], probes: dict[str, Any], ingest_per_s: float 
     for r in job["rounds"]:
         cum += r["llm_requested"]
         job_held.append(cum)
-    train = [r["train_s"] - sc["s"] for r, sc in zip(job["rounds"], job["pool_scoring"])]   # less scoring
+    train = [r["train_s"] - sc["s"] for r, sc in zip(job["rounds"], job["pool_scoring"])]  # less scoring
     fixed, per_label = fit_line(job_held, train)
-    rates = {"embed_texts_per_scorer_cpu_s": embed, "labels_per_annotator_cpu_s": annotate,
-             "answer_writes_per_s": writes, "pool_scoring_items_per_s": round(scored),
-             "train_s_per_round": round(fixed, 2), "train_s_per_label_held": round(per_label, 6),
-             "ingest_rows_per_s": ingest_per_s,
-             "labels": round(labels), "labels_held_per_round": [round(h) for h in held]}
-    head = {"ingest_min": texts / ingest_per_s / 60 if ingest_per_s else None,
-            "answer_writes_min": labels / writes / 60,
-            "train_min": (rounds * fixed + per_label * sum(held)) / 60,
-            "pool_scoring_min": rounds * texts / scored / 60}
+    rates = {
+        "embed_texts_per_scorer_cpu_s": embed,
+        "labels_per_annotator_cpu_s": annotate,
+        "answer_writes_per_s": writes,
+        "pool_scoring_items_per_s": round(scored),
+        "train_s_per_round": round(fixed, 2),
+        "train_s_per_label_held": round(per_label, 6),
+        "ingest_rows_per_s": ingest_per_s,
+        "labels": round(labels),
+        "labels_held_per_round": [round(h) for h in held],
+    }
+    head = {
+        "ingest_min": texts / ingest_per_s / 60 if ingest_per_s else None,
+        "answer_writes_min": labels / writes / 60,
+        "train_min": (rounds * fixed + per_label * sum(held)) / 60,
+        "pool_scoring_min": rounds * texts / scored / 60,
+    }
     rows = []
     for nodes in (int(n) for n in args.project_nodes.split(",")):
         scorers, annotators = (args.node_vcpus - 2) * nodes, 4 * nodes
         label_rate = min(annotate * annotators, args.rpm / 60)
-        row = {"worker_nodes": nodes, "scorers": scorers, "annotators": annotators,
-               "embed_min": texts / (embed * scorers) / 60, "annotate_min": labels / label_rate / 60,
-               "annotation_bound": "endpoint rpm" if label_rate == args.rpm / 60 else "annotator CPU"}
+        row = {
+            "worker_nodes": nodes,
+            "scorers": scorers,
+            "annotators": annotators,
+            "embed_min": texts / (embed * scorers) / 60,
+            "annotate_min": labels / label_rate / 60,
+            "annotation_bound": "endpoint rpm" if label_rate == args.rpm / 60 else "annotator CPU",
+        }
         row["total_min"] = row["embed_min"] + row["annotate_min"] + sum(v or 0 for v in head.values())
         rows.append({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
-    return {"rates": rates, "head_min": {k: round(v, 1) if v is not None else None for k, v in head.items()},
-            "rows": rows}
+    return {
+        "rates": rates,
+        "head_min": {k: round(v, 1) if v is not None else None for k, v in head.items()},
+        "rows": rows,
+    }
 
 
 def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -452,19 +517,24 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_cluster")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "cluster.json")
-    ap.add_argument("--kill-leftovers", action="store_true",
-                    help="only kill what runs of this bench that are gone left running (found by a marker)")
+    ap.add_argument(
+        "--kill-leftovers",
+        action="store_true",
+        help="only kill what runs of this bench that are gone left running (found by a marker)",
+    )
     args = ap.parse_args()
     if args.kill_leftovers:
         print(f"killed: {kill_leftovers()}")
         return
     exit_on_signals()
-    args.annotators = 2 * args.annotators_per_node   # bench_million.job_file reads it
+    args.annotators = 2 * args.annotators_per_node  # bench_million.job_file reads it
     args.work.mkdir(parents=True, exist_ok=True)
     pool_csv = write_pool(data_dir(args.data_dir), args.texts, args.work / f"pool_{args.texts}.csv")
-    result: dict[str, Any] = {**result_meta(vars(args)), "nodes": {"head": HEAD, "workers": [
-        worker_node(args.annotators_per_node)] * 2}}
-    os.environ[LocalCluster.MARK] = f"{os.getpid()}-server"   # the LLM server is this run's too
+    result: dict[str, Any] = {
+        **result_meta(vars(args)),
+        "nodes": {"head": HEAD, "workers": [worker_node(args.annotators_per_node)] * 2},
+    }
+    os.environ[LocalCluster.MARK] = f"{os.getpid()}-server"  # the LLM server is this run's too
     server, url = start_server(pool_csv, args.accuracy)
     cluster = None
     try:
@@ -483,7 +553,7 @@ def main() -> None:
         if cluster is not None:
             result["killed_after_shutdown"] = cluster.close()
         server.kill()
-        result["left_running"] = kill_leftovers(mine=True)   # nothing, unless the cluster failed to start
+        result["left_running"] = kill_leftovers(mine=True)  # nothing, unless the cluster failed to start
         write_result(args.out, result)
 
 

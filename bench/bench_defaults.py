@@ -25,6 +25,7 @@ trains on `load_mr`'s stratified subset of that size, the subset of BENCHMARKS 4
     python -m bench.bench_defaults --mode finetune --fit-limit 1000 --budgets all --small-grid --threads 2 \
         --out bench/results/defaults_mr_finetune.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,10 +58,15 @@ from freeal_stream.slm.trainer import Recipe, resolve_warmup, train_slm
 
 VAL_FRACTION = 0.2
 WARMUPS, TAUS, EPOCHS, HIDDEN = (1, 2, 3), (0.5, 0.7, 0.9), (4, 8), (1024,)
-LONG_WARMUPS = (1, 2, 4)   # at the longer epoch count, tau at its default (a slow box: no full grid)
+LONG_WARMUPS = (1, 2, 4)  # at the longer epoch count, tau at its default (a slow box: no full grid)
 DEMO_R, DEMO_K = (0.1, 0.2, 0.4), (10, 25, 50)
-DEFAULT = {"recipe": "robust", "warmup": FreeALConfig.warmup_epochs, "tau": FreeALConfig.tau,
-           "epochs": SLMConfig.epochs, "hidden": SLMConfig.head_hidden}
+DEFAULT = {
+    "recipe": "robust",
+    "warmup": FreeALConfig.warmup_epochs,
+    "tau": FreeALConfig.tau,
+    "epochs": SLMConfig.epochs,
+    "hidden": SLMConfig.head_hidden,
+}
 
 
 def configs() -> list[dict]:
@@ -73,27 +79,30 @@ def configs() -> list[dict]:
 
 def name_of(c: dict) -> str:
     base = f"{c['recipe']} ep{c['epochs']} h{c['hidden']}"
-    warmup = "auto" if c["warmup"] is None else c["warmup"]   # None: trainer.resolve_warmup by label count
+    warmup = "auto" if c["warmup"] is None else c["warmup"]  # None: trainer.resolve_warmup by label count
     return base + (f" w{warmup} tau{c['tau']}" if c["recipe"] == "robust" else "")
 
 
 def demo_sweep_for(c: dict) -> bool:
-    return c["epochs"] == DEFAULT["epochs"] and c["hidden"] == DEFAULT["hidden"] and (
-        c["recipe"] == "ce" or c["tau"] == DEFAULT["tau"])
+    return (
+        c["epochs"] == DEFAULT["epochs"]
+        and c["hidden"] == DEFAULT["hidden"]
+        and (c["recipe"] == "ce" or c["tau"] == DEFAULT["tau"])
+    )
 
 
-NOISY_FLIP = 0.15   # `noisy` budget: this share of the labelled rows flipped at random (seed 0): ~80% right
+NOISY_FLIP = 0.15  # `noisy` budget: this share of the labelled rows flipped at random (seed 0): ~80% right
 
 
 def budget_labels(fit: pd.DataFrame, budget: str) -> np.ndarray:
     labels = label_index(fit["gpt35_label"])
-    if budget == "noisy":   # synthetic, symmetric extra noise: does a default tuned on 94%-right labels hold?
+    if budget == "noisy":  # synthetic, symmetric extra noise: does a default tuned on 94%-right labels hold?
         rng = np.random.default_rng(0)
         has = np.flatnonzero(labels >= 0)
         flip = rng.choice(has, size=int(round(NOISY_FLIP * len(has))), replace=False)
         labels = labels.copy()
         labels[flip] = 1 - labels[flip]
-    if budget not in ("all", "noisy"):   # '1k', '250': that many stratified rows labelled
+    if budget not in ("all", "noisy"):  # '1k', '250': that many stratified rows labelled
         n = int(budget[:-1]) * 1000 if budget.endswith("k") else int(budget)
         keep, _ = train_test_split(np.arange(len(fit)), train_size=n, stratify=fit["label"], random_state=0)
         masked = np.full(len(fit), -1)
@@ -106,9 +115,17 @@ def fit_one(c: dict, rows: pd.DataFrame, labels: np.ndarray, seed: int, cache_di
     cfg = SLMConfig(mode=mode, epochs=c["epochs"], head_hidden=c["hidden"], threads=threads)
     freeal = FreeALConfig(warmup_epochs=c["warmup"], tau=c["tau"])
     robust = c["recipe"] == "robust"
-    return train_slm(rows["text"].tolist(), labels, len(CLASSES), cfg, freeal,
-                     views=views_of(rows) if robust else None, recipe=Recipe() if robust else Recipe.plain_ce(),
-                     seed=seed, cache_dir=cache_dir if mode == "head" else None)
+    return train_slm(
+        rows["text"].tolist(),
+        labels,
+        len(CLASSES),
+        cfg,
+        freeal,
+        views=views_of(rows) if robust else None,
+        recipe=Recipe() if robust else Recipe.plain_ce(),
+        seed=seed,
+        cache_dir=cache_dir if mode == "head" else None,
+    )
 
 
 def trained_as(c: dict, labels: np.ndarray) -> dict:
@@ -128,15 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1", help="comma-separated, for the validation sweep")
     ap.add_argument("--confirm-seeds", default="0,1,2", help="comma-separated, for the test-set confirmation")
-    ap.add_argument("--budgets", default="all,1k",
-                    help="comma-separated, from: all, noisy (all + 15%% flipped), 1k or any row count "
-                         "(that many labelled)")
+    ap.add_argument(
+        "--budgets",
+        default="all,1k",
+        help="comma-separated, from: all, noisy (all + 15%% flipped), 1k or any row count (that many labelled)",
+    )
     ap.add_argument("--small-grid", action="store_true", help="only plain CE and the warm-up sweep at 4 epochs")
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
     ap.add_argument("--mode", choices=("head", "finetune"), default="head", help="SLM mode")
-    ap.add_argument("--fit-limit", type=int, default=None,
-                    help="train on this many stratified fit rows (validation rows unchanged); the test-set "
-                         "confirmation then trains on load_mr's stratified subset of the same size")
+    ap.add_argument(
+        "--fit-limit",
+        type=int,
+        default=None,
+        help="train on this many stratified fit rows (validation rows unchanged); the test-set "
+        "confirmation then trains on load_mr's stratified subset of the same size",
+    )
     ap.add_argument("--skip-confirm", action="store_true", help="no test-set confirmation of the chosen config")
     add_mr_args(ap, RESULTS / "defaults_mr.json")
     args = ap.parse_args(argv)
@@ -146,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     confirm_seeds = [int(s) for s in args.confirm_seeds.split(",")]
     torch.set_num_threads(args.threads)
     whole_train, test = load_mr(args.data_dir, None)
-    train = stratified_subset(whole_train, args.fit_limit)   # what the test-set confirmation trains on
+    train = stratified_subset(whole_train, args.fit_limit)  # what the test-set confirmation trains on
     fit, val = train_test_split(whole_train, test_size=VAL_FRACTION, stratify=whole_train["label"], random_state=0)
     fit, val = stratified_subset(fit.reset_index(drop=True), args.fit_limit), val.reset_index(drop=True)
     gold_fit = label_index(fit["label"])
@@ -160,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         labels = budget_labels(fit, budget)
         sweep[budget] = {}
         for c in configs():
-            if args.small_grid and not (c["epochs"] == DEFAULT["epochs"] and c["hidden"] == DEFAULT["hidden"]
-                                        and (c["recipe"] == "ce" or c["tau"] == DEFAULT["tau"])):
+            if args.small_grid and not (
+                c["epochs"] == DEFAULT["epochs"]
+                and c["hidden"] == DEFAULT["hidden"]
+                and (c["recipe"] == "ce" or c["tau"] == DEFAULT["tau"])
+            ):
                 continue
             name = name_of(c)
             runs = []
@@ -172,45 +198,87 @@ def main(argv: list[str] | None = None) -> int:
                 if c["recipe"] == "robust":
                     run["clean_precision"] = float(right[res.clean].mean())
                 if demo_sweep_for(c):
-                    run["demo"] = {f"R{r}_k{k}": demo_pool_precision(labels, gold_fit, res, r, k, seed=1)
-                                   for r, k in itertools.product(DEMO_R, DEMO_K)}
+                    run["demo"] = {
+                        f"R{r}_k{k}": demo_pool_precision(labels, gold_fit, res, r, k, seed=1)
+                        for r, k in itertools.product(DEMO_R, DEMO_K)
+                    }
                 runs.append(run)
             mu, sd = mean_std([r["val_acc"] for r in runs])
-            sweep[budget][name] = {"config": c, "val_acc_mean": mu, "val_acc_std": sd,
-                                   "clean_precision_mean": mean_std([r.get("clean_precision") for r in runs])[0],
-                                   "runs": runs}
-            print(f"  [{budget}] {name:<32} val {mu * 100:.2f} ± {sd * 100:.2f}  "
-                  f"({time.perf_counter() - t_start:.0f} s)", flush=True)
-            entry = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": "2-core VM, shared, no GPU",
-                     "complete": False, "mode": args.mode, "threads": args.threads, "seeds": seeds,
-                     "confirm_seeds": confirm_seeds, "n_fit": len(fit), "n_val": len(val),
-                     "split": "train_test_split(MR train, test_size=0.2, stratify=gold, random_state=0)",
-                     "budgets": {"all": "every fit row has its GPT-3.5 label",
-                                 "noisy": f"all, then {NOISY_FLIP:.0%} of the labelled rows flipped (seed 0)",
-                                 "1k": "1,000 stratified fit rows labelled, the rest unlabelled (L_cr_u only); "
-                                       "a number N: N such rows"},
-                     "default": DEFAULT, "sweep": sweep}
+            sweep[budget][name] = {
+                "config": c,
+                "val_acc_mean": mu,
+                "val_acc_std": sd,
+                "clean_precision_mean": mean_std([r.get("clean_precision") for r in runs])[0],
+                "runs": runs,
+            }
+            print(
+                f"  [{budget}] {name:<32} val {mu * 100:.2f} ± {sd * 100:.2f}  ({time.perf_counter() - t_start:.0f} s)",
+                flush=True,
+            )
+            entry = {
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "machine": "2-core VM, shared, no GPU",
+                "complete": False,
+                "mode": args.mode,
+                "threads": args.threads,
+                "seeds": seeds,
+                "confirm_seeds": confirm_seeds,
+                "n_fit": len(fit),
+                "n_val": len(val),
+                "split": "train_test_split(MR train, test_size=0.2, stratify=gold, random_state=0)",
+                "budgets": {
+                    "all": "every fit row has its GPT-3.5 label",
+                    "noisy": f"all, then {NOISY_FLIP:.0%} of the labelled rows flipped (seed 0)",
+                    "1k": "1,000 stratified fit rows labelled, the rest unlabelled (L_cr_u only); "
+                    "a number N: N such rows",
+                },
+                "default": DEFAULT,
+                "sweep": sweep,
+            }
             write_merged(args.out, key, entry)
 
     # choose per budget on validation only; then one test-set confirmation of chosen vs default
-    chosen = {b: max((s for s in sweep[b].values() if s["config"]["recipe"] == "robust"),
-                     key=lambda s: s["val_acc_mean"])["config"] for b in sweep}
-    best_ce = {b: max((s for s in sweep[b].values() if s["config"]["recipe"] == "ce"),
-                      key=lambda s: s["val_acc_mean"])["config"] for b in sweep}
+    chosen = {
+        b: max((s for s in sweep[b].values() if s["config"]["recipe"] == "robust"), key=lambda s: s["val_acc_mean"])[
+            "config"
+        ]
+        for b in sweep
+    }
+    best_ce = {
+        b: max((s for s in sweep[b].values() if s["config"]["recipe"] == "ce"), key=lambda s: s["val_acc_mean"])[
+            "config"
+        ]
+        for b in sweep
+    }
     entry["chosen_on_validation"] = {"robust": chosen, "plain_ce": best_ce}
     confirm: dict[str, dict] = {}
     if not args.skip_confirm:
         for budget in sweep:
             labels = budget_labels(train, budget)
-            for tag, c in (("default robust", DEFAULT), ("chosen robust", chosen[budget]),
-                           ("chosen plain CE", best_ce[budget])):
-                same = next((v["test_acc"] for v in confirm.get(budget, {}).values()
-                             if trained_as(v["config"], labels) == trained_as(c, labels)), None)
-                accs = same or [accuracy(fit_one(c, train, labels, seed, args.cache_dir, args.threads, args.mode),
-                                         test) for seed in confirm_seeds]   # the default chosen: not trained twice
+            for tag, c in (
+                ("default robust", DEFAULT),
+                ("chosen robust", chosen[budget]),
+                ("chosen plain CE", best_ce[budget]),
+            ):
+                same = next(
+                    (
+                        v["test_acc"]
+                        for v in confirm.get(budget, {}).values()
+                        if trained_as(v["config"], labels) == trained_as(c, labels)
+                    ),
+                    None,
+                )
+                accs = same or [
+                    accuracy(fit_one(c, train, labels, seed, args.cache_dir, args.threads, args.mode), test)
+                    for seed in confirm_seeds
+                ]  # the default chosen: not trained twice
                 mu, sd = mean_std(accs)
-                confirm.setdefault(budget, {})[tag] = {"config": c, "test_acc_mean": mu, "test_acc_std": sd,
-                                                       "test_acc": accs}
+                confirm.setdefault(budget, {})[tag] = {
+                    "config": c,
+                    "test_acc_mean": mu,
+                    "test_acc_std": sd,
+                    "test_acc": accs,
+                }
                 print(f"  [{budget}] test, {tag} {name_of(c)}: {mu * 100:.2f} ± {sd * 100:.2f}", flush=True)
     entry.update({"complete": True, "confirm_on_test": confirm, "seconds": time.perf_counter() - t_start})
     write_merged(args.out, key, entry)
@@ -220,9 +288,15 @@ def main(argv: list[str] | None = None) -> int:
         for i, budget in enumerate(sweep):
             names = [n for n in sweep[budget]]
             y = np.arange(len(names))
-            ax.barh(y + (i - 0.5) * width, [sweep[budget][n]["val_acc_mean"] * 100 for n in names], height=width,
-                    xerr=[sweep[budget][n]["val_acc_std"] * 100 for n in names], label=f"{budget} labels",
-                    alpha=0.85, capsize=2)
+            ax.barh(
+                y + (i - 0.5) * width,
+                [sweep[budget][n]["val_acc_mean"] * 100 for n in names],
+                height=width,
+                xerr=[sweep[budget][n]["val_acc_std"] * 100 for n in names],
+                label=f"{budget} labels",
+                alpha=0.85,
+                capsize=2,
+            )
             ax.set_yticks(y, names, fontsize=7)
         vals = [s["val_acc_mean"] * 100 for b in sweep for s in sweep[b].values()]
         ax.set_xlim(min(vals) - 2, max(vals) + 1)
@@ -230,11 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_xlabel("validation accuracy (%) (20% of MR train held out, gold)")
         ax.legend(fontsize=8)
         ax.grid(axis="x", alpha=0.3)
+
     n = len(next(iter(sweep.values())))
     png = args.out.with_suffix(".png")
-    plot(png, draw,
-         f"{args.mode} recipe sweep ({len(fit):,} fit rows) on held-out MR train, GPT-3.5 labels, seeds {seeds}",
-         figsize=(9, 0.3 * n + 1.5))
+    plot(
+        png,
+        draw,
+        f"{args.mode} recipe sweep ({len(fit):,} fit rows) on held-out MR train, GPT-3.5 labels, seeds {seeds}",
+        figsize=(9, 0.3 * n + 1.5),
+    )
     print(f"\nchosen on validation: {chosen}\nwrote {args.out} and {png}")
     return 0
 

@@ -19,6 +19,7 @@ distinct. They are as long as MR's sentences (~21 words).
 
 -> bench/results/encoders.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ def synthetic_texts(sentences: list[str], n: int, seed: int = 0) -> list[str]:
     while len(out) < n:
         for a, b in rng.integers(len(words), size=(min(n, 200_000), 2)):
             wa, wb = words[a], words[b]
-            text = " ".join(wa[:len(wa) // 2] + wb[len(wb) // 2:])
+            text = " ".join(wa[: len(wa) // 2] + wb[len(wb) // 2 :])
             if text not in seen:
                 seen.add(text)
                 out.append(text)
@@ -65,11 +66,28 @@ def accuracy(args: argparse.Namespace, train, test) -> dict:
     for column in ("label", "gpt35_label"):
         for enc in ENCODERS:
             cfg = SLMConfig(mode="head", encoder=enc)
-            runs = [train_and_score(train, test, column, Recipe.plain_ce(), False, cfg, FreeALConfig(), seed,
-                                    args.cache_dir, f"{enc} {column}")[0] for seed in args.seeds]
+            runs = [
+                train_and_score(
+                    train,
+                    test,
+                    column,
+                    Recipe.plain_ce(),
+                    False,
+                    cfg,
+                    FreeALConfig(),
+                    seed,
+                    args.cache_dir,
+                    f"{enc} {column}",
+                )[0]
+                for seed in args.seeds
+            ]
             m, s = mean_std([r["test_acc"] for r in runs])
-            out[f"{enc} | {column}"] = {"test_acc_mean": m, "test_acc_std": s,
-                                        "test_acc": [r["test_acc"] for r in runs], "seeds": args.seeds}
+            out[f"{enc} | {column}"] = {
+                "test_acc_mean": m,
+                "test_acc_std": s,
+                "test_acc": [r["test_acc"] for r in runs],
+                "seeds": args.seeds,
+            }
             print(f"{enc:>18} CE on {column:<11}: test {100 * m:.2f} ± {100 * s:.2f}", flush=True)
     return out
 
@@ -91,7 +109,7 @@ def speed(args: argparse.Namespace, texts: list[str]) -> dict:
     from freeal_stream.slm.encoder import load_encoder
     from freeal_stream.slm.static_encoder import static_model_dir
 
-    with tempfile.TemporaryDirectory() as tmp:   # the one-time distillation, timed; and is it deterministic?
+    with tempfile.TemporaryDirectory() as tmp:  # the one-time distillation, timed; and is it deterministic?
         t0 = time.perf_counter()
         fresh = static_model_dir(Path(tmp))
         distill_s = time.perf_counter() - t0
@@ -106,19 +124,22 @@ def speed(args: argparse.Namespace, texts: list[str]) -> dict:
     try:
         for rep in range(args.reps):
             for enc in ENCODERS:
-                sample = texts[:n[enc]]
+                sample = texts[: n[enc]]
                 for threads in (1, 2):
                     torch.set_num_threads(threads)
-                    encoders[enc].embed(sample[:256])   # warm
+                    encoders[enc].embed(sample[:256])  # warm
                     rates.setdefault(f"{enc} | in-process {threads} thread(s)", []).append(
-                        timed(lambda enc=enc, sample=sample: encoders[enc].embed(sample), len(sample)))
+                        timed(lambda enc=enc, sample=sample: encoders[enc].embed(sample), len(sample))
+                    )
                 for size, pool in pools.items():
                     threads = pool.work_threads()
                     ray.get([a.embed.remote(enc, sample[:256], t) for a, t in zip(pool.actors, threads)])  # load
                     rates.setdefault(f"{enc} | {size} scorer(s) x {threads[0]} thread(s)", []).append(
-                        timed(lambda pool=pool, enc=enc, sample=sample: pool.embed(enc, sample), len(sample)))
-            print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()),
-                  flush=True)
+                        timed(lambda pool=pool, enc=enc, sample=sample: pool.embed(enc, sample), len(sample))
+                    )
+            print(
+                f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()), flush=True
+            )
         million = {}
         if args.million:
             big = synthetic_texts(args.sentences, args.million)
@@ -129,15 +150,24 @@ def speed(args: argparse.Namespace, texts: list[str]) -> dict:
             t0 = time.perf_counter()
             pools[2].embed(ENCODERS[1], big)
             million["2 scorers x 1 thread"] = time.perf_counter() - t0
-            print(f"{ENCODERS[1]} on {args.million:,} texts: " +
-                  ", ".join(f"{k} {v:.0f} s" for k, v in million.items()), flush=True)
+            print(
+                f"{ENCODERS[1]} on {args.million:,} texts: " + ", ".join(f"{k} {v:.0f} s" for k, v in million.items()),
+                flush=True,
+            )
     finally:
         ray.shutdown()
     med = {k: statistics.median(v) for k, v in rates.items()}
     best_minilm = max(v for k, v in med.items() if k.startswith(ENCODERS[0]))
-    return {"distill_s": distill_s, "distill_identical_to_cached": same, "texts_per_s_median": med,
-            "texts_per_s_runs": rates, "n_texts": n, "minilm_1m_projected_s": MILLION / best_minilm,
-            "static_measured_s": million, "static_measured_n": args.million}
+    return {
+        "distill_s": distill_s,
+        "distill_identical_to_cached": same,
+        "texts_per_s_median": med,
+        "texts_per_s_runs": rates,
+        "n_texts": n,
+        "minilm_1m_projected_s": MILLION / best_minilm,
+        "static_measured_s": million,
+        "static_measured_n": args.million,
+    }
 
 
 def main() -> int:
@@ -147,17 +177,19 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n-minilm", type=int, default=4096, help="texts per MiniLM speed run")
     ap.add_argument("--n-static", type=int, default=50_000, help="texts per static-encoder speed run")
-    ap.add_argument("--million", type=int, default=MILLION,
-                    help="texts for the static encoder's full run (0: skip)")
+    ap.add_argument("--million", type=int, default=MILLION, help="texts for the static encoder's full run (0: skip)")
     ap.add_argument("--skip-accuracy", action="store_true")
     args = ap.parse_args()
     if not mr_present(args.data_dir):
         return 0
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # as in the scorer actors
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as in the scorer actors
     train, test = load_mr(args.data_dir, None)
     args.sentences = train["text"].tolist() + test["text"].tolist()
-    entry = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-             "load_avg_at_start": os.getloadavg()}
+    entry = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_avg_at_start": os.getloadavg(),
+    }
     if not args.skip_accuracy:
         entry["accuracy"] = accuracy(args, train, test)
     entry["speed"] = speed(args, synthetic_texts(args.sentences, max(args.n_minilm, args.n_static)))

@@ -16,6 +16,7 @@ are disputed, and how often the SLM is right on them. Two kinds of run:
 
 -> bench/results/label_of_record.json and label_of_record.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,14 @@ def summary(llm: np.ndarray, slm: np.ndarray, slm_conf: np.ndarray, gold: np.nda
     """Accuracy of the labels of record under each rule, over items with an LLM label and a gold label, and
     the SLM's mean confidence on its disputes (a gold-free figure a user can see)."""
     by_rule = {"llm": llm, "slm": np.where(disputed, slm, llm)}
-    return {"n_llm_labelled": int(len(llm)), "n_disputed": int(disputed.sum()),
-            "slm_conf_on_disputed": round(float(slm_conf[disputed].mean()), 4) if disputed.any() else None,
-            "acc": {rule: round(float((labels == gold).mean()), 4) for rule, labels in by_rule.items()},
-            "slm_right_on_disputed": round(float((slm[disputed] == gold[disputed]).mean()), 4) if disputed.any()
-            else None,
-            "llm_right_on_disputed": round(float((llm[disputed] == gold[disputed]).mean()), 4) if disputed.any()
-            else None}
+    return {
+        "n_llm_labelled": int(len(llm)),
+        "n_disputed": int(disputed.sum()),
+        "slm_conf_on_disputed": round(float(slm_conf[disputed].mean()), 4) if disputed.any() else None,
+        "acc": {rule: round(float((labels == gold).mean()), 4) for rule, labels in by_rule.items()},
+        "slm_right_on_disputed": round(float((slm[disputed] == gold[disputed]).mean()), 4) if disputed.any() else None,
+        "llm_right_on_disputed": round(float((llm[disputed] == gold[disputed]).mean()), 4) if disputed.any() else None,
+    }
 
 
 def from_state(state: Path) -> dict:
@@ -73,13 +75,25 @@ def from_mr(data_dir: Path, seeds: list[int], cache_dir: Path) -> list[dict]:
     has = labels >= 0
     out = []
     for seed in seeds:
-        result = train_slm(train["text"].tolist(), labels, len(CLASSES), SLMConfig(mode="head"), FreeALConfig(),
-                           views=views_of(train), recipe=Recipe(), seed=seed, cache_dir=cache_dir,
-                           progress=lambda msg, seed=seed: print(f"  [seed {seed}] {msg}", flush=True))
+        result = train_slm(
+            train["text"].tolist(),
+            labels,
+            len(CLASSES),
+            SLMConfig(mode="head"),
+            FreeALConfig(),
+            views=views_of(train),
+            recipe=Recipe(),
+            seed=seed,
+            cache_dir=cache_dir,
+            progress=lambda msg, seed=seed: print(f"  [seed {seed}] {msg}", flush=True),
+        )
         disputed = ~result.clean[has]
-        out.append({"run": f"MR, GPT-3.5 labels, robust head SLM, seed {seed}",
-                    **summary(labels[has], result.probs.argmax(1)[has], result.probs.max(1)[has], gold[has],
-                              disputed)})
+        out.append(
+            {
+                "run": f"MR, GPT-3.5 labels, robust head SLM, seed {seed}",
+                **summary(labels[has], result.probs.argmax(1)[has], result.probs.max(1)[has], gold[has], disputed),
+            }
+        )
     return out
 
 
@@ -94,17 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.mr and mr_present(args.data_dir):
         runs += from_mr(args.data_dir, [int(s) for s in args.seeds.split(",")], args.cache_dir)
     if not runs:
-        if args.mr:   # MR is absent: mr_present printed the skip message
+        if args.mr:  # MR is absent: mr_present printed the skip message
             return 0
         print("nothing to measure: pass --state DIR and/or --mr", file=sys.stderr)
         return 2
-    print(f"{'run':<72} {'LLM lab.':>8} {'disputed':>8} {'SLM conf':>8} {'SLM right':>9} {'llm rule':>8} "
-          f"{'slm rule':>8}")
+    print(
+        f"{'run':<72} {'LLM lab.':>8} {'disputed':>8} {'SLM conf':>8} {'SLM right':>9} {'llm rule':>8} {'slm rule':>8}"
+    )
     for r in runs:
-        print(f"{r['run'][-72:]:<72} {r['n_llm_labelled']:>8} {r['n_disputed']:>8} "
-              f"{r['slm_conf_on_disputed'] if r['slm_conf_on_disputed'] is not None else '-':>8} "
-              f"{r['slm_right_on_disputed'] if r['slm_right_on_disputed'] is not None else '-':>9} "
-              f"{r['acc']['llm']:>8.4f} {r['acc']['slm']:>8.4f}")
+        print(
+            f"{r['run'][-72:]:<72} {r['n_llm_labelled']:>8} {r['n_disputed']:>8} "
+            f"{r['slm_conf_on_disputed'] if r['slm_conf_on_disputed'] is not None else '-':>8} "
+            f"{r['slm_right_on_disputed'] if r['slm_right_on_disputed'] is not None else '-':>9} "
+            f"{r['acc']['llm']:>8.4f} {r['acc']['slm']:>8.4f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": runs}, indent=1))
 
@@ -116,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylim(0.5, 1.0)
         ax.set_ylabel("labels of record right (LLM-labelled items)")
         ax.legend()
+
     plot(args.out.with_suffix(".png"), draw, "Label of record where the SLM disputes the LLM")
     print(f"-> {args.out}")
     return 0

@@ -10,6 +10,7 @@ before and after can be compared side by side in one run:
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.bench_large_input \
         --tree /tmp/before --tree .
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,15 +78,18 @@ def make_data(folder: Path) -> None:
     words = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor " * 2).split()
     line = " ".join(words[i % len(words)] for i in range(18_000_000))[:100_000_000]
     (folder / "one_line.csv").write_text("text\n" + line + "\na short row\n", encoding="utf-8")
-    (folder / "one_line.jsonl").write_text(json.dumps({"text": line}) + '\n{"text": "a short row"}\n',
-                                           encoding="utf-8")
+    (folder / "one_line.jsonl").write_text(json.dumps({"text": line}) + '\n{"text": "a short row"}\n', encoding="utf-8")
     (folder / "ten_mb.txt").write_text(line[:10_000_000], encoding="utf-8")
 
 
 def measure(tree: Path, data: Path, code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _RUNNER, str(data), code], cwd=tree, capture_output=True,
-                         text=True, env={"PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                                         "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(data), code],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])

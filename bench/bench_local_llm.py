@@ -18,6 +18,7 @@ Gold comes from the data (../shared/data, or --data-dir), a stratified subset of
     RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. nice -n 10 .venv/bin/python \
         python -m bench.bench_local_llm --n 100 --data-dir ../shared/data
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,11 @@ MODELS = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
 
 def figures(labels: np.ndarray, gold: np.ndarray, n_classes: int) -> dict[str, Any]:
     """Accuracy (no label counts as wrong), each class's share of the answers, and the no-label count."""
-    return {"acc": round(float((labels == gold).mean()), 4),
-            "share": [round(float((labels == c).mean()), 3) for c in range(n_classes)],
-            "no_label": int((labels < 0).sum())}
+    return {
+        "acc": round(float((labels == gold).mean()), 4),
+        "share": [round(float((labels == c).mean()), 3) for c in range(n_classes)],
+        "no_label": int((labels < 0).sum()),
+    }
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -57,8 +60,13 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return round(float(wins / (len(pos) * len(neg))), 4)
 
 
-def evaluate(verbalizer: Verbalizer, gold: np.ndarray, plain: list[ChatAnswer], constrained: list[ChatAnswer],
-             prior: np.ndarray | None) -> dict[str, Any]:
+def evaluate(
+    verbalizer: Verbalizer,
+    gold: np.ndarray,
+    plain: list[ChatAnswer],
+    constrained: list[ChatAnswer],
+    prior: np.ndarray | None,
+) -> dict[str, Any]:
     c = len(verbalizer)
     probs = [verbalizer.probs_from_logprobs(a.top_logprobs) for a in constrained]
     has = np.array([p is not None for p in probs])
@@ -71,12 +79,17 @@ def evaluate(verbalizer: Verbalizer, gold: np.ndarray, plain: list[ChatAnswer], 
     out = {
         "plain": figures(np.array([label(verbalizer.parse(a.content)) for a in plain]), gold, c),
         "constrained_word": figures(np.array([label(verbalizer.parse(a.content)) for a in constrained]), gold, c),
-        "class_logprobs": figures(np.array([label(calibration.read(verbalizer, a).label) for a in constrained]),
-                                  gold, c),
-        "calibrated_content_free": figures(np.array([label(calibration.read(verbalizer, a, prior).label)
-                                                     for a in constrained]), gold, c),
-        "calibrated_batch_prior": figures(np.array([label(calibration.read(verbalizer, a, batch / batch.sum()).label)
-                                                    for a in constrained]), gold, c) if batch is not None else None,
+        "class_logprobs": figures(
+            np.array([label(calibration.read(verbalizer, a).label) for a in constrained]), gold, c
+        ),
+        "calibrated_content_free": figures(
+            np.array([label(calibration.read(verbalizer, a, prior).label) for a in constrained]), gold, c
+        ),
+        "calibrated_batch_prior": figures(
+            np.array([label(calibration.read(verbalizer, a, batch / batch.sum()).label) for a in constrained]), gold, c
+        )
+        if batch is not None
+        else None,
         "content_free_prior": None if prior is None else [round(float(x), 4) for x in prior],
         "class_logprobs_found": int(has.sum()),
         "s_per_label_plain": round(float(np.mean([a.latency_s for a in plain])), 3),
@@ -88,9 +101,14 @@ def evaluate(verbalizer: Verbalizer, gold: np.ndarray, plain: list[ChatAnswer], 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     servers = {m: LocalLLMServer(m, threads=args.threads) for m in args.models}
-    results: dict[str, Any] = {"n_per_dataset": args.n, "subset_seed": args.seed, "models": list(args.models),
-                               "loadavg_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M"),
-                               "datasets": {}}
+    results: dict[str, Any] = {
+        "n_per_dataset": args.n,
+        "subset_seed": args.seed,
+        "models": list(args.models),
+        "loadavg_before": os.getloadavg(),
+        "started": time.strftime("%Y-%m-%d %H:%M"),
+        "datasets": {},
+    }
     try:
         for srv in servers.values():
             t = time.perf_counter()
@@ -104,24 +122,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             task = spec["description"]
             clients, plain_cfg, new_cfg = {}, {}, {}
             for m, srv in servers.items():
-                plain_cfg[m] = LLMConfig(base_url=srv.base_url, model=m, top_logprobs=5)   # a hosted endpoint's
-                new_cfg[m] = LLMConfig(model=m)                                           # the embedded server's
+                plain_cfg[m] = LLMConfig(base_url=srv.base_url, model=m, top_logprobs=5)  # a hosted endpoint's
+                new_cfg[m] = LLMConfig(model=m)  # the embedded server's
                 clients[m] = LLMClient(new_cfg[m], srv.base_url, None)
-            priors = {m: calibration.prior(verbalizer, clients[m].complete_many(calibration.calibration_requests(
-                dataclasses.replace(new_cfg[m], calibrate=True), task, verbalizer, []))) for m in servers}
+            priors = {
+                m: calibration.prior(
+                    verbalizer,
+                    clients[m].complete_many(
+                        calibration.calibration_requests(
+                            dataclasses.replace(new_cfg[m], calibrate=True), task, verbalizer, []
+                        )
+                    ),
+                )
+                for m in servers
+            }
             plain: dict[str, list[ChatAnswer]] = {m: [] for m in servers}
             constrained: dict[str, list[ChatAnswer]] = {m: [] for m in servers}
             t0 = time.time()
             for i, text in enumerate(rows["text"]):
-                for m in servers:   # interleaved: the same moment's load on both models
+                for m in servers:  # interleaved: the same moment's load on both models
                     plain[m] += clients[m].complete_many(
-                        [calibration.annotation_request(plain_cfg[m], task, verbalizer, [], text)])
+                        [calibration.annotation_request(plain_cfg[m], task, verbalizer, [], text)]
+                    )
                     constrained[m] += clients[m].complete_many(
-                        [calibration.annotation_request(new_cfg[m], task, verbalizer, [], text)])
+                        [calibration.annotation_request(new_cfg[m], task, verbalizer, [], text)]
+                    )
                 if (i + 1) % 10 == 0:
                     print(f"{ds}: {i + 1}/{len(rows)} texts, {time.time() - t0:.0f} s", file=sys.stderr)
-            results["datasets"][ds] = {m: evaluate(verbalizer, gold, plain[m], constrained[m], priors[m])
-                                       for m in servers}
+            results["datasets"][ds] = {
+                m: evaluate(verbalizer, gold, plain[m], constrained[m], priors[m]) for m in servers
+            }
             results["datasets"][ds]["wall_s"] = round(time.time() - t0, 1)
             args.out.write_text(json.dumps(results, indent=1))
     finally:
@@ -146,8 +176,10 @@ def main() -> None:
     args.models = tuple(args.models.split(","))
     missing = [ds for ds in args.datasets if not (args.data_dir / ds / "train.csv").exists()]
     if missing:
-        print(f"skip: data not found for {missing} under {args.data_dir} (expected <dataset>/train.csv); "
-              "pass --data-dir", file=sys.stderr)
+        print(
+            f"skip: data not found for {missing} under {args.data_dir} (expected <dataset>/train.csv); pass --data-dir",
+            file=sys.stderr,
+        )
         return
     print(json.dumps(run(args), indent=1))
 

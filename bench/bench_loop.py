@@ -19,6 +19,7 @@ after every round (so a run cut short keeps what it finished) and plotted to ben
     .venv/bin/python -m bench.bench_loop --dataset mr --n-train 600
     .venv/bin/python -m bench.bench_loop --plot-only --dataset mr
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,21 +43,27 @@ DATASETS: dict[str, dict[str, Any]] = {
     "mr": {
         "description": "Classify the sentiment of the movie review sentence: positive or negative.",
         "classes": {"negative": ["negative"], "positive": ["positive"]},
-        "augmented_column": "backtranslation",   # the paper's en->fr->en view, shipped with the data
+        "augmented_column": "backtranslation",  # the paper's en->fr->en view, shipped with the data
     },
     "subj": {
-        "description": ("Classify the sentence from a movie review or plot summary as subjective (it expresses "
-                        "the writer's opinion, judgement or feeling) or objective (it states facts, such as "
-                        "what happens in the plot)."),
+        "description": (
+            "Classify the sentence from a movie review or plot summary as subjective (it expresses "
+            "the writer's opinion, judgement or feeling) or objective (it states facts, such as "
+            "what happens in the plot)."
+        ),
         "classes": {"subjective": ["subjective"], "objective": ["objective"]},
-        "augmented_column": None,                # no second view in the data: model-free perturbation
+        "augmented_column": None,  # no second view in the data: model-free perturbation
     },
 }
 
 # The paper's figures (docs/METHOD.md, "Reference figures"; GPT-3.5-Turbo + RoBERTa-base, full data, test accuracy).
 PAPER = {
-    "mr": {"llm_zero_shot": 90.05, "llm_after": 93.10, "slm_after": 90.20,
-           "budgeted_slm_by_round": [81.20, 87.75, 88.95]},
+    "mr": {
+        "llm_zero_shot": 90.05,
+        "llm_after": 93.10,
+        "slm_after": 90.20,
+        "budgeted_slm_by_round": [81.20, 87.75, 88.95],
+    },
     "subj": {"llm_zero_shot": 55.65, "llm_after": 90.27, "slm_after": 94.45, "budgeted_slm_by_round": None},
 }
 
@@ -72,13 +79,15 @@ def stratified(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return part.reset_index(drop=True)
 
 
-def write_subsets(dataset: str, data_dir: Path, work: Path, n_train: int, n_test: int, subset_seed: int
-                  ) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
+def write_subsets(
+    dataset: str, data_dir: Path, work: Path, n_train: int, n_test: int, subset_seed: int
+) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     train = pd.read_csv(data_dir / dataset / "train.csv", keep_default_na=False)
     test = pd.read_csv(data_dir / dataset / "test.csv", keep_default_na=False)
     train, test = stratified(train, n_train, subset_seed), stratified(test, n_test, subset_seed)
-    keep = ["id", "text", "label"] + ([DATASETS[dataset]["augmented_column"]]
-                                      if DATASETS[dataset]["augmented_column"] else [])
+    keep = ["id", "text", "label"] + (
+        [DATASETS[dataset]["augmented_column"]] if DATASETS[dataset]["augmented_column"] else []
+    )
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"{dataset}_train_{len(train)}_s{subset_seed}.csv"
     train[keep].to_csv(path, index=False)
@@ -86,14 +95,17 @@ def write_subsets(dataset: str, data_dir: Path, work: Path, n_train: int, n_test
     return path, train, test
 
 
-def job_dict(dataset: str, schedule: str, data_path: Path, state_dir: Path, args: argparse.Namespace,
-             seed: int) -> dict[str, Any]:
+def job_dict(
+    dataset: str, schedule: str, data_path: Path, state_dir: Path, args: argparse.Namespace, seed: int
+) -> dict[str, Any]:
     spec = DATASETS[dataset]
     data = {"path": str(data_path), "text_column": "text", "id_column": "id", "gold_column": "label"}
     if spec["augmented_column"]:
         data["augmented_column"] = spec["augmented_column"]
-    freeal: dict[str, Any] = {"schedule": schedule,
-                              "rounds": args.rounds_full if schedule == "full" else args.rounds_budgeted}
+    freeal: dict[str, Any] = {
+        "schedule": schedule,
+        "rounds": args.rounds_full if schedule == "full" else args.rounds_budgeted,
+    }
     if schedule == "budgeted":
         freeal["query_fraction"] = args.fraction
     return {
@@ -101,7 +113,7 @@ def job_dict(dataset: str, schedule: str, data_path: Path, state_dir: Path, args
         "data": data,
         "task": {"description": spec["description"], "classes": spec["classes"]},
         "llm": {"base_url": None, "model": "qwen2.5-coder-0.5b-instruct", "temperature": 0.0, "concurrency": 1},
-        "slm": {"mode": args.slm_mode, "threads": args.threads},   # everything else: the project's defaults
+        "slm": {"mode": args.slm_mode, "threads": args.threads},  # everything else: the project's defaults
         "freeal": freeal,
         "state_dir": str(state_dir),
         "seed": seed,
@@ -116,9 +128,13 @@ def acc(pred: np.ndarray, gold: np.ndarray) -> float | None:
 def llm_figures(labels: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
     """Accuracy of LLM labels (-1 = no label): counting no-label as wrong, and on the labelled only."""
     has = labels >= 0
-    return {"n": int(len(labels)), "no_label": int((~has).sum()), "acc": acc(labels, gold),
-            "acc_on_labelled": acc(labels[has], gold[has]),
-            "pred_share_by_class": [round(float((labels == c).mean()), 4) for c in range(2)] if len(labels) else None}
+    return {
+        "n": int(len(labels)),
+        "no_label": int((~has).sum()),
+        "acc": acc(labels, gold),
+        "acc_on_labelled": acc(labels[has], gold[has]),
+        "pred_share_by_class": [round(float((labels == c).mean()), 4) for c in range(2)] if len(labels) else None,
+    }
 
 
 def usage_delta(after: dict[str, int], before: dict[str, int]) -> dict[str, Any]:
@@ -134,21 +150,38 @@ def zero_shot_pass(run: Any, texts: list[str], gold: np.ndarray, say: Any) -> di
 
     ctx = run.ctx
     store = ctx.store
-    reqs = [ChatRequest.build(annotation_messages(ctx.job.task.description, ctx.verbalizer, [], t), ctx.llm,
-                              TEMPLATE_VERSION) for t in texts]
+    reqs = [
+        ChatRequest.build(
+            annotation_messages(ctx.job.task.description, ctx.verbalizer, [], t), ctx.llm, TEMPLATE_VERSION
+        )
+        for t in texts
+    ]
     before, t0 = store.spent(), time.time()
     answers = ctx.session.annotators.complete_many(
-        reqs, progress=lambda d, t, _l: ctx.progress.update("zero-shot pass", d, t))
+        reqs, progress=lambda d, t, _l: ctx.progress.update("zero-shot pass", d, t)
+    )
     labels = np.array([-1 if (p := ctx.verbalizer.parse(a.content)) is None else p for a in answers])
-    out = {**llm_figures(labels, gold), "seconds": round(time.time() - t0, 1),
-           "usage": usage_delta(store.spent(), before)}
-    say(f"zero-shot: acc {out['acc']} (on labelled {out['acc_on_labelled']}, no label {out['no_label']}), "
-        f"{out['usage']['requests']} requests, {out['seconds']} s")
+    out = {
+        **llm_figures(labels, gold),
+        "seconds": round(time.time() - t0, 1),
+        "usage": usage_delta(store.spent(), before),
+    }
+    say(
+        f"zero-shot: acc {out['acc']} (on labelled {out['acc_on_labelled']}, no label {out['no_label']}), "
+        f"{out['usage']['requests']} requests, {out['seconds']} s"
+    )
     return out
 
 
-def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: list[str], test_gold: np.ndarray,
-                 wall: float, before: dict[str, int]) -> dict[str, Any]:
+def round_record(
+    run: Any,
+    round_: int,
+    gold_by_id: dict[str, int],
+    test_texts: list[str],
+    test_gold: np.ndarray,
+    wall: float,
+    before: dict[str, int],
+) -> dict[str, Any]:
     from freeal_stream.actors.scorers import ShardInput
     from freeal_stream.rounds.planning import llm_label_array
     from freeal_stream.store import LABEL_RULES
@@ -163,8 +196,12 @@ def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: 
     annotated = store.annotated_positions()
     t0 = time.time()
     logits: list = []
-    ctx.session.scorers.score_shards(f"test-{round_}", run.latest.files, [(0, ShardInput(texts=test_texts))],
-                                     lambda _s, scores: logits.append(scores.logits))
+    ctx.session.scorers.score_shards(
+        f"test-{round_}",
+        run.latest.files,
+        [(0, ShardInput(texts=test_texts))],
+        lambda _s, scores: logits.append(scores.logits),
+    )
     probs = logits[0]
     test_s = time.time() - t0
     rule = ctx.job.freeal.label_of_record
@@ -173,21 +210,24 @@ def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: 
     demos = store.demo_pool(round_)
     demo_right = [gold_by_id[d.id] == d.label for d in demos if d.id in gold_by_id]
     rec = {
-        "round": round_, "metrics": m,
+        "round": round_,
+        "metrics": m,
         "llm_this_round": llm_figures(llm[at], gold[at]) if len(at) else None,
         "llm_all_annotated": llm_figures(llm[annotated], gold[annotated]),
-        "llm_whole_pool": llm_figures(llm, gold),            # never-annotated texts count as no label
+        "llm_whole_pool": llm_figures(llm, gold),  # never-annotated texts count as no label
         "annotated_total": int(len(annotated)),
         "slm_pool_acc": m.get("slm_acc"),
-        "slm_test_acc": acc(probs.argmax(1), test_gold), "test_n": int(len(test_gold)),
+        "slm_test_acc": acc(probs.argmax(1), test_gold),
+        "test_n": int(len(test_gold)),
         "test_scoring_s": round(test_s, 1),
         "labels_of_record_acc": round(by_rule[rule][1] / by_rule[rule][0], 4) if by_rule[rule][0] else None,
         "labels_of_record_acc_by_rule": {r: round(right / n, 4) if n else None for r, (n, right) in by_rule.items()},
         "labels_by_source": by_source,
         "llm_labels_disputed": disputed,
         "clean_precision": m.get("clean_precision"),
-        "demo_pool": len(demos), "demo_pool_acc": round(float(np.mean(demo_right)), 4) if demo_right else None,
-        "usage_in_call": usage_delta(store.spent(), before),   # demo generation included in round 1
+        "demo_pool": len(demos),
+        "demo_pool_acc": round(float(np.mean(demo_right)), 4) if demo_right else None,
+        "usage_in_call": usage_delta(store.spent(), before),  # demo generation included in round 1
         "usage_total": store.spent(),
         "wall_s": round(wall, 1),
     }
@@ -195,8 +235,16 @@ def round_record(run: Any, round_: int, gold_by_id: dict[str, int], test_texts: 
     return rec
 
 
-def run_schedule(dataset: str, schedule: str, seed: int, data_path: Path, train: pd.DataFrame,
-                 test: pd.DataFrame, args: argparse.Namespace, save: Any) -> dict[str, Any]:
+def run_schedule(
+    dataset: str,
+    schedule: str,
+    seed: int,
+    data_path: Path,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    args: argparse.Namespace,
+    save: Any,
+) -> dict[str, Any]:
     from freeal_stream.config import load_job
     from freeal_stream.intake import ingest
     from freeal_stream.loop import FreeALRun
@@ -217,9 +265,17 @@ def run_schedule(dataset: str, schedule: str, seed: int, data_path: Path, train:
     test_texts = test["text"].tolist()
     progress = Progress()
     say = lambda msg: progress.say(f"[{dataset} {schedule} seed {seed}] {msg}")
-    entry: dict[str, Any] = {"dataset": dataset, "schedule": schedule, "seed": seed, "job_file": str(job_file),
-                             "job": raw, "n_pool": len(train), "n_test": len(test), "rounds": [],
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    entry: dict[str, Any] = {
+        "dataset": dataset,
+        "schedule": schedule,
+        "seed": seed,
+        "job_file": str(job_file),
+        "job": raw,
+        "n_pool": len(train),
+        "n_test": len(test),
+        "rounds": [],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     t_start = time.time()
     with open_session(job, progress) as session:
         ingest(job, session.store, progress)
@@ -241,14 +297,19 @@ def run_schedule(dataset: str, schedule: str, seed: int, data_path: Path, train:
             if round_ == 1:
                 rec["demo_generation"] = {
                     "requests": rec["usage_in_call"]["requests"] - (rec["metrics"].get("requests_round") or 0),
-                    "demos": [{"text": d.text, "label": names[d.label], "source": d.source}
-                              for d in session.store.demo_pool(0)]}
+                    "demos": [
+                        {"text": d.text, "label": names[d.label], "source": d.source}
+                        for d in session.store.demo_pool(0)
+                    ],
+                }
             entry["rounds"].append(rec)
             say(format_round(rec["metrics"]))
-            say(f"round {round_}: LLM this round {rec['llm_this_round'] and rec['llm_this_round']['acc']} | "
+            say(
+                f"round {round_}: LLM this round {rec['llm_this_round'] and rec['llm_this_round']['acc']} | "
                 f"LLM all annotated {rec['llm_all_annotated']['acc']} | SLM pool {rec['slm_pool_acc']} "
                 f"test {rec['slm_test_acc']} | labels of record {rec['labels_of_record_acc']} | "
-                f"cached share {rec['usage_in_call']['cached_share']} | wall {rec['wall_s']} s")
+                f"cached share {rec['usage_in_call']['cached_share']} | wall {rec['wall_s']} s"
+            )
             save(entry)
             if not ok:
                 break
@@ -283,21 +344,27 @@ def print_tables(dataset: str, data: dict[str, Any]) -> None:
         print(f"\n{dataset} {key}: pool {e['n_pool']}, test subset {e['n_test']}, wall {e.get('wall_s', '?')} s")
         if "zero_shot" in e:
             z = e["zero_shot"]
-            print(f"  zero-shot LLM: {pct(z['acc'])} ({pct(z['acc_on_labelled'])} on labelled, {z['no_label']} no "
-                  f"label), {z['usage']['requests']} requests, cached share {z['usage']['cached_share']}, "
-                  f"{z['seconds']} s")
-        print("| round | to LLM | annotated | LLM acc this round | LLM acc all annotated | SLM pool | SLM test "
-              "| labels of record | clean prec | requests (loop cum) | prompt tok | compl tok | cached share "
-              "| wall s |")
+            print(
+                f"  zero-shot LLM: {pct(z['acc'])} ({pct(z['acc_on_labelled'])} on labelled, {z['no_label']} no "
+                f"label), {z['usage']['requests']} requests, cached share {z['usage']['cached_share']}, "
+                f"{z['seconds']} s"
+            )
+        print(
+            "| round | to LLM | annotated | LLM acc this round | LLM acc all annotated | SLM pool | SLM test "
+            "| labels of record | clean prec | requests (loop cum) | prompt tok | compl tok | cached share "
+            "| wall s |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in e["rounds"]:
             m, u = r["metrics"], r["usage_in_call"]
             cum = r["usage_total"]["requests"] - zero_shot_requests(e)
-            print(f"| {r['round']} | {m['llm_requested']} | {r['annotated_total']} | "
-                  f"{pct(r['llm_this_round'] and r['llm_this_round']['acc'])} | {pct(r['llm_all_annotated']['acc'])} | "
-                  f"{pct(r['slm_pool_acc'])} | {pct(r['slm_test_acc'])} | {pct(r['labels_of_record_acc'])} | "
-                  f"{pct(r['clean_precision'])} | {u['requests']} ({cum}) | "
-                  f"{u['prompt_tokens']} | {u['completion_tokens']} | {u['cached_share']} | {r['wall_s']} |")
+            print(
+                f"| {r['round']} | {m['llm_requested']} | {r['annotated_total']} | "
+                f"{pct(r['llm_this_round'] and r['llm_this_round']['acc'])} | {pct(r['llm_all_annotated']['acc'])} | "
+                f"{pct(r['slm_pool_acc'])} | {pct(r['slm_test_acc'])} | {pct(r['labels_of_record_acc'])} | "
+                f"{pct(r['clean_precision'])} | {u['requests']} ({cum}) | "
+                f"{u['prompt_tokens']} | {u['completion_tokens']} | {u['cached_share']} | {r['wall_s']} |"
+            )
 
 
 def plot(dataset: str, data: dict[str, Any], out: Path) -> None:
@@ -338,26 +405,47 @@ def plot(dataset: str, data: dict[str, Any], out: Path) -> None:
             continue
         req = [r["usage_total"]["requests"] - zero_shot_requests(e) for r in e["rounds"]]
         s = f" s{e['seed']}"
-        ls, fill = ("-", "full") if e["seed"] == 0 else (":", "none")   # seed 0 solid, others dotted, hollow
-        for key, mk, c, name in (("llm_all_annotated", "o", "C0", "LLM labels so far"),
-                                 ("labels_of_record_acc", "s", "C3", "labels of record (pool)"),
-                                 ("slm_pool_acc", "^", "C1", "SLM (pool)"), ("slm_test_acc", "v", "C2", "SLM (test)")):
+        ls, fill = ("-", "full") if e["seed"] == 0 else (":", "none")  # seed 0 solid, others dotted, hollow
+        for key, mk, c, name in (
+            ("llm_all_annotated", "o", "C0", "LLM labels so far"),
+            ("labels_of_record_acc", "s", "C3", "labels of record (pool)"),
+            ("slm_pool_acc", "^", "C1", "SLM (pool)"),
+            ("slm_test_acc", "v", "C2", "SLM (test)"),
+        ):
             ys = [100 * (r[key]["acc"] if isinstance(r[key], dict) else r[key]) for r in e["rounds"]]
             ax.plot(req, ys, marker=mk, ls=ls, c=c, fillstyle=fill, label=name + s)
         for r, q in zip(e["rounds"] if e["seed"] == 0 else [], req):
-            ax.annotate(f"{r['annotated_total']}", (q, 100 * r["labels_of_record_acc"]), fontsize=6,
-                        textcoords="offset points", xytext=(2, 4))
+            ax.annotate(
+                f"{r['annotated_total']}",
+                (q, 100 * r["labels_of_record_acc"]),
+                fontsize=6,
+                textcoords="offset points",
+                xytext=(2, 4),
+            )
     if full:
         e = full[0]
         r = e["rounds"][-1]
         spent = r["usage_total"]["requests"] - zero_shot_requests(e)
-        ax.scatter([spent], [100 * r["labels_of_record_acc"]], marker="*", s=120, c="k",
-                   label="full schedule, labels of record")
-        ax.scatter([spent], [100 * r["llm_whole_pool"]["acc"]],
-                   marker="*", s=120, c="C0", label="full schedule, LLM labels")
+        ax.scatter(
+            [spent],
+            [100 * r["labels_of_record_acc"]],
+            marker="*",
+            s=120,
+            c="k",
+            label="full schedule, labels of record",
+        )
+        ax.scatter(
+            [spent], [100 * r["llm_whole_pool"]["acc"]], marker="*", s=120, c="C0", label="full schedule, LLM labels"
+        )
         if "zero_shot" in e:
-            ax.scatter([zero_shot_requests(e)], [100 * e["zero_shot"]["acc"]], marker="X", s=70, c="C2",
-                       label="zero-shot pass, every text")
+            ax.scatter(
+                [zero_shot_requests(e)],
+                [100 * e["zero_shot"]["acc"]],
+                marker="X",
+                s=70,
+                c="C2",
+                label="zero-shot pass, every text",
+            )
     ax.set_xlabel("LLM requests (cumulative; demo generation in, zero-shot pass out)")
     ax.set_ylabel("accuracy %")
     ax.set_ylim(30, 105)
@@ -405,16 +493,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     missing = [ds for ds in datasets if not (args.data_dir / ds / "train.csv").exists()]
     if missing:
-        print(f"skip: data not found for {missing} under {args.data_dir} (expected <dataset>/train.csv and "
-              "test.csv); pass --data-dir to point at it", file=sys.stderr)
+        print(
+            f"skip: data not found for {missing} under {args.data_dir} (expected <dataset>/train.csv and "
+            "test.csv); pass --data-dir to point at it",
+            file=sys.stderr,
+        )
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     for ds in datasets:
-        data_path, train, test = write_subsets(ds, args.data_dir, args.work, args.n_train, args.n_test,
-                                               args.subset_seed)
+        data_path, train, test = write_subsets(
+            ds, args.data_dir, args.work, args.n_train, args.n_test, args.subset_seed
+        )
         out = args.results / f"loop_{ds}.json"
-        print(f"{ds}: pool {len(train)} ({train['label'].value_counts().to_dict()}), test subset {len(test)}; "
-              f"subsets in {args.work}; results -> {out}", flush=True)
+        print(
+            f"{ds}: pool {len(train)} ({train['label'].value_counts().to_dict()}), test subset {len(test)}; "
+            f"subsets in {args.work}; results -> {out}",
+            flush=True,
+        )
         for schedule in args.schedules.split(","):
             for seed in seeds:
                 key = f"{schedule}-n{len(train)}-seed{seed}"

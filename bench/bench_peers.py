@@ -17,6 +17,7 @@ run, same seeds.
 -> bench/results/peers_mr.json and peers_mr.png. Head mode (frozen all-MiniLM-L6-v2 + MLP), fixed epochs,
 nothing selected on the test set.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,13 +44,12 @@ from freeal_stream.config import FreeALConfig, SLMConfig
 from freeal_stream.slm.trainer import Recipe, train_slm
 from strategies.measures import uncertainty
 
-AL_BATCH = 0.05   # of the pool per query batch (and the random start); 10 retrainings to 50% on a slow box
+AL_BATCH = 0.05  # of the pool per query batch (and the random start); 10 retrainings to 50% on a slow box
 AL_CHECKPOINTS = (0.10, 0.20, 0.50)
 
 
 def _quiet_train(texts, labels, cfg, freeal, seed, cache_dir):
-    return train_slm(texts, labels, len(CLASSES), cfg, freeal, recipe=Recipe.plain_ce(), seed=seed,
-                     cache_dir=cache_dir)
+    return train_slm(texts, labels, len(CLASSES), cfg, freeal, recipe=Recipe.plain_ce(), seed=seed, cache_dir=cache_dir)
 
 
 def _test_acc(result, test) -> float:
@@ -67,7 +67,7 @@ def cleanlab_peer(train, test, cfg, freeal, seed, cache_dir, folds: int) -> dict
     t0 = time.perf_counter()
     for _, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(has, labels[has]):
         fold_labels = labels.copy()
-        fold_labels[has[held]] = -1            # held-out fold: its labels are never seen by its model
+        fold_labels[has[held]] = -1  # held-out fold: its labels are never seen by its model
         oos[has[held]] = _quiet_train(texts, fold_labels, cfg, freeal, seed, cache_dir).probs[has[held]]
     issues = find_label_issues(labels=labels[has], pred_probs=oos[has])
     kept = labels.copy()
@@ -75,11 +75,17 @@ def cleanlab_peer(train, test, cfg, freeal, seed, cache_dir, folds: int) -> dict
     result = _quiet_train(texts, kept, cfg, freeal, seed, cache_dir)
     right = labels == gold
     keep_rows = has[~issues]
-    return {"seed": seed, "test_acc": _test_acc(result, test), "folds": folds, "n_issues": int(issues.sum()),
-            "n_kept": int(len(keep_rows)), "kept_precision": float(right[keep_rows].mean()),
-            "issues_precision": float((~right[has[issues]]).mean()) if issues.any() else None,
-            "oos_acc_vs_gold": float((oos[has].argmax(1) == gold[has]).mean()),
-            "seconds": time.perf_counter() - t0}
+    return {
+        "seed": seed,
+        "test_acc": _test_acc(result, test),
+        "folds": folds,
+        "n_issues": int(issues.sum()),
+        "n_kept": int(len(keep_rows)),
+        "kept_precision": float(right[keep_rows].mean()),
+        "issues_precision": float((~right[has[issues]]).mean()) if issues.any() else None,
+        "oos_acc_vs_gold": float((oos[has].argmax(1) == gold[has]).mean()),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def active_learning(train, test, cfg, freeal, seed, cache_dir) -> dict:
@@ -91,30 +97,42 @@ def active_learning(train, test, cfg, freeal, seed, cache_dir) -> dict:
     targets = [int(round(f * n)) for f in np.arange(AL_BATCH, max(AL_CHECKPOINTS) + 1e-9, AL_BATCH)]
     checkpoints = {int(round(f * n)): f for f in AL_CHECKPOINTS}
     queried = np.zeros(n, dtype=bool)
-    queried[rng.choice(n, size=step, replace=False)] = True          # the random start
+    queried[rng.choice(n, size=step, replace=False)] = True  # the random start
     curve, t0, result = [], time.perf_counter(), None
     for target in targets:
         if queried.sum() < target:
             unl = np.flatnonzero(~queried)
-            perm = rng.permutation(len(unl))                      # random tie-break among equal scores
-            u = uncertainty(result.probs[unl[perm]], "entropy")   # the SLM trained on the previous batch
-            queried[unl[perm][np.argsort(-u, kind="stable")][:target - queried.sum()]] = True
+            perm = rng.permutation(len(unl))  # random tie-break among equal scores
+            u = uncertainty(result.probs[unl[perm]], "entropy")  # the SLM trained on the previous batch
+            queried[unl[perm][np.argsort(-u, kind="stable")][: target - queried.sum()]] = True
         labels = np.where(queried, gold, -1)
         result = _quiet_train(texts, labels, cfg, freeal, seed, cache_dir)
         acc = _test_acc(result, test)
         curve.append({"n_labelled": int(queried.sum()), "fraction": float(queried.sum() / n), "test_acc": acc})
-        print(f"  [AL entropy seed {seed}] {queried.sum()} gold labels ({queried.sum() / n:.0%}): test {acc:.4f}",
-              flush=True)
+        print(
+            f"  [AL entropy seed {seed}] {queried.sum()} gold labels ({queried.sum() / n:.0%}): test {acc:.4f}",
+            flush=True,
+        )
     random_pts = []
     for target, frac in checkpoints.items():
         labels = np.full(n, -1)
         pick = np.random.default_rng(seed + 1000).choice(n, size=target, replace=False)
         labels[pick] = gold[pick]
-        random_pts.append({"n_labelled": target, "fraction": frac,
-                           "test_acc": _test_acc(_quiet_train(texts, labels, cfg, freeal, seed, cache_dir), test)})
+        random_pts.append(
+            {
+                "n_labelled": target,
+                "fraction": frac,
+                "test_acc": _test_acc(_quiet_train(texts, labels, cfg, freeal, seed, cache_dir), test),
+            }
+        )
     at = {f"{f:.0%}": next(c["test_acc"] for c in curve if c["n_labelled"] == t) for t, f in checkpoints.items()}
-    return {"seed": seed, "entropy_at": at, "random_at": {f"{p['fraction']:.0%}": p["test_acc"] for p in random_pts},
-            "curve": curve, "seconds": time.perf_counter() - t0}
+    return {
+        "seed": seed,
+        "entropy_at": at,
+        "random_at": {f"{p['fraction']:.0%}": p["test_acc"] for p in random_pts},
+        "curve": curve,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,19 +152,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cfg.threads)
     train, test = load_mr(args.data_dir, args.train_limit)
     llm, gold = label_index(train["gpt35_label"]), label_index(train["label"])
-    llm_baseline = {"measured_on": f"MR train ({len(train):,} rows; mr/test.csv has no gpt35_label column)",
-                    "acc_no_answer_wrong": float((llm == gold).mean()),
-                    "acc_on_answered": float((llm == gold)[llm >= 0].mean()), "n_no_answer": int((llm < 0).sum())}
+    llm_baseline = {
+        "measured_on": f"MR train ({len(train):,} rows; mr/test.csv has no gpt35_label column)",
+        "acc_no_answer_wrong": float((llm == gold).mean()),
+        "acc_on_answered": float((llm == gold)[llm >= 0].mean()),
+        "n_no_answer": int((llm < 0).sum()),
+    }
     print(f"LLM baseline (train rows): {llm_baseline}", flush=True)
 
-    refs = {"a_gold_ce": ("label", Recipe.plain_ce(), False), "b_gpt35_ce": ("gpt35_label", Recipe.plain_ce(), False),
-            "c_gpt35_robust_bt": ("gpt35_label", Recipe(), True)}
+    refs = {
+        "a_gold_ce": ("label", Recipe.plain_ce(), False),
+        "b_gpt35_ce": ("gpt35_label", Recipe.plain_ce(), False),
+        "c_gpt35_robust_bt": ("gpt35_label", Recipe(), True),
+    }
     runs: dict[str, list[dict]] = {k: [] for k in [*refs, "cleanlab_ce", "al_entropy_gold"]}
     for seed in seeds:
         for name, (col, recipe, view) in refs.items():
             m, _ = train_and_score(train, test, col, recipe, view, cfg, freeal, seed, args.cache_dir, name)
-            runs[name].append({k: m.get(k) for k in ("seed", "test_acc", "n_clean", "clean_precision",
-                                                      "demo_precision")})
+            runs[name].append(
+                {k: m.get(k) for k in ("seed", "test_acc", "n_clean", "clean_precision", "demo_precision")}
+            )
             print(f"  {name} seed {seed}: test {m['test_acc']:.4f}", flush=True)
         cl = cleanlab_peer(train, test, cfg, freeal, seed, args.cache_dir, args.folds)
         runs["cleanlab_ce"].append(cl)
@@ -158,22 +183,38 @@ def main(argv: list[str] | None = None) -> int:
     for name in [*refs, "cleanlab_ce"]:
         mu, sd = mean_std([r["test_acc"] for r in runs[name]])
         summary[name] = {"test_acc_mean": mu, "test_acc_std": sd}
-    summary["cleanlab_ce"].update({k + "_mean": mean_std([r[k] for r in runs["cleanlab_ce"]])[0]
-                                   for k in ("n_kept", "kept_precision", "n_issues")})
+    summary["cleanlab_ce"].update(
+        {
+            k + "_mean": mean_std([r[k] for r in runs["cleanlab_ce"]])[0]
+            for k in ("n_kept", "kept_precision", "n_issues")
+        }
+    )
     for which in ("entropy_at", "random_at"):
         for frac in (f"{f:.0%}" for f in AL_CHECKPOINTS):
             vals = [r[which][frac] for r in runs["al_entropy_gold"]]
             if vals:
                 mu, sd = mean_std(vals)
                 summary[f"al_{which.split('_')[0]}_gold_{frac}"] = {"test_acc_mean": mu, "test_acc_std": sd}
-    entry = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": "2-core VM, shared, no GPU",
-             "n_train": len(train), "n_test": len(test), "seeds": seeds, "slm": dataclasses.asdict(cfg),
-             "freeal": dataclasses.asdict(freeal), "llm_baseline": llm_baseline,
-             "al": {"measure": "entropy (strategies.measures -> modAL.uncertainty.classifier_entropy)",
-                    "start": f"{AL_BATCH:.0%} random", "batch": f"{AL_BATCH:.0%} of the pool", "oracle": "gold label",
-                    "training": "plain CE, same head/encoder/epochs, retrained from scratch each batch"},
-             "cleanlab": {"folds": args.folds, "find_label_issues": "defaults (filter_by='prune_by_noise_rate')"},
-             "summary": summary, "runs": runs}
+    entry = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": "2-core VM, shared, no GPU",
+        "n_train": len(train),
+        "n_test": len(test),
+        "seeds": seeds,
+        "slm": dataclasses.asdict(cfg),
+        "freeal": dataclasses.asdict(freeal),
+        "llm_baseline": llm_baseline,
+        "al": {
+            "measure": "entropy (strategies.measures -> modAL.uncertainty.classifier_entropy)",
+            "start": f"{AL_BATCH:.0%} random",
+            "batch": f"{AL_BATCH:.0%} of the pool",
+            "oracle": "gold label",
+            "training": "plain CE, same head/encoder/epochs, retrained from scratch each batch",
+        },
+        "cleanlab": {"folds": args.folds, "find_label_issues": "defaults (filter_by='prune_by_noise_rate')"},
+        "summary": summary,
+        "runs": runs,
+    }
     key = f"head-ep{args.epochs}" + (f"-train{args.train_limit}" if args.train_limit else "")
     write_merged(args.out, key, entry)
 
@@ -190,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
             rx = [float(f) * 100 for f in AL_CHECKPOINTS]
             ry = [summary[f"al_random_gold_{f:.0%}"]["test_acc_mean"] * 100 for f in AL_CHECKPOINTS]
             ax.plot(rx, ry, "s--", color="C7", ms=4, label="random sampling, gold labels")
-        lines = {"a_gold_ce": ("gold CE, 100% human", "k"),
-                 "c_gpt35_robust_bt": ("FreeAL SLM: GPT-3.5 + robust, 0% human", "C3"),
-                 "b_gpt35_ce": ("GPT-3.5 + plain CE, 0% human", "C1"),
-                 "cleanlab_ce": ("GPT-3.5 + cleanlab + CE, 0% human", "C2")}
+        lines = {
+            "a_gold_ce": ("gold CE, 100% human", "k"),
+            "c_gpt35_robust_bt": ("FreeAL SLM: GPT-3.5 + robust, 0% human", "C3"),
+            "b_gpt35_ce": ("GPT-3.5 + plain CE, 0% human", "C1"),
+            "cleanlab_ce": ("GPT-3.5 + cleanlab + CE, 0% human", "C2"),
+        }
         for name, (lab, col) in lines.items():
             v = summary[name]["test_acc_mean"] * 100
             ax.axhline(v, color=col, ls=":" if name == "a_gold_ce" else "--", lw=1.2, label=f"{lab}: {v:.2f}")
@@ -201,9 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("MR test accuracy (%)")
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
+
     png = args.out.with_suffix(".png")
-    plot(png, draw, f"MR, head mode (frozen MiniLM-L6 + MLP), seeds {seeds}; "
-                    f"LLM's own labels: {llm_baseline['acc_no_answer_wrong'] * 100:.1f}% (train)")
+    plot(
+        png,
+        draw,
+        f"MR, head mode (frozen MiniLM-L6 + MLP), seeds {seeds}; "
+        f"LLM's own labels: {llm_baseline['acc_no_answer_wrong'] * 100:.1f}% (train)",
+    )
     print(f"\nwrote {args.out} [{key}] and {png}")
     return 0
 

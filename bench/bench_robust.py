@@ -16,6 +16,7 @@ medoids_per_class k). Fixed epochs; nothing is selected on test.
 
 -> bench/results/slm_robust.json (merged under a key naming mode and options) and slm_robust_<key>.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,20 @@ CONDITIONS = {  # name -> (label column, recipe, use the back-translation view)
     "d_no_gmm": ("gpt35_label", Recipe(gmm=False), True),
     "d_no_consistency": ("gpt35_label", Recipe(consistency=False), True),
     "d_no_mixup": ("gpt35_label", Recipe(mixup=False), True),
-    "d_global_gmm": ("gpt35_label", Recipe(per_class_split=False), True),   # the paper's one GMM, not one per class
+    "d_global_gmm": ("gpt35_label", Recipe(per_class_split=False), True),  # the paper's one GMM, not one per class
 }
-ON_REQUEST = ("d_global_gmm",)   # not in the default run
-METRICS = ["test_acc", "train_acc_vs_gold", "n_clean", "clean_precision", "clean_recall", "demo_precision",
-           "small_loss_precision", "train_seconds", "samples_per_s"]
+ON_REQUEST = ("d_global_gmm",)  # not in the default run
+METRICS = [
+    "test_acc",
+    "train_acc_vs_gold",
+    "n_clean",
+    "clean_precision",
+    "clean_recall",
+    "demo_precision",
+    "small_loss_precision",
+    "train_seconds",
+    "samples_per_s",
+]
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -56,14 +66,20 @@ def summarise(runs: list[dict]) -> dict:
 
 def print_table(key: str, summary: dict[str, dict]) -> None:
     print(f"\n{key}")
-    print(f"{'condition':<20} {'test acc':>15} {'clean prec':>10} {'n_clean':>8} {'demo prec':>9} "
-          f"{'R% prec':>8} {'train s':>8}")
+    print(
+        f"{'condition':<20} {'test acc':>15} {'clean prec':>10} {'n_clean':>8} {'demo prec':>9} "
+        f"{'R% prec':>8} {'train s':>8}"
+    )
     for name, s in summary.items():
+
         def f(k, scale=100.0, fmt="{:.2f}", s=s):
             return fmt.format(s[k] * scale) if k in s else "-"
-        print(f"{name:<20} {f('test_acc_mean'):>7} ± {f('test_acc_std'):<5} {f('clean_precision_mean'):>10} "
-              f"{f('n_clean_mean', 1, '{:.0f}'):>8} {f('demo_precision_mean'):>9} {f('small_loss_precision_mean'):>8} "
-              f"{f('train_seconds_mean', 1, '{:.0f}'):>8}")
+
+        print(
+            f"{name:<20} {f('test_acc_mean'):>7} ± {f('test_acc_std'):<5} {f('clean_precision_mean'):>10} "
+            f"{f('n_clean_mean', 1, '{:.0f}'):>8} {f('demo_precision_mean'):>9} {f('small_loss_precision_mean'):>8} "
+            f"{f('train_seconds_mean', 1, '{:.0f}'):>8}"
+        )
 
 
 def combine(key: str, sources: list[Path], out: Path) -> int:
@@ -89,16 +105,27 @@ def combine(key: str, sources: list[Path], out: Path) -> int:
     merged = {n: [runs[n][s] for s in sorted(runs[n])] for n in order}
     summary = {n: summarise(r) for n, r in merged.items()}
     seeds = sorted({s for r in runs.values() for s in r})
-    entry = {**base, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary, "runs": merged,
-             "seeds": seeds, "combined_from": [str(p) for p in sources],
-             "complete": all(len(r) == len(seeds) for r in merged.values())}   # every condition has every seed
+    entry = {
+        **base,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "summary": summary,
+        "runs": merged,
+        "seeds": seeds,
+        "combined_from": [str(p) for p in sources],
+        "complete": all(len(r) == len(seeds) for r in merged.values()),
+    }  # every condition has every seed
     write_merged(out, key, entry)
     print_table(key, summary)
     refs = {"gold CE": summary["a_gold_ce"]["test_acc_mean"] * 100} if "a_gold_ce" in summary else {}
     png = out.with_name(f"{out.stem}_{key}.png")
-    bar_plot(png, [f"{n} (n={summary[n]['n_seeds']})" for n in summary],
-             [s["test_acc_mean"] * 100 for s in summary.values()], [s["test_acc_std"] * 100 for s in summary.values()],
-             f"MR test accuracy, {key} (MiniLM-L6), GPT-3.5 labels", refs=refs)
+    bar_plot(
+        png,
+        [f"{n} (n={summary[n]['n_seeds']})" for n in summary],
+        [s["test_acc_mean"] * 100 for s in summary.values()],
+        [s["test_acc_std"] * 100 for s in summary.values()],
+        f"MR test accuracy, {key} (MiniLM-L6), GPT-3.5 labels",
+        refs=refs,
+    )
     print(f"\nwrote {out} [{key}] and {png}")
     return 0
 
@@ -110,12 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-limit", type=int, default=None, help="stratified subset of the train set")
     ap.add_argument("--epochs", type=int, default=SLMConfig.epochs)
     ap.add_argument("--threads", type=int, default=SLMConfig.threads)
-    ap.add_argument("--conditions", default=",".join(n for n in CONDITIONS if n not in ON_REQUEST),
-                    help="comma-separated, from: " + ", ".join(CONDITIONS))
+    ap.add_argument(
+        "--conditions",
+        default=",".join(n for n in CONDITIONS if n not in ON_REQUEST),
+        help="comma-separated, from: " + ", ".join(CONDITIONS),
+    )
     add_mr_args(ap, RESULTS / "slm_robust.json")
-    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
-                    help="no training: merge the runs of the key that --mode/--epochs/--train-limit name from "
-                         "these result files into --out (a run split over several processes)")
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="no training: merge the runs of the key that --mode/--epochs/--train-limit name from "
+        "these result files into --out (a run split over several processes)",
+    )
     args = ap.parse_args(argv)
 
     if args.combine:
@@ -132,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cfg.threads)
     train, test = load_mr(args.data_dir, args.train_limit)
     key = f"{args.mode}-ep{args.epochs}" + (f"-train{args.train_limit}" if args.train_limit else "")
-    print(f"{key}: {len(train)} train / {len(test)} test texts, seeds {seeds}, device {resolve_device(cfg.device)}, "
-          f"{cfg.threads} thread(s)", flush=True)
+    print(
+        f"{key}: {len(train)} train / {len(test)} test texts, seeds {seeds}, device {resolve_device(cfg.device)}, "
+        f"{cfg.threads} thread(s)",
+        flush=True,
+    )
 
     runs: dict[str, list[dict]] = {}
     entry: dict = {}
@@ -142,29 +180,56 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             m, _ = train_and_score(train, test, column, recipe, use_view, cfg, freeal, seed, args.cache_dir, name)
             runs.setdefault(name, []).append(m)
-            print(f"  {name} seed {seed}: test {m['test_acc']:.4f} clean prec {m['clean_precision']} "
-                  f"demo prec {m.get('demo_precision')}", flush=True)
+            print(
+                f"  {name} seed {seed}: test {m['test_acc']:.4f} clean prec {m['clean_precision']} "
+                f"demo prec {m.get('demo_precision')}",
+                flush=True,
+            )
             summary = {n: summarise(r) for n, r in runs.items()}
             done = sum(len(r) for r in runs.values()) == len(names) * len(seeds)
-            entry = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": done,
-                     "machine": "2-core VM, shared, no GPU", "n_train": len(train), "n_test": len(test),
-                     "seeds": seeds, "slm": dataclasses.asdict(cfg), "freeal": dataclasses.asdict(freeal),
-                     "demo_pool": {"function": "freeal_stream.demos.select_demo_pool (as loop.demo_pool_from)",
-                                   "clean_ratio": freeal.clean_ratio, "k": freeal.medoids_per_class, "seed": 1},
-                     "conditions": {n: {"labels": CONDITIONS[n][0], "recipe": dataclasses.asdict(CONDITIONS[n][1]),
-                                        "view": "backtranslation" if CONDITIONS[n][2] else "none"} for n in runs},
-                     "device": str(resolve_device(cfg.device)), "torch_threads": torch.get_num_threads(),
-                     "summary": summary, "runs": runs}
-            write_merged(args.out, key, entry)   # after every run: a cut-off run keeps what it finished
+            entry = {
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "complete": done,
+                "machine": "2-core VM, shared, no GPU",
+                "n_train": len(train),
+                "n_test": len(test),
+                "seeds": seeds,
+                "slm": dataclasses.asdict(cfg),
+                "freeal": dataclasses.asdict(freeal),
+                "demo_pool": {
+                    "function": "freeal_stream.demos.select_demo_pool (as loop.demo_pool_from)",
+                    "clean_ratio": freeal.clean_ratio,
+                    "k": freeal.medoids_per_class,
+                    "seed": 1,
+                },
+                "conditions": {
+                    n: {
+                        "labels": CONDITIONS[n][0],
+                        "recipe": dataclasses.asdict(CONDITIONS[n][1]),
+                        "view": "backtranslation" if CONDITIONS[n][2] else "none",
+                    }
+                    for n in runs
+                },
+                "device": str(resolve_device(cfg.device)),
+                "torch_threads": torch.get_num_threads(),
+                "summary": summary,
+                "runs": runs,
+            }
+            write_merged(args.out, key, entry)  # after every run: a cut-off run keeps what it finished
     summary = entry["summary"]
     print_table(key, summary)
     refs = {}
     if "a_gold_ce" in summary:
         refs["gold CE"] = summary["a_gold_ce"]["test_acc_mean"] * 100
     png = args.out.with_name(f"{args.out.stem}_{key}.png")
-    bar_plot(png, list(summary), [s["test_acc_mean"] * 100 for s in summary.values()],
-             [s["test_acc_std"] * 100 for s in summary.values()],
-             f"MR test accuracy, {key} (MiniLM-L6), GPT-3.5 labels, seeds {seeds}", refs=refs)
+    bar_plot(
+        png,
+        list(summary),
+        [s["test_acc_mean"] * 100 for s in summary.values()],
+        [s["test_acc_std"] * 100 for s in summary.values()],
+        f"MR test accuracy, {key} (MiniLM-L6), GPT-3.5 labels, seeds {seeds}",
+        refs=refs,
+    )
     print(f"\nwrote {args.out} [{key}] and {png}")
     return 0
 

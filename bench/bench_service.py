@@ -24,6 +24,7 @@ machine: compare the ratios, not the absolute speeds across runs.
     RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=. \
         .venv/bin/python -m bench.bench_service [--parts ingest,fake,llm,resume] [--out bench/results/service.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,17 +73,77 @@ PLAIN2 = "plain openai thread pool, 2 in flight"
 ACTORS1 = "AnnotatorPool 1 actor (1 in flight) + store actor"
 ACTORS2 = "AnnotatorPool 2 actors (2 in flight: the default for concurrency 1) + store actor"
 VERB = Verbalizer({"negative": ["negative"], "positive": ["positive"]})
-WORDS = ["the", "film", "plot", "actor", "scene", "slow", "funny", "dull", "great", "script", "score", "music",
-         "ending", "twist", "cast", "camera", "story", "pace", "drama", "comedy", "horror", "sequel", "director",
-         "dialogue", "visual", "effect", "moving", "boring", "clever", "charming", "flat", "heart", "tense", "cheap",
-         "smart", "long", "short", "dark", "bright", "warm", "cold", "loud", "quiet", "order", "refund", "delivery",
-         "parcel", "invoice", "login", "password", "screen", "crash", "update", "button", "account", "email", "card",
-         "price"]
+WORDS = [
+    "the",
+    "film",
+    "plot",
+    "actor",
+    "scene",
+    "slow",
+    "funny",
+    "dull",
+    "great",
+    "script",
+    "score",
+    "music",
+    "ending",
+    "twist",
+    "cast",
+    "camera",
+    "story",
+    "pace",
+    "drama",
+    "comedy",
+    "horror",
+    "sequel",
+    "director",
+    "dialogue",
+    "visual",
+    "effect",
+    "moving",
+    "boring",
+    "clever",
+    "charming",
+    "flat",
+    "heart",
+    "tense",
+    "cheap",
+    "smart",
+    "long",
+    "short",
+    "dark",
+    "bright",
+    "warm",
+    "cold",
+    "loud",
+    "quiet",
+    "order",
+    "refund",
+    "delivery",
+    "parcel",
+    "invoice",
+    "login",
+    "password",
+    "screen",
+    "crash",
+    "update",
+    "button",
+    "account",
+    "email",
+    "card",
+    "price",
+]
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE",
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        RAY_AUTH_MODE="disabled",
+        OMP_WAIT_POLICY="PASSIVE",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
 
 
 def _start_ray() -> None:
@@ -113,17 +174,26 @@ def ingest_store(ids, texts, hashes, batch: int, call: Callable[..., int]) -> di
         per_batch.append((e - s) / (time.perf_counter() - t))
     seconds = time.perf_counter() - t0
     k = min(5, len(per_batch))
-    return {"rows": len(ids), "added": added, "batch_rows": batch, "seconds": round(seconds, 2),
-            "rows_per_s": round(len(ids) / seconds),
-            "first_batches_rows_per_s": round(statistics.median(per_batch[:k])),
-            "last_batches_rows_per_s": round(statistics.median(per_batch[-k:]))}
+    return {
+        "rows": len(ids),
+        "added": added,
+        "batch_rows": batch,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(len(ids) / seconds),
+        "first_batches_rows_per_s": round(statistics.median(per_batch[:k])),
+        "last_batches_rows_per_s": round(statistics.median(per_batch[-k:])),
+    }
 
 
 def _direct(tmp: Path, tag: str, ids, texts, hashes, batch: int) -> list[dict[str, Any]]:
     store = Store(tmp / f"direct-{tag}.duckdb")
-    out = [{"path": "(a) Store.add_items, in process", **ingest_store(ids, texts, hashes, batch, store.add_items)},
-           {"path": "(a') Store.add_items, the same rows again (all duplicates)",
-            **ingest_store(ids, texts, hashes, batch, store.add_items)}]
+    out = [
+        {"path": "(a) Store.add_items, in process", **ingest_store(ids, texts, hashes, batch, store.add_items)},
+        {
+            "path": "(a') Store.add_items, the same rows again (all duplicates)",
+            **ingest_store(ids, texts, hashes, batch, store.add_items),
+        },
+    ]
     store.close()
     return out
 
@@ -166,12 +236,20 @@ def _http(tmp: Path, tag: str, ids, texts, post_batch: int) -> list[dict[str, An
         json.loads(json.dumps({"items": items[s:e]}).encode())
     json_s = time.perf_counter() - t
     k = min(5, len(per_batch))
-    return [{"path": "(c) HTTP API: ServiceClient.add_items -> ApiServer -> batch_from_items + add_batch "
-                     "-> store actor", "rows": rows, "added": added, "batch_rows": post_batch,
-             "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
-             "first_batches_rows_per_s": round(statistics.median(per_batch[:k])),
-             "last_batches_rows_per_s": round(statistics.median(per_batch[-k:])),
-             "alone_batch_from_items_s": round(build_s, 2), "alone_json_dumps_loads_s": round(json_s, 2)}]
+    return [
+        {
+            "path": "(c) HTTP API: ServiceClient.add_items -> ApiServer -> batch_from_items + add_batch -> store actor",
+            "rows": rows,
+            "added": added,
+            "batch_rows": post_batch,
+            "seconds": round(seconds, 2),
+            "rows_per_s": round(rows / seconds),
+            "first_batches_rows_per_s": round(statistics.median(per_batch[:k])),
+            "last_batches_rows_per_s": round(statistics.median(per_batch[-k:])),
+            "alone_batch_from_items_s": round(build_s, 2),
+            "alone_json_dumps_loads_s": round(json_s, 2),
+        }
+    ]
 
 
 def _inbox(tmp: Path, tag: str, ids, texts) -> list[dict[str, Any]]:
@@ -190,11 +268,21 @@ def _inbox(tmp: Path, tag: str, ids, texts) -> list[dict[str, Any]]:
     add_s = time.perf_counter() - t
     proxy.close()
     rows = len(ids)
-    return [{"path": "(d) inbox: read_items(CSV) + add_batch -> store actor (one batch)", "rows": rows,
-             "added": added, "batch_rows": rows, "seconds": round(read_s + add_s, 2),
-             "rows_per_s": round(rows / (read_s + add_s)), "read_s": round(read_s, 2),
-             "read_rows_per_s": round(rows / read_s), "add_s": round(add_s, 2),
-             "add_rows_per_s": round(rows / add_s), "csv_mb": round(path.stat().st_size / 2**20, 1)}]
+    return [
+        {
+            "path": "(d) inbox: read_items(CSV) + add_batch -> store actor (one batch)",
+            "rows": rows,
+            "added": added,
+            "batch_rows": rows,
+            "seconds": round(read_s + add_s, 2),
+            "rows_per_s": round(rows / (read_s + add_s)),
+            "read_s": round(read_s, 2),
+            "read_rows_per_s": round(rows / read_s),
+            "add_s": round(add_s, 2),
+            "add_rows_per_s": round(rows / add_s),
+            "csv_mb": round(path.stat().st_size / 2**20, 1),
+        }
+    ]
 
 
 def part_ingest(tmp: Path, rows: int, big_rows: int, batch: int, post_batch: int, reps: int) -> dict[str, Any]:
@@ -211,8 +299,12 @@ def part_ingest(tmp: Path, rows: int, big_rows: int, batch: int, post_batch: int
     runs: list[dict[str, Any]] = []
     for rep in range(reps):
         tag = str(rep)
-        for fn in (lambda tag=tag: _direct(tmp, tag, i, x, h, batch), lambda tag=tag: _actor(tmp, tag, i, x, h, batch),
-                   lambda tag=tag: _http(tmp, tag, i, x, post_batch), lambda tag=tag: _inbox(tmp, tag, i, x)):
+        for fn in (
+            lambda tag=tag: _direct(tmp, tag, i, x, h, batch),
+            lambda tag=tag: _actor(tmp, tag, i, x, h, batch),
+            lambda tag=tag: _http(tmp, tag, i, x, post_batch),
+            lambda tag=tag: _inbox(tmp, tag, i, x),
+        ):
             for r in fn():
                 r["rep"] = rep
                 runs.append(r)
@@ -220,13 +312,21 @@ def part_ingest(tmp: Path, rows: int, big_rows: int, batch: int, post_batch: int
     summary = []
     for path in dict.fromkeys(r["path"] for r in runs):
         rs = [r for r in runs if r["path"] == path]
-        summary.append({"path": path, "rows": rs[0]["rows"], "batch_rows": rs[0]["batch_rows"],
-                        "rows_per_s_each": [r["rows_per_s"] for r in rs],
-                        "rows_per_s_mean": round(statistics.mean(r["rows_per_s"] for r in rs))})
+        summary.append(
+            {
+                "path": path,
+                "rows": rs[0]["rows"],
+                "batch_rows": rs[0]["batch_rows"],
+                "rows_per_s_each": [r["rows_per_s"] for r in rs],
+                "rows_per_s_mean": round(statistics.mean(r["rows_per_s"] for r in rs)),
+            }
+        )
     big = None
     if big_rows > rows:
-        big = {"path": "(a) Store.add_items, in process", **_direct(tmp, "big", ids[:big_rows], texts[:big_rows],
-                                                                     hashes[:big_rows], batch)[0]}
+        big = {
+            "path": "(a) Store.add_items, in process",
+            **_direct(tmp, "big", ids[:big_rows], texts[:big_rows], hashes[:big_rows], batch)[0],
+        }
         big.pop("path")
         print(f"  {big_rows:,} rows in process: {big}", flush=True)
     return {"content_hash_texts_per_s": round(hash_rate), "runs": runs, "summary": summary, "big": big}
@@ -240,8 +340,13 @@ def mr_rows(seed: int = 0) -> list[tuple[str, int]]:
     return rows
 
 
-def build_requests(cfg: LLMConfig, queries: list[tuple[str, int]], demo_pool: list[tuple[str, int]] | None,
-                   group: int, block_offset: int) -> list[ChatRequest]:
+def build_requests(
+    cfg: LLMConfig,
+    queries: list[tuple[str, int]],
+    demo_pool: list[tuple[str, int]] | None,
+    group: int,
+    block_offset: int,
+) -> list[ChatRequest]:
     """Zero-shot (demo_pool None) or grouped: each run of `group` queries shares one 8-demo block (4 per class)."""
     reqs = []
     for q, (text, _) in enumerate(queries):
@@ -257,8 +362,12 @@ def build_requests(cfg: LLMConfig, queries: list[tuple[str, int]], demo_pool: li
 
 def _payload(r: ChatRequest) -> dict[str, Any]:
     """What LLMClient sends for a request (same fields, so the server does the same work)."""
-    p: dict[str, Any] = {"model": r.model, "messages": r.as_messages(), "temperature": r.temperature,
-                         "max_tokens": r.max_tokens}
+    p: dict[str, Any] = {
+        "model": r.model,
+        "messages": r.as_messages(),
+        "temperature": r.temperature,
+        "max_tokens": r.max_tokens,
+    }
     if r.logprobs:
         p["logprobs"] = True
         if r.top_logprobs:
@@ -282,8 +391,12 @@ def run_plain(base_url: str, reqs: list[ChatRequest], in_flight: int) -> dict[st
             res = list(ex.map(one, reqs))
     seconds = time.perf_counter() - t
     client.close()
-    return {"seconds": seconds, "contents": [c for c, _, _ in res], "prompt_tokens": sum(p for _, p, _ in res),
-            "cached_tokens": sum(c for _, _, c in res)}
+    return {
+        "seconds": seconds,
+        "contents": [c for c, _, _ in res],
+        "prompt_tokens": sum(p for _, p, _ in res),
+        "cached_tokens": sum(c for _, _, c in res),
+    }
 
 
 def run_llmclient(base_url: str, cfg: LLMConfig, reqs: list[ChatRequest], path: Path | None) -> dict[str, Any]:
@@ -295,13 +408,18 @@ def run_llmclient(base_url: str, cfg: LLMConfig, reqs: list[ChatRequest], path: 
     seconds = time.perf_counter() - t
     if store is not None:
         store.close()
-    return {"seconds": seconds, "contents": [a.content for a in answers],
-            "prompt_tokens": sum(a.prompt_tokens for a in answers),
-            "cached_tokens": sum(a.cached_tokens for a in answers), "errors": sum(a.error is not None for a in answers)}
+    return {
+        "seconds": seconds,
+        "contents": [a.content for a in answers],
+        "prompt_tokens": sum(a.prompt_tokens for a in answers),
+        "cached_tokens": sum(a.cached_tokens for a in answers),
+        "errors": sum(a.error is not None for a in answers),
+    }
 
 
-def run_actors(base_url: str, cfg: LLMConfig, reqs: list[ChatRequest], path: Path, size: int,
-               chunk: int) -> dict[str, Any]:
+def run_actors(
+    base_url: str, cfg: LLMConfig, reqs: list[ChatRequest], path: Path, size: int, chunk: int
+) -> dict[str, Any]:
     t = time.perf_counter()
     store = start_store(path)
     pool = AnnotatorPool(cfg, base_url, None, store, size=size, chunk_size=chunk, max_restarts=0)
@@ -313,13 +431,24 @@ def run_actors(base_url: str, cfg: LLMConfig, reqs: list[ChatRequest], path: Pat
     stored = len(store.get_answers([r.key() for r in reqs]))
     pool.shutdown()
     store.close()
-    return {"seconds": seconds, "startup_s": startup, "contents": [a.content for a in answers],
-            "prompt_tokens": sum(a.prompt_tokens for a in answers), "stored": stored,
-            "cached_tokens": sum(a.cached_tokens for a in answers), "errors": sum(a.error is not None for a in answers)}
+    return {
+        "seconds": seconds,
+        "startup_s": startup,
+        "contents": [a.content for a in answers],
+        "prompt_tokens": sum(a.prompt_tokens for a in answers),
+        "stored": stored,
+        "cached_tokens": sum(a.cached_tokens for a in answers),
+        "errors": sum(a.error is not None for a in answers),
+    }
 
 
-def alternate(methods: dict[str, Callable[[list[ChatRequest], Path], dict[str, Any]]],
-              slices: Callable[[int], list[ChatRequest]], reps: int, tmp: Path, tag: str) -> list[dict[str, Any]]:
+def alternate(
+    methods: dict[str, Callable[[list[ChatRequest], Path], dict[str, Any]]],
+    slices: Callable[[int], list[ChatRequest]],
+    reps: int,
+    tmp: Path,
+    tag: str,
+) -> list[dict[str, Any]]:
     """A/B/C, A/B/C...: measurement k gets the k-th disjoint slice of texts and a fresh store file."""
     runs, k = [], 0
     for rep in range(reps):
@@ -331,8 +460,11 @@ def alternate(methods: dict[str, Callable[[list[ChatRequest], Path], dict[str, A
             r["answered"] = sum(c is not None for c in contents)
             r["parsed"] = sum(VERB.parse(c) is not None for c in contents if c is not None)
             runs.append(r)
-            print(f"    {tag} {name} rep {rep}: {r['per_s']:.2f}/s ({r['seconds']:.1f} s, cached "
-                  f"{r['cached_tokens']}/{r['prompt_tokens']} prompt tokens)", flush=True)
+            print(
+                f"    {tag} {name} rep {rep}: {r['per_s']:.2f}/s ({r['seconds']:.1f} s, cached "
+                f"{r['cached_tokens']}/{r['prompt_tokens']} prompt tokens)",
+                flush=True,
+            )
             k += 1
     return runs
 
@@ -344,9 +476,16 @@ def summarise(runs: list[dict[str, Any]], base: str) -> list[dict[str, Any]]:
     for n in names:
         rs = [r for r in runs if r["method"] == n]
         pt, ct = sum(r["prompt_tokens"] for r in rs), sum(r["cached_tokens"] for r in rs)
-        out.append({"method": n, "per_s_mean": round(rate[n], 3), "per_s_each": [round(r["per_s"], 3) for r in rs],
-                    f"vs_{base}": round(rate[n] / rate[base], 3), "cached_share": round(ct / pt, 3) if pt else None,
-                    "requests_each": rs[0]["requests"]})
+        out.append(
+            {
+                "method": n,
+                "per_s_mean": round(rate[n], 3),
+                "per_s_each": [round(r["per_s"], 3) for r in rs],
+                f"vs_{base}": round(rate[n] / rate[base], 3),
+                "cached_share": round(ct / pt, 3) if pt else None,
+                "requests_each": rs[0]["requests"],
+            }
+        )
     return out
 
 
@@ -355,7 +494,7 @@ def part_llm(tmp: Path, n_req: int, n_req_demo: int, reps: int) -> dict[str, Any
 
     _start_ray()
     rows = mr_rows()
-    demo_pool, rows = rows[:480], rows[480:]   # enough for a fresh demo block in every slice
+    demo_pool, rows = rows[:480], rows[480:]  # enough for a fresh demo block in every slice
     out: dict[str, Any] = {}
     server = LocalLLMServer(model="qwen2.5-coder-0.5b-instruct", context_size=4096)
     t = time.perf_counter()
@@ -363,8 +502,9 @@ def part_llm(tmp: Path, n_req: int, n_req_demo: int, reps: int) -> dict[str, Any
     out["server_start_s"] = round(time.perf_counter() - t, 1)
     out["server_threads"] = server.threads
     try:
-        cfg = LLMConfig(base_url=base_url, model=server.model_name, max_tokens=4, temperature=0.0,
-                        concurrency=1, max_retries=0)
+        cfg = LLMConfig(
+            base_url=base_url, model=server.model_name, max_tokens=4, temperature=0.0, concurrency=1, max_retries=0
+        )
         # warm-up: the first request pays for the cold system prompt; neither method should
         run_plain(base_url, build_requests(cfg, rows[-2:], None, 8, 0), 1)
         plain1 = lambda reqs, p: run_plain(base_url, reqs, 1)
@@ -373,35 +513,48 @@ def part_llm(tmp: Path, n_req: int, n_req_demo: int, reps: int) -> dict[str, Any
         actors2 = lambda reqs, p: run_actors(base_url, cfg, reqs, p, size=2, chunk=16)
         offset = 0
         for shape, n, demos, methods in (
-                ("zero-shot", n_req, None, {PLAIN1: plain1, PLAIN2: plain2, ACTORS1: actors1, ACTORS2: actors2}),
-                ("grouped demos (8 per block)", n_req_demo, demo_pool,
-                 {PLAIN1: plain1, ACTORS1: actors1, ACTORS2: actors2})):
+            ("zero-shot", n_req, None, {PLAIN1: plain1, PLAIN2: plain2, ACTORS1: actors1, ACTORS2: actors2}),
+            (
+                "grouped demos (8 per block)",
+                n_req_demo,
+                demo_pool,
+                {PLAIN1: plain1, ACTORS1: actors1, ACTORS2: actors2},
+            ),
+        ):
             base = offset
 
             def slices(k: int, n=n, demos=demos, base=base) -> list[ChatRequest]:
                 # every slice gets demo blocks of its own: no measurement reuses a prefix another one cached
-                return build_requests(cfg, rows[base + k * n: base + (k + 1) * n], demos, 8,
-                                      block_offset=k * (n // 8 + 1))
+                return build_requests(
+                    cfg, rows[base + k * n : base + (k + 1) * n], demos, 8, block_offset=k * (n // 8 + 1)
+                )
 
             print(f"  real server, {shape}: {n} requests per measurement", flush=True)
             runs = alternate(methods, slices, reps, tmp, "llm-" + shape.split()[0])
             offset += n * len(methods) * reps
-            out[shape] = {"requests_per_measurement": n, "runs": runs,
-                          "summary": summarise(runs, PLAIN1)}
+            out[shape] = {"requests_per_measurement": n, "runs": runs, "summary": summarise(runs, PLAIN1)}
     finally:
         server.stop()
     return out
 
 
-FAKE_SERVER = ("import sys\nfrom freeal_stream.testing.fake_openai_server import FakeOpenAIServer\n"
-               "with FakeOpenAIServer() as s:\n    print(s.base_url, flush=True)\n    sys.stdin.read()\n")
+FAKE_SERVER = (
+    "import sys\nfrom freeal_stream.testing.fake_openai_server import FakeOpenAIServer\n"
+    "with FakeOpenAIServer() as s:\n    print(s.base_url, flush=True)\n    sys.stdin.read()\n"
+)
 
 
 def part_fake(tmp: Path, n_req: int, reps: int) -> dict[str, Any]:
     """Per-request overhead with a server that answers at once, in its own process (no GIL shared with us)."""
     _start_ray()
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=_env(), cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FAKE_SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+    )
     base_url = proc.stdout.readline().strip()
     rows = mr_rows(1)
     try:
@@ -411,19 +564,25 @@ def part_fake(tmp: Path, n_req: int, reps: int) -> dict[str, Any]:
             PLAIN1: lambda reqs, p: run_plain(base_url, reqs, 1),
             PLAIN2: lambda reqs, p: run_plain(base_url, reqs, 2),
             "LLMClient in process, concurrency 2, no store": lambda reqs, p: run_llmclient(base_url, cfg2, reqs, None),
-            "LLMClient in process, concurrency 2, Store (DuckDB) per answer":
-                lambda reqs, p: run_llmclient(base_url, cfg2, reqs, p),
+            "LLMClient in process, concurrency 2, Store (DuckDB) per answer": lambda reqs, p: run_llmclient(
+                base_url, cfg2, reqs, p
+            ),
             ACTORS1: lambda reqs, p: run_actors(base_url, cfg1, reqs, p, 1, 16),
             ACTORS2: lambda reqs, p: run_actors(base_url, cfg1, reqs, p, 2, 16),
         }
-        run_plain(base_url, build_requests(cfg1, rows[-4:], None, 8, 0), 1)   # warm-up
-        runs = alternate(methods, lambda k: build_requests(cfg1, rows[k * n_req:(k + 1) * n_req], None, 8, 0),
-                         reps, tmp, "fake")
+        run_plain(base_url, build_requests(cfg1, rows[-4:], None, 8, 0), 1)  # warm-up
+        runs = alternate(
+            methods, lambda k: build_requests(cfg1, rows[k * n_req : (k + 1) * n_req], None, 8, 0), reps, tmp, "fake"
+        )
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
-    return {"requests_per_measurement": n_req, "runs": runs, "summary": summarise(runs, PLAIN1),
-            "store_calls": store_call_costs(tmp, rows[:200])}
+    return {
+        "requests_per_measurement": n_req,
+        "runs": runs,
+        "summary": summarise(runs, PLAIN1),
+        "store_calls": store_call_costs(tmp, rows[:200]),
+    }
 
 
 def store_call_costs(tmp: Path, rows: list[tuple[str, int]]) -> dict[str, float]:
@@ -431,9 +590,21 @@ def store_call_costs(tmp: Path, rows: list[tuple[str, int]]) -> dict[str, float]
     Ray round trip to the store actor (the same answers and requests as an annotator would store)."""
     cfg = LLMConfig(model="m", max_tokens=4)
     reqs = build_requests(cfg, rows, None, 8, 0)
-    answers = [ChatAnswer(key=r.key(), content="positive", finish_reason="stop", prompt_tokens=100,
-                          completion_tokens=1, cached_tokens=0, top_logprobs=[[("positive", -0.1), ("negative", -2.4)]],
-                          latency_s=0.01, attempts=1, error=None) for r in reqs]
+    answers = [
+        ChatAnswer(
+            key=r.key(),
+            content="positive",
+            finish_reason="stop",
+            prompt_tokens=100,
+            completion_tokens=1,
+            cached_tokens=0,
+            top_logprobs=[[("positive", -0.1), ("negative", -2.4)]],
+            latency_s=0.01,
+            attempts=1,
+            error=None,
+        )
+        for r in reqs
+    ]
     out: dict[str, float] = {}
     store = Store(tmp / "calls-direct.duckdb")
     t = time.perf_counter()
@@ -497,12 +668,18 @@ class LogWatch:
 
 
 def _cli(job: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "freeal_stream.cli", "run", str(job)], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "freeal_stream.cli", "run", str(job)],
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        env=_env(),
+        cwd=REPO,
+    )
 
 
-def timed_run(job: Path, log: Path, stamps: list[float], kill_when: Callable[[LogWatch], bool] | None = None
-              ) -> dict[str, Any]:
+def timed_run(
+    job: Path, log: Path, stamps: list[float], kill_when: Callable[[LogWatch], bool] | None = None
+) -> dict[str, Any]:
     watch = LogWatch(log)
     t0 = time.monotonic()
     p = _cli(job, log)
@@ -520,15 +697,20 @@ def timed_run(job: Path, log: Path, stamps: list[float], kill_when: Callable[[Lo
         raise RuntimeError(f"run failed ({p.returncode}):\n{watch.text()[-3000:]}")
     rel = lambda t: None if t is None else round(t - t0, 2)
     new = [s for s in stamps if s >= t0]
-    return {"wall_s": round(end - t0, 2), "killed": killed, "requests_received": len(new),
-            STARTUP: rel(watch.first("running on local Ray")),
-            "ingested_at_s": rel(watch.first("ingested ")),
-            "rescoring_started_at_s": rel(watch.first("resuming after round")),
-            "already_stored_line_at_s": rel(watch.first("planned labels already stored")),
-            "round2_annotate_progress_at_s": rel(watch.first("[round 2 annotate]")),
-            "first_request_at_s": rel(new[0] if new else None),
-            "already_stored_line": next((line for _, line in watch.lines if "already stored" in line), None),
-            "_t0": t0, "_end": end}
+    return {
+        "wall_s": round(end - t0, 2),
+        "killed": killed,
+        "requests_received": len(new),
+        STARTUP: rel(watch.first("running on local Ray")),
+        "ingested_at_s": rel(watch.first("ingested ")),
+        "rescoring_started_at_s": rel(watch.first("resuming after round")),
+        "already_stored_line_at_s": rel(watch.first("planned labels already stored")),
+        "round2_annotate_progress_at_s": rel(watch.first("[round 2 annotate]")),
+        "first_request_at_s": rel(new[0] if new else None),
+        "already_stored_line": next((line for _, line in watch.lines if "already stored" in line), None),
+        "_t0": t0,
+        "_end": end,
+    }
 
 
 def file_free_after(db: Path, since: float) -> float:
@@ -542,19 +724,27 @@ def file_free_after(db: Path, since: float) -> float:
 
 
 def bare_ray_init_s() -> float:
-    code = ("import time,ray; t=time.perf_counter(); ray.init(address='local', num_cpus=2, "
-            "include_dashboard=False, log_to_driver=False); print(time.perf_counter()-t); ray.shutdown()")
+    code = (
+        "import time,ray; t=time.perf_counter(); ray.init(address='local', num_cpus=2, "
+        "include_dashboard=False, log_to_driver=False); print(time.perf_counter()-t); ray.shutdown()"
+    )
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
     total = time.perf_counter() - t
-    return {"ray_init_s": round(float(out.stdout.strip().splitlines()[-1]), 2),
-            "python_ray_init_shutdown_s": round(total, 2)}
+    return {
+        "ray_init_s": round(float(out.stdout.strip().splitlines()[-1]), 2),
+        "python_ray_init_shutdown_s": round(total, 2),
+    }
 
 
 def import_cli_s() -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import freeal_stream.cli, freeal_stream.loop, freeal_stream.session"],
-                   env=_env(), cwd=REPO, check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import freeal_stream.cli, freeal_stream.loop, freeal_stream.session"],
+        env=_env(),
+        cwd=REPO,
+        check=True,
+    )
     return round(time.perf_counter() - t, 2)
 
 
@@ -573,11 +763,16 @@ def part_resume(tmp: Path, logs: Path, delay_s: float) -> dict[str, Any]:
 
     out: dict[str, Any] = {"fake_llm_delay_s": delay_s, "python_imports_s": import_cli_s(), **bare_ray_init_s()}
     with FakeOpenAIServer(slow_respond) as server:
+
         def job_in(d: Path) -> Path:
             d.mkdir()
-            return make_job(d, 20, llm={"base_url": server.base_url, "model": "kw", "concurrency": 2},
-                            slm={"mode": "head", "epochs": 25},
-                            freeal={"rounds": 3, "query_fraction": 0.3, "generated_per_class": 4})
+            return make_job(
+                d,
+                20,
+                llm={"base_url": server.base_url, "model": "kw", "concurrency": 2},
+                slm={"mode": "head", "epochs": 25},
+                freeal={"rounds": 3, "query_fraction": 0.3, "generated_per_class": 4},
+            )
 
         job = job_in(tmp / "full")
         out["full_run"] = timed_run(job, tmp / "full.log", stamps)
@@ -621,32 +816,39 @@ def table(res: dict[str, Any]) -> str:
     lines = []
     if "ingest" in res:
         ing = res["ingest"]
-        lines += ["| ingestion path | rows | rows per call | rows/s (each rep) | mean rows/s |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "| ingestion path | rows | rows per call | rows/s (each rep) | mean rows/s |",
+            "|---|---|---|---|---|",
+        ]
         for r in ing["summary"]:
             each = " / ".join(f"{v:,}" for v in r["rows_per_s_each"])
             lines.append(f"| {r['path']} | {r['rows']:,} | {r['batch_rows']:,} | {each} | {r['rows_per_s_mean']:,} |")
         if ing["big"]:
             b = ing["big"]
-            lines.append(f"| (a) Store.add_items, in process, one long run | {b['rows']:,} | {b['batch_rows']:,} | "
-                         f"first 5 batches {b['first_batches_rows_per_s']:,}, "
-                         f"last 5 {b['last_batches_rows_per_s']:,} | "
-                         f"{b['rows_per_s']:,} |")
+            lines.append(
+                f"| (a) Store.add_items, in process, one long run | {b['rows']:,} | {b['batch_rows']:,} | "
+                f"first 5 batches {b['first_batches_rows_per_s']:,}, "
+                f"last 5 {b['last_batches_rows_per_s']:,} | "
+                f"{b['rows_per_s']:,} |"
+            )
         lines.append("")
     for part, key in (("llm", "zero-shot"), ("llm", "grouped demos (8 per block)"), ("fake", None)):
         if part not in res:
             continue
         block = res[part][key] if key else res[part]
-        title = (f"real llama.cpp server, {key}, {block['requests_per_measurement']} requests per measurement"
-                 if key else f"FAKE instant server (overhead only), {block['requests_per_measurement']} requests "
-                 "per measurement")
-        lines += [f"| {title} | labels/s (each rep) | mean | vs plain loop | prompt tokens cached |",
-                  "|---|---|---|---|---|"]
+        title = (
+            f"real llama.cpp server, {key}, {block['requests_per_measurement']} requests per measurement"
+            if key
+            else f"FAKE instant server (overhead only), {block['requests_per_measurement']} requests per measurement"
+        )
+        lines += [
+            f"| {title} | labels/s (each rep) | mean | vs plain loop | prompt tokens cached |",
+            "|---|---|---|---|---|",
+        ]
         for s in block["summary"]:
             each = " / ".join(f"{x:.2f}" for x in s["per_s_each"])
             cached = "-" if s["cached_share"] is None else f"{s['cached_share']:.0%}"
-            lines.append(f"| {s['method']} | {each} | {s['per_s_mean']:.2f} | "
-                         f"{s['vs_' + PLAIN1]:.2f}x | {cached} |")
+            lines.append(f"| {s['method']} | {each} | {s['per_s_mean']:.2f} | {s['vs_' + PLAIN1]:.2f}x | {cached} |")
         lines.append("")
     if "fake" in res and "store_calls" in res["fake"]:
         lines += ["| one stored answer costs (ms per call, driver process) | ms |", "|---|---|"]
@@ -654,24 +856,32 @@ def table(res: dict[str, Any]) -> str:
         lines.append("")
     if "resume" in res:
         r = res["resume"]
-        lines += [f"| resume (80 texts, 3 rounds, fake deterministic LLM {r['fake_llm_delay_s']} s/answer) | wall s | "
-                  "startup s | requests it sent | first request at s | round 2 annotating again at s |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"| resume (80 texts, 3 rounds, fake deterministic LLM {r['fake_llm_delay_s']} s/answer) | wall s | "
+            "startup s | requests it sent | first request at s | round 2 annotating again at s |",
+            "|---|---|---|---|---|---|",
+        ]
         for k in ("full_run", "killed_run", "rerun_after_kill", "finished_job_rerun"):
             v = r[k]
             again = v["round2_annotate_progress_at_s"] if k == "rerun_after_kill" else "-"
-            lines.append(f"| {k.replace('_', ' ')} | {v['wall_s']} | {v[STARTUP]} | {v['requests_received']} | "
-                         f"{v['first_request_at_s'] or '-'} | {again} |")
+            lines.append(
+                f"| {k.replace('_', ' ')} | {v['wall_s']} | {v[STARTUP]} | {v['requests_received']} | "
+                f"{v['first_request_at_s'] or '-'} | {again} |"
+            )
         rr = r["rerun_after_kill"]
-        lines.append(f"| (requests: full run {r['full_run']['requests_received']}; killed run "
-                     f"{r['killed_run']['requests_received']} + {r['killed_run']['requests_after_kill']} sent by its "
-                     f"actors after the SIGKILL + rerun {rr['requests_received']} = "
-                     f"{rr['killed_plus_rerun_requests']}, "
-                     f"of which sent twice: {rr['sent_twice']}) | | | | | |")
-        lines.append(f"| (bare `ray.init` + shutdown in a fresh python: {r['python_ray_init_shutdown_s']} s; importing "
-                     f"the CLI's modules: {r['python_imports_s']} s; DuckDB file free "
-                     f"{r['killed_run']['file_free_after_kill_s']} "
-                     "s after the SIGKILL) | | | | | |")
+        lines.append(
+            f"| (requests: full run {r['full_run']['requests_received']}; killed run "
+            f"{r['killed_run']['requests_received']} + {r['killed_run']['requests_after_kill']} sent by its "
+            f"actors after the SIGKILL + rerun {rr['requests_received']} = "
+            f"{rr['killed_plus_rerun_requests']}, "
+            f"of which sent twice: {rr['sent_twice']}) | | | | | |"
+        )
+        lines.append(
+            f"| (bare `ray.init` + shutdown in a fresh python: {r['python_ray_init_shutdown_s']} s; importing "
+            f"the CLI's modules: {r['python_imports_s']} s; DuckDB file free "
+            f"{r['killed_run']['file_free_after_kill_s']} "
+            "s after the SIGKILL) | | | | | |"
+        )
         lines.append("")
     return "\n".join(lines)
 
@@ -687,10 +897,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llm-demo-requests", type=int, default=32)
     ap.add_argument("--fake-requests", type=int, default=400)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--resume-delay", type=float, default=0.5,
-                    help="seconds the fake LLM takes per answer in the resume part (about the local server's)")
-    ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "bench_service_logs",
-                    help="where the resume part's CLI logs are kept")
+    ap.add_argument(
+        "--resume-delay",
+        type=float,
+        default=0.5,
+        help="seconds the fake LLM takes per answer in the resume part (about the local server's)",
+    )
+    ap.add_argument(
+        "--logs",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "bench_service_logs",
+        help="where the resume part's CLI logs are kept",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "service.json")
     ap.add_argument("--table", type=Path, help="only print the tables of an earlier result file")
     args = ap.parse_args(argv)
@@ -698,10 +916,13 @@ def main(argv: list[str] | None = None) -> int:
         print(table(json.loads(args.table.read_text())))
         return 0
     parts = args.parts.split(",")
-    res: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.platform(),
-                           "cpus": os.cpu_count(),
-                           "note": "shared, noisy 2-core VM: compare only ratios between rows of the same run",
-                           "args": {k: str(v) for k, v in vars(args).items()}}
+    res: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "note": "shared, noisy 2-core VM: compare only ratios between rows of the same run",
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-service-") as d:
         tmp = Path(d)

@@ -9,6 +9,7 @@ behind `slm.mode: auto`'s `finetune_min_labels`: with a few hundred LLM labels, 
     .venv/bin/python -m bench.bench_slm_modes jobs/demo.yaml --settings head:6 --warmups 1,2,3 --seeds 0,1,2 \
         --out bench/results/slm_modes_demo_warmup.json      # the warm-up default on few noisy labels
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,26 +47,51 @@ def main() -> None:
     print(f"{len(texts)} texts, {int(has.sum())} LLM labels, {(labels[has] == gold[has]).mean():.3f} right")
     results = []
     warmups = [int(w) for w in args.warmups.split(",")] if args.warmups else [job.freeal.warmup_epochs]
-    runs = [(setting, w, seed, recipe) for setting in args.settings.split(",") for w in warmups
-            for seed in map(int, args.seeds.split(",")) for recipe in ("robust", "plain_ce")
-            if recipe == "robust" or w == warmups[0]]   # plain CE has no warm-up
+    runs = [
+        (setting, w, seed, recipe)
+        for setting in args.settings.split(",")
+        for w in warmups
+        for seed in map(int, args.seeds.split(","))
+        for recipe in ("robust", "plain_ce")
+        if recipe == "robust" or w == warmups[0]
+    ]  # plain CE has no warm-up
     for setting, warmup, seed, recipe_name in runs:
         mode, epochs = setting.split(":")
         recipe = Recipe() if recipe_name == "robust" else Recipe.plain_ce()
         cfg = dataclasses.replace(job.slm, mode=mode, epochs=int(epochs))
         t0 = time.perf_counter()
-        r = train_slm(texts, labels, len(names), cfg, dataclasses.replace(job.freeal, warmup_epochs=warmup),
-                      recipe=recipe, seed=seed, cache_dir=job.state_path / "embeddings")
+        r = train_slm(
+            texts,
+            labels,
+            len(names),
+            cfg,
+            dataclasses.replace(job.freeal, warmup_epochs=warmup),
+            recipe=recipe,
+            seed=seed,
+            cache_dir=job.state_path / "embeddings",
+        )
         pred = r.probs.argmax(1)
-        row = {"mode": mode, "epochs": int(epochs), "recipe": recipe_name, "warmup_epochs": warmup, "seed": seed,
-               "acc_all": round(float((pred == gold).mean()), 3),
-               "acc_never_annotated": round(float((pred[~has] == gold[~has]).mean()), 3) if (~has).any() else None,
-               "seconds": round(time.perf_counter() - t0, 1)}
+        row = {
+            "mode": mode,
+            "epochs": int(epochs),
+            "recipe": recipe_name,
+            "warmup_epochs": warmup,
+            "seed": seed,
+            "acc_all": round(float((pred == gold).mean()), 3),
+            "acc_never_annotated": round(float((pred[~has] == gold[~has]).mean()), 3) if (~has).any() else None,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         print(json.dumps(row), flush=True)
         results.append(row)
-    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "job": args.job, "n_texts": len(texts),
-           "n_llm_labels": int(has.sum()), "llm_label_acc": round(float((labels[has] == gold[has]).mean()), 3),
-           "seeds": args.seeds, "results": results}
+    out = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "job": args.job,
+        "n_texts": len(texts),
+        "n_llm_labels": int(has.sum()),
+        "llm_label_acc": round(float((labels[has] == gold[has]).mean()), 3),
+        "seeds": args.seeds,
+        "results": results,
+    }
     Path(args.out).write_text(json.dumps(out, indent=1))
 
 

@@ -4,6 +4,7 @@ Writes bench/results/soak.json.
 
     .venv/bin/python -m bench.bench_soak --seconds 600
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@ accuracy per round (mean ± std over seeds), and how often GPT-3.5 was right on 
 
     .venv/bin/python -m bench.bench_strategies_mr --seeds 0,1,2 --rounds 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,20 @@ from strategies.registry import load_strategy
 from strategies.select import select
 from strategies.shards import array_shards
 
-STRATEGIES = {"random": ("random", {}), "uncertainty": ("uncertainty", {"measure": "entropy"}),
-              "hybrid": ("hybrid", {"measure": "entropy"}), "diversity": ("diversity", {}),
-              "disagreement": ("disagreement", {})}
+STRATEGIES = {
+    "random": ("random", {}),
+    "uncertainty": ("uncertainty", {"measure": "entropy"}),
+    "hybrid": ("hybrid", {"measure": "entropy"}),
+    "diversity": ("diversity", {}),
+    "disagreement": ("disagreement", {}),
+}
 DEFAULT = "random,uncertainty,hybrid"
 PAPER_RANDOM = [81.20, 87.75, 88.95]  # FreeAL paper, MR, budgeted, random 10%/round, RoBERTa-base fine-tuned
 
 
-def simulate(name: str, train, test, cfg: SLMConfig, fraction: float, rounds: int, seed: int,
-             cache_dir: Path) -> list[dict]:
+def simulate(
+    name: str, train, test, cfg: SLMConfig, fraction: float, rounds: int, seed: int, cache_dir: Path
+) -> list[dict]:
     """One strategy, one seed: the per-round record of the budgeted loop."""
     strategy = load_strategy(*STRATEGIES[name])
     ids = train["id"].astype(str).to_numpy(dtype=object)
@@ -50,23 +56,41 @@ def simulate(name: str, train, test, cfg: SLMConfig, fraction: float, rounds: in
     for round_ in range(1, rounds + 1):
         n = round_size(int((~annotated).sum()), fraction)
         t0 = time.perf_counter()
-        picked = select(strategy, array_shards(ids, rows=~annotated, needs=strategy.needs, **columns), n,
-                        QueryContext(round=round_, seed=seed, n_classes=len(CLASSES)))
+        picked = select(
+            strategy,
+            array_shards(ids, rows=~annotated, needs=strategy.needs, **columns),
+            n,
+            QueryContext(round=round_, seed=seed, n_classes=len(CLASSES)),
+        )
         select_s = time.perf_counter() - t0
         at = np.array([pos[i] for i in picked])
         annotated[at], labels[at] = True, llm[at]
-        result = train_slm(texts, labels, len(CLASSES), cfg, FreeALConfig(), views=views, seed=seed,
-                           cache_dir=cache_dir)
+        result = train_slm(
+            texts, labels, len(CLASSES), cfg, FreeALConfig(), views=views, seed=seed, cache_dir=cache_dir
+        )
         test_acc = float((result.model.predict_proba(test["text"].tolist()).argmax(1) == test_gold).mean())
         previous = columns.get("probs")
-        columns = {"probs": result.probs, "embeddings": result.embeddings,
-                   "slm_labels": np.full(len(ids), -1) if previous is None else previous.argmax(1)}
-        out.append({"round": round_, "picked": int(n), "annotated": int(annotated.sum()),
-                    "llm_acc_on_picked": float((llm[at] == gold[at]).mean()),
-                    "picked_positive_share": float((gold[at] == 1).mean()),
-                    "test_acc": test_acc, "select_s": select_s})
-        print(f"  [{name} seed {seed}] round {round_}: +{n} -> {annotated.sum()} annotated, "
-              f"GPT-3.5 right on {out[-1]['llm_acc_on_picked']:.3f} of the picked, test {test_acc:.4f}", flush=True)
+        columns = {
+            "probs": result.probs,
+            "embeddings": result.embeddings,
+            "slm_labels": np.full(len(ids), -1) if previous is None else previous.argmax(1),
+        }
+        out.append(
+            {
+                "round": round_,
+                "picked": int(n),
+                "annotated": int(annotated.sum()),
+                "llm_acc_on_picked": float((llm[at] == gold[at]).mean()),
+                "picked_positive_share": float((gold[at] == 1).mean()),
+                "test_acc": test_acc,
+                "select_s": select_s,
+            }
+        )
+        print(
+            f"  [{name} seed {seed}] round {round_}: +{n} -> {annotated.sum()} annotated, "
+            f"GPT-3.5 right on {out[-1]['llm_acc_on_picked']:.3f} of the picked, test {test_acc:.4f}",
+            flush=True,
+        )
     return out
 
 
@@ -89,8 +113,11 @@ def print_table(summary: dict[str, list[dict]]) -> None:
     print("| round | annotated | " + " | ".join(names) + " | paper, random (RoBERTa-base fine-tuned) |")
     print("|---|---|" + "---|" * len(names) + "---|")
     for r, first in enumerate(summary[names[0]]):
-        cells = [f"{s[r]['test_acc_mean'] * 100:.2f} ± {s[r]['test_acc_std'] * 100:.2f} "
-                 f"[{s[r]['llm_acc_on_picked_mean'] * 100:.1f}]" for s in (summary[n] for n in names)]
+        cells = [
+            f"{s[r]['test_acc_mean'] * 100:.2f} ± {s[r]['test_acc_std'] * 100:.2f} "
+            f"[{s[r]['llm_acc_on_picked_mean'] * 100:.1f}]"
+            for s in (summary[n] for n in names)
+        ]
         paper = f"{PAPER_RANDOM[r]:.2f}" if r < len(PAPER_RANDOM) else "-"
         print(f"| {first['round']} | {first['annotated_mean']:.0f} | " + " | ".join(cells) + f" | {paper} |")
 
@@ -116,17 +143,32 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SLMConfig(mode="head", epochs=args.epochs, threads=args.threads)
     torch.set_num_threads(cfg.threads)
     train, test = load_mr(args.data_dir, None)
-    print(f"MR: {len(train)} train / {len(test)} test, P={args.fraction}, {args.rounds} rounds, seeds {seeds}, "
-          f"head mode, {cfg.threads} thread(s)", flush=True)
-    runs = {n: [simulate(n, train, test, cfg, args.fraction, args.rounds, s, args.cache_dir) for s in seeds]
-            for n in names}
+    print(
+        f"MR: {len(train)} train / {len(test)} test, P={args.fraction}, {args.rounds} rounds, seeds {seeds}, "
+        f"head mode, {cfg.threads} thread(s)",
+        flush=True,
+    )
+    runs = {
+        n: [simulate(n, train, test, cfg, args.fraction, args.rounds, s, args.cache_dir) for s in seeds] for n in names
+    }
     summary = {n: summarise(r) for n, r in runs.items()}
     key = f"head-ep{args.epochs}-P{args.fraction}-rounds{args.rounds}"
-    write_merged(args.out, key, {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "n_train": len(train), "n_test": len(test), "seeds": seeds,
-        "strategies": {n: {"name": STRATEGIES[n][0], "params": STRATEGIES[n][1]} for n in names},
-        "slm": dataclasses.asdict(cfg), "freeal": dataclasses.asdict(FreeALConfig()),
-        "paper_random": PAPER_RANDOM, "summary": summary, "runs": runs})
+    write_merged(
+        args.out,
+        key,
+        {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "n_train": len(train),
+            "n_test": len(test),
+            "seeds": seeds,
+            "strategies": {n: {"name": STRATEGIES[n][0], "params": STRATEGIES[n][1]} for n in names},
+            "slm": dataclasses.asdict(cfg),
+            "freeal": dataclasses.asdict(FreeALConfig()),
+            "paper_random": PAPER_RANDOM,
+            "summary": summary,
+            "runs": runs,
+        },
+    )
     print_table(summary)
     print(f"\nwrote {args.out} [{key}]")
     return 0

@@ -7,6 +7,7 @@ selection) is its own; the time to only generate the shards is measured after an
 
     .venv/bin/python -m bench.bench_strategies_scale [--pools 100000,1000000] [--classes 2,4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ DIM = 384
 CENTRES = 20
 
 
-def synthetic_shards(rows: int, shard_rows: int, n_classes: int, seed: int,
-                     needs: frozenset[str]) -> Callable[[], Iterator[Shard]]:
+def synthetic_shards(
+    rows: int, shard_rows: int, n_classes: int, seed: int, needs: frozenset[str]
+) -> Callable[[], Iterator[Shard]]:
     """A re-openable stream of synthetic shards; shard k depends only on (seed, k). Like a real loader, it
     makes only the columns in `needs`."""
     centres = np.random.default_rng(seed).normal(scale=0.5, size=(CENTRES, DIM)).astype(np.float32)
@@ -76,11 +78,20 @@ def run_one(strategy: str, rows: int, n_classes: int, shard_rows: int, seed: int
     gen_s = time.perf_counter() - t0
     assert len(picked) == n == len(set(picked.tolist()))
     # ids are 13-character str (4 bytes a character), probs and embeddings float32
-    return {"strategy": strategy, "pool": rows, "n": n, "classes": n_classes, "shard_rows": shard_rows,
-            "select_s": select_s, "generate_only_s": gen_s, "strategy_s": select_s - gen_s,
-            "peak_rss_delta_mb": peak - base, "rss_after_warmup_mb": base,
-            "pool_if_materialised_mb": rows * (13 + DIM * ("embeddings" in s.needs) + n_classes) * 4 / 2**20,
-            "passes": passes}
+    return {
+        "strategy": strategy,
+        "pool": rows,
+        "n": n,
+        "classes": n_classes,
+        "shard_rows": shard_rows,
+        "select_s": select_s,
+        "generate_only_s": gen_s,
+        "strategy_s": select_s - gen_s,
+        "peak_rss_delta_mb": peak - base,
+        "rss_after_warmup_mb": base,
+        "pool_if_materialised_mb": rows * (13 + DIM * ("embeddings" in s.needs) + n_classes) * 4 / 2**20,
+        "passes": passes,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,20 +112,45 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in args.strategies.split(","):
         for classes in args.classes.split(","):
             for rows in args.pools.split(","):
-                cmd = [sys.executable, __file__, "--one", strategy, rows, classes, "--shard-rows",
-                       str(args.shard_rows), "--seed", str(args.seed)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    strategy,
+                    rows,
+                    classes,
+                    "--shard-rows",
+                    str(args.shard_rows),
+                    "--seed",
+                    str(args.seed),
+                ]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
                 print(f"  {runs[-1]}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.platform(),
-                                    "cpus": os.cpu_count(), "dim": DIM, "runs": runs}, indent=1) + "\n")
-    print("\n| strategy | classes | pool | n (1%) | select s | of which generating shards s | peak RSS delta MB "
-          "| pool if materialised MB |")
+    args.out.write_text(
+        json.dumps(
+            {
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "machine": platform.platform(),
+                "cpus": os.cpu_count(),
+                "dim": DIM,
+                "runs": runs,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    print(
+        "\n| strategy | classes | pool | n (1%) | select s | of which generating shards s | peak RSS delta MB "
+        "| pool if materialised MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['strategy']} | {r['classes']} | {r['pool']:,} | {r['n']:,} | {r['select_s']:.1f} | "
-              f"{r['generate_only_s']:.1f} | {r['peak_rss_delta_mb']:.0f} | {r['pool_if_materialised_mb']:,.0f} |")
+        print(
+            f"| {r['strategy']} | {r['classes']} | {r['pool']:,} | {r['n']:,} | {r['select_s']:.1f} | "
+            f"{r['generate_only_s']:.1f} | {r['peak_rss_delta_mb']:.0f} | {r['pool_if_materialised_mb']:,.0f} |"
+        )
     print(f"\nwrote {args.out}")
     return 0
 

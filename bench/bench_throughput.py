@@ -9,6 +9,7 @@ server, same concurrency.
     .venv/bin/python -m bench.bench_throughput [--requests 6000] [--concurrency 32] [--annotators 2]
         [--job-texts 20000] [--out bench/results/throughput.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,12 @@ def start_server(table: dict[str, str]) -> tuple[subprocess.Popen, str]:
     """The instant LLM in its own process; returns it and its base URL."""
     path = Path(tempfile.mkstemp(suffix=".jsonl")[1])
     path.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in table.items()))
-    proc = subprocess.Popen([sys.executable, "-m", "freeal_stream.testing.instant_llm", "--table", str(path)],
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "freeal_stream.testing.instant_llm", "--table", str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     line = proc.stdout.readline()
     return proc, line.split("listening on ", 1)[1].strip()
 
@@ -50,8 +55,12 @@ def prompts(n: int, sentences: list[tuple[str, str]]) -> list:
     verb = Verbalizer(CLASSES)
     cfg = LLMConfig(model="instant", max_tokens=4)
     demos = [(t, 0 if label == "negative" else 1) for t, label in sentences[:8]]
-    return [ChatRequest.build(annotation_messages(TASK, verb, demos, f"{sentences[8 + i % 9000][0]} #{i}"), cfg,
-                              TEMPLATE_VERSION) for i in range(n)]
+    return [
+        ChatRequest.build(
+            annotation_messages(TASK, verb, demos, f"{sentences[8 + i % 9000][0]} #{i}"), cfg, TEMPLATE_VERSION
+        )
+        for i in range(n)
+    ]
 
 
 def bare_loop(base_url: str, requests: list, concurrency: int) -> float:
@@ -64,8 +73,15 @@ def bare_loop(base_url: str, requests: list, concurrency: int) -> float:
 
         async def one(r) -> None:
             async with slots:
-                await api.chat.completions.create(model=r.model, messages=r.as_messages(), max_tokens=r.max_tokens,
-                                                  temperature=r.temperature, logprobs=True, top_logprobs=5)
+                await api.chat.completions.create(
+                    model=r.model,
+                    messages=r.as_messages(),
+                    max_tokens=r.max_tokens,
+                    temperature=r.temperature,
+                    logprobs=True,
+                    top_logprobs=5,
+                )
+
         await asyncio.gather(*(one(r) for r in requests))
         await api.close()
 
@@ -78,17 +94,33 @@ def store_writes(store, requests: list, group: int = 256) -> float:
     """Answers written per second through the store actor, in groups as the annotators' group commit makes them."""
     from freeal_stream.llm.client import ChatAnswer
 
-    pairs = [(r, ChatAnswer(key=f"w{i}", content="positive", finish_reason="stop", prompt_tokens=900,
-                            completion_tokens=1, cached_tokens=0, top_logprobs=[[("positive", -0.1)]],
-                            latency_s=0.01, attempts=1, error=None)) for i, r in enumerate(requests)]
+    pairs = [
+        (
+            r,
+            ChatAnswer(
+                key=f"w{i}",
+                content="positive",
+                finish_reason="stop",
+                prompt_tokens=900,
+                completion_tokens=1,
+                cached_tokens=0,
+                top_logprobs=[[("positive", -0.1)]],
+                latency_s=0.01,
+                attempts=1,
+                error=None,
+            ),
+        )
+        for i, r in enumerate(requests)
+    ]
     t0 = time.perf_counter()
     for k in range(0, len(pairs), group):
-        store.put_answers(pairs[k:k + group])
+        store.put_answers(pairs[k : k + group])
     return len(pairs) / (time.perf_counter() - t0)
 
 
-def pool_run(base_url: str, requests: list, concurrency: int, annotators: int, chunk: int, work: Path
-             ) -> tuple[float, float]:
+def pool_run(
+    base_url: str, requests: list, concurrency: int, annotators: int, chunk: int, work: Path
+) -> tuple[float, float]:
     """The annotator pool as a round uses it: real Ray actors, every answer stored by the store actor; then the
     store actor's write rate for answers in groups."""
     import ray
@@ -117,18 +149,29 @@ def pool_run(base_url: str, requests: list, concurrency: int, annotators: int, c
 def job_run(base_url: str, texts: int, concurrency: int, annotators: int, work: Path) -> dict:
     """A real `freeal-stream run`: one budgeted round sending half the pool; the annotation phase's labels/s."""
     pool_csv = write_pool(data_dir(), texts, work / f"pool_{texts}.csv")
-    job = {"name": "throughput", "data": {"path": str(pool_csv), "text_column": "text", "id_column": "id"},
-           "task": {"description": TASK, "classes": CLASSES},
-           "llm": {"base_url": base_url, "model": "instant", "api_key_env": "INSTANT_KEY", "max_tokens": 4,
-                   "concurrency": concurrency},
-           "slm": {"mode": "head", "epochs": 1},
-           "freeal": {"rounds": 1, "query_fraction": 0.5, "demos_per_prompt": 8, "generated_per_class": 4},
-           "ray": {"annotators": annotators}, "state_dir": str(work / "state"), "seed": 0}
+    job = {
+        "name": "throughput",
+        "data": {"path": str(pool_csv), "text_column": "text", "id_column": "id"},
+        "task": {"description": TASK, "classes": CLASSES},
+        "llm": {
+            "base_url": base_url,
+            "model": "instant",
+            "api_key_env": "INSTANT_KEY",
+            "max_tokens": 4,
+            "concurrency": concurrency,
+        },
+        "slm": {"mode": "head", "epochs": 1},
+        "freeal": {"rounds": 1, "query_fraction": 0.5, "demos_per_prompt": 8, "generated_per_class": 4},
+        "ray": {"annotators": annotators},
+        "state_dir": str(work / "state"),
+        "seed": 0,
+    }
     path = work / "job.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     env = dict(os.environ, INSTANT_KEY="x", PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "freeal_stream.cli", "run", str(path)], capture_output=True,
-                         text=True, env=env, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "freeal_stream.cli", "run", str(path)], capture_output=True, text=True, env=env, cwd=REPO
+    )
     if out.returncode:
         raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
     from freeal_stream.store import Store
@@ -138,8 +181,11 @@ def job_run(base_url: str, texts: int, concurrency: int, annotators: int, work: 
         m = store.rounds()[0]["metrics"]
     finally:
         store.close()
-    return {"labels": m["llm_requested"], "annotate_s": m["annotate_s"],
-            "labels_per_s": round(m["llm_requested"] / m["annotate_s"], 1)}
+    return {
+        "labels": m["llm_requested"],
+        "annotate_s": m["annotate_s"],
+        "labels_per_s": round(m["llm_requested"] / m["annotate_s"], 1),
+    }
 
 
 def main() -> None:
@@ -153,16 +199,25 @@ def main() -> None:
     args = ap.parse_args()
     sentences = mr_sentences(data_dir())
     table = {t: label for t, label in sentences}
-    with open(write_pool(data_dir(), args.job_texts or 1, Path(tempfile.gettempdir()) / "bench_throughput" /
-                         f"pool_{args.job_texts or 1}.csv"), encoding="utf-8") as f:
+    with open(
+        write_pool(
+            data_dir(),
+            args.job_texts or 1,
+            Path(tempfile.gettempdir()) / "bench_throughput" / f"pool_{args.job_texts or 1}.csv",
+        ),
+        encoding="utf-8",
+    ) as f:
         table.update({r["text"]: r["label"] for r in csv.DictReader(f)})
     requests = prompts(args.requests, sentences)
     proc, url = start_server(table)
     work = Path(tempfile.mkdtemp(prefix="bench_throughput_"))
     try:
         pool_rate, writes = pool_run(url, requests, args.concurrency, args.annotators, args.chunk, work)
-        result = {"bare_loop_per_s": round(bare_loop(url, requests, args.concurrency), 1),
-                  "pool_per_s": round(pool_rate, 1), "store_answer_writes_per_s": round(writes)}
+        result = {
+            "bare_loop_per_s": round(bare_loop(url, requests, args.concurrency), 1),
+            "pool_per_s": round(pool_rate, 1),
+            "store_answer_writes_per_s": round(writes),
+        }
         result["bare_loop_again_per_s"] = round(bare_loop(url, requests, args.concurrency), 1)
         if args.job_texts:
             result["job"] = job_run(url, args.job_texts, args.concurrency, args.annotators, work / "job")

@@ -6,6 +6,7 @@ A fresh temp cache dir is used (unless --cache-dir) so the first model_file() ca
 it is deleted afterwards.
 Prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,24 +41,32 @@ def build_messages(nonce: str, query: str, n_demos: int) -> list[dict]:
     """FreeAL-style prompt: instructions + demonstrations (the shared prefix) + one text to label."""
     demos = "\n\n".join(
         f"Example {i + 1}:\nReview: {REVIEWS[i % len(REVIEWS)][0]} (variant {i // len(REVIEWS)})\n"
-        f"Answer: {REVIEWS[i % len(REVIEWS)][1]}" for i in range(n_demos))
-    system = (f"{nonce}You are an expert annotator for sentiment analysis of movie reviews. Read the review and "
-              "answer with exactly one word, either 'positive' or 'negative', with no explanation. Consider the "
-              "overall opinion of the writer, not individual words; sarcasm counts as negative.\n\n" + demos)
+        f"Answer: {REVIEWS[i % len(REVIEWS)][1]}"
+        for i in range(n_demos)
+    )
+    system = (
+        f"{nonce}You are an expert annotator for sentiment analysis of movie reviews. Read the review and "
+        "answer with exactly one word, either 'positive' or 'negative', with no explanation. Consider the "
+        "overall opinion of the writer, not individual words; sarcasm counts as negative.\n\n" + demos
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": f"Review: {query}\nAnswer:"}]
 
 
 def one(client: OpenAI, model: str, messages: list[dict]) -> dict:
     t = time.perf_counter()
-    r = client.chat.completions.create(model=model, messages=messages, max_tokens=3, temperature=0,
-                                       logprobs=True, top_logprobs=5)
+    r = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=3, temperature=0, logprobs=True, top_logprobs=5
+    )
     dt = time.perf_counter() - t
     extra = r.model_extra or {}
     details = r.usage.prompt_tokens_details
-    return {"s": round(dt, 3), "prompt_tokens": r.usage.prompt_tokens,
-            "cached_tokens": getattr(details, "cached_tokens", None),
-            "timings": {k: extra.get("timings", {}).get(k) for k in ("cache_n", "prompt_n", "prompt_ms")},
-            "answer": r.choices[0].message.content}
+    return {
+        "s": round(dt, 3),
+        "prompt_tokens": r.usage.prompt_tokens,
+        "cached_tokens": getattr(details, "cached_tokens", None),
+        "timings": {k: extra.get("timings", {}).get(k) for k in ("cache_n", "prompt_n", "prompt_ms")},
+        "answer": r.choices[0].message.content,
+    }
 
 
 def summary(rows: list[dict]) -> dict:
@@ -93,13 +102,17 @@ def main() -> None:
         client = OpenAI(base_url=srv.base_url, api_key="unused", timeout=300, max_retries=0)
         queries = [r[0] for r in REVIEWS]
         # cold: a unique nonce at the very start of the prompt -> no reusable prefix in the slot
-        cold = [one(client, srv.model_name, build_messages(f"[run {i} {time.time_ns()}] ", queries[i], args.demos))
-                for i in range(args.n)]
+        cold = [
+            one(client, srv.model_name, build_messages(f"[run {i} {time.time_ns()}] ", queries[i], args.demos))
+            for i in range(args.n)
+        ]
         # prefix-shared: identical system+demos, only the final user message differs
         shared_prefix = f"[shared {time.time_ns()}] "
         one(client, srv.model_name, build_messages(shared_prefix, "Fine.", args.demos))  # prime the slot
-        warm = [one(client, srv.model_name, build_messages(shared_prefix, queries[(i + 3) % len(queries)], args.demos))
-                for i in range(args.n)]
+        warm = [
+            one(client, srv.model_name, build_messages(shared_prefix, queries[(i + 3) % len(queries)], args.demos))
+            for i in range(args.n)
+        ]
         # alternating prefixes A, B, A: is A's KV restored from llama.cpp's host-RAM prompt cache?
         a, b = f"[A {time.time_ns()}] ", f"[B {time.time_ns()}] "
         alternating = [one(client, srv.model_name, build_messages(p, queries[0], args.demos)) for p in (a, b, a)]
@@ -108,9 +121,18 @@ def main() -> None:
     out["cold"] = summary(cold)
     out["prefix_shared"] = summary(warm)
     out["alternating_A_B_A"] = alternating
-    out["metrics"] = {m.group(1): float(m.group(2)) for m in re.finditer(r"^llamacpp:(\w+) ([\d.e+-]+)$", metrics, re.M)
-                      if m.group(1) in ("prompt_tokens_total", "prompt_tokens_cached_total", "prompt_seconds_total",
-                                        "tokens_predicted_total", "n_decode_total")}
+    out["metrics"] = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^llamacpp:(\w+) ([\d.e+-]+)$", metrics, re.M)
+        if m.group(1)
+        in (
+            "prompt_tokens_total",
+            "prompt_tokens_cached_total",
+            "prompt_seconds_total",
+            "tokens_predicted_total",
+            "n_decode_total",
+        )
+    }
     out["loadavg_after"] = os.getloadavg()
     if not args.cache_dir:
         shutil.rmtree(cache, ignore_errors=True)  # the joined GGUF is ~0.5 GB

@@ -5,6 +5,7 @@ word boundary) of one sentence with the second half of another sentence *of the 
 like a review sentence and keeps a meaningful label: 5,331 x 5,331 halves per class give ~57M distinct texts,
 of which the first `n` a seeded RNG draws (duplicates skipped) are used. Same `n` and seed, same texts.
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,7 +45,7 @@ def recombined(data_dir: Path, n: int, seed: int = 0) -> Iterator[tuple[str, str
         halves = by_label[label]
         head, tail = halves[rng.randrange(len(halves))][0], halves[rng.randrange(len(halves))][1]
         text = f"{head} {tail}".strip()
-        key = hashlib.sha1(text.encode()).digest()[:8]   # not hash(): salted per process
+        key = hashlib.sha1(text.encode()).digest()[:8]  # not hash(): salted per process
         if key in seen:
             continue
         seen.add(key)

@@ -7,6 +7,7 @@ spent + reserved stays under every cap, so a cap is never exceeded by more than 
 Requests sent through a provider's batch API (`llm.mode: batch`) are priced at the batch discount, both
 in estimates and in what was spent; cached prompt tokens the provider reports are billed at cached_input.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,12 @@ def mode_price(price: Price | None, batch: bool) -> Price | None:
     if price is None or not batch:
         return price
     keep = 1.0 - price.batch_discount
-    return Price(input=price.input * keep, output=price.output * keep, batch_discount=0.0,
-                 cached_input=None if price.cached_input is None else price.cached_input * keep)
+    return Price(
+        input=price.input * keep,
+        output=price.output * keep,
+        batch_discount=0.0,
+        cached_input=None if price.cached_input is None else price.cached_input * keep,
+    )
 
 
 def price_for(budget: BudgetConfig, model: str, batch: bool = False) -> Price | None:
@@ -53,7 +58,8 @@ def price_for(budget: BudgetConfig, model: str, batch: bool = False) -> Price | 
         raise BudgetConfigError(
             f"budget.max_cost is set but budget.prices has no entry for model '{model}'. Fix: add "
             f"'budget: {{prices: {{{model}: {{input: ..., cached_input: ..., output: ...}}}}}}' "
-            "(money per million tokens), or drop max_cost")
+            "(money per million tokens), or drop max_cost"
+        )
     return mode_price(price, batch)
 
 
@@ -62,8 +68,9 @@ def cost(price: Price | None, prompt_tokens: float, cached_tokens: float, comple
     if price is None:
         return 0.0
     cached_price = price.input if price.cached_input is None else price.cached_input
-    return ((prompt_tokens - cached_tokens) * price.input + cached_tokens * cached_price
-            + completion_tokens * price.output) / 1e6
+    return (
+        (prompt_tokens - cached_tokens) * price.input + cached_tokens * cached_price + completion_tokens * price.output
+    ) / 1e6
 
 
 def spent_from_usage(usage: Sequence[Mapping[str, Any]], budget: BudgetConfig) -> Spent:
@@ -72,8 +79,11 @@ def spent_from_usage(usage: Sequence[Mapping[str, Any]], budget: BudgetConfig) -
     total = Spent()
     for u in usage:
         price = mode_price(budget.prices.get(u["model"]), bool(u.get("batch")))
-        total = total + Spent(int(u["requests"]), int(u["prompt_tokens"] + u["completion_tokens"]),
-                              cost(price, u["prompt_tokens"], u["cached_tokens"], u["completion_tokens"]))
+        total = total + Spent(
+            int(u["requests"]),
+            int(u["prompt_tokens"] + u["completion_tokens"]),
+            cost(price, u["prompt_tokens"], u["cached_tokens"], u["completion_tokens"]),
+        )
     return total
 
 
@@ -88,8 +98,11 @@ def headroom(spent: Spent, budget: BudgetConfig) -> Spent | None:
     if budget.max_requests is None and budget.max_tokens is None and budget.max_cost is None:
         return None
     left = lambda cap, used: math.inf if cap is None else max(0.0, cap - used)
-    return Spent(left(budget.max_requests, spent.requests), left(budget.max_tokens, spent.tokens),
-                 left(budget.max_cost, spent.cost))
+    return Spent(
+        left(budget.max_requests, spent.requests),
+        left(budget.max_tokens, spent.tokens),
+        left(budget.max_cost, spent.cost),
+    )
 
 
 def affordable(estimates: Sequence[Spent], spent: Spent, budget: BudgetConfig) -> int:
@@ -127,7 +140,7 @@ class BudgetGuard:
 
     def admit(self, estimates: Sequence[Spent]) -> int:
         """Reserve the longest prefix of `estimates` that fits; returns its length."""
-        if headroom(Spent(), self.budget) is None:   # no cap: nothing to reserve, no need to ask the store
+        if headroom(Spent(), self.budget) is None:  # no cap: nothing to reserve, no need to ask the store
             return len(estimates)
         with self._lock:
             n = affordable(estimates, self._spent() + self._reserved, self.budget)

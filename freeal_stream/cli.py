@@ -1,4 +1,5 @@
 """freeal-stream command line: run | serve | ingest | status | quarantine | export | review | report."""
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from freeal_stream.serve import Service, service_token
 
-    token = service_token(job)   # refused before Ray or the models start
+    token = service_token(job)  # refused before Ray or the models start
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("freeal_stream.service").setLevel(logging.INFO)   # what the inbox did with each file
+    logging.getLogger("freeal_stream.service").setLevel(logging.INFO)  # what the inbox did with each file
     from freeal_stream.intake import ingest
     from freeal_stream.session import open_session
 
@@ -85,10 +86,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             nonlocal store
             if running is not None:
                 return _send_to_service(running, batch, name)
-            store = store or Store(job.state_path / "freeal.duckdb")   # opened once a batch is read: a refused
-            return add_batch(store, batch, name), 0                       # file leaves no state behind
+            store = store or Store(job.state_path / "freeal.duckdb")  # opened once a batch is read: a refused
+            return add_batch(store, batch, name), 0  # file leaves no state behind
 
-        try:   # a batch at a time (memory bounded by two), the next read while the last is stored
+        try:  # a batch at a time (memory bounded by two), the next read while the last is stored
             for batch, (got, more) in written(read_data_batches(job, Path(name)), write):
                 added, extra, rows = added + got, extra + more, rows + len(batch.ids)
                 problems += batch.problem_counts()
@@ -96,24 +97,37 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             if store is not None:
                 store.close()
         total += added
-        notes = [n for n in (summary_of(problems), f"{extra} more quarantined by the service (ids already stored "
-                             "with another text)" if extra else "") if n]
+        notes = [
+            n
+            for n in (
+                summary_of(problems),
+                f"{extra} more quarantined by the service (ids already stored with another text)" if extra else "",
+            )
+            if n
+        ]
         print(f"{name}: {added} new items of {rows}" + (f"; {'; '.join(notes)}" if notes else ""))
-    print(f"{total} new items {'sent to the running service' if running else 'stored'}; they join the next round"
-          f"\nquarantined and flagged rows: `freeal-stream quarantine {args.job}`")
+    print(
+        f"{total} new items {'sent to the running service' if running else 'stored'}; they join the next round"
+        f"\nquarantined and flagged rows: `freeal-stream quarantine {args.job}`"
+    )
     return 0
 
 
 def _send_to_service(running: Any, batch: Any, name: str, chunk: int = 5000) -> tuple[int, int]:
     """Post a file's items and its quarantined rows (recorded under the file's name); returns (added, how
     many more rows the service quarantined)."""
-    items = [{"id": i, "text": t, "view": v, "gold": g}
-             for i, t, v, g in zip(batch.ids, batch.texts, batch.views, batch.golds)]
-    aside = [{"location": p.location, "line": p.line, "reason": p.reason, "detail": p.detail, "raw": p.raw}
-             for p in batch.problems if p.action == "quarantined"]
+    items = [
+        {"id": i, "text": t, "view": v, "gold": g}
+        for i, t, v, g in zip(batch.ids, batch.texts, batch.views, batch.golds)
+    ]
+    aside = [
+        {"location": p.location, "line": p.line, "reason": p.reason, "detail": p.detail, "raw": p.raw}
+        for p in batch.problems
+        if p.action == "quarantined"
+    ]
     added = quarantined = 0
     for k in range(0, max(len(items), len(aside)), chunk):
-        answer = running.add_items(items[k:k + chunk], source=name, quarantined=aside[k:k + chunk])
+        answer = running.add_items(items[k : k + chunk], source=name, quarantined=aside[k : k + chunk])
         added += answer["added"]
         quarantined += answer.get("quarantined", 0)
     return added, quarantined - len(aside)
@@ -180,9 +194,9 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     from freeal_stream.status import bad_input, format_bad_input
 
     running = _running_service(job)
-    if running is not None:   # the file is held by the service: its status carries the first rows
+    if running is not None:  # the file is held by the service: its status carries the first rows
         report = running.status()["quarantine"]
-        report["rows"] = report["rows"][:args.limit]
+        report["rows"] = report["rows"][: args.limit]
     else:
         store = _open_state_file(job)
         try:
@@ -198,8 +212,10 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         print(f"    raw: {r['raw'][:200]!r}")
     shown, total = len(report["rows"]), report["quarantined"] + report["flagged"]
     if shown < total:
-        print(f"({shown} of {total} shown; --limit N shows more" + (", or stop the service to list them all)"
-                                                                   if running is not None else ")"))
+        print(
+            f"({shown} of {total} shown; --limit N shows more"
+            + (", or stop the service to list them all)" if running is not None else ")")
+        )
     return 0
 
 
@@ -225,8 +241,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _stopped_state(job: JobConfig, verb: str) -> Any:
     """The state file for a command that needs it whole (a running service holds it)."""
     if _running_service(job) is not None:
-        raise UserError(f"a service is running on {job.state_path}: it holds the state file. Fix: stop it "
-                        f"(Ctrl-C or SIGTERM), run `freeal-stream {verb}`, then start it again")
+        raise UserError(
+            f"a service is running on {job.state_path}: it holds the state file. Fix: stop it "
+            f"(Ctrl-C or SIGTERM), run `freeal-stream {verb}`, then start it again"
+        )
     return _open_state_file(job)
 
 
@@ -236,8 +254,9 @@ def cmd_review_export(args: argparse.Namespace) -> int:
     from freeal_stream.review import default_queue_path, how_to_review, pick_for_review, write_queue
 
     if args.n < 1 or not 0 <= args.random_share <= 1:
-        raise UserError(f"--n {args.n} --random-share {args.random_share}: give at least 1 row and a share "
-                        "between 0 and 1")
+        raise UserError(
+            f"--n {args.n} --random-share {args.random_share}: give at least 1 row and a share between 0 and 1"
+        )
 
     store = _stopped_state(job, "review export")
     try:
@@ -249,9 +268,12 @@ def cmd_review_export(args: argparse.Namespace) -> int:
     finally:
         store.close()
     joined = len(pick.joined_random)
-    print(f"wrote {len(pick.rows)} rows for review to {files[0]} ("
-          + ", ".join(f"{r} {n}" for r, n in pick.counts().items() if n) + ")"
-          + (f"; {joined} rows reviewed before join the random sample" if joined else ""))
+    print(
+        f"wrote {len(pick.rows)} rows for review to {files[0]} ("
+        + ", ".join(f"{r} {n}" for r, n in pick.counts().items() if n)
+        + ")"
+        + (f"; {joined} rows reviewed before join the random sample" if joined else "")
+    )
     print(how_to_review(args.format, files, args.job))
     return 0
 
@@ -272,8 +294,10 @@ def cmd_review_import(args: argparse.Namespace) -> int:
         print(f"quarantined rows, with the reason and the fix: `freeal-stream quarantine {args.job}`")
     if check:
         print(check)
-    print("the human labels stand in `export` now; the next round's SLM trains on them and the LLM is not asked "
-          "about those rows again")
+    print(
+        "the human labels stand in `export` now; the next round's SLM trains on them and the LLM is not asked "
+        "about those rows again"
+    )
     return 0
 
 
@@ -296,8 +320,11 @@ def _address_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="freeal-stream", description="Label text data sets with an LLM and a "
-                                "robustly self-trained small model (FreeAL), within an API budget.")
+    p = argparse.ArgumentParser(
+        prog="freeal-stream",
+        description="Label text data sets with an LLM and a "
+        "robustly self-trained small model (FreeAL), within an API budget.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or resume) a job until its rounds or budget are done")
     r.add_argument("job", help="job YAML file")
@@ -307,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("job")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=cmd_status)
-    sv = sub.add_parser("serve", help="run the job as a service: label new data from the inbox folder and the "
-                                      "HTTP API as it arrives")
+    sv = sub.add_parser(
+        "serve", help="run the job as a service: label new data from the inbox folder and the HTTP API as it arrives"
+    )
     sv.add_argument("job")
     _address_option(sv)
     sv.set_defaults(func=cmd_serve)
@@ -316,20 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("job")
     i.add_argument("files", nargs="+", help="CSV / JSONL / Parquet files with the job's columns")
     i.set_defaults(func=cmd_ingest)
-    q = sub.add_parser("quarantine", help="list the rows of the data that were quarantined (not labelled) or "
-                                          "flagged (labelled, with a caveat), with file, line and reason")
+    q = sub.add_parser(
+        "quarantine",
+        help="list the rows of the data that were quarantined (not labelled) or "
+        "flagged (labelled, with a caveat), with file, line and reason",
+    )
     q.add_argument("job")
     q.add_argument("--json", action="store_true", help="print counts and rows as JSON")
     q.add_argument("--limit", type=int, default=1000, help="list at most this many rows (default 1000)")
     q.set_defaults(func=cmd_quarantine)
-    e = sub.add_parser("export", help="write id, text, label, source, confidence (and the LLM's and the SLM's "
-                                      "own labels) to CSV/Parquet/JSONL")
+    e = sub.add_parser(
+        "export",
+        help="write id, text, label, source, confidence (and the LLM's and the SLM's own labels) to CSV/Parquet/JSONL",
+    )
     e.add_argument("job")
     e.add_argument("output", help="output file; the format follows its suffix (.csv, .parquet, .jsonl)")
     e.set_defaults(func=cmd_export)
     _review_parsers(sub)
-    rp = sub.add_parser("report", help="write one self-contained HTML report: per-round figures, accuracy against "
-                                       "spend, labels by source, confidence, disputed examples, bad input")
+    rp = sub.add_parser(
+        "report",
+        help="write one self-contained HTML report: per-round figures, accuracy against "
+        "spend, labels by source, confidence, disputed examples, bad input",
+    )
     rp.add_argument("job")
     rp.add_argument("output", nargs="?", help="the HTML file (default: <state_dir>/report.html)")
     rp.set_defaults(func=cmd_report)
@@ -341,20 +377,33 @@ def _review_parsers(sub: Any) -> None:
 
     rv = sub.add_parser("review", help="human review: export the rows worth a human look, import the labels back")
     rsub = rv.add_subparsers(dest="review_command", required=True)
-    x = rsub.add_parser("export", help="write the rows where a human label is worth most (some drawn at random, "
-                                       "for an unbiased accuracy check; then disputed, rare classes, least confident)")
+    x = rsub.add_parser(
+        "export",
+        help="write the rows where a human label is worth most (some drawn at random, "
+        "for an unbiased accuracy check; then disputed, rare classes, least confident)",
+    )
     x.add_argument("job")
     x.add_argument("output", nargs="?", help="the file to write (default: <state_dir>/review/queue-TIME.*)")
     x.add_argument("--n", type=int, default=200, help="rows to review (default 200)")
-    x.add_argument("--format", choices=FORMATS, default="csv",
-                   help="csv (fill in the label column), labelstudio (tasks JSON + labelling config) or argilla "
-                        "(records JSON); default csv")
-    x.add_argument("--random-share", type=float, default=0.2,
-                   help="share of the rows drawn at random: they measure the export's accuracy without bias "
-                        "(default 0.2)")
+    x.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="csv",
+        help="csv (fill in the label column), labelstudio (tasks JSON + labelling config) or argilla "
+        "(records JSON); default csv",
+    )
+    x.add_argument(
+        "--random-share",
+        type=float,
+        default=0.2,
+        help="share of the rows drawn at random: they measure the export's accuracy without bias (default 0.2)",
+    )
     x.set_defaults(func=cmd_review_export)
-    m = rsub.add_parser("import", help="read a review tool's export (Label Studio JSON/JSON-MIN/CSV, Argilla "
-                                       "records JSON, or the CSV with its label column filled in)")
+    m = rsub.add_parser(
+        "import",
+        help="read a review tool's export (Label Studio JSON/JSON-MIN/CSV, Argilla "
+        "records JSON, or the CSV with its label column filled in)",
+    )
     m.add_argument("job")
     m.add_argument("file")
     m.set_defaults(func=cmd_review_import)
@@ -364,12 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, FileNotFoundError) as e:   # the message names the problem and the fix
+    except (UserError, FileNotFoundError) as e:  # the message names the problem and the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: everything finished so far is in the state directory; rerun to resume",
-              file=sys.stderr)
+        print("interrupted: everything finished so far is in the state directory; rerun to resume", file=sys.stderr)
         return 130
 
 

@@ -17,14 +17,15 @@ gives is from the truth.
 From the fit: P(the SLM's label is right) for every item, and for an LLM-labelled item the posterior of both
 labels given both models (`posteriors`), which is what the `auto` label-of-record rule compares.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-LOG_T_BOUNDS = (np.log(0.02), np.log(50.0))   # temperatures searched
-PRIOR_DIAG, PRIOR_OFF = 3.0, 2.0   # Dirichlet parameters on M rows: a weak lean to an LLM better than chance
+LOG_T_BOUNDS = (np.log(0.02), np.log(50.0))  # temperatures searched
+PRIOR_DIAG, PRIOR_OFF = 3.0, 2.0  # Dirichlet parameters on M rows: a weak lean to an LLM better than chance
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Calibration:
 
     temperature: float
     llm_confusion: tuple[tuple[float, ...], ...]
-    n_items: int                      # LLM-labelled items it was fitted on
+    n_items: int  # LLM-labelled items it was fitted on
 
     @property
     def confusion(self) -> np.ndarray:
@@ -59,14 +60,16 @@ class Calibration:
         return p
 
     def to_json(self) -> dict:
-        return {"temperature": round(self.temperature, 4),
-                "llm_confusion": [[round(v, 4) for v in row] for row in self.llm_confusion],
-                "llm_accuracy": [round(v, 4) for v in self.llm_accuracy], "n_items": self.n_items}
+        return {
+            "temperature": round(self.temperature, 4),
+            "llm_confusion": [[round(v, 4) for v in row] for row in self.llm_confusion],
+            "llm_accuracy": [round(v, 4) for v in self.llm_accuracy],
+            "n_items": self.n_items,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Calibration:
-        return cls(float(d["temperature"]), tuple(tuple(map(float, r)) for r in d["llm_confusion"]),
-                   int(d["n_items"]))
+        return cls(float(d["temperature"]), tuple(tuple(map(float, r)) for r in d["llm_confusion"]), int(d["n_items"]))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -79,8 +82,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
 
 
-def fit_calibration(logits: np.ndarray, llm_labels: np.ndarray, n_classes: int,
-                    start: Calibration | None = None) -> Calibration | None:
+def fit_calibration(
+    logits: np.ndarray, llm_labels: np.ndarray, n_classes: int, start: Calibration | None = None
+) -> Calibration | None:
     """The latent-class fit on out-of-fold `logits` (n, C) of items the LLM labelled (`llm_labels` >= 0): the
     maximum of the marginal likelihood of the LLM's labels (with a weak Dirichlet prior on M's rows) over the
     temperature and M, by L-BFGS with the exact gradient, from `start` or from T = 1 and an LLM right 90% of the
@@ -95,16 +99,16 @@ def fit_calibration(logits: np.ndarray, llm_labels: np.ndarray, n_classes: int,
     if len(lab) < 10 * c:
         return None
     onehot = np.eye(c)[lab]
-    alpha = np.full((c, c), PRIOR_OFF) + np.eye(c) * (PRIOR_DIAG - PRIOR_OFF) - 1.0   # prior pseudo-counts
+    alpha = np.full((c, c), PRIOR_OFF) + np.eye(c) * (PRIOR_DIAG - PRIOR_OFF) - 1.0  # prior pseudo-counts
 
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        log_t, rows = theta[0], theta[1:].reshape(c, c)   # M[j] = softmax(rows[j])
+        log_t, rows = theta[0], theta[1:].reshape(c, c)  # M[j] = softmax(rows[j])
         t = np.exp(log_t)
         log_m = _log_softmax(rows)
         log_p = _log_softmax(z / t)
-        log_joint = log_p + log_m[:, lab].T                       # (n, C): log p(y) + log M[y, l]
+        log_joint = log_p + log_m[:, lab].T  # (n, C): log p(y) + log M[y, l]
         norm = np.logaddexp.reduce(log_joint, axis=1)
-        resp = np.exp(log_joint - norm[:, None])                  # posterior of the true class
+        resp = np.exp(log_joint - norm[:, None])  # posterior of the true class
         m = np.exp(log_m)
         ll = norm.sum() + (alpha * log_m).sum()
         mean_z = (np.exp(log_p) * z).sum(1, keepdims=True)
@@ -116,7 +120,6 @@ def fit_calibration(logits: np.ndarray, llm_labels: np.ndarray, n_classes: int,
         theta0 = np.concatenate([[0.0], (np.eye(c) * np.log(9.0 * max(1, c - 1))).ravel()])
     else:
         theta0 = np.concatenate([[np.log(start.temperature)], np.log(start.confusion).ravel()])
-    res = minimize(loss, theta0, jac=True, method="L-BFGS-B",
-                   bounds=[LOG_T_BOUNDS] + [(-30.0, 30.0)] * (c * c))
+    res = minimize(loss, theta0, jac=True, method="L-BFGS-B", bounds=[LOG_T_BOUNDS] + [(-30.0, 30.0)] * (c * c))
     confusion = np.exp(_log_softmax(res.x[1:].reshape(c, c)))
     return Calibration(float(np.exp(res.x[0])), tuple(tuple(float(v) for v in row) for row in confusion), len(lab))

@@ -3,6 +3,7 @@
 Also where queries are grouped so that a group shares one demo block: servers reuse an identical prompt
 prefix, so a group sent back to back pays for its demos once.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,8 +55,9 @@ def k_medoids(emb: np.ndarray, k: int, seed: int = 0, max_iter: int = 50) -> np.
     return np.sort(np.unique(medoids_arr))
 
 
-def select_demo_pool(labels: np.ndarray, losses: np.ndarray, emb: np.ndarray, ratio: float, k: int,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def select_demo_pool(
+    labels: np.ndarray, losses: np.ndarray, emb: np.ndarray, ratio: float, k: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """The demo pool: per class, k medoids of its R% smallest-loss rows. Returns (pool indices, clean indices)."""
     pool, clean = [], []
     for j, idx in small_loss_per_class(labels, losses, ratio).items():
@@ -67,8 +69,9 @@ def select_demo_pool(labels: np.ndarray, losses: np.ndarray, emb: np.ndarray, ra
     return np.concatenate(pool), np.concatenate(clean)
 
 
-def balanced_retrieve(query: np.ndarray, demo_emb: np.ndarray, demo_labels: np.ndarray, m: int,
-                      n_classes: int) -> np.ndarray:
+def balanced_retrieve(
+    query: np.ndarray, demo_emb: np.ndarray, demo_labels: np.ndarray, m: int, n_classes: int
+) -> np.ndarray:
     """Indices of m demos for one query: the nearest m // C of each class, classes interleaved.
 
     Interleaving (round-robin by class, least similar first) keeps a block of one class from sitting
@@ -104,11 +107,17 @@ def group_queries(query_emb: np.ndarray, demo_emb: np.ndarray, group_size: int) 
     sims = query_emb @ demo_emb.T
     nearest = sims.argmax(1)
     order = np.lexsort((-sims[np.arange(n), nearest], nearest))
-    return [order[i:i + group_size] for i in range(0, n, group_size)]
+    return [order[i : i + group_size] for i in range(0, n, group_size)]
 
 
-def retrieve_for_groups(query_emb: np.ndarray, groups: list[np.ndarray], demo_emb: np.ndarray,
-                        demo_labels: np.ndarray, m: int, n_classes: int) -> list[np.ndarray]:
+def retrieve_for_groups(
+    query_emb: np.ndarray,
+    groups: list[np.ndarray],
+    demo_emb: np.ndarray,
+    demo_labels: np.ndarray,
+    m: int,
+    n_classes: int,
+) -> list[np.ndarray]:
     """One demo list per group, retrieved for the group's mean direction."""
     out = []
     for g in groups:

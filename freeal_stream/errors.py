@@ -4,6 +4,7 @@
 else that escapes is a bug and keeps its traceback. Internal signals (a malformed HTTP answer, an open
 circuit) derive from `FreealError` but never reach the user as such.
 """
+
 from __future__ import annotations
 
 
@@ -22,6 +23,8 @@ class ActorsDied(UserError):
 
     def __init__(self, kind: str, deaths: int, max_restarts: int):
         self.kind, self.deaths, self.max_restarts = kind, deaths, max_restarts
-        super().__init__(f"{kind} actors died {deaths} times (ray.max_restarts = {max_restarts}); everything "
-                         "finished so far is stored. Fix: check the Ray logs (/tmp/ray/session_latest/logs; out of "
-                         "memory?) and rerun to resume")
+        super().__init__(
+            f"{kind} actors died {deaths} times (ray.max_restarts = {max_restarts}); everything "
+            "finished so far is stored. Fix: check the Ray logs (/tmp/ray/session_latest/logs; out of "
+            "memory?) and rerun to resume"
+        )

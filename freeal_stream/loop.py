@@ -5,6 +5,7 @@ resumes where a killed run stopped: a stored plan rebuilds the same requests (an
 from the store), a trained round is not trained again. The steps live in `freeal_stream.rounds`:
 planning (which texts, which demos, what the budget pays for), annotation, training and scoring, metrics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,10 +29,10 @@ from strategies.registry import load_strategy
 class Phase(str, Enum):  # noqa: UP042 (StrEnum would change str() and format() of a member)
     """Where a round stands (stored as its value in `rounds.phase`)."""
 
-    ANNOTATING = "annotating"   # the plan is stored; requests are being sent
-    ANNOTATED = "annotated"     # every planned answer is stored
-    TRAINED = "trained"         # the SLM is trained, the pool scored with it, the scores stored
-    DONE = "done"               # the demo pool and the round's figures are stored
+    ANNOTATING = "annotating"  # the plan is stored; requests are being sent
+    ANNOTATED = "annotated"  # every planned answer is stored
+    TRAINED = "trained"  # the SLM is trained, the pool scored with it, the scores stored
+    DONE = "done"  # the demo pool and the round's figures are stored
 
 
 class FreeALRun:
@@ -40,7 +41,7 @@ class FreeALRun:
     def __init__(self, session: Session, progress: Progress | None = None):
         self.ctx = RoundContext(session, progress or Progress())
         self.strategy = load_strategy(session.job.strategy.name, session.job.strategy.params)
-        self.latest: SLMState | None = None   # the state after the last round this run finished
+        self.latest: SLMState | None = None  # the state after the last round this run finished
 
     def run(self, last_round: int | None = None) -> list[dict[str, Any]]:
         """Rounds 1..last_round (default: the job's `freeal.rounds`) that are not done yet; their figures."""
@@ -58,7 +59,7 @@ class FreeALRun:
         ctx, phase = self.ctx, self._phase(round_)
         if phase is Phase.DONE:
             return True
-        started, spent_before = time.time(), ctx.store.spent()   # round 1's cost includes generating its demos
+        started, spent_before = time.time(), ctx.store.spent()  # round 1's cost includes generating its demos
         clock = PhaseClock()
         ctx.pool.refresh()
         before = state_after(ctx, round_ - 1)
@@ -98,8 +99,10 @@ class FreeALRun:
         if plan is not None:
             ctx.store.set_round_plan(round_, list(plan.items))
             self._enter(round_, Phase.ANNOTATING)
-            ctx.say(f"round {round_}/{max(fr.rounds, round_)}: {len(plan)} texts to the LLM "
-                    f"({'refinement' if fr.schedule == 'full' and round_ > 1 else fr.schedule})")
+            ctx.say(
+                f"round {round_}/{max(fr.rounds, round_)}: {len(plan)} texts to the LLM "
+                f"({'refinement' if fr.schedule == 'full' and round_ > 1 else fr.schedule})"
+            )
         return plan
 
     def _phase(self, round_: int) -> Phase | None:
@@ -120,6 +123,7 @@ class FreeALRun:
         if len(new):
             state = state_after(self.ctx, done[-1])
             assert state.logits is not None  # a done round has an SLM
-            self.ctx.store.add_scores(state.round, new, softmax(state.logits.gather(new)),
-                                      np.full(len(new), np.nan), np.zeros(len(new), bool))
+            self.ctx.store.add_scores(
+                state.round, new, softmax(state.logits.gather(new)), np.full(len(new), np.nan), np.zeros(len(new), bool)
+            )
         return len(new)

@@ -7,6 +7,7 @@ or already a state folder; one holding other files keeps its mode (they are the 
 own files are still private (DuckDB's write-ahead log aside, while it exists). Exports are the user's to
 place and follow the umask, like any other command's output.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ Callers say `update(stage, done, total)` as work completes and `say(line)` for a
 goes quiet (one big shard, a long epoch) is not silent: a heartbeat repeats its line with the time elapsed
 every `heartbeat_s` (plain) or redraws the bar's clock every second (terminal).
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,7 +40,7 @@ class Progress:
     def say(self, msg: str) -> None:
         with self._lock:
             if self._bar is not None:
-                self._bar.write(msg, file=self.stream)   # above the bar, which stays
+                self._bar.write(msg, file=self.stream)  # above the bar, which stays
             else:
                 self.stream.write(msg + "\n")
                 self.stream.flush()
@@ -65,8 +66,15 @@ class Progress:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self._total, desc=f"[{self._stage}]", file=self.stream, dynamic_ncols=True,
-                             mininterval=self.interval_s, leave=True, smoothing=0.1)
+            self._bar = tqdm(
+                total=self._total,
+                desc=f"[{self._stage}]",
+                file=self.stream,
+                dynamic_ncols=True,
+                mininterval=self.interval_s,
+                leave=True,
+                smoothing=0.1,
+            )
         bar = self._bar
         bar.total = self._total
         if self._extra:
@@ -79,7 +87,7 @@ class Progress:
     def _print_line(self, now: float, heartbeat: bool = False) -> None:
         self._last = now
         elapsed = now - self._start
-        rate = self._done / elapsed if elapsed > 0.5 else 0.0   # no rate from a stage's first instant
+        rate = self._done / elapsed if elapsed > 0.5 else 0.0  # no rate from a stage's first instant
         final = self._done >= self._total
         eta = fmt_duration((self._total - self._done) / rate) if rate > 0 and not final else "-"
         speed = f"{rate:.2f}/s" if rate > 0 else "-/s"
@@ -110,6 +118,6 @@ class Progress:
                     continue
                 now = time.monotonic()
                 if self._bar is not None:
-                    self._bar.refresh()   # the elapsed clock moves even when no work has completed
+                    self._bar.refresh()  # the elapsed clock moves even when no work has completed
                 elif not self.tty and now - self._last >= self.heartbeat_s:
                     self._print_line(now, heartbeat=True)

@@ -14,6 +14,7 @@ row-group size bounds it too), and its name is never read as a glob, as DuckDB's
 CSV is parsed here rather than by DuckDB: DuckDB 2.0's sniffer gives up on quoting (or on the whole dialect)
 when a file holds a bad line, and its rejects table keeps the raw line only with bad bytes replaced.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -28,9 +29,9 @@ from typing import Any, BinaryIO, NamedTuple
 
 from freeal_stream.errors import FreealError
 
-MAX_RECORD_BYTES = 1 << 20   # one record; a longer one is quarantined (its first RAW_KEPT characters kept)
-RAW_KEPT = 2000              # characters of an over-long record kept as its raw content
-_CHUNK = 1 << 16             # bytes per read
+MAX_RECORD_BYTES = 1 << 20  # one record; a longer one is quarantined (its first RAW_KEPT characters kept)
+RAW_KEPT = 2000  # characters of an over-long record kept as its raw content
+_CHUNK = 1 << 16  # bytes per read
 
 
 class FileUnreadable(FreealError):
@@ -42,12 +43,12 @@ class RawRecord(NamedTuple):
 
     A NamedTuple, not a dataclass: a file makes one per row, and this is twice as fast to build."""
 
-    location: str                       # "line 7" (CSV, JSON lines) or "row 7" (Parquet, a JSON array)
-    line: int                           # 1-based line (or row) number
+    location: str  # "line 7" (CSV, JSON lines) or "row 7" (Parquet, a JSON array)
+    line: int  # 1-based line (or row) number
     values: dict[str, Any] | None
-    raw: str | None = None              # the record as written; None = rebuild it from `values`
+    raw: str | None = None  # the record as written; None = rebuild it from `values`
     problem: tuple[str, str] | None = None
-    size: int = 0                       # bytes it took in the file (what a batch of records is measured by)
+    size: int = 0  # bytes it took in the file (what a batch of records is measured by)
 
 
 @dataclass
@@ -65,11 +66,11 @@ class Records:
 
 
 class _Line(NamedTuple):
-    number: int         # 1-based
-    text: str           # decoded, ending kept; bytes that are not UTF-8 kept as surrogate escapes
-    bad: int | None     # offset of the first byte that is not UTF-8
-    size: int           # bytes in the file, also when `cut`
-    cut: bool           # over MAX_RECORD_BYTES: `text` holds only its start
+    number: int  # 1-based
+    text: str  # decoded, ending kept; bytes that are not UTF-8 kept as surrogate escapes
+    bad: int | None  # offset of the first byte that is not UTF-8
+    size: int  # bytes in the file, also when `cut`
+    cut: bool  # over MAX_RECORD_BYTES: `text` holds only its start
 
 
 def _line_end(data: bytes, universal: bool) -> int:
@@ -78,7 +79,7 @@ def _line_end(data: bytes, universal: bool) -> int:
     if universal:
         r = data.find(b"\r", 0, n if n != -1 else len(data))
         if r != -1:
-            return r + 2 if data[r + 1:r + 2] == b"\n" else r + 1
+            return r + 2 if data[r + 1 : r + 2] == b"\n" else r + 1
     return -1 if n == -1 else n + 1
 
 
@@ -89,7 +90,7 @@ def _lines(f: BinaryIO, universal: bool) -> Iterator[_Line]:
     carry, number = b"", 0
     while True:
         chunk = f.read(_CHUNK)
-        if len(carry) > MAX_RECORD_BYTES:        # an over-long line: skip to its end
+        if len(carry) > MAX_RECORD_BYTES:  # an over-long line: skip to its end
             head, size = carry[:MAX_RECORD_BYTES], len(carry)
             while chunk and (end := _line_end(chunk, universal)) == -1:
                 size += len(chunk)
@@ -102,7 +103,7 @@ def _lines(f: BinaryIO, universal: bool) -> Iterator[_Line]:
         if chunk:
             buf = carry + chunk
             more = buf.splitlines(True) if universal else io.BytesIO(buf).readlines()
-            carry = more.pop() if not more[-1].endswith(b"\n") else b""   # a last \r may be half of \r\n
+            carry = more.pop() if not more[-1].endswith(b"\n") else b""  # a last \r may be half of \r\n
             parts += more
             sizes += map(len, more)
         elif not parts:
@@ -112,7 +113,7 @@ def _lines(f: BinaryIO, universal: bool) -> Iterator[_Line]:
         for data, size in zip(parts, sizes):
             number += 1
             if number == 1 and data.startswith(codecs.BOM_UTF8):
-                data, size = data[len(codecs.BOM_UTF8):], size - len(codecs.BOM_UTF8)
+                data, size = data[len(codecs.BOM_UTF8) :], size - len(codecs.BOM_UTF8)
             cut = size > MAX_RECORD_BYTES
             if cut:
                 data = data[:MAX_RECORD_BYTES]
@@ -130,9 +131,18 @@ def _as_written(text: str) -> str:
 
 def _too_long(location: str, number: int, start: str, size: int) -> RawRecord:
     """An over-long record, set aside with the start of its content."""
-    return RawRecord(location, number, None, _as_written(start[:RAW_KEPT]).rstrip("\r\n") + " [...]",
-                     ("record too long", f"{location}: {size} bytes, over the {MAX_RECORD_BYTES} a record may hold; "
-                      f"its first {RAW_KEPT} characters are kept here. Fix: shorten or split the text"), size)
+    return RawRecord(
+        location,
+        number,
+        None,
+        _as_written(start[:RAW_KEPT]).rstrip("\r\n") + " [...]",
+        (
+            "record too long",
+            f"{location}: {size} bytes, over the {MAX_RECORD_BYTES} a record may hold; "
+            f"its first {RAW_KEPT} characters are kept here. Fix: shorten or split the text",
+        ),
+        size,
+    )
 
 
 # ---- CSV ----------------------------------------------------------------------------------------------------
@@ -225,8 +235,9 @@ def _csv_records(f: BinaryIO, lines: Iterator[_Line], header: list[str], delim: 
                 else:
                     runs_on = len(taken) > 1 or "end of data" in str(e)
                     if not runs_on and taken[0].bad is None and _is_json_object(taken[0].text):
-                        yield _bad_csv(taken[0], "JSON line in a CSV file", "a JSON object, not a row of the CSV's "
-                                       "columns")
+                        yield _bad_csv(
+                            taken[0], "JSON line in a CSV file", "a JSON object, not a row of the CSV's columns"
+                        )
                     else:
                         why = "a quote opened on this line is never closed" if runs_on else f"bad quoting ({e})"
                         yield _bad_csv(taken[0], "unreadable row", why)
@@ -234,29 +245,42 @@ def _csv_records(f: BinaryIO, lines: Iterator[_Line], header: list[str], delim: 
                 reader = csv.reader(feed, delimiter=delim, strict=True)
                 continue
             taken = feed.take()
-            if not fields:              # a blank line
+            if not fields:  # a blank line
                 continue
             first = taken[0]
             if len(taken) == 1 and first.bad is None and _is_json_object(first.text, fields):
                 yield _bad_csv(first, "JSON line in a CSV file", "a JSON object, not a row of the CSV's columns")
                 continue
-            if len(taken) == 1 and first.bad is None and len(fields) == len(header):   # the common case, fast
-                yield RawRecord(f"line {first.number}", first.number, dict(zip(header, fields)),
-                                first.text.rstrip("\r\n"), None, first.size)
+            if len(taken) == 1 and first.bad is None and len(fields) == len(header):  # the common case, fast
+                yield RawRecord(
+                    f"line {first.number}",
+                    first.number,
+                    dict(zip(header, fields)),
+                    first.text.rstrip("\r\n"),
+                    None,
+                    first.size,
+                )
                 continue
             broken = next((line for line in taken if line.bad is not None), None)
             if broken is not None and broken.bad is not None:
-                yield _bad_csv(taken[0], "not UTF-8", f"byte {broken.bad + 1} of line {broken.number} is not UTF-8",
-                               taken)
+                yield _bad_csv(
+                    taken[0], "not UTF-8", f"byte {broken.bad + 1} of line {broken.number} is not UTF-8", taken
+                )
             elif len(fields) != len(header):
                 yield _bad_csv(taken[0], "unreadable row", f"{len(fields)} fields where the header has {len(header)}")
-                if len(taken) > 1:      # a quote opened on this line swallowed the next ones: re-read them
+                if len(taken) > 1:  # a quote opened on this line swallowed the next ones: re-read them
                     feed.read_again(taken[1:])
                     reader = csv.reader(feed, delimiter=delim, strict=True)
             else:
                 raw = taken[0].text if len(taken) == 1 else "".join(line.text for line in taken)
-                yield RawRecord(f"line {taken[0].number}", taken[0].number, dict(zip(header, fields)),
-                                raw.rstrip("\r\n"), None, sum(line.size for line in taken))
+                yield RawRecord(
+                    f"line {taken[0].number}",
+                    taken[0].number,
+                    dict(zip(header, fields)),
+                    raw.rstrip("\r\n"),
+                    None,
+                    sum(line.size for line in taken),
+                )
 
 
 def _is_json_object(line: str, fields: list[str] | None = None) -> bool:
@@ -274,14 +298,19 @@ def _is_json_object(line: str, fields: list[str] | None = None) -> bool:
 
 
 def _bad_csv(first: _Line, reason: str, why: str, lines: list[_Line] | None = None) -> RawRecord:
-    fix = {"not UTF-8": "save the file as UTF-8",
-           "JSON line in a CSV file": "write it as a CSV row, or put JSON records in a .jsonl file of their own",
-           }.get(reason, 'quote fields that hold the delimiter or a line break ("a, b"), and double quotes inside '
-                         'them ("")')
+    fix = {
+        "not UTF-8": "save the file as UTF-8",
+        "JSON line in a CSV file": "write it as a CSV row, or put JSON records in a .jsonl file of their own",
+    }.get(reason, 'quote fields that hold the delimiter or a line break ("a, b"), and double quotes inside them ("")')
     lines = lines or [first]
-    return RawRecord(f"line {first.number}", first.number, None,
-                     _as_written("".join(line.text for line in lines)).rstrip("\r\n"),
-                     (reason, f"line {first.number}: {why}. Fix: {fix}"), sum(line.size for line in lines))
+    return RawRecord(
+        f"line {first.number}",
+        first.number,
+        None,
+        _as_written("".join(line.text for line in lines)).rstrip("\r\n"),
+        (reason, f"line {first.number}: {why}. Fix: {fix}"),
+        sum(line.size for line in lines),
+    )
 
 
 # ---- JSON ---------------------------------------------------------------------------------------------------
@@ -321,28 +350,48 @@ def _json_lines(f: BinaryIO) -> Iterator[RawRecord]:
 def _json_line(line: _Line) -> RawRecord:
     k, text = line.number, line.text.rstrip("\n")
     if line.bad is not None:
-        return RawRecord(f"line {k}", k, None, _as_written(text),
-                         ("not UTF-8", f"line {k}: byte {line.bad + 1} is not UTF-8. Fix: save the file as UTF-8"),
-                         line.size)
+        return RawRecord(
+            f"line {k}",
+            k,
+            None,
+            _as_written(text),
+            ("not UTF-8", f"line {k}: byte {line.bad + 1} is not UTF-8. Fix: save the file as UTF-8"),
+            line.size,
+        )
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as e:
-        return RawRecord(f"line {k}", k, None, text.rstrip("\r"),
-                         ("broken JSON line", f"line {k}: not JSON ({e}). Fix: write one JSON object per line"),
-                         line.size)
+        return RawRecord(
+            f"line {k}",
+            k,
+            None,
+            text.rstrip("\r"),
+            ("broken JSON line", f"line {k}: not JSON ({e}). Fix: write one JSON object per line"),
+            line.size,
+        )
     return _json_record(f"line {k}", k, text.rstrip("\r"), value, line.size)
 
 
 def _json_record(location: str, k: int, raw: str, value: Any, size: int) -> RawRecord:
     if not isinstance(value, dict):
-        return RawRecord(location, k, None, raw, ("broken JSON line", f"{location}: a JSON {type(value).__name__}, "
-                                                  "not an object. Fix: write each record as {\"text\": ...}"), size)
+        return RawRecord(
+            location,
+            k,
+            None,
+            raw,
+            (
+                "broken JSON line",
+                f'{location}: a JSON {type(value).__name__}, not an object. Fix: write each record as {{"text": ...}}',
+            ),
+            size,
+        )
     return RawRecord(location, k, {str(key): v for key, v in value.items()}, raw, None, size)
 
 
 def _json_array(f: BinaryIO) -> Iterator[RawRecord]:
     """The elements of one JSON array, decoded one at a time from a buffer of at most MAX_RECORD_BYTES plus
     one read (an element longer than that, or anything but a valid array, makes the file unreadable)."""
+
     def broken(why: str) -> FileUnreadable:
         return FileUnreadable(f"it starts with '[' but is not one valid JSON array ({why})")
 
@@ -368,7 +417,7 @@ def _json_array(f: BinaryIO) -> Iterator[RawRecord]:
             while pos < len(buf) and buf[pos] in " \t\r\n":
                 pos += 1
             if pos < len(buf) or not more():
-                return buf[pos:pos + 1]
+                return buf[pos : pos + 1]
 
     with f:
         if skip_space() != "[":
@@ -393,12 +442,13 @@ def _json_array(f: BinaryIO) -> Iterator[RawRecord]:
             while True:
                 try:
                     value, end = decoder.raw_decode(buf, pos)
-                    if end < len(buf) or eof:   # a number at the end of the buffer may go on in the next read
+                    if end < len(buf) or eof:  # a number at the end of the buffer may go on in the next read
                         break
                 except json.JSONDecodeError as e:
                     if eof or len(buf) - pos > MAX_RECORD_BYTES:
-                        raise broken(f"element {k + 1}: {e}" if eof else
-                                     f"element {k + 1} is over {MAX_RECORD_BYTES} bytes") from None
+                        raise broken(
+                            f"element {k + 1}: {e}" if eof else f"element {k + 1} is over {MAX_RECORD_BYTES} bytes"
+                        ) from None
                 except RecursionError:
                     raise broken(f"element {k + 1} is nested too deeply") from None
                 more()
@@ -448,8 +498,10 @@ def _parquet_record(k: int, values: dict[str, Any]) -> RawRecord:
                 values[name] = bytes(v).decode("utf-8")
             except UnicodeDecodeError as e:
                 values[name] = bytes(v).decode("utf-8", "backslashreplace")
-                problem = problem or ("not UTF-8", f"row {k}: column '{name}' byte {e.start + 1} is not UTF-8. "
-                                      "Fix: write the column as UTF-8 strings")
+                problem = problem or (
+                    "not UTF-8",
+                    f"row {k}: column '{name}' byte {e.start + 1} is not UTF-8. Fix: write the column as UTF-8 strings",
+                )
         if isinstance(values[name], str):
             size += len(values[name])
     if size > MAX_RECORD_BYTES:

@@ -3,6 +3,7 @@
 Frozen dataclasses rather than tuples, so every reader names the field it reads. They are plain data
 (strings, ints, tuples), so they pickle cheaply to and from actors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ class ItemColumns:
 
     ids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
-    views: list[str | None] = field(default_factory=list)   # a second view of the text (e.g. back-translation)
-    golds: list[str | None] = field(default_factory=list)   # evaluation only, never trained on
+    views: list[str | None] = field(default_factory=list)  # a second view of the text (e.g. back-translation)
+    golds: list[str | None] = field(default_factory=list)  # evaluation only, never trained on
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -27,8 +28,8 @@ class Demo:
 
     id: str
     text: str
-    label: int        # class index
-    source: str       # 'generated', 'zero-shot' or 'slm round k'
+    label: int  # class index
+    source: str  # 'generated', 'zero-shot' or 'slm round k'
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ Everything is inlined (CSS, and the plots as SVG drawn by matplotlib), so the fi
 and archived, and loads nothing from the network. Figures come from the state file only: the rounds' stored
 metrics, the label of record (human labels first) and the quarantine table; the same numbers `status` shows.
 """
+
 from __future__ import annotations
 
 import html
@@ -17,24 +18,24 @@ from typing import Any
 from freeal_stream.config import JobConfig
 from freeal_stream.status import job_status
 
-BINS = 20                 # confidence histogram bins over [0, 1]
-DISPUTED_SHOWN = 25       # disputed rows listed
-PROBLEMS_SHOWN = 20       # quarantined / flagged rows listed
+BINS = 20  # confidence histogram bins over [0, 1]
+DISPUTED_SHOWN = 25  # disputed rows listed
+PROBLEMS_SHOWN = 20  # quarantined / flagged rows listed
 SOURCES = ("human", "llm", "slm", "none")
 COLOURS = {"human": "#7b3294", "llm": "#1f77b4", "slm": "#ff7f0e", "none": "#bbbbbb"}
-PLOTS = ("rounds", "accuracy", "sources", "confidence")   # the figure ids, in page order
+PLOTS = ("rounds", "accuracy", "sources", "confidence")  # the figure ids, in page order
 
 
 @dataclass(frozen=True)
 class ReportData:
     """What the report shows, read from the state in one go."""
 
-    status: dict[str, Any]                      # job_status: spend, label sources, rounds, quarantine, review
+    status: dict[str, Any]  # job_status: spend, label sources, rounds, quarantine, review
     class_names: list[str]
     by_class_source: list[tuple[int | None, str, int]]
-    confidence: list[tuple[str, int, int]]      # (source kind, bin, items)
+    confidence: list[tuple[str, int, int]]  # (source kind, bin, items)
     disputed: list[tuple[Any, ...]]
-    gold: tuple[int, int]                       # (items with gold, of which right)
+    gold: tuple[int, int]  # (items with gold, of which right)
     priced: bool
 
     @property
@@ -45,9 +46,15 @@ class ReportData:
 def gather(store: Any, job: JobConfig, class_names: Sequence[str]) -> ReportData:
     rule = job.freeal.label_of_record
     status = job_status(store, job)
-    return ReportData(status, list(class_names), store.labels_by_class_and_source(rule),
-                      store.confidence_histogram(rule, BINS), store.disputed_examples(rule, DISPUTED_SHOWN),
-                      store.gold_agreement(class_names, rule), bool(status["spent"]["priced"]))
+    return ReportData(
+        status,
+        list(class_names),
+        store.labels_by_class_and_source(rule),
+        store.confidence_histogram(rule, BINS),
+        store.disputed_examples(rule, DISPUTED_SHOWN),
+        store.gold_agreement(class_names, rule),
+        bool(status["spent"]["priced"]),
+    )
 
 
 def write_report(store: Any, job: JobConfig, class_names: Sequence[str], out: Path) -> None:
@@ -103,13 +110,13 @@ def _figure(w: float, h: float, rows: int = 1, cols: int = 1) -> tuple[Any, Any]
 def _svg(fig: Any) -> str:
     from matplotlib.ticker import MaxNLocator
 
-    for ax in fig.axes:   # counts and rounds are whole numbers (a twin axis of fractions keeps its own ticks)
+    for ax in fig.axes:  # counts and rounds are whole numbers (a twin axis of fractions keeps its own ticks)
         if ax.get_ylabel() not in ("accuracy", "cost so far") and ax.get_ylim()[1] > 1.5:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
 def _empty(ax: Any, what: str) -> None:
@@ -129,8 +136,11 @@ def plot_rounds(data: ReportData) -> str:
         return _svg(fig)
     x = [m["round"] for m in rounds]
     bottom = [0] * len(x)
-    for key, name, colour in (("llm_labelled", "labelled", "#1f77b4"), ("llm_no_label", "no usable label", "#aaaaaa"),
-                              ("llm_failed", "failed", "#d62728")):
+    for key, name, colour in (
+        ("llm_labelled", "labelled", "#1f77b4"),
+        ("llm_no_label", "no usable label", "#aaaaaa"),
+        ("llm_failed", "failed", "#d62728"),
+    ):
         ys = [m.get(key, 0) for m in rounds]
         a_llm.bar(x, ys, bottom=bottom, color=colour, label=name)
         bottom = [b + y for b, y in zip(bottom, ys)]
@@ -178,11 +188,19 @@ def plot_accuracy(data: ReportData) -> str:
         ax.plot([x for x, _ in pts], [e[0] for _, e in pts], "o-", color="#000000", label="estimated export accuracy")
         band = [(x, e[1], e[2]) for x, e in pts if e[1] is not None and e[2] is not None]
         if band:
-            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color="#000000",
-                            alpha=0.12, label="95% interval")
+            ax.fill_between(
+                [b[0] for b in band],
+                [b[1] for b in band],
+                [b[2] for b in band],
+                color="#000000",
+                alpha=0.12,
+                label="95% interval",
+            )
         shown = True
-    for mkey, name, colour in (("llm_label_acc", "LLM labels vs gold", "#1f77b4"),
-                               ("slm_acc", "SLM vs gold", "#ff7f0e")):
+    for mkey, name, colour in (
+        ("llm_label_acc", "LLM labels vs gold", "#1f77b4"),
+        ("slm_acc", "SLM vs gold", "#ff7f0e"),
+    ):
         pts = [(x, m[mkey]) for x, m in zip(xs, rounds) if m.get(mkey) is not None]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color=colour, label=name)
@@ -196,15 +214,28 @@ def plot_accuracy(data: ReportData) -> str:
     if review and review["random"]["reviewed"]:
         r = review["random"]
         lo, hi = r["interval_95"]
-        ax.errorbar([last], [r["accuracy"]], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]], fmt="D",
-                    color=COLOURS["human"], capsize=5, label=f"human check, {r['reviewed']} random rows")
+        ax.errorbar(
+            [last],
+            [r["accuracy"]],
+            yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]],
+            fmt="D",
+            color=COLOURS["human"],
+            capsize=5,
+            label=f"human check, {r['reviewed']} random rows",
+        )
         shown = True
     if not shown:
         _empty(ax, "no accuracy figure yet: not estimated, no gold, no human review")
         return _svg(fig)
     if not any(e is not None for e in est):
-        ax.text(0.01, 0.03, "export accuracy: not estimated (the rounds store no estimate)", transform=ax.transAxes,
-                fontsize=8, color="#555555")
+        ax.text(
+            0.01,
+            0.03,
+            "export accuracy: not estimated (the rounds store no estimate)",
+            transform=ax.transAxes,
+            fontsize=8,
+            color="#555555",
+        )
     ax.set_ylim(0, 1.02)
     ax.set_xlim(0, max(last, 1e-9) * 1.08)
     ax.set_xlabel(xlabel)
@@ -240,7 +271,7 @@ def plot_sources(data: ReportData) -> str:
 
 def plot_confidence(data: ReportData) -> str:
     """Histograms of the label of record's confidence, one per source (LLM: from logprobs; SLM: its softmax)."""
-    kinds = [s for s in ("llm", "slm") if any(k == s for k, _, _ in data.confidence)]   # a human's is always 1
+    kinds = [s for s in ("llm", "slm") if any(k == s for k, _, _ in data.confidence)]  # a human's is always 1
     fig, axes = _figure(10, 3.2, 1, max(1, len(kinds)))
     if not kinds:
         _empty(axes[0, 0], "no confidence stored (no logprobs from the LLM, no SLM round yet)")
@@ -284,8 +315,10 @@ def _pct(v: float | None) -> str:
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[bool] | None = None) -> str:
     numeric = numeric or [False] * len(head)
-    body = "".join("<tr>" + "".join(f'<td class="{"num" if num else "text"}">{_e(v)}</td>'
-                                    for v, num in zip(r, numeric)) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"num" if num else "text"}">{_e(v)}</td>' for v, num in zip(r, numeric)) + "</tr>"
+        for r in rows
+    )
     return "<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + f"</tr>{body}</table>"
 
 
@@ -303,18 +336,27 @@ def _cards(data: ReportData) -> list[tuple[str, str]]:
     st, spent = data.status, data.status["spent"]
     n_gold, right = data.gold
     est = next((estimate(m) for m in reversed(data.rounds) if estimate(m) is not None), None)
-    est_text = "not estimated" if est is None else _pct(est[0]) + (
-        "" if est[1] is None or est[2] is None else f" [{_pct(est[1])}, {_pct(est[2])}]")
+    est_text = (
+        "not estimated"
+        if est is None
+        else _pct(est[0]) + ("" if est[1] is None or est[2] is None else f" [{_pct(est[1])}, {_pct(est[2])}]")
+    )
     rnd = (st.get("human_review") or {}).get("random") or {}
-    return [("items", f"{st['items']:,}"),
-            ("labels by source", ", ".join(f"{k} {v:,}" for k, v in sorted(st["labels_by_source"].items()))),
-            ("LLM requests / tokens", f"{spent['requests']:,} / {spent['tokens']:,}"),
-            ("cost", f"{spent['cost']:.4f}" if data.priced else "not priced (no budget.prices)"),
-            ("estimated export accuracy", est_text),
-            ("export vs gold", f"{_pct(right / n_gold)} on {n_gold:,}" if n_gold else "no gold in the data"),
-            ("human check (random rows)", f"{_pct(rnd['accuracy'])} on {rnd['reviewed']}" if rnd.get("reviewed")
-             else "no randomly drawn row reviewed"),
-            ("LLM labels the SLM disputes", f"{st['llm_labels_disputed']:,} (rule: {st['label_of_record']})")]
+    return [
+        ("items", f"{st['items']:,}"),
+        ("labels by source", ", ".join(f"{k} {v:,}" for k, v in sorted(st["labels_by_source"].items()))),
+        ("LLM requests / tokens", f"{spent['requests']:,} / {spent['tokens']:,}"),
+        ("cost", f"{spent['cost']:.4f}" if data.priced else "not priced (no budget.prices)"),
+        ("estimated export accuracy", est_text),
+        ("export vs gold", f"{_pct(right / n_gold)} on {n_gold:,}" if n_gold else "no gold in the data"),
+        (
+            "human check (random rows)",
+            f"{_pct(rnd['accuracy'])} on {rnd['reviewed']}"
+            if rnd.get("reviewed")
+            else "no randomly drawn row reviewed",
+        ),
+        ("LLM labels the SLM disputes", f"{st['llm_labels_disputed']:,} (rule: {st['label_of_record']})"),
+    ]
 
 
 def render(data: ReportData) -> str:
@@ -322,69 +364,135 @@ def render(data: ReportData) -> str:
     names = data.class_names
     cls = lambda i: "-" if i is None else names[i]
     cards = _cards(data)
-    round_rows = [(m["round"], m.get("slm_mode"), m.get("llm_labelled"), m.get("llm_no_label"), m.get("llm_failed"),
-                   m.get("requests_round"), m.get("prompt_tokens_round", 0) + m.get("completion_tokens_round", 0),
-                   _pct(cached_share(m)), f"{m.get('cost_total', 0):.4f}" if data.priced else "-",
-                   _pct(m.get("llm_label_acc")), _pct(m.get("slm_acc")),
-                   _estimate_text(m), m.get("human_labels", 0)) for m in data.rounds]
-    disputed = [(i, t[:300], cls(lab), src, "-" if c is None else f"{c:.2f}", cls(ll), cls(sl))
-                for i, t, lab, src, c, ll, sl in data.disputed]
+    round_rows = [
+        (
+            m["round"],
+            m.get("slm_mode"),
+            m.get("llm_labelled"),
+            m.get("llm_no_label"),
+            m.get("llm_failed"),
+            m.get("requests_round"),
+            m.get("prompt_tokens_round", 0) + m.get("completion_tokens_round", 0),
+            _pct(cached_share(m)),
+            f"{m.get('cost_total', 0):.4f}" if data.priced else "-",
+            _pct(m.get("llm_label_acc")),
+            _pct(m.get("slm_acc")),
+            _estimate_text(m),
+            m.get("human_labels", 0),
+        )
+        for m in data.rounds
+    ]
+    disputed = [
+        (i, t[:300], cls(lab), src, "-" if c is None else f"{c:.2f}", cls(ll), cls(sl))
+        for i, t, lab, src, c, ll, sl in data.disputed
+    ]
     q = st["quarantine"]
     parts = [
         f"<h1>freeal-stream report: {_e(st['job'])}</h1>",
-        '<div class="summary">' + "".join(f'<div class="card">{_e(k)}<b>{_e(v)}</b></div>' for k, v in cards)
+        '<div class="summary">'
+        + "".join(f'<div class="card">{_e(k)}<b>{_e(v)}</b></div>' for k, v in cards)
         + "</div>",
         "<h2>Rounds</h2>",
-        _figure_html("rounds", plot_rounds(data), "LLM labels, the SLM's clean set, spend and prompt-cache share "
-                     "per round (from the metrics stored with each round)."),
-        _table(["round", "SLM", "LLM labelled", "no label", "failed", "requests", "tokens", "cached", "cost so far",
-                "LLM acc (gold)", "SLM acc (gold)", "est. accuracy", "human labels"], round_rows,
-               [True] * 13) if round_rows else '<p class="muted">no round has finished yet</p>',
+        _figure_html(
+            "rounds",
+            plot_rounds(data),
+            "LLM labels, the SLM's clean set, spend and prompt-cache share "
+            "per round (from the metrics stored with each round).",
+        ),
+        _table(
+            [
+                "round",
+                "SLM",
+                "LLM labelled",
+                "no label",
+                "failed",
+                "requests",
+                "tokens",
+                "cached",
+                "cost so far",
+                "LLM acc (gold)",
+                "SLM acc (gold)",
+                "est. accuracy",
+                "human labels",
+            ],
+            round_rows,
+            [True] * 13,
+        )
+        if round_rows
+        else '<p class="muted">no round has finished yet</p>',
         "<h2>Accuracy against spend</h2>",
-        _figure_html("accuracy", plot_accuracy(data), "Estimated export accuracy where the rounds store one; the "
-                     "gold figures only where the data has a gold column; the human check on rows drawn at random."),
+        _figure_html(
+            "accuracy",
+            plot_accuracy(data),
+            "Estimated export accuracy where the rounds store one; the "
+            "gold figures only where the data has a gold column; the human check on rows drawn at random.",
+        ),
         "<h2>Labels by source</h2>",
-        _figure_html("sources", plot_sources(data), "The label of record per class: human (review import), LLM, "
-                     "or SLM (texts the LLM never labelled, and disputed ones under label_of_record: slm)."),
+        _figure_html(
+            "sources",
+            plot_sources(data),
+            "The label of record per class: human (review import), LLM, "
+            "or SLM (texts the LLM never labelled, and disputed ones under label_of_record: slm).",
+        ),
         "<h2>Confidence</h2>",
-        _figure_html("confidence", plot_confidence(data), "LLM confidence comes from logprobs (absent when the "
-                     "endpoint gives none), the SLM's from its softmax; human labels (confidence 1) are left out."),
-        "<h2>Human review</h2>", _review_html(st.get("human_review")),
+        _figure_html(
+            "confidence",
+            plot_confidence(data),
+            "LLM confidence comes from logprobs (absent when the "
+            "endpoint gives none), the SLM's from its softmax; human labels (confidence 1) are left out.",
+        ),
+        "<h2>Human review</h2>",
+        _review_html(st.get("human_review")),
         f"<h2>Disputed examples ({st['llm_labels_disputed']:,} in all, least confident first)</h2>",
         _table(["id", "text", "label of record", "source", "confidence", "LLM label", "SLM label"], disputed)
-        if disputed else '<p class="muted">no LLM label is disputed</p>',
-        "<h2>Bad input</h2>", _quarantine_html(q),
+        if disputed
+        else '<p class="muted">no LLM label is disputed</p>',
+        "<h2>Bad input</h2>",
+        _quarantine_html(q),
     ]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>freeal-stream report: {_e(st['job'])}</title><style>{_CSS}</style></head><body>"
-            + "\n".join(parts) + "</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>freeal-stream report: {_e(st['job'])}</title><style>{_CSS}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
 
 
 def _review_html(review: dict[str, Any] | None) -> str:
     if not review:
-        return ('<p class="muted">No human label yet. <code>freeal-stream review export JOB</code> picks the rows '
-                "worth a look; <code>review import</code> reads the labels back.</p>")
-    rows = [(r["reason"], r["reviewed"], r["agreed"], _pct(r["agreed"] / r["reviewed"]))
-            for r in review["by_reason"]]
+        return (
+            '<p class="muted">No human label yet. <code>freeal-stream review export JOB</code> picks the rows '
+            "worth a look; <code>review import</code> reads the labels back.</p>"
+        )
+    rows = [(r["reason"], r["reviewed"], r["agreed"], _pct(r["agreed"] / r["reviewed"])) for r in review["by_reason"]]
     rnd = review["random"]
-    note = (f"On the {rnd['reviewed']} rows drawn at random the models' label was right {_pct(rnd['accuracy'])} of the "
-            f"time (95% interval {_pct(rnd['interval_95'][0])} to {_pct(rnd['interval_95'][1])}): an unbiased check of "
-            "the export's accuracy." if rnd["reviewed"] else "No reviewed row was drawn at random, so there is no "
-            "unbiased check yet.")
-    return (_table(["why the row was picked", "reviewed", "models' label right", "share"], rows,
-                   [False, True, True, True])
-            + f'<p class="muted">{_e(note)} The other rows were picked where the models are weakest, so their '
-              "share understates accuracy.</p>")
+    note = (
+        f"On the {rnd['reviewed']} rows drawn at random the models' label was right {_pct(rnd['accuracy'])} of the "
+        f"time (95% interval {_pct(rnd['interval_95'][0])} to {_pct(rnd['interval_95'][1])}): an unbiased check of "
+        "the export's accuracy."
+        if rnd["reviewed"]
+        else "No reviewed row was drawn at random, so there is no unbiased check yet."
+    )
+    return (
+        _table(["why the row was picked", "reviewed", "models' label right", "share"], rows, [False, True, True, True])
+        + f'<p class="muted">{_e(note)} The other rows were picked where the models are weakest, so their '
+        "share understates accuracy.</p>"
+    )
 
 
 def _quarantine_html(q: dict[str, Any]) -> str:
     if not q["by_reason"]:
         return '<p class="muted">no row quarantined or flagged</p>'
-    counts = _table(["action", "reason", "rows"], [(c["action"], c["reason"], c["count"]) for c in q["by_reason"]],
-                    [False, False, True])
+    counts = _table(
+        ["action", "reason", "rows"],
+        [(c["action"], c["reason"], c["count"]) for c in q["by_reason"]],
+        [False, False, True],
+    )
     shown = q["rows"][:PROBLEMS_SHOWN]
-    rows = _table(["source", "where", "action", "reason", "detail"],
-                  [(r["source"], r["location"], r["action"], r["reason"], r["detail"]) for r in shown])
+    rows = _table(
+        ["source", "where", "action", "reason", "detail"],
+        [(r["source"], r["location"], r["action"], r["reason"], r["detail"]) for r in shown],
+    )
     more = q["quarantined"] + q["flagged"] - len(shown)
     tail = f'<p class="muted">{more} more: <code>freeal-stream quarantine JOB</code> lists them all.</p>'
     return counts + "<p></p>" + rows + (tail if more else "")

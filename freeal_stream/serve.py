@@ -6,6 +6,7 @@ first the job's own rounds, then one more whenever enough new items wait (`servi
 new items have waited `service.round_every_s`. A round takes its pool when it starts, so an item that
 arrives mid-round is stored at once and joins the next round; it is never half-labelled.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,12 +36,20 @@ def service_token(job: JobConfig) -> str | None:
     svc = job.service
     token = os.environ.get(svc.token_env)
     if token is not None and not token.strip():
-        raise ConfigError(job.source_file, "service.token_env", f"the environment variable {svc.token_env} is set "
-                          "but empty", f"set {svc.token_env} to a long random string, or unset it (loopback only)")
+        raise ConfigError(
+            job.source_file,
+            "service.token_env",
+            f"the environment variable {svc.token_env} is set but empty",
+            f"set {svc.token_env} to a long random string, or unset it (loopback only)",
+        )
     if not token and not is_loopback(svc.host):
-        raise ConfigError(job.source_file, "service.host", f"'{svc.host}' is reachable from other machines and "
-                          f"no token is set", f"set the environment variable {svc.token_env} to a long random "
-                          "string (clients send it as 'Authorization: Bearer ...'), or use host 127.0.0.1")
+        raise ConfigError(
+            job.source_file,
+            "service.host",
+            f"'{svc.host}' is reachable from other machines and no token is set",
+            f"set the environment variable {svc.token_env} to a long random "
+            "string (clients send it as 'Authorization: Bearer ...'), or use host 127.0.0.1",
+        )
     return token or None
 
 
@@ -50,7 +59,7 @@ class Service:
     def __init__(self, session: Session, progress: Progress, token: str | None = None):
         self.s, self.job, self.store, self.progress = session, session.job, session.store, progress
         self.rounds = FreeALRun(session, progress)
-        self.token = token   # from service_token(job), checked before the session started
+        self.token = token  # from service_token(job), checked before the session started
         self.stop = threading.Event()
         self.class_names = self.job.task.class_names
 
@@ -75,30 +84,47 @@ class Service:
         svc = self.job.service
         if waiting >= svc.min_new_items:
             return True
-        return bool(waiting and svc.round_every_s and first_seen is not None
-                    and time.monotonic() - first_seen >= svc.round_every_s)
+        return bool(
+            waiting
+            and svc.round_every_s
+            and first_seen is not None
+            and time.monotonic() - first_seen >= svc.round_every_s
+        )
 
     def serve(self) -> None:
         """Run until `stop` is set (SIGTERM / Ctrl-C): the job's rounds, then rounds as data arrives."""
         svc = self.job.service
         token = self.token
-        inbox = Inbox(self.job.inbox_path, self.ingest_file, settle_s=max(0.5, svc.poll_s),
-                      seen=self.store.file_ingested, remember=self.store.remember_file)
-        api = ApiServer(ApiHandlers(self.add_items, self.status, self.labels, self.quarantine), host=svc.host,
-                        port=svc.port, token=token, token_env=svc.token_env, allowed_hosts=svc.allowed_hosts)
+        inbox = Inbox(
+            self.job.inbox_path,
+            self.ingest_file,
+            settle_s=max(0.5, svc.poll_s),
+            seen=self.store.file_ingested,
+            remember=self.store.remember_file,
+        )
+        api = ApiServer(
+            ApiHandlers(self.add_items, self.status, self.labels, self.quarantine),
+            host=svc.host,
+            port=svc.port,
+            token=token,
+            token_env=svc.token_env,
+            allowed_hosts=svc.allowed_hosts,
+        )
         try:
             url = api.start()
         except OSError as e:
-            raise StateError(f"cannot listen on {svc.host}:{svc.port} ({e.strerror}). Fix: stop what uses that "
-                             "port, or set service.port in the job file (0 = any free port)") from None
+            raise StateError(
+                f"cannot listen on {svc.host}:{svc.port} ({e.strerror}). Fix: stop what uses that "
+                "port, or set service.port in the job file (0 = any free port)"
+            ) from None
         service_file = write_service_file(self.job.state_path, api.local_url, os.getpid())
-        watcher = threading.Thread(target=inbox.watch, args=(self.stop, svc.poll_s), daemon=True,
-                                   name="inbox")
+        watcher = threading.Thread(target=inbox.watch, args=(self.stop, svc.poll_s), daemon=True, name="inbox")
         watcher.start()
-        self.progress.say(f"serving {self.job.name}: API {url} ({'token required' if token else 'no token'}), "
-                          f"inbox {inbox.root}")
+        self.progress.say(
+            f"serving {self.job.name}: API {url} ({'token required' if token else 'no token'}), inbox {inbox.root}"
+        )
         try:
-            self.rounds.run()   # the job's own rounds first (resumed if they were under way)
+            self.rounds.run()  # the job's own rounds first (resumed if they were under way)
             first_seen: float | None = None
             while not self.stop.is_set():
                 waiting = self.store.unscored_count()
@@ -108,10 +134,12 @@ class Service:
                     self.progress.say(f"{waiting} new items: starting round {round_}")
                     if not self.rounds.run_round(round_):
                         n = self.rounds.label_new_with_slm()
-                        self.progress.say(f"no round possible now (budget spent or nothing to annotate): {n} new "
-                                          "items labelled by the latest SLM; the LLM sees new items once a round "
-                                          "can run")
-                        if not n:   # no SLM yet to label them: look again later, not in a tight loop
+                        self.progress.say(
+                            f"no round possible now (budget spent or nothing to annotate): {n} new "
+                            "items labelled by the latest SLM; the LLM sees new items once a round "
+                            "can run"
+                        )
+                        if not n:  # no SLM yet to label them: look again later, not in a tight loop
                             self.stop.wait(max(30.0, svc.poll_s))
                     first_seen = None
                     continue
@@ -122,4 +150,3 @@ class Service:
             watcher.join(timeout=10)
             if service_file.exists():
                 service_file.unlink()
-

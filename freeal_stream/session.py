@@ -4,6 +4,7 @@
 closing stops the store actor first, so the DuckDB file is free for the next process the moment the
 command returns.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,12 +31,33 @@ from freeal_stream.store import StateError, Store
 
 # Fields that may change between runs on the same state: they steer how far the job goes or where it
 # runs, not what its finished rounds mean. Anything else changed would mix incompatible rounds.
-RESUMABLE_FIELDS = {"budget", "freeal.rounds", "freeal.label_of_record", "freeal.target_accuracy",
-                    "freeal.warmup_epochs", "freeal.generation_time_s", "llm.concurrency",
-                    "llm.requests_per_minute", "llm.tokens_per_minute", "llm.timeout_s", "llm.max_retries",
-                    "llm.server_threads", "slm.threads", "slm.device", "slm.epochs", "name", "state_dir", "ray",
-                    "service", "llm.mode", "llm.batch_poll_s", "llm.batch_poll_max_s", "llm.batch_max_wait_s",
-                    "llm.batch_max_requests", "llm.batch_enqueued_tokens"}
+RESUMABLE_FIELDS = {
+    "budget",
+    "freeal.rounds",
+    "freeal.label_of_record",
+    "freeal.target_accuracy",
+    "freeal.warmup_epochs",
+    "freeal.generation_time_s",
+    "llm.concurrency",
+    "llm.requests_per_minute",
+    "llm.tokens_per_minute",
+    "llm.timeout_s",
+    "llm.max_retries",
+    "llm.server_threads",
+    "slm.threads",
+    "slm.device",
+    "slm.epochs",
+    "name",
+    "state_dir",
+    "ray",
+    "service",
+    "llm.mode",
+    "llm.batch_poll_s",
+    "llm.batch_poll_max_s",
+    "llm.batch_max_wait_s",
+    "llm.batch_max_requests",
+    "llm.batch_enqueued_tokens",
+}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -82,14 +104,14 @@ class Session:
     """One job's running parts, as `open_session` started them."""
 
     job: JobConfig
-    store: Store                          # the store actor's proxy: Store's methods, run by the one writer
-    annotators: Annotators                # the live annotator pool or batch mode (llm.mode)
+    store: Store  # the store actor's proxy: Store's methods, run by the one writer
+    annotators: Annotators  # the live annotator pool or batch mode (llm.mode)
     scorers: ScorerPool
-    trainer: ActorHandle                  # the trainer actor (`actors.trainer.Trainer`)
-    model_name: str                       # the name the endpoint serves (the embedded server's own name)
-    price: Price | None                   # the model's token prices (None: no budget.prices entry)
+    trainer: ActorHandle  # the trainer actor (`actors.trainer.Trainer`)
+    model_name: str  # the name the endpoint serves (the embedded server's own name)
+    price: Price | None  # the model's token prices (None: no budget.prices entry)
     guard: budget_policy.BudgetGuard
-    where: str                            # where Ray runs, in words
+    where: str  # where Ray runs, in words
     trainer_restarts: int = 0
 
     def replace_trainer(self) -> None:
@@ -112,15 +134,17 @@ def _open_store(job: JobConfig, wait_s: float = 15.0) -> Store:
     """
     path = job.state_path / "freeal.duckdb"
     deadline = time.monotonic() + wait_s
-    while True:   # probed here, so a held file never becomes a failed actor (and its traceback)
+    while True:  # probed here, so a held file never becomes a failed actor (and its traceback)
         try:
             Store(path).close()
             break
         except StateError:
             if time.monotonic() > deadline:
-                raise StateError(f"{path} is in use by another process. Fix: wait for the other freeal-stream run "
-                                 "or service on this state directory to finish (or stop it), or use another "
-                                 "state_dir") from None
+                raise StateError(
+                    f"{path} is in use by another process. Fix: wait for the other freeal-stream run "
+                    "or service on this state directory to finish (or stop it), or use another "
+                    "state_dir"
+                ) from None
             time.sleep(1.0)
     store = start_store(path)
     current = job_to_dict(job)
@@ -129,8 +153,10 @@ def _open_store(job: JobConfig, wait_s: float = 15.0) -> Store:
         diff = check_resumable(json.loads(stored), current)
         if diff:
             store.close()
-            raise StateError(f"{job.state_path}: state was made by a different job config; changed fields: "
-                             f"{', '.join(diff)}. Fix: revert them, or set a new state_dir to start afresh")
+            raise StateError(
+                f"{job.state_path}: state was made by a different job config; changed fields: "
+                f"{', '.join(diff)}. Fix: revert them, or set a new state_dir to start afresh"
+            )
     store.set_meta("job", json.dumps(current))
     return store
 
@@ -153,20 +179,42 @@ def open_session(job: JobConfig, progress: Progress, address: str | None = None)
         if job.llm.mode == "batch":
             from freeal_stream.llm.batch import BatchAnnotators
 
-            annotators: Annotators = BatchAnnotators(llm_cfg, base_url, api_key(job, local), store, guard=guard,
-                                                     price=job.budget.prices.get(model), say=progress.say)
+            annotators: Annotators = BatchAnnotators(
+                llm_cfg,
+                base_url,
+                api_key(job, local),
+                store,
+                guard=guard,
+                price=job.budget.prices.get(model),
+                say=progress.say,
+            )
         else:
-            annotators = AnnotatorPool(llm_cfg, base_url, api_key(job, local), store, size=job.ray.annotators,
-                                       chunk_size=job.ray.chunk_size, max_restarts=job.ray.max_restarts,
-                                       resources=job.ray.annotator_resources, guard=guard, price=price)
+            annotators = AnnotatorPool(
+                llm_cfg,
+                base_url,
+                api_key(job, local),
+                store,
+                size=job.ray.annotators,
+                chunk_size=job.ray.chunk_size,
+                max_restarts=job.ray.max_restarts,
+                resources=job.ray.annotator_resources,
+                guard=guard,
+                price=price,
+            )
         stack.callback(annotators.shutdown)
         if isinstance(annotators, AnnotatorPool):
             wait_for_actors(annotators)
-        scorers = ScorerPool(job.slm.max_length, job.slm.threads, size=job.ray.scorers,
-                             resources=job.ray.scorer_resources, max_restarts=job.ray.max_restarts)
+        scorers = ScorerPool(
+            job.slm.max_length,
+            job.slm.threads,
+            size=job.ray.scorers,
+            resources=job.ray.scorer_resources,
+            max_restarts=job.ray.max_restarts,
+        )
         trainer = start_trainer(job.ray, job.slm.threads, cluster_has_gpu())
-        progress.say(f"running on {where}: {annotators.size} annotators, {job.ray.scorers} scorers, 1 trainer, "
-                     f"1 store writer")
+        progress.say(
+            f"running on {where}: {annotators.size} annotators, {job.ray.scorers} scorers, 1 trainer, 1 store writer"
+        )
         yield Session(job, store, annotators, scorers, trainer, model, price, guard, where)
 
 
@@ -176,8 +224,7 @@ def _llm_endpoint(job: JobConfig, stack: contextlib.ExitStack, progress: Progres
         return job.llm.base_url, job.llm.model, False
     from freeal_stream.local_llm import LocalLLMServer
 
-    server = LocalLLMServer(model=job.llm.model, context_size=job.llm.context_size,
-                            threads=job.llm.server_threads)
+    server = LocalLLMServer(model=job.llm.model, context_size=job.llm.context_size, threads=job.llm.server_threads)
     progress.say(f"starting the embedded llama.cpp server ({job.llm.model}) on 127.0.0.1")
     base_url = server.start()
     stack.callback(server.stop)

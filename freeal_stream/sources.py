@@ -6,6 +6,7 @@ and nothing is stored. A bad row (unparsable, not UTF-8, empty text or id, an id
 is quarantined: kept with its raw content, location and reason, and not labelled. A usable row with a
 caveat (a text over `data.max_text_chars`, a gold label outside the classes) is stored and flagged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,11 +23,18 @@ from freeal_stream.config import DataConfig
 from freeal_stream.errors import UserError
 from freeal_stream.readers import READERS, FileUnreadable, RawRecord, Records
 
-_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
-             ".parquet": "parquet", ".pq": "parquet"}
+_SUFFIXES = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 
-MAX_LISTED_PROBLEMS = 50   # quarantined/flagged items named in one POST /items answer (all are stored)
+MAX_LISTED_PROBLEMS = 50  # quarantined/flagged items named in one POST /items answer (all are stored)
 
 
 class DataError(UserError):
@@ -41,9 +49,9 @@ class Problem:
     """A row quarantined (not stored as an item) or flagged (stored, with a caveat), as `status` lists it."""
 
     action: Action
-    reason: str            # a short category, counted by status
-    detail: str            # names the row and the field, and the fix
-    location: str          # "line 7", "row 7", "items[2]"
+    reason: str  # a short category, counted by status
+    detail: str  # names the row and the field, and the fix
+    location: str  # "line 7", "row 7", "items[2]"
     line: int | None
     raw: str
     item_id: str | None = None
@@ -60,10 +68,10 @@ class Batch:
     views: list[str | None]
     golds: list[str | None]
     hashes: list[str]
-    records: list[RawRecord] = field(default_factory=list)   # each item's row, for a quarantine found later
+    records: list[RawRecord] = field(default_factory=list)  # each item's row, for a quarantine found later
     problems: list[Problem] = field(default_factory=list)
-    duplicates: int = 0           # rows repeating an earlier row's id and text: nothing new, skipped
-    ids_from_rows: bool = False   # no id column: ids are row numbers, unique only within this file
+    duplicates: int = 0  # rows repeating an earlier row's id and text: nothing new, skipped
+    ids_from_rows: bool = False  # no id column: ids are row numbers, unique only within this file
 
     @property
     def quarantined(self) -> int:
@@ -84,8 +92,17 @@ class Batch:
         keep = [k for k, i in enumerate(self.ids) if i not in drop]
         for k in (k for k, i in enumerate(self.ids) if i in drop):
             r = self.records[k]
-            self.problems.append(Problem("quarantined", reason, f"{r.location}: id '{self.ids[k]}' {why}",
-                                         r.location, r.line, _raw_of(r), self.ids[k]))
+            self.problems.append(
+                Problem(
+                    "quarantined",
+                    reason,
+                    f"{r.location}: id '{self.ids[k]}' {why}",
+                    r.location,
+                    r.line,
+                    _raw_of(r),
+                    self.ids[k],
+                )
+            )
         for name in ("ids", "texts", "views", "golds", "hashes", "records"):
             setattr(self, name, [getattr(self, name)[k] for k in keep])
 
@@ -105,8 +122,11 @@ def describe_counts(counts: Sequence[dict[str, Any]]) -> str:
     for action in ("quarantined", "flagged"):
         mine = sorted((c for c in counts if c["action"] == action), key=lambda c: c["reason"])
         if mine:
-            parts.append(f"{sum(c['count'] for c in mine)} {action} ("
-                         + ", ".join(f"{c['reason']} {c['count']}" for c in mine) + ")")
+            parts.append(
+                f"{sum(c['count'] for c in mine)} {action} ("
+                + ", ".join(f"{c['reason']} {c['count']}" for c in mine)
+                + ")"
+            )
     return "; ".join(parts)
 
 
@@ -134,8 +154,10 @@ def detect_format(path: Path, declared: str) -> str:
         return declared
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"{path}: cannot tell the format from the suffix '{path.suffix}'. "
-                        "Fix: set data.format to csv, jsonl or parquet in the job file")
+        raise DataError(
+            f"{path}: cannot tell the format from the suffix '{path.suffix}'. "
+            "Fix: set data.format to csv, jsonl or parquet in the job file"
+        )
     return fmt
 
 
@@ -152,14 +174,24 @@ def _cell(values: dict[str, Any], name: str | None, where: str) -> str | None:
 
 
 def truncation_note(text: str, max_chars: int) -> str:
-    return (f"the text has {len(text)} characters, over data.max_text_chars = {max_chars}: it is stored whole, "
-            f"the LLM sees its first {max_chars} characters (cut back to a word boundary) and the small model "
-            "its first slm.max_length tokens")
+    return (
+        f"the text has {len(text)} characters, over data.max_text_chars = {max_chars}: it is stored whole, "
+        f"the LLM sees its first {max_chars} characters (cut back to a word boundary) and the small model "
+        "its first slm.max_length tokens"
+    )
 
 
-def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: int,
-                class_names: Sequence[str] | None, default_id: Callable[[int, str], str],
-                ids_from_rows: bool = False, ids_optional: bool = False, start: int = 0) -> Batch:
+def build_batch(
+    records: Iterable[RawRecord],
+    cols: Columns,
+    *,
+    max_text_chars: int,
+    class_names: Sequence[str] | None,
+    default_id: Callable[[int, str], str],
+    ids_from_rows: bool = False,
+    ids_optional: bool = False,
+    start: int = 0,
+) -> Batch:
     """Check each record and sort it into the batch, its quarantined rows and its flagged rows.
 
     Within a batch the first row with an id wins: the same id and text again is a plain duplicate (skipped),
@@ -169,7 +201,7 @@ def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: 
     """
     out = Batch([], [], [], [], [], ids_from_rows=ids_from_rows)
     classes = _class_keys(class_names)
-    seen: dict[str, tuple[str, str]] = {}    # id -> (hash, location of its first row)
+    seen: dict[str, tuple[str, str]] = {}  # id -> (hash, location of its first row)
 
     def problem(r: RawRecord, action: Action, reason: str, detail: str, item_id: str | None = None) -> None:
         out.problems.append(Problem(action, reason, detail, r.location, r.line, _raw_of(r), item_id))
@@ -187,14 +219,23 @@ def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: 
             problem(r, "quarantined", "bad field type", str(e))
             continue
         if text is None or not text.strip():
-            problem(r, "quarantined", "empty text", f"{r.location}: field '{cols.text}' is empty or blank. "
-                    "Fix: give the row a text, or drop it")
+            problem(
+                r,
+                "quarantined",
+                "empty text",
+                f"{r.location}: field '{cols.text}' is empty or blank. Fix: give the row a text, or drop it",
+            )
             continue
         h = content_hash(text)
         blank_id = given_id is not None and not given_id.strip()
         if blank_id or (cols.id is not None and given_id is None and not ids_optional):
-            problem(r, "quarantined", "empty id", f"{r.location}: field '{cols.id}' is empty. Fix: give every row "
-                    "an id, or drop data.id_column to number rows")
+            problem(
+                r,
+                "quarantined",
+                "empty id",
+                f"{r.location}: field '{cols.id}' is empty. Fix: give every row "
+                "an id, or drop data.id_column to number rows",
+            )
             continue
         item_id = given_id if given_id is not None else default_id(n, h)
         first = seen.get(item_id)
@@ -202,17 +243,28 @@ def build_batch(records: Iterable[RawRecord], cols: Columns, *, max_text_chars: 
             if first[0] == h:
                 out.duplicates += 1
             else:
-                problem(r, "quarantined", "id reused with another text",
-                        f"{r.location}: id '{item_id}' was first used by {first[1]} with a different text; the "
-                        "first is kept. Fix: give changed texts new ids", item_id)
+                problem(
+                    r,
+                    "quarantined",
+                    "id reused with another text",
+                    f"{r.location}: id '{item_id}' was first used by {first[1]} with a different text; the "
+                    "first is kept. Fix: give changed texts new ids",
+                    item_id,
+                )
             continue
         seen[item_id] = (h, r.location)
         if gold is not None and classes:
             known = classes.get(_class_key(gold))
             if known is None:
-                problem(r, "flagged", "unknown gold label", f"{r.location}: gold label '{gold}' (field "
-                        f"'{cols.gold}') is not one of {list(classes.values())}; it is dropped, so it never counts "
-                        "in accuracy. Fix: correct the label, or the class names in task.classes", item_id)
+                problem(
+                    r,
+                    "flagged",
+                    "unknown gold label",
+                    f"{r.location}: gold label '{gold}' (field "
+                    f"'{cols.gold}') is not one of {list(classes.values())}; it is dropped, so it never counts "
+                    "in accuracy. Fix: correct the label, or the class names in task.classes",
+                    item_id,
+                )
             gold = known
         if len(text) > max_text_chars:
             problem(r, "flagged", "long text", f"{r.location}: {truncation_note(text, max_text_chars)}", item_id)
@@ -230,13 +282,18 @@ def _raw_of(r: RawRecord) -> str:
     return r.raw if r.raw is not None else json.dumps(r.values, default=str, ensure_ascii=False)
 
 
-BATCH_ROWS = 10_000        # records per batch read from a file...
-BATCH_BYTES = 8 << 20      # ...or fewer, once their bytes in the file reach this
+BATCH_ROWS = 10_000  # records per batch read from a file...
+BATCH_BYTES = 8 << 20  # ...or fewer, once their bytes in the file reach this
 
 
-def read_batches(cfg: DataConfig, optional: frozenset[str] = frozenset(),
-                 class_names: Sequence[str] | None = None, *, rows: int | None = BATCH_ROWS,
-                 max_bytes: int | None = BATCH_BYTES) -> Iterator[Batch]:
+def read_batches(
+    cfg: DataConfig,
+    optional: frozenset[str] = frozenset(),
+    class_names: Sequence[str] | None = None,
+    *,
+    rows: int | None = BATCH_ROWS,
+    max_bytes: int | None = BATCH_BYTES,
+) -> Iterator[Batch]:
     """The file in batches of at most `rows` records (or `max_bytes` of them), bad rows quarantined or flagged
     (see the module's policy); None = no limit. Memory is bounded by a batch, not the file.
 
@@ -253,16 +310,26 @@ def read_batches(cfg: DataConfig, optional: frozenset[str] = frozenset(),
     with contextlib.closing(_open(path, fmt)) as records:
         start = 0
         for chunk in _chunks(records.rows, rows, max_bytes, lambda e: _unreadable(path, fmt, e)):
-            yield build_batch(chunk, cols, max_text_chars=cfg.max_text_chars, class_names=class_names,
-                              default_id=lambda n, _h: f"row-{n}", ids_from_rows=cols.id is None, start=start)
+            yield build_batch(
+                chunk,
+                cols,
+                max_text_chars=cfg.max_text_chars,
+                class_names=class_names,
+                default_id=lambda n, _h: f"row-{n}",
+                ids_from_rows=cols.id is None,
+                start=start,
+            )
             start += len(chunk)
 
 
-def read_items(cfg: DataConfig, optional: frozenset[str] = frozenset(),
-               class_names: Sequence[str] | None = None) -> Batch:
+def read_items(
+    cfg: DataConfig, optional: frozenset[str] = frozenset(), class_names: Sequence[str] | None = None
+) -> Batch:
     """The whole file as one batch (`read_batches` without limits): for small files, tests and benchmarks."""
-    return next(read_batches(cfg, optional, class_names, rows=None, max_bytes=None),
-                Batch([], [], [], [], [], ids_from_rows=cfg.id_column is None))
+    return next(
+        read_batches(cfg, optional, class_names, rows=None, max_bytes=None),
+        Batch([], [], [], [], [], ids_from_rows=cfg.id_column is None),
+    )
 
 
 def _unreadable(path: Path, fmt: str, e: Exception) -> DataError:
@@ -276,8 +343,9 @@ def _open(path: Path, fmt: str) -> Records:
         raise _unreadable(path, fmt, e) from None
 
 
-def _chunks(records: Iterator[RawRecord], rows: int | None, max_bytes: int | None,
-            unreadable: Callable[[Exception], DataError]) -> Iterator[list[RawRecord]]:
+def _chunks(
+    records: Iterator[RawRecord], rows: int | None, max_bytes: int | None, unreadable: Callable[[Exception], DataError]
+) -> Iterator[list[RawRecord]]:
     chunk: list[RawRecord] = []
     size = 0
     try:
@@ -287,26 +355,36 @@ def _chunks(records: Iterator[RawRecord], rows: int | None, max_bytes: int | Non
             if (rows is not None and len(chunk) >= rows) or (max_bytes is not None and size >= max_bytes):
                 yield chunk
                 chunk, size = [], 0
-    except (FileUnreadable, OSError) as e:   # found past the first pass (a Parquet page gone bad)
+    except (FileUnreadable, OSError) as e:  # found past the first pass (a Parquet page gone bad)
         raise unreadable(e) from None
     if chunk:
         yield chunk
 
 
-def _check_file(path: Path, fmt: str, cfg: DataConfig, optional: frozenset[str],
-                class_names: Sequence[str] | None) -> Columns:
+def _check_file(
+    path: Path, fmt: str, cfg: DataConfig, optional: frozenset[str], class_names: Sequence[str] | None
+) -> Columns:
     """Which columns to read, after every check that refuses the file as a whole (DataError)."""
-    wanted = {"text_column": cfg.text_column, "id_column": cfg.id_column,
-              "augmented_column": cfg.augmented_column, "gold_column": cfg.gold_column}
+    wanted = {
+        "text_column": cfg.text_column,
+        "id_column": cfg.id_column,
+        "augmented_column": cfg.augmented_column,
+        "gold_column": cfg.gold_column,
+    }
     classes = _class_keys(class_names)
     with contextlib.closing(_open(path, fmt)) as records:
         columns = records.columns
         scan = None
         gold = cfg.gold_column if classes and (columns is None or cfg.gold_column in columns) else None
         if columns is None or gold is not None:
-            try:   # a file with a header (CSV, Parquet) is scanned only until its first gold value of a class
-                scan = _scan(records.rows, set(c for c in wanted.values() if c), gold, classes,
-                             until_known_gold=columns is not None)
+            try:  # a file with a header (CSV, Parquet) is scanned only until its first gold value of a class
+                scan = _scan(
+                    records.rows,
+                    set(c for c in wanted.values() if c),
+                    gold,
+                    classes,
+                    until_known_gold=columns is not None,
+                )
             except (FileUnreadable, OSError) as e:
                 raise _unreadable(path, fmt, e) from None
             if columns is None:
@@ -318,16 +396,19 @@ def _check_file(path: Path, fmt: str, cfg: DataConfig, optional: frozenset[str],
         if col is not None and col not in columns and setting not in optional:
             raise DataError(f"{path}: no column '{col}' (data.{setting}); " + _columns_and_fix(columns, setting))
         present[setting] = col if col in columns else None
-    cols = Columns(text=cfg.text_column, id=present["id_column"], view=present["augmented_column"],
-                   gold=present["gold_column"])
+    cols = Columns(
+        text=cfg.text_column, id=present["id_column"], view=present["augmented_column"], gold=present["gold_column"]
+    )
     if scan is not None and cols.gold is not None and scan.unknown_golds and not scan.known_gold:
-        raise DataError(f"{path}: none of the {scan.unknown_golds} values of column '{cols.gold}' (data.gold_column) "
-                        f"is a class of task.classes (first: {scan.first_unknown!r}). Fix: make task.classes' names "
-                        "the labels the file uses, or set data.gold_column to the right column (or remove it)")
+        raise DataError(
+            f"{path}: none of the {scan.unknown_golds} values of column '{cols.gold}' (data.gold_column) "
+            f"is a class of task.classes (first: {scan.first_unknown!r}). Fix: make task.classes' names "
+            "the labels the file uses, or set data.gold_column to the right column (or remove it)"
+        )
     return cols
 
 
-_SHOWN_KEYS = 50   # columns a JSON file's first pass remembers for an error message (any number is checked)
+_SHOWN_KEYS = 50  # columns a JSON file's first pass remembers for an error message (any number is checked)
 
 
 @dataclass
@@ -335,15 +416,21 @@ class _Scan:
     """What a first pass over a file found (it keeps nothing else)."""
 
     records: int = 0
-    keys: list[str] = field(default_factory=list)    # the wanted columns seen, then others, in order seen
+    keys: list[str] = field(default_factory=list)  # the wanted columns seen, then others, in order seen
     first_problem: str = "no JSON object"
     unknown_golds: int = 0
     known_gold: bool = False
     first_unknown: str | None = None
 
 
-def _scan(records: Iterator[RawRecord], wanted: set[str], gold: str | None, classes: dict[str, str], *,
-          until_known_gold: bool = False) -> _Scan:
+def _scan(
+    records: Iterator[RawRecord],
+    wanted: set[str],
+    gold: str | None,
+    classes: dict[str, str],
+    *,
+    until_known_gold: bool = False,
+) -> _Scan:
     """The first pass. A JSON file is read to its end (its keys, and a broken JSON array, show only there); a file
     with a header may stop at its first gold value of a class, as then nothing left can refuse the file."""
     out = _Scan()
@@ -378,8 +465,10 @@ def _columns_and_fix(columns: Sequence[str], setting: str) -> str:
     not a data file at all (a password file, a key) must not have its first line quoted back."""
     if columns and all(_PLAIN_NAME.fullmatch(c) for c in columns):
         return f"the file has {list(columns)}. Fix: set data.{setting} to one of those"
-    return (f"the file's first line does not look like a header of column names ({len(columns)} field(s), not "
-            "shown). Fix: check that the path names a data file with a header line")
+    return (
+        f"the file's first line does not look like a header of column names ({len(columns)} field(s), not "
+        "shown). Fix: check that the path names a data file with a header line"
+    )
 
 
 def _class_key(name: str) -> str:

@@ -3,6 +3,7 @@
 One function over anything with the Store's methods (the store itself, or the store actor's proxy
 inside a running service), so `freeal-stream status` and `GET /status` report the same figures.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,8 @@ def remaining_requests(job: JobConfig, rounds: list[dict[str, Any]], unannotated
     return left * (last if done else unannotated)
 
 
-STATUS_PROBLEM_ROWS = 100    # rows of bad input shown by `status --json` / GET /status (all: `quarantine`)
-_RAW_SHOWN = 300             # characters of a row's raw content shown there
+STATUS_PROBLEM_ROWS = 100  # rows of bad input shown by `status --json` / GET /status (all: `quarantine`)
+_RAW_SHOWN = 300  # characters of a row's raw content shown there
 
 
 def bad_input(store: Any, limit: int, raw_chars: int | None = None) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def format_bad_input(q: dict[str, Any]) -> str:
     return "bad input: " + (describe_counts(q["by_reason"]) or "no row quarantined or flagged")
 
 
-SHORT_COVERAGE = (0.8, 0.9, 0.95, 0.99)   # the coverage table's rows `status` prints (all of them: --json)
+SHORT_COVERAGE = (0.8, 0.9, 0.95, 0.99)  # the coverage table's rows `status` prints (all of them: --json)
 
 
 def latest_estimate(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -66,13 +67,18 @@ def latest_estimate(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def format_estimate_lines(est: dict[str, Any]) -> list[str]:
     """Two lines: the export's estimated accuracy with its interval, then the coverage table in short."""
-    cover = ", ".join(f">= {c['threshold']:g}: {100 * c['share']:.0f}% at {c['accuracy']:.3f}" for c in est["coverage"]
-                      if c["accuracy"] is not None and c["threshold"] in SHORT_COVERAGE)
+    cover = ", ".join(
+        f">= {c['threshold']:g}: {100 * c['share']:.0f}% at {c['accuracy']:.3f}"
+        for c in est["coverage"]
+        if c["accuracy"] is not None and c["threshold"] in SHORT_COVERAGE
+    )
     over = f" over its {est['items']:,} items" if "items" in est else ""
-    return [f"export accuracy, estimated without gold after round {est['round']}{over}: {est['accuracy']:.3f} "
-            f"({100 * est['interval']:.0f}% interval {est['low']:.3f}-{est['high']:.3f}; label_of_record "
-            f"'{est['rule']}', SLM labels {100 * est['slm_labels']:.0f}% of the pool)",
-            f"  keeping only labels at least this likely right (share of pool at est. accuracy): {cover}"]
+    return [
+        f"export accuracy, estimated without gold after round {est['round']}{over}: {est['accuracy']:.3f} "
+        f"({100 * est['interval']:.0f}% interval {est['low']:.3f}-{est['high']:.3f}; label_of_record "
+        f"'{est['rule']}', SLM labels {100 * est['slm_labels']:.0f}% of the pool)",
+        f"  keeping only labels at least this likely right (share of pool at est. accuracy): {cover}",
+    ]
 
 
 def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
@@ -88,10 +94,24 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
     todo = remaining_requests(job, rounds, n_items - annotated)
     per_req = (spent.tokens / spent.requests, spent.cost / spent.requests) if spent.requests else None
     price = job.budget.prices.get(job.llm.model)
-    by_mode = {mode: round(todo * budget_policy.cost(budget_policy.mode_price(price, mode == "batch"),
-                                                     raw["prompt_tokens"], raw["cached_tokens"],
-                                                     raw["completion_tokens"]) / raw["requests"], 6)
-               for mode in ("live", "batch")} if price and raw["requests"] and todo else None
+    by_mode = (
+        {
+            mode: round(
+                todo
+                * budget_policy.cost(
+                    budget_policy.mode_price(price, mode == "batch"),
+                    raw["prompt_tokens"],
+                    raw["cached_tokens"],
+                    raw["completion_tokens"],
+                )
+                / raw["requests"],
+                6,
+            )
+            for mode in ("live", "batch")
+        }
+        if price and raw["requests"] and todo
+        else None
+    )
     return {
         "job": job.name,
         "items": n_items,
@@ -100,10 +120,17 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
         "labels_by_source": by_source,
         "label_of_record": job.freeal.label_of_record,
         "llm_labels_disputed": disputed,
-        "rounds": [{"round": r["round"], "phase": r["phase"], **({"metrics": r["metrics"]} if r["metrics"] else {})}
-                   for r in rounds],
-        "spent": {**_plain(spent), "cached_tokens": raw["cached_tokens"], "priced": priced,
-                  "charged_by_estimate": raw["usage_estimated"], "malformed_answers": raw["malformed"]},
+        "rounds": [
+            {"round": r["round"], "phase": r["phase"], **({"metrics": r["metrics"]} if r["metrics"] else {})}
+            for r in rounds
+        ],
+        "spent": {
+            **_plain(spent),
+            "cached_tokens": raw["cached_tokens"],
+            "priced": priced,
+            "charged_by_estimate": raw["usage_estimated"],
+            "malformed_answers": raw["malformed"],
+        },
         "left": None if (left := budget_policy.headroom(spent, job.budget)) is None else _plain(left),
         "estimate_to_finish": {
             "requests": todo,
@@ -111,7 +138,7 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
             "cost": round(todo * per_req[1], 6) if per_req else None,
             "cost_by_mode": by_mode,
             "basis": "the rounds left at the job's P on the current pool, at the mean cost per request so far "
-                     "(cost_by_mode: at the mean tokens per request so far, live and at the batch discount)",
+            "(cost_by_mode: at the mean tokens per request so far, live and at the batch discount)",
         },
         "estimate": latest_estimate(rounds),
         "batches": {"in_flight": store.open_batches(), "finished": store.batch_counts()},
@@ -121,8 +148,11 @@ def job_status(store: Any, job: JobConfig) -> dict[str, Any]:
     }
 
 
-_RULE_WORDS = {"llm": "the LLM's label stands", "slm": "the SLM's prediction replaces it",
-               "auto": "the label more likely right stands"}
+_RULE_WORDS = {
+    "llm": "the LLM's label stands",
+    "slm": "the SLM's prediction replaces it",
+    "auto": "the label more likely right stands",
+}
 
 
 def format_status(st: dict[str, Any]) -> list[str]:
@@ -131,38 +161,54 @@ def format_status(st: dict[str, Any]) -> list[str]:
 
     money = lambda v: "-" if v is None else f"{v:.4f}"
     s, left, est = st["spent"], st["left"], st["estimate_to_finish"]
-    lines = [f"job {st['job']}: {st['items']} items; annotated by the LLM {st['annotated_by_llm']}; never "
-             f"annotated {st['never_annotated']}",
-             f"labels by source: {st['labels_by_source']}; LLM labels the SLM disputes: {st['llm_labels_disputed']} "
-             f"(label_of_record '{st['label_of_record']}': " + _RULE_WORDS[st["label_of_record"]]
-             + "; `export` marks them)",
-             f"spent: {s['requests']} requests, {s['tokens']} tokens ({s['cached_tokens']} prompt tokens from the "
-             f"server's prefix cache), " + (f"cost {money(s['cost'])}" if s["priced"] else
-                                             "cost not known (no budget.prices for the model)")]
+    lines = [
+        f"job {st['job']}: {st['items']} items; annotated by the LLM {st['annotated_by_llm']}; never "
+        f"annotated {st['never_annotated']}",
+        f"labels by source: {st['labels_by_source']}; LLM labels the SLM disputes: {st['llm_labels_disputed']} "
+        f"(label_of_record '{st['label_of_record']}': " + _RULE_WORDS[st["label_of_record"]] + "; `export` marks them)",
+        f"spent: {s['requests']} requests, {s['tokens']} tokens ({s['cached_tokens']} prompt tokens from the "
+        f"server's prefix cache), "
+        + (f"cost {money(s['cost'])}" if s["priced"] else "cost not known (no budget.prices for the model)"),
+    ]
     if left is None:
         lines.append("left: no budget caps set")
     else:
-        lines.append("left: " + ", ".join(f"{k} {'unlimited' if v is None else (money(v) if k == 'cost' else v)}"
-                                          for k, v in left.items()))
+        lines.append(
+            "left: "
+            + ", ".join(
+                f"{k} {'unlimited' if v is None else (money(v) if k == 'cost' else v)}" for k, v in left.items()
+            )
+        )
     by_mode = est.get("cost_by_mode")
-    lines.append(f"estimated to finish: {est['requests']} requests"
-                 + (f", ~{est['tokens']} tokens" if est["tokens"] is not None else "")
-                 + (f", cost ~{money(est['cost'])}" if est["cost"] is not None and s["priced"] else "")
-                 + (f" (~{money(by_mode['live'])} live, ~{money(by_mode['batch'])} in batch mode)" if by_mode else ""))
+    lines.append(
+        f"estimated to finish: {est['requests']} requests"
+        + (f", ~{est['tokens']} tokens" if est["tokens"] is not None else "")
+        + (f", cost ~{money(est['cost'])}" if est["cost"] is not None and s["priced"] else "")
+        + (f" (~{money(by_mode['live'])} live, ~{money(by_mode['batch'])} in batch mode)" if by_mode else "")
+    )
     if s.get("charged_by_estimate"):
-        lines.append(f"charged by estimate: {s['charged_by_estimate']} answers came without usable usage (none, "
-                     "or not a sane count), so each is charged the pre-flight estimate (input ~4 characters a "
-                     "token, output at llm.max_tokens)")
+        lines.append(
+            f"charged by estimate: {s['charged_by_estimate']} answers came without usable usage (none, "
+            "or not a sane count), so each is charged the pre-flight estimate (input ~4 characters a "
+            "token, output at llm.max_tokens)"
+        )
     if s.get("malformed_answers"):
-        lines.append(f"malformed answers: {s['malformed_answers']} paid answers failed the answer checks; stored with "
-                     "no label (never asked again), the SLM labels those texts")
+        lines.append(
+            f"malformed answers: {s['malformed_answers']} paid answers failed the answer checks; stored with "
+            "no label (never asked again), the SLM labels those texts"
+        )
     batches = st.get("batches") or {}
     if batches.get("in_flight"):
-        lines.append(f"batches in flight: {len(batches['in_flight'])} ("
-                     + "; ".join(f"{b['batch_id'] or 'not yet created'} {b['state']}, {b['requests']} requests to "
-                                 f"{b['model']}, since "
-                                 f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(b['created_at']))}"
-                                 for b in batches["in_flight"]) + ") — `run` again resumes polling them")
+        lines.append(
+            f"batches in flight: {len(batches['in_flight'])} ("
+            + "; ".join(
+                f"{b['batch_id'] or 'not yet created'} {b['state']}, {b['requests']} requests to "
+                f"{b['model']}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(b['created_at']))}"
+                for b in batches["in_flight"]
+            )
+            + ") — `run` again resumes polling them"
+        )
     if batches.get("finished"):
         lines.append("batches finished: " + ", ".join(f"{k} {n}" for k, n in batches["finished"].items()))
     review = format_review_check(st.get("human_review"))
@@ -172,12 +218,18 @@ def format_status(st: dict[str, Any]) -> list[str]:
         lines += format_estimate_lines(st["estimate"])
     if st.get("llm_failures"):
         failed = st["llm_failures"]
-        lines.append(f"LLM requests failed after retries (not paid; asked again later): {sum(failed.values())} ("
-                     + ", ".join(f"{k} {n}" for k, n in failed.items()) + ")")
+        lines.append(
+            f"LLM requests failed after retries (not paid; asked again later): {sum(failed.values())} ("
+            + ", ".join(f"{k} {n}" for k, n in failed.items())
+            + ")"
+        )
     if st.get("quarantine"):
-        lines.append(format_bad_input(st["quarantine"]) + (" — list them with `freeal-stream quarantine "
-                                                              "<job>`" if st["quarantine"]["rows"] else ""))
+        lines.append(
+            format_bad_input(st["quarantine"])
+            + (" — list them with `freeal-stream quarantine <job>`" if st["quarantine"]["rows"] else "")
+        )
     for r in st["rounds"]:
-        lines.append(f"  round {r['round']}: {r['phase']}"
-                     + (f" — {format_round(r['metrics'])}" if r.get("metrics") else ""))
+        lines.append(
+            f"  round {r['round']}: {r['phase']}" + (f" — {format_round(r['metrics'])}" if r.get("metrics") else "")
+        )
     return lines

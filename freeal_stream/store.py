@@ -4,6 +4,7 @@ The store is the only writer of the file (DuckDB allows one writing process and 
 every other part hands it batches. It is also the LLM answer cache: a request's key is its primary key,
 which makes the cache, the resume log and the billing record one table.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -180,8 +181,12 @@ class StateError(UserError):
 
 
 def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
-    return {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
-                                      [table]).fetchall()}
+    return {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+        ).fetchall()
+    }
 
 
 def _answers_v2(con: duckdb.DuckDBPyConnection) -> None:
@@ -191,8 +196,11 @@ def _answers_v2(con: duckdb.DuckDBPyConnection) -> None:
     answers gain `malformed` and `usage_estimated`, and old answers whose usage was missing (stored as
     0) or not a sane count are charged the estimate, as new ones are, so the budget counts them.
     """
-    cols = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns "
-                                 "WHERE table_name = 'llm_answers'").fetchall())
+    cols = dict(
+        con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'llm_answers'"
+        ).fetchall()
+    )
     if "usage_estimated" in cols and cols["prompt_tokens"] == "BIGINT":
         return
     con.execute("BEGIN TRANSACTION").fetchall()
@@ -201,15 +209,19 @@ def _answers_v2(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(f"ALTER TABLE llm_answers ALTER COLUMN {name} SET DATA TYPE BIGINT").fetchall()
     con.execute("ALTER TABLE llm_answers ADD COLUMN IF NOT EXISTS malformed VARCHAR").fetchall()
     con.execute("ALTER TABLE llm_answers ADD COLUMN IF NOT EXISTS usage_estimated BOOLEAN DEFAULT false").fetchall()
-    bad = con.execute("""SELECT key, request FROM llm_answers
+    bad = con.execute(
+        """SELECT key, request FROM llm_answers
         WHERE prompt_tokens IS NULL OR completion_tokens IS NULL OR coalesce(cached_tokens, 0) < 0
            OR prompt_tokens < 0 OR completion_tokens < 0 OR prompt_tokens + completion_tokens = 0
            OR greatest(prompt_tokens, completion_tokens) > ? OR coalesce(cached_tokens, 0) > prompt_tokens""",
-                           [answer_check.MAX_USAGE_TOKENS]).fetchall()
+        [answer_check.MAX_USAGE_TOKENS],
+    ).fetchall()
     if bad:
         con.executemany(
             "UPDATE llm_answers SET prompt_tokens = ?, completion_tokens = ?, cached_tokens = 0, "
-            "usage_estimated = true WHERE key = ?", [(*_estimate_stored(request), key) for key, request in bad])
+            "usage_estimated = true WHERE key = ?",
+            [(*_estimate_stored(request), key) for key, request in bad],
+        )
     con.execute("COMMIT").fetchall()
 
 
@@ -234,7 +246,7 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Bring a state file written by an older version to this schema; every step is idempotent."""
     _answers_v2(con)
     _positions_v2(con)
-    con.execute(_HUMAN_DDL).fetchall()   # 3: human labels and the review queue (`review export/import`)
+    con.execute(_HUMAN_DDL).fetchall()  # 3: human labels and the review queue (`review export/import`)
     _calibrated_v4(con)
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]).fetchall()
 
@@ -249,8 +261,10 @@ class Store:
         try:
             self.con = duckdb.connect(str(self.path))
         except duckdb.IOException as e:
-            raise StateError(f"{self.path} is in use by another process ({e}). Fix: wait for the other "
-                             "freeal-stream run on this state directory to finish, or use another state_dir.") from e
+            raise StateError(
+                f"{self.path} is in use by another process ({e}). Fix: wait for the other "
+                "freeal-stream run on this state directory to finish, or use another state_dir."
+            ) from e
         private_file(self.path)
         self._exec(f"SET memory_limit = '{MEMORY_LIMIT}'")
         self._exec("SET temp_directory = ?", [str(self.path.with_suffix(".tmp"))])
@@ -293,8 +307,14 @@ class Store:
         self._exec("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
 
     # ---- items ------------------------------------------------------------------------------------
-    def add_items(self, ids: Sequence[str], texts: Sequence[str], views: Sequence[str | None],
-                  golds: Sequence[str | None], hashes: Sequence[str]) -> int:
+    def add_items(
+        self,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        views: Sequence[str | None],
+        golds: Sequence[str | None],
+        hashes: Sequence[str],
+    ) -> int:
         """Insert items whose id and text are both new; returns how many were added.
 
         Deduplicated by id and by content hash (within the batch too, first one wins), so re-ingesting a
@@ -303,21 +323,28 @@ class Store:
         every batch (0.11 s against 0.2-0.3 s a 10,000-row batch at 1M items).
         """
         start = _first(self.con.execute("SELECT coalesce(max(seq), -1) + 1 FROM items"))[0]
-        batch = pa.table({
-            "seq": pa.array(np.arange(start, start + len(ids), dtype=np.int64)),
-            "id": pa.array(list(ids), pa.string()), "text": pa.array(list(texts), pa.string()),
-            "view": pa.array(list(views), pa.string()), "gold": pa.array(list(golds), pa.string()),
-            "content_hash": pa.array(list(hashes), pa.string()),
-        })
+        batch = pa.table(
+            {
+                "seq": pa.array(np.arange(start, start + len(ids), dtype=np.int64)),
+                "id": pa.array(list(ids), pa.string()),
+                "text": pa.array(list(texts), pa.string()),
+                "view": pa.array(list(views), pa.string()),
+                "gold": pa.array(list(golds), pa.string()),
+                "content_hash": pa.array(list(hashes), pa.string()),
+            }
+        )
         before = self.count_items()
         with self._registered("incoming", batch):
-            self._exec("""
+            self._exec(
+                """
                 INSERT INTO items (seq, id, text, view, gold, content_hash, ingested_at, pos)
                 SELECT seq, id, text, view, gold, content_hash, epoch(now()), $n + row_number() OVER (ORDER BY seq) - 1
                 FROM (SELECT * FROM (incoming n ANTI JOIN items i ON i.id = n.id) m
                       ANTI JOIN items j ON j.content_hash = m.content_hash
                       QUALIFY row_number() OVER (PARTITION BY content_hash ORDER BY seq) = 1
-                          AND row_number() OVER (PARTITION BY id ORDER BY seq) = 1)""", {"n": before})
+                          AND row_number() OVER (PARTITION BY id ORDER BY seq) = 1)""",
+                {"n": before},
+            )
         return self.count_items() - before
 
     def file_ingested(self, digest: str) -> bool:
@@ -341,16 +368,27 @@ class Store:
 
     def items_range(self, start: int, stop: int) -> ItemColumns:
         """The items at pool positions start .. stop (ingestion order): a shard of the pool."""
-        return _item_columns(self.con.execute("""SELECT id, text, view, gold FROM items
-                                                 WHERE pos >= ? AND pos < ? ORDER BY pos""", [start, stop]))
+        return _item_columns(
+            self.con.execute(
+                """SELECT id, text, view, gold FROM items
+                                                 WHERE pos >= ? AND pos < ? ORDER BY pos""",
+                [start, stop],
+            )
+        )
 
     def items_at(self, positions: Sequence[int]) -> ItemColumns:
         """The items at these pool positions, in the order given."""
-        wanted = pa.table({"pos": pa.array(np.asarray(positions, dtype=np.int64)),
-                           "k": pa.array(np.arange(len(positions), dtype=np.int64))})
+        wanted = pa.table(
+            {
+                "pos": pa.array(np.asarray(positions, dtype=np.int64)),
+                "k": pa.array(np.arange(len(positions), dtype=np.int64)),
+            }
+        )
         with self._registered("wanted", wanted):
-            return _item_columns(self.con.execute("""SELECT id, text, view, gold FROM items i JOIN wanted w
-                                                     ON i.pos = w.pos ORDER BY w.k"""))
+            return _item_columns(
+                self.con.execute("""SELECT id, text, view, gold FROM items i JOIN wanted w
+                                                     ON i.pos = w.pos ORDER BY w.k""")
+            )
 
     def positions_of(self, ids: Sequence[str]) -> np.ndarray:
         """Pool positions of these ids, in the order given (-1 for an id not stored)."""
@@ -362,8 +400,11 @@ class Store:
 
     def item_flags(self, class_names: Sequence[str], size: int) -> dict[str, np.ndarray]:
         """Small per-position columns of positions 0 .. size: `gold` (class index, -1 = none) and `has_view`."""
-        rows = self.con.execute("""SELECT coalesce(list_position(?, gold) - 1, -1), view IS NOT NULL
-                                   FROM items WHERE pos < ? ORDER BY pos""", [list(class_names), size]).fetchnumpy()
+        rows = self.con.execute(
+            """SELECT coalesce(list_position(?, gold) - 1, -1), view IS NOT NULL
+                                   FROM items WHERE pos < ? ORDER BY pos""",
+            [list(class_names), size],
+        ).fetchnumpy()
         names = list(rows)
         return {"gold": rows[names[0]].astype(np.int64), "has_view": rows[names[1]].astype(bool)}
 
@@ -384,16 +425,26 @@ class Store:
         if not rows:
             return
         cols = list(zip(*rows))
-        batch = pa.table({"location": pa.array(cols[0], pa.string()),
-                          "line": pa.array(cols[1], pa.int64()), "action": pa.array(cols[2], pa.string()),
-                          "reason": pa.array(cols[3], pa.string()), "detail": pa.array(cols[4], pa.string()),
-                          "item_id": pa.array(cols[5], pa.string()), "raw": pa.array(cols[6], pa.string())})
+        batch = pa.table(
+            {
+                "location": pa.array(cols[0], pa.string()),
+                "line": pa.array(cols[1], pa.int64()),
+                "action": pa.array(cols[2], pa.string()),
+                "reason": pa.array(cols[3], pa.string()),
+                "detail": pa.array(cols[4], pa.string()),
+                "item_id": pa.array(cols[5], pa.string()),
+                "raw": pa.array(cols[6], pa.string()),
+            }
+        )
         with self._registered("incoming", batch):
-            self._exec("""INSERT OR IGNORE INTO quarantine
+            self._exec(
+                """INSERT OR IGNORE INTO quarantine
                           SELECT key, $s, location, line, action, reason, detail, item_id, raw, epoch(now())
                           FROM (SELECT *, md5(concat_ws(chr(31), $s, location, line, action, reason, detail,
                                                         item_id, raw)) AS key FROM incoming)
-                          QUALIFY row_number() OVER (PARTITION BY key) = 1""", {"s": source})
+                          QUALIFY row_number() OVER (PARTITION BY key) = 1""",
+                {"s": source},
+            )
 
     def problem_counts(self) -> list[dict[str, Any]]:
         """Rows per (action, reason), most frequent first: what `status` reports."""
@@ -403,9 +454,12 @@ class Store:
 
     def problems(self, limit: int, action: str | None = None) -> list[dict[str, Any]]:
         """The first `limit` recorded rows (optionally of one action), in the order they arrived."""
-        rows = self.con.execute("""SELECT source, location, line, action, reason, detail, item_id, raw
+        rows = self.con.execute(
+            """SELECT source, location, line, action, reason, detail, item_id, raw
                                    FROM quarantine WHERE ? IS NULL OR action = ?
-                                   ORDER BY created_at, source, line LIMIT ?""", [action, action, limit]).fetchall()
+                                   ORDER BY created_at, source, line LIMIT ?""",
+            [action, action, limit],
+        ).fetchall()
         names = ("source", "location", "line", "action", "reason", "detail", "item_id", "raw")
         return [dict(zip(names, r)) for r in rows]
 
@@ -427,10 +481,21 @@ class Store:
             except (answer_check.Malformed, ValueError) as e:
                 top, malformed = None, f"stored answer: {e}"
                 marked.append((malformed, k))
-            out[k] = ChatAnswer(key=k, content="" if malformed else content, finish_reason=fin, prompt_tokens=pt,
-                                completion_tokens=ct, cached_tokens=cached, top_logprobs=top, latency_s=lat,
-                                attempts=att, error=None, from_cache=True, malformed=malformed,
-                                usage_estimated=bool(estimated))
+            out[k] = ChatAnswer(
+                key=k,
+                content="" if malformed else content,
+                finish_reason=fin,
+                prompt_tokens=pt,
+                completion_tokens=ct,
+                cached_tokens=cached,
+                top_logprobs=top,
+                latency_s=lat,
+                attempts=att,
+                error=None,
+                from_cache=True,
+                malformed=malformed,
+                usage_estimated=bool(estimated),
+            )
         if marked:
             self.con.executemany("UPDATE llm_answers SET malformed = ? WHERE key = ?", marked)
         return out
@@ -443,37 +508,56 @@ class Store:
         failures = [(r, a) for r, a in pairs if a.error is not None]
         now = time.time()
         if answers:
-            batch = pa.table({
-                "key": [a.key for _, a in answers], "model": [r.model for r, _ in answers],
-                "request": [json.dumps({"messages": r.as_messages(), "temperature": r.temperature,
-                                        "max_tokens": r.max_tokens, "template_version": r.template_version})
-                            for r, _ in answers],
-                "content": pa.array([a.content for _, a in answers], pa.string()),
-                "finish_reason": pa.array([a.finish_reason for _, a in answers], pa.string()),
-                "prompt_tokens": pa.array([a.prompt_tokens for _, a in answers], pa.int64()),
-                "completion_tokens": pa.array([a.completion_tokens for _, a in answers], pa.int64()),
-                "cached_tokens": pa.array([a.cached_tokens for _, a in answers], pa.int64()),
-                "top_logprobs": pa.array([json.dumps(a.top_logprobs) if a.top_logprobs else None
-                                          for _, a in answers], pa.string()),
-                "latency_s": pa.array([a.latency_s for _, a in answers], pa.float64()),
-                "attempts": pa.array([a.attempts for _, a in answers], pa.int32()),
-                "malformed": pa.array([a.malformed for _, a in answers], pa.string()),
-                "usage_estimated": pa.array([a.usage_estimated for _, a in answers], pa.bool_())})
+            batch = pa.table(
+                {
+                    "key": [a.key for _, a in answers],
+                    "model": [r.model for r, _ in answers],
+                    "request": [
+                        json.dumps(
+                            {
+                                "messages": r.as_messages(),
+                                "temperature": r.temperature,
+                                "max_tokens": r.max_tokens,
+                                "template_version": r.template_version,
+                            }
+                        )
+                        for r, _ in answers
+                    ],
+                    "content": pa.array([a.content for _, a in answers], pa.string()),
+                    "finish_reason": pa.array([a.finish_reason for _, a in answers], pa.string()),
+                    "prompt_tokens": pa.array([a.prompt_tokens for _, a in answers], pa.int64()),
+                    "completion_tokens": pa.array([a.completion_tokens for _, a in answers], pa.int64()),
+                    "cached_tokens": pa.array([a.cached_tokens for _, a in answers], pa.int64()),
+                    "top_logprobs": pa.array(
+                        [json.dumps(a.top_logprobs) if a.top_logprobs else None for _, a in answers], pa.string()
+                    ),
+                    "latency_s": pa.array([a.latency_s for _, a in answers], pa.float64()),
+                    "attempts": pa.array([a.attempts for _, a in answers], pa.int32()),
+                    "malformed": pa.array([a.malformed for _, a in answers], pa.string()),
+                    "usage_estimated": pa.array([a.usage_estimated for _, a in answers], pa.bool_()),
+                }
+            )
             with self._registered("incoming", batch):
-                self._exec("""INSERT OR IGNORE INTO llm_answers (key, model, request, content, finish_reason,
+                self._exec(
+                    """INSERT OR IGNORE INTO llm_answers (key, model, request, content, finish_reason,
                                   prompt_tokens, completion_tokens, cached_tokens, top_logprobs, latency_s, attempts,
                                   created_at, malformed, usage_estimated)
                               SELECT key, model, request, content, finish_reason, prompt_tokens, completion_tokens,
                                   cached_tokens, top_logprobs, latency_s, attempts, $now, malformed, usage_estimated
-                              FROM incoming QUALIFY row_number() OVER (PARTITION BY key) = 1""", {"now": now})
-        if failures:   # a request that got no answer (after its retries): nothing paid, asked again later
-            self.con.executemany("INSERT INTO llm_failures VALUES (?, ?, ?, ?, ?)",
-                                 [(a.key, r.model, a.error, a.attempts, now) for r, a in failures])
+                              FROM incoming QUALIFY row_number() OVER (PARTITION BY key) = 1""",
+                    {"now": now},
+                )
+        if failures:  # a request that got no answer (after its retries): nothing paid, asked again later
+            self.con.executemany(
+                "INSERT INTO llm_failures VALUES (?, ?, ?, ?, ?)",
+                [(a.key, r.model, a.error, a.attempts, now) for r, a in failures],
+            )
 
     def failure_counts(self) -> dict[str, int]:
         """Failed requests by kind (e.g. timeout_exhausted), over the job's life."""
-        return dict(self.con.execute("SELECT error, count(*) FROM llm_failures GROUP BY error ORDER BY error")
-                    .fetchall())
+        return dict(
+            self.con.execute("SELECT error, count(*) FROM llm_failures GROUP BY error ORDER BY error").fetchall()
+        )
 
     def spent(self) -> dict[str, int]:
         """What the LLM has cost so far, all models together (`usage_by_model`, summed)."""
@@ -491,79 +575,133 @@ class Store:
                                    FROM llm_answers a LEFT JOIN (SELECT DISTINCT key FROM llm_batch_requests
                                                                  WHERE answered) b ON a.key = b.key
                                    GROUP BY ALL ORDER BY 1, 2""").fetchall()
-        return [{"model": m, "batch": b, "requests": n, "prompt_tokens": int(p), "cached_tokens": int(c),
-                 "completion_tokens": int(o), "usage_estimated": e, "malformed": bad}
-                for m, b, n, p, c, o, e, bad in rows]
+        return [
+            {
+                "model": m,
+                "batch": b,
+                "requests": n,
+                "prompt_tokens": int(p),
+                "cached_tokens": int(c),
+                "completion_tokens": int(o),
+                "usage_estimated": e,
+                "malformed": bad,
+            }
+            for m, b, n, p, c, o, e, bad in rows
+        ]
 
     # ---- provider batches (llm.mode: batch) --------------------------------------------------------
     # A submission is recorded with its requests before its file is uploaded, then gets the file id, then
     # the batch id and the provider's states, so a killed run finds, and polls, what it had sent.
-    def add_batch(self, submission: str, model: str, prompt_tokens: int,
-                  requests: Sequence[tuple[str, str]]) -> None:
+    def add_batch(self, submission: str, model: str, prompt_tokens: int, requests: Sequence[tuple[str, str]]) -> None:
         """Record a submission about to be uploaded: its (request key, request JSON) lines, in file order."""
         now = time.time()
-        batch = pa.table({"submission": pa.array([submission] * len(requests), pa.string()),
-                          "position": pa.array(np.arange(len(requests), dtype=np.int32)),
-                          "key": pa.array([r[0] for r in requests], pa.string()),
-                          "request": pa.array([r[1] for r in requests], pa.string())})
+        batch = pa.table(
+            {
+                "submission": pa.array([submission] * len(requests), pa.string()),
+                "position": pa.array(np.arange(len(requests), dtype=np.int32)),
+                "key": pa.array([r[0] for r in requests], pa.string()),
+                "request": pa.array([r[1] for r in requests], pa.string()),
+            }
+        )
         with self._registered("incoming", batch), self._transaction():
-            self._exec("INSERT OR IGNORE INTO llm_batches VALUES (?, ?, ?, ?, NULL, NULL, 'prepared', NULL, ?, ?, "
-                       "NULL)", [submission, model, len(requests), prompt_tokens, now, now])
-            self._exec("INSERT OR IGNORE INTO llm_batch_requests SELECT submission, position, key, request, false "
-                       "FROM incoming")   # idempotent: the store actor may run a call again after a restart
+            self._exec(
+                "INSERT OR IGNORE INTO llm_batches VALUES (?, ?, ?, ?, NULL, NULL, 'prepared', NULL, ?, ?, NULL)",
+                [submission, model, len(requests), prompt_tokens, now, now],
+            )
+            self._exec(
+                "INSERT OR IGNORE INTO llm_batch_requests SELECT submission, position, key, request, false "
+                "FROM incoming"
+            )  # idempotent: the store actor may run a call again after a restart
 
-    def update_batch(self, submission: str, state: str, *, file_id: str | None = None,
-                     batch_id: str | None = None, detail: str | None = None) -> None:
-        self._exec("""UPDATE llm_batches SET state = ?, file_id = coalesce(?, file_id),
+    def update_batch(
+        self,
+        submission: str,
+        state: str,
+        *,
+        file_id: str | None = None,
+        batch_id: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self._exec(
+            """UPDATE llm_batches SET state = ?, file_id = coalesce(?, file_id),
                       batch_id = coalesce(?, batch_id), detail = coalesce(?, detail), updated_at = ?
-                      WHERE submission = ?""", [state, file_id, batch_id, detail, time.time(), submission])
+                      WHERE submission = ?""",
+            [state, file_id, batch_id, detail, time.time(), submission],
+        )
 
     def open_batches(self) -> list[dict[str, Any]]:
         """Submissions whose results are not stored yet (in flight, or not yet sent), oldest first."""
         rows = self.con.execute("""SELECT submission, model, requests, prompt_tokens, file_id, batch_id, state,
                                           detail, created_at FROM llm_batches WHERE collected_at IS NULL
                                    ORDER BY created_at, submission""").fetchall()
-        names = ("submission", "model", "requests", "prompt_tokens", "file_id", "batch_id", "state", "detail",
-                 "created_at")
+        names = (
+            "submission",
+            "model",
+            "requests",
+            "prompt_tokens",
+            "file_id",
+            "batch_id",
+            "state",
+            "detail",
+            "created_at",
+        )
         return [dict(zip(names, r)) for r in rows]
 
     def batch_requests(self, submission: str) -> list[tuple[str, str]]:
         """(key, request JSON) of an open submission, in file order."""
-        return self.con.execute("SELECT key, request FROM llm_batch_requests WHERE submission = ? ORDER BY position",
-                                [submission]).fetchall()
+        return self.con.execute(
+            "SELECT key, request FROM llm_batch_requests WHERE submission = ? ORDER BY position", [submission]
+        ).fetchall()
 
-    def put_batch_results(self, answers: Sequence[tuple[ChatRequest, ChatAnswer]],
-                          failures: Sequence[tuple[ChatRequest, ChatAnswer]], submission: str) -> None:
+    def put_batch_results(
+        self,
+        answers: Sequence[tuple[ChatRequest, ChatAnswer]],
+        failures: Sequence[tuple[ChatRequest, ChatAnswer]],
+        submission: str,
+    ) -> None:
         """Store a batch's answers (priced at the batch discount) and failures in one commit."""
         keys = [a.key for _, a in answers]
-        fresh = sorted(set(keys) - set(self.get_answers(keys)))   # answered before (e.g. live): priced as it was
+        fresh = sorted(set(keys) - set(self.get_answers(keys)))  # answered before (e.g. live): priced as it was
         with self._registered("fresh", pa.table({"key": pa.array(fresh, pa.string())})), self._transaction():
             self.put_answers([*answers, *failures])
-            self._exec("""UPDATE llm_batch_requests SET answered = true
-                          WHERE submission = ? AND key IN (SELECT key FROM fresh)""", [submission])
+            self._exec(
+                """UPDATE llm_batch_requests SET answered = true
+                          WHERE submission = ? AND key IN (SELECT key FROM fresh)""",
+                [submission],
+            )
 
     def finish_batch(self, submission: str, state: str, detail: str | None = None) -> None:
         """A submission's results are all stored: it leaves the open list (and its request texts are dropped)."""
         now = time.time()
         with self._transaction():
-            self._exec("""UPDATE llm_batches SET state = ?, detail = coalesce(?, detail), updated_at = ?,
-                          collected_at = ? WHERE submission = ?""", [state, detail, now, now, submission])
+            self._exec(
+                """UPDATE llm_batches SET state = ?, detail = coalesce(?, detail), updated_at = ?,
+                          collected_at = ? WHERE submission = ?""",
+                [state, detail, now, now, submission],
+            )
             self._exec("UPDATE llm_batch_requests SET request = NULL WHERE submission = ?", [submission])
 
     def batch_counts(self) -> dict[str, int]:
         """Submissions whose results are stored, by the provider's final state (for `status`)."""
-        return dict(self.con.execute("""SELECT state, count(*) FROM llm_batches WHERE collected_at IS NOT NULL
-                                        GROUP BY state ORDER BY state""").fetchall())
+        return dict(
+            self.con.execute("""SELECT state, count(*) FROM llm_batches WHERE collected_at IS NOT NULL
+                                        GROUP BY state ORDER BY state""").fetchall()
+        )
 
     # ---- annotations, scores, demos ---------------------------------------------------------------
     def add_annotations(self, round_: int, rows: Sequence[Annotation]) -> None:
         if not rows:
             return
-        batch = pa.table({
-            "item_id": [r.item_id for r in rows], "round": pa.array([round_] * len(rows), pa.int32()),
-            "request_key": [r.request_key for r in rows], "label": pa.array([r.label for r in rows], pa.int32()),
-            "confidence": pa.array([r.confidence for r in rows], pa.float64()),
-            "demo_ids": [json.dumps(list(r.demo_ids)) for r in rows]})
+        batch = pa.table(
+            {
+                "item_id": [r.item_id for r in rows],
+                "round": pa.array([round_] * len(rows), pa.int32()),
+                "request_key": [r.request_key for r in rows],
+                "label": pa.array([r.label for r in rows], pa.int32()),
+                "confidence": pa.array([r.confidence for r in rows], pa.float64()),
+                "demo_ids": [json.dumps(list(r.demo_ids)) for r in rows],
+            }
+        )
         with self._registered("incoming", batch):
             self._exec("INSERT OR REPLACE INTO annotations SELECT * FROM incoming")
 
@@ -572,26 +710,31 @@ class Store:
         round rebuilds exactly these requests (same keys, so answers already paid come from the cache)."""
         self._exec("DELETE FROM round_plan WHERE round = ?", [round_])
         if plan:
-            batch = pa.table({"round": pa.array([round_] * len(plan), pa.int32()),
-                              "position": pa.array(np.arange(len(plan), dtype=np.int32)),
-                              "item_id": [p.item_id for p in plan],
-                              "demo_ids": [json.dumps(list(p.demo_ids)) for p in plan]})
+            batch = pa.table(
+                {
+                    "round": pa.array([round_] * len(plan), pa.int32()),
+                    "position": pa.array(np.arange(len(plan), dtype=np.int32)),
+                    "item_id": [p.item_id for p in plan],
+                    "demo_ids": [json.dumps(list(p.demo_ids)) for p in plan],
+                }
+            )
             with self._registered("incoming", batch):
                 self._exec("INSERT INTO round_plan SELECT * FROM incoming")
 
     def round_plan(self, round_: int) -> list[PlanItem]:
-        rows = self.con.execute("SELECT item_id, demo_ids FROM round_plan WHERE round = ? ORDER BY position",
-                                [round_]).fetchall()
+        rows = self.con.execute(
+            "SELECT item_id, demo_ids FROM round_plan WHERE round = ? ORDER BY position", [round_]
+        ).fetchall()
         return [PlanItem(i, tuple(json.loads(d))) for i, d in rows]
 
     def annotated_in_round(self, round_: int) -> set[str]:
-        return {r[0] for r in self.con.execute("SELECT item_id FROM annotations WHERE round = ?",
-                                               [round_]).fetchall()}
+        return {r[0] for r in self.con.execute("SELECT item_id FROM annotations WHERE round = ?", [round_]).fetchall()}
 
     def round_annotations(self, round_: int) -> dict[str, int]:
         """How a round's stored annotations came out; empty when the round has none yet."""
-        n, labelled = _first(self.con.execute(
-            "SELECT count(*), count(label) FROM annotations WHERE round = ?", [round_]))
+        n, labelled = _first(
+            self.con.execute("SELECT count(*), count(label) FROM annotations WHERE round = ?", [round_])
+        )
         if not n:
             return {}
         return {"requested": n, "labelled": labelled, "no_label": n - labelled, "failed": 0}
@@ -602,14 +745,20 @@ class Store:
     def annotated_positions(self, min_rounds: int = 1) -> np.ndarray:
         """Pool positions of the items the LLM has annotated in at least `min_rounds` rounds (the method asks
         about a text at most twice)."""
-        rows = self.con.execute("""SELECT i.pos FROM annotations a JOIN items i ON i.id = a.item_id
-                                   GROUP BY i.pos HAVING count(*) >= ? ORDER BY i.pos""", [min_rounds]).fetchnumpy()
+        rows = self.con.execute(
+            """SELECT i.pos FROM annotations a JOIN items i ON i.id = a.item_id
+                                   GROUP BY i.pos HAVING count(*) >= ? ORDER BY i.pos""",
+            [min_rounds],
+        ).fetchnumpy()
         return rows["pos"].astype(np.int64)
 
     def round_label_counts(self, round_: int) -> dict[int, int]:
         """How many of a round's LLM labels went to each class."""
-        return dict(self.con.execute("SELECT label, count(*) FROM annotations WHERE round = ? AND label IS NOT NULL "
-                                     "GROUP BY label", [round_]).fetchall())
+        return dict(
+            self.con.execute(
+                "SELECT label, count(*) FROM annotations WHERE round = ? AND label IS NOT NULL GROUP BY label", [round_]
+            ).fetchall()
+        )
 
     def llm_label_positions(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions, labels) of every annotated item's latest LLM label (-1 = the LLM gave no usable label)."""
@@ -618,93 +767,146 @@ class Store:
                                    GROUP BY i.pos ORDER BY i.pos""").fetchnumpy()
         return rows["pos"].astype(np.int64), rows["label"].astype(np.int64)
 
-    def add_scores(self, round_: int, positions: np.ndarray, probs: np.ndarray, losses: np.ndarray,
-                   clean: np.ndarray, p_right: np.ndarray | None = None, llm_p_right: np.ndarray | None = None
-                   ) -> None:
+    def add_scores(
+        self,
+        round_: int,
+        positions: np.ndarray,
+        probs: np.ndarray,
+        losses: np.ndarray,
+        clean: np.ndarray,
+        p_right: np.ndarray | None = None,
+        llm_p_right: np.ndarray | None = None,
+    ) -> None:
         """A round's SLM verdict on pool positions: prediction and confidence from `probs`, the CE loss and
         clean flag of the labelled ones (NaN / False elsewhere) and, from a calibrated round, the probability
         that the prediction is right and that the LLM's label is right (NaN: none)."""
+
         def column(values: np.ndarray | None) -> pa.Array:
             if values is None:
                 return pa.nulls(len(positions), pa.float64())
             values = np.asarray(values, dtype=np.float64)
             return pa.array(values, mask=np.isnan(values))
 
-        batch = pa.table({
-            "pos": pa.array(np.asarray(positions, dtype=np.int64)),
-            "pred": pa.array(probs.argmax(1).astype(np.int32)),
-            "confidence": pa.array(probs.max(1).astype(np.float64)),
-            "loss": column(losses), "clean": pa.array(np.asarray(clean, dtype=bool)),
-            "p_right": column(p_right), "llm_p_right": column(llm_p_right)})
+        batch = pa.table(
+            {
+                "pos": pa.array(np.asarray(positions, dtype=np.int64)),
+                "pred": pa.array(probs.argmax(1).astype(np.int32)),
+                "confidence": pa.array(probs.max(1).astype(np.float64)),
+                "loss": column(losses),
+                "clean": pa.array(np.asarray(clean, dtype=bool)),
+                "p_right": column(p_right),
+                "llm_p_right": column(llm_p_right),
+            }
+        )
         with self._registered("incoming", batch):
-            self._exec("""INSERT OR REPLACE INTO slm_scores
+            self._exec(
+                """INSERT OR REPLACE INTO slm_scores
                           SELECT $r, i.id, n.pred, n.confidence, n.loss, n.clean, n.p_right, n.llm_p_right
-                          FROM incoming n JOIN items i ON i.pos = n.pos""", {"r": round_})
+                          FROM incoming n JOIN items i ON i.pos = n.pos""",
+                {"r": round_},
+            )
 
     def slm_predictions(self, round_: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions, predicted class) of the items round `round_`'s SLM scored."""
-        rows = self.con.execute("""SELECT i.pos, s.pred FROM slm_scores s JOIN items i ON i.id = s.item_id
-                                   WHERE s.round = ? ORDER BY i.pos""", [round_]).fetchnumpy()
+        rows = self.con.execute(
+            """SELECT i.pos, s.pred FROM slm_scores s JOIN items i ON i.id = s.item_id
+                                   WHERE s.round = ? ORDER BY i.pos""",
+            [round_],
+        ).fetchnumpy()
         return rows["pos"].astype(np.int64), rows["pred"].astype(np.int64)
 
     def set_demo_pool(self, round_: int, demos: Sequence[Demo]) -> None:
         self._exec("DELETE FROM demo_pools WHERE round = ?", [round_])
         if demos:
-            self.con.executemany("INSERT INTO demo_pools VALUES (?, ?, ?, ?, ?, ?)",
-                                 [(round_, i, d.id, d.text, int(d.label), d.source) for i, d in enumerate(demos)])
+            self.con.executemany(
+                "INSERT INTO demo_pools VALUES (?, ?, ?, ?, ?, ?)",
+                [(round_, i, d.id, d.text, int(d.label), d.source) for i, d in enumerate(demos)],
+            )
 
     def demo_pool(self, round_: int) -> list[Demo]:
-        return [Demo(*r) for r in self.con.execute(
-            "SELECT demo_id, text, label, source FROM demo_pools WHERE round = ? ORDER BY position",
-            [round_]).fetchall()]
+        return [
+            Demo(*r)
+            for r in self.con.execute(
+                "SELECT demo_id, text, label, source FROM demo_pools WHERE round = ? ORDER BY position", [round_]
+            ).fetchall()
+        ]
 
     # ---- rounds -----------------------------------------------------------------------------------
-    def set_phase(self, round_: int, kind: str, phase: str, model_path: str | None = None,
-                  metrics: dict[str, Any] | None = None) -> None:
+    def set_phase(
+        self, round_: int, kind: str, phase: str, model_path: str | None = None, metrics: dict[str, Any] | None = None
+    ) -> None:
         """Record where a round stands; 'done' with metrics marks it complete for resume."""
         now = time.time()
-        self._exec("""
+        self._exec(
+            """
             INSERT INTO rounds VALUES (?, ?, ?, ?, NULL, ?, ?)
             ON CONFLICT (round) DO UPDATE SET phase = excluded.phase,
                 model_path = coalesce(excluded.model_path, rounds.model_path),
                 metrics = coalesce(excluded.metrics, rounds.metrics)""",
-                         [round_, kind, phase, now, model_path, json.dumps(metrics) if metrics else None])
+            [round_, kind, phase, now, model_path, json.dumps(metrics) if metrics else None],
+        )
         if phase == "done":
             self._exec("UPDATE rounds SET finished_at = ? WHERE round = ?", [now, round_])
 
     def rounds(self) -> list[dict[str, Any]]:
         rows = self.con.execute("""SELECT round, kind, phase, started_at, finished_at, model_path, metrics
                                    FROM rounds ORDER BY round""").fetchall()
-        return [{"round": r[0], "kind": r[1], "phase": r[2], "started_at": r[3], "finished_at": r[4],
-                 "model_path": r[5], "metrics": json.loads(r[6]) if r[6] else {}} for r in rows]
+        return [
+            {
+                "round": r[0],
+                "kind": r[1],
+                "phase": r[2],
+                "started_at": r[3],
+                "finished_at": r[4],
+                "model_path": r[5],
+                "metrics": json.loads(r[6]) if r[6] else {},
+            }
+            for r in rows
+        ]
 
     # ---- human review -----------------------------------------------------------------------------
-    def review_candidates(self, rule: str, n: int, *, order: str, where: str = "true",
-                          exclude: Sequence[str] = (), params: dict[str, Any] | None = None) -> list[ReviewRow]:
+    def review_candidates(
+        self,
+        rule: str,
+        n: int,
+        *,
+        order: str,
+        where: str = "true",
+        exclude: Sequence[str] = (),
+        params: dict[str, Any] | None = None,
+    ) -> list[ReviewRow]:
         """Up to `n` rows worth a human look: labelled, never reviewed, not in `exclude`, matching `where`, in
         `order` (SQL over the label-of-record columns: id, label, source, confidence, disputed, ...)."""
         skip = pa.table({"id": pa.array(list(exclude), pa.string())})
         with self._registered("picked", skip):
-            rows = self.con.execute(f"""
+            rows = self.con.execute(
+                f"""
                 SELECT id, text, label, source, confidence, llm_label, slm_label, disputed
                 FROM ({_labels_sql(rule)}) l
                 WHERE label IS NOT NULL AND source <> 'human' AND id NOT IN (SELECT id FROM picked) AND ({where})
-                ORDER BY {order}, seq LIMIT $n""", {"n": n, **(params or {})}).fetchall()
+                ORDER BY {order}, seq LIMIT $n""",
+                {"n": n, **(params or {})},
+            ).fetchall()
         return [ReviewRow(i, t, lab, src, conf, ll, sl, bool(d), "") for i, t, lab, src, conf, ll, sl, d in rows]
 
     def label_class_counts(self, rule: str) -> dict[int, int]:
         """Labels of record per class index (unlabelled items left out)."""
-        return dict(self.con.execute(f"""SELECT label, count(*) FROM ({_labels_sql(rule)}) WHERE label IS NOT NULL
-                                         GROUP BY label""").fetchall())
+        return dict(
+            self.con.execute(f"""SELECT label, count(*) FROM ({_labels_sql(rule)}) WHERE label IS NOT NULL
+                                         GROUP BY label""").fetchall()
+        )
 
     def random_sample_ids(self, rule: str, k: int, seed: str) -> list[tuple[str, bool]]:
         """(id, reviewed already) of the next `k` labelled rows, in one seeded random order, that are not in the
         review's random sample yet. The sample is a prefix of that order: a row reviewed for another reason that
         falls in it joins the sample as it is (skipping it would leave the hard rows out of the sample)."""
-        return self.con.execute(f"""SELECT l.id, h.item_id IS NOT NULL FROM ({_labels_sql(rule)}) l
+        return self.con.execute(
+            f"""SELECT l.id, h.item_id IS NOT NULL FROM ({_labels_sql(rule)}) l
                                     LEFT JOIN human_labels h ON h.item_id = l.id
                                     WHERE l.label IS NOT NULL AND coalesce(h.reason, '') <> 'random'
-                                    ORDER BY md5(l.id || $seed), l.seq LIMIT $k""", {"seed": seed, "k": k}).fetchall()
+                                    ORDER BY md5(l.id || $seed), l.seq LIMIT $k""",
+            {"seed": seed, "k": k},
+        ).fetchall()
 
     def queue_for_review(self, rows: Sequence[ReviewRow], joined_random: Sequence[str] = ()) -> None:
         """Remember the rows sent for review with the label they show (a row sent again is replaced), and count
@@ -714,10 +916,15 @@ class Store:
                 self._exec("UPDATE human_labels SET reason = 'random' WHERE item_id IN (SELECT id FROM joined)")
         if not rows:
             return
-        batch = pa.table({"item_id": [r.item_id for r in rows], "reason": [r.reason for r in rows],
-                          "label": pa.array([r.label for r in rows], pa.int32()),
-                          "source": [r.source for r in rows],
-                          "confidence": pa.array([r.confidence for r in rows], pa.float64())})
+        batch = pa.table(
+            {
+                "item_id": [r.item_id for r in rows],
+                "reason": [r.reason for r in rows],
+                "label": pa.array([r.label for r in rows], pa.int32()),
+                "source": [r.source for r in rows],
+                "confidence": pa.array([r.confidence for r in rows], pa.float64()),
+            }
+        )
         with self._registered("incoming", batch):
             self._exec("""INSERT OR REPLACE INTO review_queue
                           SELECT item_id, reason, label, source, confidence, epoch(now()) FROM incoming""")
@@ -731,15 +938,22 @@ class Store:
         """
         if not labels:
             return {"new": 0, "changed": 0, "unchanged": 0}
-        batch = pa.table({"item_id": [h.item_id for h in labels],
-                          "label": pa.array([h.label for h in labels], pa.int32()),
-                          "reviewer": pa.array([h.reviewer for h in labels], pa.string())})
+        batch = pa.table(
+            {
+                "item_id": [h.item_id for h in labels],
+                "label": pa.array([h.label for h in labels], pa.int32()),
+                "reviewer": pa.array([h.reviewer for h in labels], pa.string()),
+            }
+        )
         with self._registered("incoming", batch):
-            counts = _first(self.con.execute("""
+            counts = _first(
+                self.con.execute("""
                 SELECT count(*) FILTER (WHERE h.item_id IS NULL), count(*) FILTER (WHERE h.label <> n.label),
                        count(*) FILTER (WHERE h.label = n.label)
-                FROM incoming n LEFT JOIN human_labels h ON h.item_id = n.item_id"""))
-            self._exec(f"""
+                FROM incoming n LEFT JOIN human_labels h ON h.item_id = n.item_id""")
+            )
+            self._exec(
+                f"""
                 INSERT INTO human_labels
                 SELECT n.item_id, n.label, coalesce(q.label, m.label), coalesce(q.reason, 'not queued'), $file,
                        n.reviewer, epoch(now())
@@ -747,7 +961,9 @@ class Store:
                      LEFT JOIN ({_machine_labels_sql(rule)}) m ON m.id = n.item_id
                 ON CONFLICT (item_id) DO UPDATE SET label = excluded.label, file = excluded.file,
                     reviewer = excluded.reviewer, imported_at = excluded.imported_at
-                WHERE human_labels.label <> excluded.label""", {"file": file})
+                WHERE human_labels.label <> excluded.label""",
+                {"file": file},
+            )
         return dict(zip(("new", "changed", "unchanged"), counts))
 
     def known_ids(self, ids: Sequence[str]) -> set[str]:
@@ -774,17 +990,26 @@ class Store:
 
     def labels_since(self, since: int, limit: int, class_names: Sequence[str], rule: str) -> dict[str, Any]:
         """Items with seq >= since, in ingestion order, with their label of record (null: not labelled yet)."""
-        rows = self.con.execute(f"""SELECT seq, id, label, source, confidence FROM ({_labels_sql(rule)})
-                                    WHERE seq >= ? ORDER BY seq LIMIT ?""", [since, limit]).fetchall()
-        items = [{"seq": q, "id": i, "label": None if lab is None else class_names[lab], "source": src,
-                  "confidence": conf} for q, i, lab, src, conf in rows]
+        rows = self.con.execute(
+            f"""SELECT seq, id, label, source, confidence FROM ({_labels_sql(rule)})
+                                    WHERE seq >= ? ORDER BY seq LIMIT ?""",
+            [since, limit],
+        ).fetchall()
+        items = [
+            {"seq": q, "id": i, "label": None if lab is None else class_names[lab], "source": src, "confidence": conf}
+            for q, i, lab, src, conf in rows
+        ]
         return {"items": items, "next": (rows[-1][0] + 1) if rows else since}
 
     def gold_agreement(self, class_names: Sequence[str], rule: str) -> tuple[int, int]:
         """(items with a gold label, of which the label of record agrees): for reporting only."""
-        n, right = _first(self.con.execute(
-            f"""SELECT count(*), count(*) FILTER (WHERE list_position(?, gold) - 1 = label)
-                FROM ({_labels_sql(rule)}) WHERE gold IS NOT NULL""", [list(class_names)]))
+        n, right = _first(
+            self.con.execute(
+                f"""SELECT count(*), count(*) FILTER (WHERE list_position(?, gold) - 1 = label)
+                FROM ({_labels_sql(rule)}) WHERE gold IS NOT NULL""",
+                [list(class_names)],
+            )
+        )
         return n, right
 
     def export(self, path: str, fmt: str, class_names: Sequence[str], rule: str) -> int:
@@ -812,17 +1037,24 @@ class Store:
     def confidence_histogram(self, rule: str, bins: int) -> list[tuple[str, int, int]]:
         """(source kind, bin, items) of the label of record's confidence in `bins` equal bins over [0, 1]
         (items without a confidence left out)."""
-        return self.con.execute(f"""SELECT split_part(source, ' ', 1), least(floor(confidence * $b), $b - 1)::INT,
+        return self.con.execute(
+            f"""SELECT split_part(source, ' ', 1), least(floor(confidence * $b), $b - 1)::INT,
                                            count(*)
                                     FROM ({_labels_sql(rule)}) WHERE confidence IS NOT NULL
-                                    GROUP BY ALL ORDER BY ALL""", {"b": bins}).fetchall()
+                                    GROUP BY ALL ORDER BY ALL""",
+            {"b": bins},
+        ).fetchall()
 
-    def disputed_examples(self, rule: str, limit: int) -> list[tuple[str, str, int | None, str, float | None,
-                                                                      int | None, int | None]]:
+    def disputed_examples(
+        self, rule: str, limit: int
+    ) -> list[tuple[str, str, int | None, str, float | None, int | None, int | None]]:
         """(id, text, label, source, confidence, llm_label, slm_label) of disputed rows, least confident first."""
-        return self.con.execute(f"""SELECT id, text, label, source, confidence, llm_label, slm_label
+        return self.con.execute(
+            f"""SELECT id, text, label, source, confidence, llm_label, slm_label
                                     FROM ({_labels_sql(rule)}) WHERE disputed
-                                    ORDER BY confidence NULLS FIRST, seq LIMIT ?""", [limit]).fetchall()
+                                    ORDER BY confidence NULLS FIRST, seq LIMIT ?""",
+            [limit],
+        ).fetchall()
 
     def label_counts(self, rule: str) -> tuple[dict[str, int], int]:
         """(labels of record by source: 'llm', 'slm', 'none'; LLM labels the SLM disputes), in one pass."""

@@ -7,6 +7,7 @@ the same whoever computes it, merging the shards' candidates gives exactly the w
 pool is sharded. How many to pick is the budget's decision, not the strategy's (as in small-text and
 scikit-activeml, where utility and budget are separate).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -39,8 +40,8 @@ class Shard:
     can see which predictions moved. Labels are class indices, -1 = none.
     """
 
-    ids: np.ndarray                       # (n,) object or str
-    probs: np.ndarray | None = None       # (n, C) float32 SLM class probabilities
+    ids: np.ndarray  # (n,) object or str
+    probs: np.ndarray | None = None  # (n, C) float32 SLM class probabilities
     embeddings: np.ndarray | None = None  # (n, d) float32 SLM sentence embeddings
     llm_labels: np.ndarray | None = None  # (n,) int, the LLM's label
     slm_labels: np.ndarray | None = None  # (n,) int, the previous SLM's label
@@ -56,8 +57,10 @@ class Shard:
 
     def only(self, needs: frozenset[str]) -> Shard:
         """The same rows with every column outside `needs` dropped (no copy)."""
-        return Shard(self.ids, **{f.name: getattr(self, f.name) if f.name in needs else None
-                                  for f in fields(self) if f.name != "ids"})
+        return Shard(
+            self.ids,
+            **{f.name: getattr(self, f.name) if f.name in needs else None for f in fields(self) if f.name != "ids"},
+        )
 
 
 @dataclass(frozen=True)

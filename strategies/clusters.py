@@ -1,4 +1,5 @@
 """Streamed k-means over the pool's embeddings, for the strategies that spread a batch across clusters."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -14,7 +15,7 @@ def _batches(arrays: Iterable[np.ndarray], rows: int) -> Iterator[np.ndarray]:
         joined = a if rest is None else np.concatenate([rest, a])
         full = len(joined) // rows * rows
         for start in range(0, full, rows):
-            yield joined[start:start + rows]
+            yield joined[start : start + rows]
         rest = joined[full:]
     if rest is not None and len(rest):
         yield rest
@@ -29,8 +30,9 @@ def fit_centroids(embeddings: Iterable[np.ndarray], n_clusters: int, batch_rows:
     km: MiniBatchKMeans | None = None
     for batch in _batches(embeddings, batch_rows):
         if km is None:  # a first batch shorter than batch_rows is the whole pool: k cannot exceed it
-            km = MiniBatchKMeans(n_clusters=min(n_clusters, len(batch)), batch_size=batch_rows, n_init=1,
-                                 random_state=seed)
+            km = MiniBatchKMeans(
+                n_clusters=min(n_clusters, len(batch)), batch_size=batch_rows, n_init=1, random_state=seed
+            )
         km.partial_fit(batch)
     return None if km is None else km.cluster_centers_
 
@@ -46,9 +48,9 @@ def nearest(centroids: np.ndarray, embeddings: np.ndarray, block: int = 8192) ->
     label = np.empty(len(embeddings), dtype=np.int64)
     dist2 = np.empty(len(embeddings), dtype=np.float32)
     for start in range(0, len(embeddings), block):
-        x = np.asarray(embeddings[start:start + block], dtype=np.float64)
+        x = np.asarray(embeddings[start : start + block], dtype=np.float64)
         d2 = (x * x).sum(1)[:, None] - 2.0 * (x @ c.T) + c2[None, :]
         at = d2.argmin(1)
-        label[start:start + block] = at
-        dist2[start:start + block] = np.maximum(d2[np.arange(len(x)), at], 0.0)
+        label[start : start + block] = at
+        dist2[start : start + block] = np.maximum(d2[np.arange(len(x)), at], 0.0)
     return label, dist2

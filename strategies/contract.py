@@ -5,6 +5,7 @@
 or, in a test, `check_strategy(lambda: MyStrategy(power=2.0))`. Each check runs `select` on a synthetic pool
 (with tied scores, annotated rows, and shards of awkward sizes) and raises AssertionError naming the check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,12 @@ class Pool:
         rng = np.random.default_rng(seed)
         centers = rng.normal(size=(6, dim))
         emb = (centers[rng.integers(0, 6, rows)] + 0.3 * rng.normal(size=(rows, dim))).astype(np.float32)
-        cols = {"probs": rng.dirichlet(np.full(n_classes, 0.7), rows).astype(np.float32),
-                "embeddings": emb / np.linalg.norm(emb, axis=1, keepdims=True),
-                "llm_labels": np.where(rng.random(rows) < 0.3, rng.integers(0, n_classes, rows), -1),
-                "slm_labels": np.where(rng.random(rows) < 0.8, rng.integers(0, n_classes, rows), -1)}
+        cols = {
+            "probs": rng.dirichlet(np.full(n_classes, 0.7), rows).astype(np.float32),
+            "embeddings": emb / np.linalg.norm(emb, axis=1, keepdims=True),
+            "llm_labels": np.where(rng.random(rows) < 0.3, rng.integers(0, n_classes, rows), -1),
+            "slm_labels": np.where(rng.random(rows) < 0.8, rng.integers(0, n_classes, rows), -1),
+        }
         copies = rng.choice(rows, size=rows // 10, replace=False)
         for c in cols.values():
             c[copies] = c[rng.choice(rows, size=len(copies))]
@@ -106,8 +109,9 @@ def _check_needs_only(factory: Factory, pool: Pool) -> None:
     needs = factory().needs
     assert set(needs) <= COLUMNS, f"needs {sorted(needs)} names columns outside {sorted(COLUMNS)}"
     n = len(pool.selectable) // 10
-    assert _pick(factory, pool, n, needs=needs) == _pick(factory, pool, n), \
+    assert _pick(factory, pool, n, needs=needs) == _pick(factory, pool, n), (
         "given only the declared columns, it picks differently than given all"
+    )
 
 
 def _check_before_first_slm(factory: Factory, pool: Pool) -> None:
@@ -119,9 +123,13 @@ def _check_before_first_slm(factory: Factory, pool: Pool) -> None:
 
 
 CHECKS: dict[str, Callable[[Factory, Pool], None]] = {
-    "empty pool": _check_empty, "n = 0": _check_n_zero, "n >= pool size": _check_n_over_pool,
-    "budget, distinct, unannotated": _check_budget, "deterministic": _check_deterministic,
-    "shard merge = whole pool": _check_shard_merge, "works with only its needs": _check_needs_only,
+    "empty pool": _check_empty,
+    "n = 0": _check_n_zero,
+    "n >= pool size": _check_n_over_pool,
+    "budget, distinct, unannotated": _check_budget,
+    "deterministic": _check_deterministic,
+    "shard merge = whole pool": _check_shard_merge,
+    "works with only its needs": _check_needs_only,
     "before the first SLM": _check_before_first_slm,
 }
 

@@ -1,4 +1,5 @@
 """Disagreement sampling: ask the LLM where the current SLM contradicts a label the pool already has."""
+
 from __future__ import annotations
 
 import numpy as np

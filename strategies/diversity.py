@@ -1,4 +1,5 @@
 """Diversity sampling: cover the embedding space, so a batch is not many copies of one kind of text."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -31,8 +32,9 @@ class DiversityStrategy(QueryStrategy):
 
     def fit(self, shards: Iterable[Shard], ctx: QueryContext) -> None:
         seed = int(np.random.SeedSequence([ctx.seed, ctx.round]).generate_state(1)[0])
-        self._centroids = fit_centroids((s.embeddings for s in shards if s.embeddings is not None),
-                                        self.n_clusters, self.batch_rows, seed)
+        self._centroids = fit_centroids(
+            (s.embeddings for s in shards if s.embeddings is not None), self.n_clusters, self.batch_rows, seed
+        )
 
     def candidates(self, shard: Shard, n: int, ctx: QueryContext) -> Candidates:
         if shard.embeddings is None or self._centroids is None:

@@ -1,4 +1,5 @@
 """Uncertainty within diversity clusters: the most uncertain texts, spread over the embedding space."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 modAL 0.4.2.1 is unmaintained (`ActiveLearner.teach` breaks on scikit-learn >= 1.8), but its measures only
 call `predict_proba(X)` on a classifier, so they work behind `_GivenProbs`, which answers with X itself.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

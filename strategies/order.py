@@ -11,6 +11,7 @@ item with n items ahead of it within its own shard, or within a partial merge, h
 the whole pool and can never be in the top n: keeping each shard's top n, and the running merge's top n,
 loses nothing.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -69,9 +70,8 @@ def order(scores: np.ndarray, groups: np.ndarray | None, ties: np.ndarray) -> np
     return np.lexsort((ties, neg, rank))
 
 
-def top(ids: np.ndarray, scores: np.ndarray, n: int, ctx: QueryContext,
-        groups: np.ndarray | None = None) -> Candidates:
+def top(ids: np.ndarray, scores: np.ndarray, n: int, ctx: QueryContext, groups: np.ndarray | None = None) -> Candidates:
     """A shard's best min(n, len(ids)) in canonical order: what `QueryStrategy.candidates` should return."""
     scores = np.asarray(scores, dtype=np.float64)
-    keep = order(scores, groups, tiebreak(ids, ctx))[:max(n, 0)]
+    keep = order(scores, groups, tiebreak(ids, ctx))[: max(n, 0)]
     return Candidates(np.asarray(ids)[keep], scores[keep], None if groups is None else np.asarray(groups)[keep])

@@ -1,4 +1,5 @@
 """Check a job's `strategy.params` against the strategy class's __init__ before anything runs."""
+
 from __future__ import annotations
 
 import inspect

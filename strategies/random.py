@@ -1,4 +1,5 @@
 """Uniform random selection: the paper's budgeted variant, and the baseline every strategy must beat."""
+
 from __future__ import annotations
 
 import numpy as np

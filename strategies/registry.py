@@ -1,4 +1,5 @@
 """Strategy lookup: a built-in name, 'module:Class', 'path/to/file.py:Class', or an installed entry point."""
+
 from __future__ import annotations
 
 import hashlib
@@ -50,12 +51,16 @@ def resolve(name: str) -> type[QueryStrategy]:
         try:
             return _checked_class(name, found[0].load())
         except Exception as e:
-            raise StrategyError(name, f"entry point {found[0].value} cannot be loaded "
-                                      f"({type(e).__name__}: {e})") from None
+            raise StrategyError(
+                name, f"entry point {found[0].value} cannot be loaded ({type(e).__name__}: {e})"
+            ) from None
     installed = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-    raise StrategyError(name, f"unknown strategy. Fix: use a built-in ({', '.join(BUILTINS)}), 'module:Class', "
-                              f"'path/to/file.py:Class', or an installed '{ENTRY_POINT_GROUP}' entry point"
-                              + (f" ({', '.join(installed)})" if installed else " (none installed)"))
+    raise StrategyError(
+        name,
+        f"unknown strategy. Fix: use a built-in ({', '.join(BUILTINS)}), 'module:Class', "
+        f"'path/to/file.py:Class', or an installed '{ENTRY_POINT_GROUP}' entry point"
+        + (f" ({', '.join(installed)})" if installed else " (none installed)"),
+    )
 
 
 def _import(name: str, target: str) -> type[QueryStrategy]:
@@ -63,8 +68,11 @@ def _import(name: str, target: str) -> type[QueryStrategy]:
     try:
         module = _load_file(Path(where)) if where.endswith(".py") else importlib.import_module(where)
     except Exception as e:
-        raise StrategyError(name, f"cannot import '{where}' ({type(e).__name__}: {e}). Fix: check that it is "
-                                  "importable (on PYTHONPATH, or a path to a .py file)") from None
+        raise StrategyError(
+            name,
+            f"cannot import '{where}' ({type(e).__name__}: {e}). Fix: check that it is "
+            "importable (on PYTHONPATH, or a path to a .py file)",
+        ) from None
     if not hasattr(module, attr):
         raise StrategyError(name, f"'{where}' defines no '{attr}'")
     return _checked_class(name, getattr(module, attr))

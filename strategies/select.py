@@ -4,6 +4,7 @@ Memory stays flat as the pool grows: besides the shard being read, `select` hold
 (and a set of that shard's ids for the checks). A strategy that raises or returns something it must not is
 stopped with a `StrategyError` naming it and the problem, before the caller's round sees any of its output.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,9 @@ def check_declared(strategy: QueryStrategy) -> None:
         raise StrategyError(describe(strategy), "must subclass strategies.base.QueryStrategy")
     unknown = set(strategy.needs) - COLUMNS
     if unknown:
-        raise StrategyError(describe(strategy), f"needs unknown column(s) {sorted(unknown)}; "
-                                                f"the columns are {sorted(COLUMNS)}")
+        raise StrategyError(
+            describe(strategy), f"needs unknown column(s) {sorted(unknown)}; the columns are {sorted(COLUMNS)}"
+        )
 
 
 def select(strategy: QueryStrategy, shards: ShardSource, n: int, ctx: QueryContext) -> np.ndarray:
@@ -49,8 +51,10 @@ def select(strategy: QueryStrategy, shards: ShardSource, n: int, ctx: QueryConte
     name = describe(strategy)
     if type(strategy).fit is not QueryStrategy.fit:
         if not callable(shards) and iter(shards) is shards:
-            raise ValueError(f"strategy '{name}' reads the pool twice (fit, then candidates): pass a callable "
-                             "that returns a fresh iterable of shards, not a one-shot iterator")
+            raise ValueError(
+                f"strategy '{name}' reads the pool twice (fit, then candidates): pass a callable "
+                "that returns a fresh iterable of shards, not a one-shot iterator"
+            )
         _guarded(name, "fit", lambda: strategy.fit(_prepared(_open(shards), strategy.needs, ctx), ctx))
     best = _Best.empty()
     for shard in _prepared(_open(shards), strategy.needs, ctx):
@@ -107,15 +111,22 @@ def _checked(name: str, cand: object, shard: Shard, n: int) -> Candidates:
     except (TypeError, ValueError) as e:
         raise StrategyError(name, f"candidates() returned scores or groups that are not numbers ({e})") from None
     if scores.shape != ids.shape or (groups is not None and groups.shape != ids.shape):
-        raise StrategyError(name, f"candidates() returned {len(ids)} ids but scores of shape {scores.shape}"
-                                  + ("" if groups is None else f" and groups of shape {groups.shape}"))
+        raise StrategyError(
+            name,
+            f"candidates() returned {len(ids)} ids but scores of shape {scores.shape}"
+            + ("" if groups is None else f" and groups of shape {groups.shape}"),
+        )
     want = min(n, len(shard))
     if len(ids) > want:
-        raise StrategyError(name, f"candidates() returned {len(ids)} ids for a shard of {len(shard)} with "
-                                  f"n={n}: at most {want} allowed")
+        raise StrategyError(
+            name, f"candidates() returned {len(ids)} ids for a shard of {len(shard)} with n={n}: at most {want} allowed"
+        )
     if len(ids) < want:
-        raise StrategyError(name, f"candidates() returned {len(ids)} ids, expected min(n, shard size) = {want}: "
-                                  "a strategy ranks, the budget decides how many")
+        raise StrategyError(
+            name,
+            f"candidates() returned {len(ids)} ids, expected min(n, shard size) = {want}: "
+            "a strategy ranks, the budget decides how many",
+        )
     if not np.isfinite(scores).all():
         raise StrategyError(name, "candidates() returned a NaN or infinite score")
     seen: set = set()
@@ -125,8 +136,11 @@ def _checked(name: str, cand: object, shard: Shard, n: int) -> Candidates:
         seen.add(i)
     unknown = seen - set(shard.ids.tolist())
     if unknown:
-        raise StrategyError(name, f"candidates() returned id {next(iter(unknown))!r}, which is not in the shard it "
-                                  "was given (unknown, or already annotated)")
+        raise StrategyError(
+            name,
+            f"candidates() returned id {next(iter(unknown))!r}, which is not in the shard it "
+            "was given (unknown, or already annotated)",
+        )
     return Candidates(ids, scores, groups)
 
 

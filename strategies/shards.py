@@ -1,4 +1,5 @@
 """Shards over arrays already in memory: how the loop (and the tests) feed `select`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -10,8 +11,14 @@ from strategies.base import COLUMNS, Shard
 DEFAULT_SHARD_ROWS = 65536
 
 
-def array_shards(ids: np.ndarray, *, rows: np.ndarray | None = None, needs: frozenset[str] = COLUMNS,
-                 size: int = DEFAULT_SHARD_ROWS, **columns: np.ndarray | None) -> Callable[[], Iterator[Shard]]:
+def array_shards(
+    ids: np.ndarray,
+    *,
+    rows: np.ndarray | None = None,
+    needs: frozenset[str] = COLUMNS,
+    size: int = DEFAULT_SHARD_ROWS,
+    **columns: np.ndarray | None,
+) -> Callable[[], Iterator[Shard]]:
     """A re-openable stream of shards of `size` rows over `ids` and the aligned `columns` (Shard's names).
 
     `rows` picks the selectable rows (a bool mask such as ~annotated, or positions; None = all); only the
@@ -30,7 +37,7 @@ def array_shards(ids: np.ndarray, *, rows: np.ndarray | None = None, needs: froz
 
     def shards() -> Iterator[Shard]:
         for start in range(0, len(picked), size):
-            at = picked[start:start + size]
+            at = picked[start : start + size]
             yield Shard(ids[at], **{c: v[at] for c, v in kept.items()})
 
     return shards

@@ -1,4 +1,5 @@
 """Uncertainty sampling: ask the LLM about the texts the SLM is least sure of (the paper's suggested upgrade)."""
+
 from __future__ import annotations
 
 import numpy as np

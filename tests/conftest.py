@@ -1,5 +1,6 @@
 """Test setup shared by tests/unit (fast, in process) and tests/integration (real Ray, real servers, the CLI in
 its own process; marked `integration`, so `pytest -m "not integration"` runs the quick part alone)."""
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ prefix cache), admits each chunk through the budget guard, and replaces an annot
 sent again, and answers it stored before dying come back from the store, not the API. Ray's ActorPool does
 neither (it does not replace dead actors), hence this small supervisor.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ from freeal_stream.llm.client import ChatAnswer, ChatRequest, Ledger, LLMClient,
 
 log = logging.getLogger(__name__)
 
-BUDGET_ERROR = "budget_exhausted"   # a request the budget did not admit (not sent, not stored)
+BUDGET_ERROR = "budget_exhausted"  # a request the budget did not admit (not sent, not stored)
 ProgressFn = Callable[[int, int, Ledger], None]
 AnswersFn = Callable[[list[int], list[ChatAnswer]], None]
 
@@ -38,10 +39,11 @@ class Annotators(Protocol):
     (llm.batch.BatchAnnotators)."""
 
     ledger: Ledger
-    size: int   # annotator actors (0: none, requests go out as batch files)
+    size: int  # annotator actors (0: none, requests go out as batch files)
 
-    def complete_many(self, requests: Sequence[ChatRequest], progress: ProgressFn | None = None,
-                      on_answers: AnswersFn | None = None) -> list[ChatAnswer]: ...
+    def complete_many(
+        self, requests: Sequence[ChatRequest], progress: ProgressFn | None = None, on_answers: AnswersFn | None = None
+    ) -> list[ChatAnswer]: ...
 
     def shutdown(self) -> None: ...
 
@@ -50,8 +52,14 @@ class Delivery:
     """One `complete_many` call's answers: stored ones first, duplicates sent once, each new answer handed
     to `on_answers(indices, answers)` (so labels are committed as they arrive) and counted in `progress`."""
 
-    def __init__(self, requests: Sequence[ChatRequest], store: Any, ledger: Ledger,
-                 progress: ProgressFn | None, on_answers: AnswersFn | None):
+    def __init__(
+        self,
+        requests: Sequence[ChatRequest],
+        store: Any,
+        ledger: Ledger,
+        progress: ProgressFn | None,
+        on_answers: AnswersFn | None,
+    ):
         self.keys = [r.key() for r in requests]
         self.where: dict[str, list[int]] = {}
         for i, k in enumerate(self.keys):
@@ -105,23 +113,40 @@ def share(cfg: LLMConfig, n: int) -> list[LLMConfig]:
     limits = [v for v in (cfg.concurrency, cfg.requests_per_minute, cfg.tokens_per_minute) if v > 0]
     k = max(1, min([n, *limits]))
     part = lambda v, i: 0 if v == 0 else v // k + (i < v % k)
-    return [dataclasses.replace(cfg, concurrency=part(cfg.concurrency, i),
-                                requests_per_minute=part(cfg.requests_per_minute, i),
-                                tokens_per_minute=part(cfg.tokens_per_minute, i)) for i in range(k)]
+    return [
+        dataclasses.replace(
+            cfg,
+            concurrency=part(cfg.concurrency, i),
+            requests_per_minute=part(cfg.requests_per_minute, i),
+            tokens_per_minute=part(cfg.tokens_per_minute, i),
+        )
+        for i in range(k)
+    ]
 
 
 @dataclass
 class _Chunk:
-    positions: list[int]            # indices into the unique-request list
+    positions: list[int]  # indices into the unique-request list
     estimates: list[budget_policy.Spent]
 
 
 class AnnotatorPool:
     """`complete_many` like `LLMClient`'s, run by N supervised annotator actors."""
 
-    def __init__(self, cfg: LLMConfig, base_url: str, api_key: str | None, store: Any, *, size: int,
-                 chunk_size: int, max_restarts: int, resources: dict[str, float] | None = None,
-                 guard: budget_policy.BudgetGuard | None = None, price: Any = None):
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        base_url: str,
+        api_key: str | None,
+        store: Any,
+        *,
+        size: int,
+        chunk_size: int,
+        max_restarts: int,
+        resources: dict[str, float] | None = None,
+        guard: budget_policy.BudgetGuard | None = None,
+        price: Any = None,
+    ):
         self.cfg, self.base_url, self.store = cfg, base_url, store
         self._key = Secret(api_key) if api_key else None
         self._actor_cfgs = share(cfg, size)
@@ -137,14 +162,15 @@ class AnnotatorPool:
     def _new_actor(self, slot: int) -> Any:
         # mypy does not apply the @ray.remote class decorator, so it cannot see ActorClass.options
         return Annotator.options(  # type: ignore[attr-defined]
-            resources=self.resources, max_concurrency=self.in_flight).remote(
-            self._actor_cfgs[slot], self.base_url, self._key, self.store)
+            resources=self.resources, max_concurrency=self.in_flight
+        ).remote(self._actor_cfgs[slot], self.base_url, self._key, self.store)
 
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])
 
-    def complete_many(self, requests: Sequence[ChatRequest], progress: ProgressFn | None = None,
-                      on_answers: AnswersFn | None = None) -> list[ChatAnswer]:
+    def complete_many(
+        self, requests: Sequence[ChatRequest], progress: ProgressFn | None = None, on_answers: AnswersFn | None = None
+    ) -> list[ChatAnswer]:
         """Answers in the order of `requests`. Stored answers are read, not sent; duplicates go once.
 
         `on_answers(indices, answers)` sees each batch as it completes (so labels are committed as they
@@ -152,17 +178,17 @@ class AnnotatorPool:
         """
         d = Delivery(requests, self.store, self.ledger, progress, on_answers)
         unique = d.unsent
-        chunks = [list(range(s, min(s + self.chunk_size, len(unique))))
-                  for s in range(0, len(unique), self.chunk_size)]
+        chunks = [list(range(s, min(s + self.chunk_size, len(unique)))) for s in range(0, len(unique), self.chunk_size)]
         for refused in self._run_chunks(unique, chunks, d.deliver):
             d.deliver([not_admitted(unique[p].key()) for p in refused])
         return d.result()
 
-    def _run_chunks(self, unique: list[ChatRequest], chunks: list[list[int]],
-                    deliver: Callable[[list[ChatAnswer]], None]) -> list[list[int]]:
+    def _run_chunks(
+        self, unique: list[ChatRequest], chunks: list[list[int]], deliver: Callable[[list[ChatAnswer]], None]
+    ) -> list[list[int]]:
         """Keep each annotator busy with `in_flight` chunks; returns the positions the budget refused."""
         queue = list(reversed(chunks))
-        running: dict[Any, tuple[int, Any, _Chunk]] = {}   # ObjectRef -> (actor slot, actor, chunk)
+        running: dict[Any, tuple[int, Any, _Chunk]] = {}  # ObjectRef -> (actor slot, actor, chunk)
         refused: list[list[int]] = []
         load = [0] * self.size
 
@@ -175,10 +201,11 @@ class AnnotatorPool:
             for slot in range(self.size):
                 while queue and load[slot] < self.in_flight:
                     positions = queue.pop()
-                    est = [budget_policy.estimate(unique[p].messages, unique[p].max_tokens, self.price)
-                           for p in positions]
+                    est = [
+                        budget_policy.estimate(unique[p].messages, unique[p].max_tokens, self.price) for p in positions
+                    ]
                     n = self.guard.admit(est) if self.guard is not None else len(positions)
-                    if n < len(positions):   # the cap is reached: send what fits, refuse the rest
+                    if n < len(positions):  # the cap is reached: send what fits, refuse the rest
                         refused.append(positions[n:])
                         refused.extend(reversed(queue))
                         queue.clear()
@@ -193,12 +220,12 @@ class AnnotatorPool:
                 batch, spent = ray.get(ready[0])
             except RayTaskError as e:
                 self._release(chunk)
-                raise (e.cause or e) from None   # e.g. FatalLLMError: the same clean message as in-process
+                raise (e.cause or e) from None  # e.g. FatalLLMError: the same clean message as in-process
             except RayActorError:
-                if self.actors[slot] is actor:   # its other chunk in flight fails too: replace once
+                if self.actors[slot] is actor:  # its other chunk in flight fails too: replace once
                     self._replace(slot)
                 self._release(chunk)
-                queue.append(chunk.positions)   # sent again first; stored answers come from the store
+                queue.append(chunk.positions)  # sent again first; stored answers come from the store
                 continue
             self._release(chunk)
             add_ledger(self.ledger, spent)
@@ -222,17 +249,30 @@ class AnnotatorPool:
 
 
 def not_admitted(key: str) -> ChatAnswer:
-    return ChatAnswer(key=key, content=None, finish_reason=None, prompt_tokens=0, completion_tokens=0,
-                      cached_tokens=0, top_logprobs=None, latency_s=0.0, attempts=0, error=BUDGET_ERROR,
-                      from_cache=False)
+    return ChatAnswer(
+        key=key,
+        content=None,
+        finish_reason=None,
+        prompt_tokens=0,
+        completion_tokens=0,
+        cached_tokens=0,
+        top_logprobs=None,
+        latency_s=0.0,
+        attempts=0,
+        error=BUDGET_ERROR,
+        from_cache=False,
+    )
 
 
 def wait_for_actors(pool: AnnotatorPool, timeout_s: float = 120.0) -> None:
     """Block until every annotator has started (placement on a pinned node can take a moment)."""
     deadline = time.monotonic() + timeout_s
-    _, pending = ray.wait([a.node_id.remote() for a in pool.actors], num_returns=pool.size,
-                              timeout=max(0.0, deadline - time.monotonic()))
+    _, pending = ray.wait(
+        [a.node_id.remote() for a in pool.actors], num_returns=pool.size, timeout=max(0.0, deadline - time.monotonic())
+    )
     if pending:
-        raise UserError(f"{len(pending)} of {pool.size} annotator actors could not be placed within "
-                             f"{timeout_s:.0f} s (resources asked: {pool.resources or 'none'}). Fix: check "
-                             "ray.annotator_resources against the cluster's nodes (`ray status`)")
+        raise UserError(
+            f"{len(pending)} of {pool.size} annotator actors could not be placed within "
+            f"{timeout_s:.0f} s (resources asked: {pool.resources or 'none'}). Fix: check "
+            "ray.annotator_resources against the cluster's nodes (`ray status`)"
+        )

@@ -3,6 +3,7 @@
 A local Ray listens on 127.0.0.1 only, as anyone who can reach a Ray process can run code in it. A cluster
 reached over the network must use Ray's token authentication (RAY_AUTH_MODE=token), or it is not joined.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,10 +59,16 @@ def start_ray(cfg: RayConfig, address: str | None = None) -> tuple[str, bool]:
         ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
         return f"Ray cluster at {target}", False
     loopback_only_ray()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # loopback only; else Ray writes a token under ~/.ray
-    cpus = max(2, cfg.local_cpus or os.cpu_count() or 1)   # the trainer and a scorer take one logical CPU each
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False, configure_logging=True)   # "local": never $RAY_ADDRESS, which ray.init reads
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; else Ray writes a token under ~/.ray
+    cpus = max(2, cfg.local_cpus or os.cpu_count() or 1)  # the trainer and a scorer take one logical CPU each
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        configure_logging=True,
+    )  # "local": never $RAY_ADDRESS, which ray.init reads
     return f"local Ray ({cpus} CPUs)", True
 
 
@@ -87,14 +94,18 @@ def check_can_join(address: str) -> None:
     mode = os.environ.get("RAY_AUTH_MODE", "")
     if mode.lower() == "token" and ray_token_configured():
         return
-    missing = (f"RAY_AUTH_MODE is {mode!r}, not 'token'" if mode.lower() != "token" else
-               "no token is set ($RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token)")
+    missing = (
+        f"RAY_AUTH_MODE is {mode!r}, not 'token'"
+        if mode.lower() != "token"
+        else "no token is set ($RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token)"
+    )
     raise RayJoinError(
         f"refusing to join the Ray cluster at {address!r} without Ray's token authentication ({missing}): "
         "anyone who can reach a Ray cluster can run code on it. Fix: start the cluster with RAY_AUTH_MODE=token "
         "(ray_cluster.yaml does), then here `export RAY_AUTH_MODE=token` and put the cluster's token in "
         "~/.ray/auth_token (or $RAY_AUTH_TOKEN_PATH, or $RAY_AUTH_TOKEN); `ray get-auth-token --generate` "
-        "makes one. See SECURITY.md")
+        "makes one. See SECURITY.md"
+    )
 
 
 def address_host(address: str) -> str | None:

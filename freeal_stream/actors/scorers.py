@@ -7,6 +7,7 @@ Scoring runs while nothing else does (the coordinator waits, the annotators and 
 scorer then uses its share of its node's cores, not just the one CPU Ray books for it: `slm.threads` is only
 the floor.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,8 @@ class ShardInput:
 
 @dataclass(frozen=True)
 class ShardScores:
-    logits: np.ndarray            # (n, C)
-    emb: np.ndarray | None        # (n, d) the fine-tuned encoder's embeddings; None in head mode (the frozen ones)
+    logits: np.ndarray  # (n, C)
+    emb: np.ndarray | None  # (n, d) the fine-tuned encoder's embeddings; None in head mode (the frozen ones)
 
 
 @ray.remote(num_cpus=1, max_restarts=0)
@@ -46,8 +47,8 @@ class Scorer:
     def __init__(self, max_length: int):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.max_length = max_length
-        self._encoder: tuple[str, Any] | None = None   # (encoder name, encoder)
-        self._model: tuple[str, Any] | None = None     # (model tag, SLM)
+        self._encoder: tuple[str, Any] | None = None  # (encoder name, encoder)
+        self._model: tuple[str, Any] | None = None  # (model tag, SLM)
 
     def embed(self, encoder: str, texts: list[str], threads: int) -> np.ndarray:
         """Frozen-encoder embeddings (round 1's retrieval, head-mode inputs) on `threads` cores."""
@@ -86,13 +87,20 @@ class Scorer:
 class ScorerPool:
     """N scorers kept busy with shards; the ones that die are replaced."""
 
-    def __init__(self, max_length: int, threads: int, *, size: int, resources: dict[str, float] | None = None,
-                 max_restarts: int = 5):
+    def __init__(
+        self,
+        max_length: int,
+        threads: int,
+        *,
+        size: int,
+        resources: dict[str, float] | None = None,
+        max_restarts: int = 5,
+    ):
         self.max_length, self.min_threads = max_length, threads
         self.resources = resources or {}
         self.max_restarts, self.restarts = max_restarts, 0
         self.actors = [self._new() for _ in range(size)]
-        self._threads: list[int] | None = None   # per actor slot, found on first use
+        self._threads: list[int] | None = None  # per actor slot, found on first use
 
     def _new(self) -> Any:
         # mypy does not apply the @ray.remote class decorator, so it cannot see ActorClass.options
@@ -105,21 +113,28 @@ class ScorerPool:
             where = ray.get([a.cores.remote() for a in self.actors])
             cpus = {n["NodeID"]: int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"]}
             on_node = Counter(node for node, _ in where)
-            self._threads = [max(self.min_threads, min(cores, cpus.get(node, cores)) // on_node[node])
-                             for node, cores in where]
+            self._threads = [
+                max(self.min_threads, min(cores, cpus.get(node, cores)) // on_node[node]) for node, cores in where
+            ]
         return self._threads
 
     def embed(self, encoder: str, texts: list[str]) -> np.ndarray:
         """Embeddings of a few texts (demos, paraphrases) in one call."""
         return self._one(lambda a, threads: a.embed.remote(encoder, texts, threads))
 
-    def embed_shards(self, encoder: str, shards: Iterable[tuple[int, list[str]]],
-                     on_done: Callable[[int, np.ndarray], None]) -> None:
+    def embed_shards(
+        self, encoder: str, shards: Iterable[tuple[int, list[str]]], on_done: Callable[[int, np.ndarray], None]
+    ) -> None:
         """Frozen embeddings of each (start, texts) shard, handed to `on_done(start, emb)` as they finish."""
         self._run(shards, lambda a, threads, texts: a.embed.remote(encoder, texts, threads), on_done)
 
-    def score_shards(self, tag: str, files: dict[str, bytes], shards: Iterable[tuple[int, ShardInput]],
-                     on_done: Callable[[int, ShardScores], None]) -> None:
+    def score_shards(
+        self,
+        tag: str,
+        files: dict[str, bytes],
+        shards: Iterable[tuple[int, ShardInput]],
+        on_done: Callable[[int, ShardScores], None],
+    ) -> None:
         """The model's scores of each (start, input) shard, handed to `on_done(start, scores)` as they finish."""
         ref = ray.put(files)
         self._run(shards, lambda a, threads, shard: a.score.remote(tag, ref, shard, threads), on_done)
@@ -129,13 +144,17 @@ class ScorerPool:
         self._run(iter([(0, None)]), lambda a, threads, _x: call(a, threads), lambda _s, out: done.append(out))
         return done[0]
 
-    def _run(self, shards: Iterable[tuple[int, Any]], call: Callable[[Any, int, Any], Any],
-             on_done: Callable[[int, Any], None]) -> None:
+    def _run(
+        self,
+        shards: Iterable[tuple[int, Any]],
+        call: Callable[[Any, int, Any], Any],
+        on_done: Callable[[int, Any], None],
+    ) -> None:
         """Up to two shards in flight per scorer; a shard is taken from `shards` only when there is room."""
         threads = self.work_threads()
         source: Iterator[tuple[int, Any]] = iter(shards)
         retry: list[tuple[int, Any]] = []
-        running: dict[Any, tuple[int, Any, int, Any]] = {}   # ref -> (actor slot, actor, start, input)
+        running: dict[Any, tuple[int, Any, int, Any]] = {}  # ref -> (actor slot, actor, start, input)
         load = [0] * len(self.actors)
         exhausted = False
         while True:
@@ -156,7 +175,7 @@ class ScorerPool:
             try:
                 out = ray.get(ready[0])
             except RayActorError:
-                if self.actors[slot] is actor:   # its other shard in flight fails too: replace once
+                if self.actors[slot] is actor:  # its other shard in flight fails too: replace once
                     self._replace(slot)
                 retry.append((start, shard))
                 continue

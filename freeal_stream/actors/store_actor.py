@@ -5,6 +5,7 @@ batches; calls run one at a time, in arrival order. If the actor dies Ray restar
 reopens the file; DuckDB's WAL replays what was committed) and retries the call; every write is an
 idempotent upsert, so a retried call cannot duplicate anything.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -35,8 +36,10 @@ class StoreActor:
         except duckdb.Error as e:
             if "No space left on device" in str(e):
                 # DuckDB rolls the failed commit back; every earlier commit is in the file or its WAL
-                raise StateError(f"{self.path}: No space left on device. Everything committed before is kept; "
-                                 "free space on that disk and run again to resume") from None
+                raise StateError(
+                    f"{self.path}: No space left on device. Everything committed before is kept; "
+                    "free space on that disk and run again to resume"
+                ) from None
             raise
 
     def pid(self) -> int:
@@ -62,7 +65,7 @@ class StoreProxy:
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return ray.get(self.handle.call.remote(method, *args, **kwargs))
-        except RayTaskError as e:   # raise what the Store raised, as an in-process Store would
+        except RayTaskError as e:  # raise what the Store raised, as an in-process Store would
             raise (e.cause or e) from None
 
     def close(self) -> None:
@@ -93,6 +96,7 @@ def start_store(path: Path) -> Store:
 
     # mypy does not apply the @ray.remote class decorator, so it cannot see ActorClass.options
     handle = StoreActor.options(  # type: ignore[attr-defined]
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(path))
-    ray.get(handle.pid.remote())   # surfaces StateError (file held by another process) here
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+    ).remote(str(path))
+    ray.get(handle.pid.remote())  # surfaces StateError (file held by another process) here
     return cast(Store, StoreProxy(handle))

@@ -5,6 +5,7 @@ returns the model's files instead of writing them, so a trainer on another node 
 scorers then score the whole pool with those files. `messages` can be polled while `train` runs (the actor
 takes two calls at once), and `step` says where the current epoch is, which is how the coordinator shows progress.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,13 +37,11 @@ class Trainer:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(threads)
         self._messages: list[str] = []
-        self._step: tuple[int, int, int] | None = None   # (epoch, step, steps) of the training under way
+        self._step: tuple[int, int, int] | None = None  # (epoch, step, steps) of the training under way
 
-    def train(self, data: TrainingData, n_classes: int, slm: SLMConfig, freeal: FreeALConfig, seed: int
-              ) -> TrainedSLM:
+    def train(self, data: TrainingData, n_classes: int, slm: SLMConfig, freeal: FreeALConfig, seed: int) -> TrainedSLM:
         self._step = None
-        fitted = fit_slm(data, n_classes, slm, freeal, seed=seed, progress=self._messages.append,
-                         on_step=self._on_step)
+        fitted = fit_slm(data, n_classes, slm, freeal, seed=seed, progress=self._messages.append, on_step=self._on_step)
         return TrainedSLM(model_files(fitted.model), fitted.mode, fitted.history)
 
     def _on_step(self, epoch: int, step: int, steps: int) -> None:
@@ -52,13 +51,22 @@ class Trainer:
         """(epoch, step, steps) of the training under way, None before its first step."""
         return self._step
 
-    def out_of_fold(self, data: TrainingData, n_classes: int, slm: SLMConfig, freeal: FreeALConfig, folds: int,
-                    held_out: int, seed: int) -> np.ndarray:
+    def out_of_fold(
+        self,
+        data: TrainingData,
+        n_classes: int,
+        slm: SLMConfig,
+        freeal: FreeALConfig,
+        folds: int,
+        held_out: int,
+        seed: int,
+    ) -> np.ndarray:
         """Logits of labelled rows from fold models that did not see their label (calibration); progress by
         message per fold, not by step."""
         self._step = None
-        return out_of_fold_logits(data, n_classes, slm, freeal, folds, held_out=held_out, seed=seed,
-                                  progress=self._messages.append)
+        return out_of_fold_logits(
+            data, n_classes, slm, freeal, folds, held_out=held_out, seed=seed, progress=self._messages.append
+        )
 
     def messages(self) -> list[str]:
         """Progress lines since the last call."""
@@ -74,4 +82,5 @@ def start_trainer(cfg: RayConfig, threads: int, has_gpu: bool) -> Any:
     gpus = 1 if cfg.trainer_gpu == "always" or (cfg.trainer_gpu == "auto" and has_gpu) else 0
     # mypy does not apply the @ray.remote class decorator, so it cannot see ActorClass.options
     return Trainer.options(  # type: ignore[attr-defined]
-        num_cpus=1, num_gpus=gpus, resources=cfg.trainer_resources).remote(threads)
+        num_cpus=1, num_gpus=gpus, resources=cfg.trainer_resources
+    ).remote(threads)

@@ -7,6 +7,7 @@ resume crash on the replayed answer. The client stores such an answer as a *no-l
 reason (paid once, never asked again); answers stored by older versions pass the same check when they are
 read back. Missing usage is not malformed (many servers omit it): it is charged at the pre-flight estimate.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,10 +19,10 @@ from pydantic import BaseModel
 # No model's context comes near this: a larger figure is a bug or a lie, never a bill (the bound also
 # keeps every stored count far inside a 64-bit column).
 MAX_USAGE_TOKENS = 10_000_000
-MAX_CANDIDATES = 64          # top logprobs per position (OpenAI allows 20)
-MAX_TOKEN_CHARS = 256        # one token's text
+MAX_CANDIDATES = 64  # top logprobs per position (OpenAI allows 20)
+MAX_TOKEN_CHARS = 256  # one token's text
 MAX_FINISH_REASON_CHARS = 64
-LOGPROB_SLACK = 1e-6         # a log probability is <= 0; servers round, so allow a hair above
+LOGPROB_SLACK = 1e-6  # a log probability is <= 0; servers round, so allow a hair above
 
 
 class Malformed(ValueError):
@@ -53,8 +54,12 @@ def max_content_chars(max_tokens: int) -> int:
 
 def is_logprob(value: Any) -> bool:
     """A finite number <= 0 (bools are not numbers here)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and value <= LOGPROB_SLACK)
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value <= LOGPROB_SLACK
+    )
 
 
 def _kind(value: Any) -> str:
@@ -105,7 +110,8 @@ def read_choice(choice: Any, max_tokens: int) -> Choice:
     return Choice(
         content="" if content is None else _text(content, "content", max_content_chars(max_tokens)),
         finish_reason=None if finish is None else _text(finish, "finish_reason", MAX_FINISH_REASON_CHARS),
-        top_logprobs=_wire_logprobs(_field(choice, "logprobs", "choices[0]"), max_tokens))
+        top_logprobs=_wire_logprobs(_field(choice, "logprobs", "choices[0]"), max_tokens),
+    )
 
 
 def _wire_logprobs(logprobs: Any, max_tokens: int) -> list[list[tuple[str, float]]] | None:
@@ -119,9 +125,14 @@ def _wire_logprobs(logprobs: Any, max_tokens: int) -> list[list[tuple[str, float
     for i, token in enumerate(_list(tokens, "logprobs.content", max_tokens + 16)):
         where = f"logprobs.content[{i}]"
         top = _field(token, "top_logprobs", where)
-        cands = [_candidate(_field(c, "token", f"{where}.top_logprobs[{j}]"),
-                            _field(c, "logprob", f"{where}.top_logprobs[{j}]"), f"{where}.top_logprobs[{j}]")
-                 for j, c in enumerate(_list(top, f"{where}.top_logprobs", MAX_CANDIDATES) if top is not None else [])]
+        cands = [
+            _candidate(
+                _field(c, "token", f"{where}.top_logprobs[{j}]"),
+                _field(c, "logprob", f"{where}.top_logprobs[{j}]"),
+                f"{where}.top_logprobs[{j}]",
+            )
+            for j, c in enumerate(_list(top, f"{where}.top_logprobs", MAX_CANDIDATES) if top is not None else [])
+        ]
         out.append(cands or [_candidate(_field(token, "token", where), _field(token, "logprob", where), where)])
     return out
 

@@ -9,6 +9,7 @@ batch (up to llm.max_retries times); rows the provider refused are recorded as f
 A killed run finds its submissions in the state and polls them (or finishes sending them) instead of
 submitting again, so nothing is paid twice.
 """
+
 from __future__ import annotations
 
 import collections
@@ -42,7 +43,7 @@ from freeal_stream.progress import fmt_duration
 log = logging.getLogger(__name__)
 
 TERMINAL = ("completed", "expired", "cancelled", "failed")
-BACKOFF = 1.5        # each quiet poll waits this much longer, up to llm.batch_poll_max_s
+BACKOFF = 1.5  # each quiet poll waits this much longer, up to llm.batch_poll_max_s
 SAY_EVERY_S = 300.0  # a batch that is still running is reported at least this often
 
 
@@ -56,16 +57,16 @@ class _Submission:
 
     submission: str
     model: str
-    requests: dict[str, ChatRequest]   # by key, in file order
+    requests: dict[str, ChatRequest]  # by key, in file order
     prompt_tokens: int
-    estimates: list[budget_policy.Spent]   # reserved in the budget guard until its results are stored
+    estimates: list[budget_policy.Spent]  # reserved in the budget guard until its results are stored
     created_at: float
     file_id: str | None = None
     batch_id: str | None = None
     state: str = "prepared"
     resumed: bool = False
     said_at: float = 0.0
-    failing_since: float | None = None   # polls failing since (monotonic), while the endpoint is unavailable
+    failing_since: float | None = None  # polls failing since (monotonic), while the endpoint is unavailable
 
 
 class BatchAnnotators:
@@ -73,9 +74,17 @@ class BatchAnnotators:
 
     size = 0
 
-    def __init__(self, cfg: LLMConfig, base_url: str, api_key: str | None, store: Any, *,
-                 guard: budget_policy.BudgetGuard | None = None, price: Price | None = None,
-                 say: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        base_url: str,
+        api_key: str | None,
+        store: Any,
+        *,
+        guard: budget_policy.BudgetGuard | None = None,
+        price: Price | None = None,
+        say: Callable[[str], None] | None = None,
+    ):
         """`price` is the model's list price (the batch discount is applied here)."""
         self.cfg, self.store, self.guard = cfg, store, guard
         self.list_price, self.price = price, budget_policy.mode_price(price, True)
@@ -87,8 +96,9 @@ class BatchAnnotators:
     def shutdown(self) -> None:
         self.api.client.close()
 
-    def complete_many(self, requests: Sequence[ChatRequest], progress: ProgressFn | None = None,
-                      on_answers: AnswersFn | None = None) -> list[ChatAnswer]:
+    def complete_many(
+        self, requests: Sequence[ChatRequest], progress: ProgressFn | None = None, on_answers: AnswersFn | None = None
+    ) -> list[ChatAnswer]:
         """Answers in the order of `requests` (see AnnotatorPool.complete_many); returns once every batch
         holding one of them is collected. Submissions an earlier run left in flight are polled first."""
         d = Delivery(requests, self.store, self.ledger, progress, on_answers)
@@ -123,20 +133,24 @@ class BatchAnnotators:
 
     def _say_preflight(self, requests: Sequence[ChatRequest]) -> None:
         """What the requests will cost at most in batch mode, and what they would cost live."""
-        live, batch = ([budget_policy.estimate(r.messages, r.max_tokens, p) for r in requests]
-                       for p in (self.list_price, self.price))
-        money = (f"; cost at most ~{sum(e.cost for e in batch):.4f} in batch mode (live: "
-                 f"~{sum(e.cost for e in live):.4f})") if self.list_price else ""
+        live, batch = (
+            [budget_policy.estimate(r.messages, r.max_tokens, p) for r in requests]
+            for p in (self.list_price, self.price)
+        )
+        money = (
+            (f"; cost at most ~{sum(e.cost for e in batch):.4f} in batch mode (live: ~{sum(e.cost for e in live):.4f})")
+            if self.list_price
+            else ""
+        )
         self.say(f"batch mode: {len(requests)} requests, ~{sum(e.tokens for e in batch)} tokens at most{money}")
 
-    def _submit_what_fits(self, queue: collections.deque[BatchFile], in_flight: list[_Submission],
-                          d: Delivery) -> None:
+    def _submit_what_fits(self, queue: collections.deque[BatchFile], in_flight: list[_Submission], d: Delivery) -> None:
         """Send queued files while the enqueued-token limit has room; the budget admits each whole or cut."""
         while queue and self._fits(queue[0], in_flight):
             f = queue.popleft()
             est = [budget_policy.estimate(r.messages, r.max_tokens, self.price) for r in f.requests]
             n = self.guard.admit(est) if self.guard is not None else len(est)
-            if n < len(est):   # the cap is reached: send what fits, refuse the rest
+            if n < len(est):  # the cap is reached: send what fits, refuse the rest
                 refused = list(f.requests[n:]) + [r for rest in queue for r in rest.requests]
                 queue.clear()
                 d.deliver([not_admitted(r.key()) for r in refused])
@@ -152,10 +166,12 @@ class BatchAnnotators:
 
     def _submit(self, f: BatchFile, estimates: list[budget_policy.Spent]) -> _Submission:
         """Record the file's requests, then upload and create: a kill in between is found by `_send`."""
-        sub = _Submission(uuid.uuid4().hex[:20], f.model, {r.key(): r for r in f.requests}, f.prompt_tokens,
-                          estimates, time.time())
-        self.store.add_batch(sub.submission, sub.model, sub.prompt_tokens,
-                             [(k, request_json(r)) for k, r in sub.requests.items()])
+        sub = _Submission(
+            uuid.uuid4().hex[:20], f.model, {r.key(): r for r in f.requests}, f.prompt_tokens, estimates, time.time()
+        )
+        self.store.add_batch(
+            sub.submission, sub.model, sub.prompt_tokens, [(k, request_json(r)) for k, r in sub.requests.items()]
+        )
         self._send(sub)
         return sub
 
@@ -176,8 +192,10 @@ class BatchAnnotators:
                 self.ledger.requests_sent += len(sub.requests)
             sub.batch_id, sub.state, sub.said_at = batch.id, batch.status, time.monotonic()
             self.store.update_batch(sub.submission, sub.state, batch_id=sub.batch_id)
-            self.say(f"batch {sub.batch_id}: {len(sub.requests)} requests to {sub.model} "
-                     f"(~{sub.prompt_tokens} prompt tokens), {sub.state}")
+            self.say(
+                f"batch {sub.batch_id}: {len(sub.requests)} requests to {sub.model} "
+                f"(~{sub.prompt_tokens} prompt tokens), {sub.state}"
+            )
 
     def _resume(self) -> list[_Submission]:
         """Submissions an earlier run recorded and never collected: reserved in the guard, sent if need be."""
@@ -186,13 +204,26 @@ class BatchAnnotators:
             requests = [request_from_json(text) for _, text in self.store.batch_requests(row["submission"])]
             est = [budget_policy.estimate(r.messages, r.max_tokens, self.price) for r in requests]
             if self.guard is not None:
-                self.guard.reserve(est)   # already sent (or about to be): it counts whatever the caps say now
-            subs.append(_Submission(row["submission"], row["model"], {r.key(): r for r in requests},
-                                    row["prompt_tokens"], est, row["created_at"], row["file_id"], row["batch_id"],
-                                    row["state"], resumed=True))
+                self.guard.reserve(est)  # already sent (or about to be): it counts whatever the caps say now
+            subs.append(
+                _Submission(
+                    row["submission"],
+                    row["model"],
+                    {r.key(): r for r in requests},
+                    row["prompt_tokens"],
+                    est,
+                    row["created_at"],
+                    row["file_id"],
+                    row["batch_id"],
+                    row["state"],
+                    resumed=True,
+                )
+            )
         if subs:
-            self.say(f"resuming {len(subs)} batch submission(s) an earlier run left in flight "
-                     f"({sum(len(s.requests) for s in subs)} requests): polling them, not submitting again")
+            self.say(
+                f"resuming {len(subs)} batch submission(s) an earlier run left in flight "
+                f"({sum(len(s.requests) for s in subs)} requests): polling them, not submitting again"
+            )
         for sub in subs:
             self._send(sub)
         return subs
@@ -220,13 +251,14 @@ class BatchAnnotators:
             self.store.update_batch(sub.submission, sub.state)
         return batch
 
-    def _collect(self, sub: _Submission, batch: Batch, d: Delivery,
-                 tries: collections.Counter[str]) -> list[ChatRequest]:
+    def _collect(
+        self, sub: _Submission, batch: Batch, d: Delivery, tries: collections.Counter[str]
+    ) -> list[ChatRequest]:
         """Store a finished batch's results, then count them; returns the rows to send again."""
         ended = batch.completed_at or batch.expired_at or batch.cancelled_at or batch.failed_at or time.time()
         latency = max(0.0, float(ended - batch.created_at))
         rows: dict[str, RowResult] = {}
-        for file_id in (batch.error_file_id, batch.output_file_id):   # an answer wins over an error line
+        for file_id in (batch.error_file_id, batch.output_file_id):  # an answer wins over an error line
             if file_id:
                 rows.update({r.key: r for r in read_results(self.api.download(file_id), latency, sub.requests)})
         answers, failures, again = [], [], []
@@ -251,8 +283,10 @@ class BatchAnnotators:
         for _, a in failures:
             assert a.error is not None  # a failure always names its error
             self.ledger.failures[a.error] = self.ledger.failures.get(a.error, 0) + 1
-        self.say(f"batch {sub.batch_id}: {batch.status}; {len(answers)} answers stored, {len(failures)} failed, "
-                 f"{len(again)} to send again" + (f" ({_errors(batch)})" if _errors(batch) else ""))
+        self.say(
+            f"batch {sub.batch_id}: {batch.status}; {len(answers)} answers stored, {len(failures)} failed, "
+            f"{len(again)} to send again" + (f" ({_errors(batch)})" if _errors(batch) else "")
+        )
         d.deliver([a for _, a in answers + failures])
         return again
 
@@ -262,7 +296,8 @@ class BatchAnnotators:
             f"{len(in_flight)} batch(es) still not finished after waiting {fmt_duration(self.cfg.batch_max_wait_s)} "
             f"(llm.batch_max_wait_s): {listed}. They are recorded in the state and keep running at "
             f"{self.api.base_url}; everything answered so far is stored. Run again to resume polling them "
-            "(nothing is submitted twice), or raise llm.batch_max_wait_s")
+            "(nothing is submitted twice), or raise llm.batch_max_wait_s"
+        )
 
 
 def _errors(batch: Batch) -> str | None:

@@ -5,6 +5,7 @@ still fails raises FatalLLMError naming the endpoint and the fix (BatchAPIUnavai
 its own). Every upload and batch carries our submission id (the file's name, the batch's metadata), so a
 run killed between upload and create finds what it had sent instead of sending it again.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -19,12 +20,12 @@ from freeal_stream.llm.client import _NO_KEY, FatalLLMError
 from freeal_stream.llm.retry import classify
 
 METADATA_KEY = "freeal_submission"
-LOOKUP_SLACK_S = 3600.0   # how far before a submission was recorded its upload or batch may be dated
+LOOKUP_SLACK_S = 3600.0  # how far before a submission was recorded its upload or batch may be dated
 T = TypeVar("T")
 
 
 class _Dated(Protocol):
-    created_at: int   # a file's or batch's creation time (Unix seconds)
+    created_at: int  # a file's or batch's creation time (Unix seconds)
 
 
 DatedT = TypeVar("DatedT", bound=_Dated)
@@ -41,20 +42,28 @@ def file_name(submission: str) -> str:
 class BatchAPI:
     def __init__(self, cfg: LLMConfig, base_url: str, api_key: str | None):
         self.base_url, self._key = base_url, api_key
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or _NO_KEY, max_retries=cfg.max_retries,
-                                    timeout=cfg.timeout_s)
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=api_key or _NO_KEY, max_retries=cfg.max_retries, timeout=cfg.timeout_s
+        )
         self.key_env = cfg.api_key_env
 
     def upload(self, submission: str, content: bytes) -> str:
         """The new input file's id."""
-        f = self._call("upload the batch file", lambda: self.client.files.create(
-            file=(file_name(submission), content, "application/jsonl"), purpose="batch"))
+        f = self._call(
+            "upload the batch file",
+            lambda: self.client.files.create(
+                file=(file_name(submission), content, "application/jsonl"), purpose="batch"
+            ),
+        )
         return f.id
 
     def create(self, submission: str, file_id: str) -> Batch:
-        return self._call("create the batch", lambda: self.client.batches.create(
-            input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h",
-            metadata={METADATA_KEY: submission}))
+        return self._call(
+            "create the batch",
+            lambda: self.client.batches.create(
+                input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h", metadata={METADATA_KEY: submission}
+            ),
+        )
 
     def retrieve(self, batch_id: str) -> Batch:
         return self._call(f"poll batch {batch_id}", lambda: self.client.batches.retrieve(batch_id))
@@ -93,15 +102,24 @@ class BatchAPI:
         except openai.OpenAIError as exc:
             failure = classify(exc)
         where = f"{self.base_url} (while trying to {what})"
-        if failure.status in (401, 403):   # the server's text is left out: providers echo the key in it
-            raise FatalLLMError(f"HTTP {failure.status} from {where}: the API key was refused or lacks permission; "
-                                f"check the key in the environment variable {self.key_env}")
+        if failure.status in (401, 403):  # the server's text is left out: providers echo the key in it
+            raise FatalLLMError(
+                f"HTTP {failure.status} from {where}: the API key was refused or lacks permission; "
+                f"check the key in the environment variable {self.key_env}"
+            )
         message = failure.message.replace(self._key, "[key]") if self._key else failure.message
-        if failure.status == 404 and what in ("upload the batch file", "create the batch", "list files",
-                                              "list batches"):
-            raise FatalLLMError(f"HTTP 404 from {where}: {message}. This endpoint has no OpenAI files/batches "
-                                "API; use llm.mode live for it")
+        if failure.status == 404 and what in (
+            "upload the batch file",
+            "create the batch",
+            "list files",
+            "list batches",
+        ):
+            raise FatalLLMError(
+                f"HTTP 404 from {where}: {message}. This endpoint has no OpenAI files/batches "
+                "API; use llm.mode live for it"
+            )
         if failure.transient:
-            raise BatchAPIUnavailable(f"{where}: {failure.kind}: {message}. Every submission is recorded in the "
-                                      "state; run again to resume")
+            raise BatchAPIUnavailable(
+                f"{where}: {failure.kind}: {message}. Every submission is recorded in the state; run again to resume"
+            )
         raise FatalLLMError(f"{where}: {failure.kind}: {message}")

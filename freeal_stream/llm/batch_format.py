@@ -5,6 +5,7 @@ request's body}, so a batch answer is the same request, stored under the same ke
 `run-batch` reads and writes the same format). A provider takes one model per file, at most 50,000 lines
 and 200 MB a file, and answers in any order: results are matched back by custom_id.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,9 @@ from freeal_stream.llm.retry import BadResponse, status_failure
 
 log = logging.getLogger(__name__)
 
-ENDPOINT: Final = "/v1/chat/completions"   # Final: a Literal where the SDK wants one
-MAX_FILE_BYTES = 200 * 1000 * 1000   # OpenAI's cap per input file (decimal MB: errs low)
-UNFINISHED = "batch_unfinished"      # a row the batch never ran (expired, cancelled, failed batch, missing)
+ENDPOINT: Final = "/v1/chat/completions"  # Final: a Literal where the SDK wants one
+MAX_FILE_BYTES = 200 * 1000 * 1000  # OpenAI's cap per input file (decimal MB: errs low)
+UNFINISHED = "batch_unfinished"  # a row the batch never ran (expired, cancelled, failed batch, missing)
 
 
 class BatchFileError(FatalLLMError):
@@ -63,8 +64,9 @@ class BatchFile:
         return b"".join(jsonl_line(r) for r in self.requests)
 
 
-def plan_files(requests: Sequence[ChatRequest], max_requests: int, max_bytes: int = MAX_FILE_BYTES,
-               max_tokens: int = 0) -> list[BatchFile]:
+def plan_files(
+    requests: Sequence[ChatRequest], max_requests: int, max_bytes: int = MAX_FILE_BYTES, max_tokens: int = 0
+) -> list[BatchFile]:
     """Requests in order, cut into files of one model each within every limit (max_tokens 0 = none)."""
     files: list[BatchFile] = []
     part: list[ChatRequest] = []
@@ -72,12 +74,18 @@ def plan_files(requests: Sequence[ChatRequest], max_requests: int, max_bytes: in
     for r in requests:
         n_bytes, n_tokens = len(jsonl_line(r)), prompt_tokens(r)
         if n_bytes > max_bytes or (max_tokens and n_tokens > max_tokens):
-            raise BatchFileError(f"request {r.key()[:12]} alone (~{n_tokens} prompt tokens, {n_bytes} bytes) passes "
-                                 f"a batch file's limit ({max_bytes} bytes, {max_tokens or 'no'} enqueued tokens). "
-                                 "Fix: raise llm.batch_enqueued_tokens to the provider's limit, or shorten "
-                                 "data.max_text_chars / freeal.demos_per_prompt")
-        if part and (r.model != part[0].model or len(part) >= max_requests or size + n_bytes > max_bytes
-                     or (max_tokens and tokens + n_tokens > max_tokens)):
+            raise BatchFileError(
+                f"request {r.key()[:12]} alone (~{n_tokens} prompt tokens, {n_bytes} bytes) passes "
+                f"a batch file's limit ({max_bytes} bytes, {max_tokens or 'no'} enqueued tokens). "
+                "Fix: raise llm.batch_enqueued_tokens to the provider's limit, or shorten "
+                "data.max_text_chars / freeal.demos_per_prompt"
+            )
+        if part and (
+            r.model != part[0].model
+            or len(part) >= max_requests
+            or size + n_bytes > max_bytes
+            or (max_tokens and tokens + n_tokens > max_tokens)
+        ):
             files.append(BatchFile(tuple(part), tokens))
             part, size, tokens = [], 0, 0
         part.append(r)
@@ -97,14 +105,24 @@ class RowResult:
 
 
 def failed(key: str, error: str, latency_s: float = 0.0) -> ChatAnswer:
-    return ChatAnswer(key=key, content=None, finish_reason=None, prompt_tokens=0, completion_tokens=0,
-                      cached_tokens=0, top_logprobs=None, latency_s=latency_s, attempts=1, error=error)
+    return ChatAnswer(
+        key=key,
+        content=None,
+        finish_reason=None,
+        prompt_tokens=0,
+        completion_tokens=0,
+        cached_tokens=0,
+        top_logprobs=None,
+        latency_s=latency_s,
+        attempts=1,
+        error=error,
+    )
 
 
 def _row(line: dict[str, Any], latency_s: float, requests: Mapping[str, ChatRequest]) -> RowResult:
     key = str(line["custom_id"])
     response, error = line.get("response"), line.get("error")
-    if response is None:   # not run: expired, cancelled, or the provider gave up on it
+    if response is None:  # not run: expired, cancelled, or the provider gave up on it
         code = (error or {}).get("code") or "unknown"
         log.info("batch row %s not run: %s", key[:12], code)
         return RowResult(key, failed(key, UNFINISHED, latency_s), retry=True)
@@ -114,7 +132,7 @@ def _row(line: dict[str, Any], latency_s: float, requests: Mapping[str, ChatRequ
         f = status_failure(status, message)
         log.info("batch row %s: HTTP %d %s", key[:12], status, message)
         return RowResult(key, failed(key, f.kind, latency_s), retry=f.transient)
-    try:   # read and checked by the same code as a live answer
+    try:  # read and checked by the same code as a live answer
         return RowResult(key, _read_answer(response.get("body"), requests[key], key, 1, latency_s))
     except BadResponse as exc:
         log.info("batch row %s: not a chat completion (%s)", key[:12], str(exc)[:200])

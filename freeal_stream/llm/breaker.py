@@ -9,6 +9,7 @@ the run stops with a FatalLLMError; everything answered so far is stored, so the
 
 429 does not count: a server that says "slow down" is alive, and the rate limiter handles it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,18 +26,19 @@ class EndpointDead(FreealError):
 class CircuitBreaker:
     """Shared by all requests of one client (one asyncio loop); not thread-safe by design."""
 
-    def __init__(self, failures: int, cooldown_s: float, give_up_after_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, failures: int, cooldown_s: float, give_up_after_s: float, clock: Callable[[], float] = time.monotonic
+    ):
         self.failures = failures
         self.cooldown_s = cooldown_s
         self.give_up_after_s = give_up_after_s
-        self.opened = 0            # how many times the circuit opened (for the ledger)
+        self.opened = 0  # how many times the circuit opened (for the ledger)
         self._clock = clock
-        self._streak = 0           # consecutive failures, all requests together
+        self._streak = 0  # consecutive failures, all requests together
         self._failing_since: float | None = None
         self._open_until = 0.0
-        self._cooldowns = 0        # consecutive opens without a success: the cool-down doubles
-        self._probing = False      # half-open: one request is out, the others wait for its outcome
+        self._cooldowns = 0  # consecutive opens without a success: the cool-down doubles
+        self._probing = False  # half-open: one request is out, the others wait for its outcome
         self._last_kind = ""
 
     @property
@@ -74,7 +76,12 @@ class CircuitBreaker:
         self._check_dead()
 
     def _check_dead(self) -> None:
-        if (self.is_open and self._failing_since is not None
-                and self._clock() - self._failing_since >= self.give_up_after_s):
-            raise EndpointDead(f"{self._streak} requests in a row failed over "
-                               f"{self._clock() - self._failing_since:.0f} s (last: {self._last_kind})")
+        if (
+            self.is_open
+            and self._failing_since is not None
+            and self._clock() - self._failing_since >= self.give_up_after_s
+        ):
+            raise EndpointDead(
+                f"{self._streak} requests in a row failed over "
+                f"{self._clock() - self._failing_since:.0f} s (last: {self._last_kind})"
+            )

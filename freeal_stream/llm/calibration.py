@@ -16,6 +16,7 @@ as its class probabilities do not rank SUBJ texts at all.
 A prior costs one request per content-free text per demo block. They are ordinary requests, keyed, cached
 and budgeted, so a resumed round gets the same answers back from the store and rebuilds the same priors.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,8 +29,8 @@ from freeal_stream.llm.client import ChatAnswer, ChatRequest
 from freeal_stream.llm.prompts import DEFAULT_MAX_TEXT_CHARS, TEMPLATE_VERSION, annotation_messages
 from freeal_stream.llm.verbalizer import Verbalizer
 
-CONTENT_FREE = ("N/A", "")   # Zhao et al. average a few; two keep the extra requests few
-PRIOR_FLOOR = 0.01           # a class the prompt all but rules out is not divided by ~0
+CONTENT_FREE = ("N/A", "")  # Zhao et al. average a few; two keep the extra requests few
+PRIOR_FLOOR = 0.01  # a class the prompt all but rules out is not divided by ~0
 
 
 @dataclass(frozen=True)
@@ -40,23 +41,37 @@ class Reading:
     confidence: float | None
 
 
-def annotation_request(cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
-                       demos: Sequence[tuple[str, int]], text: str,
-                       max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> ChatRequest:
+def annotation_request(
+    cfg: LLMConfig,
+    task_description: str,
+    verbalizer: Verbalizer,
+    demos: Sequence[tuple[str, int]],
+    text: str,
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+) -> ChatRequest:
     """The one way a text is asked for its label: the annotation prompt, restricted to the class words by a
     grammar where the job constrains answers (llm.grammar)."""
-    return ChatRequest.build(annotation_messages(task_description, verbalizer, demos, text, max_text_chars), cfg,
-                             TEMPLATE_VERSION, grammar=verbalizer.grammar() if cfg.constrained else None)
+    return ChatRequest.build(
+        annotation_messages(task_description, verbalizer, demos, text, max_text_chars),
+        cfg,
+        TEMPLATE_VERSION,
+        grammar=verbalizer.grammar() if cfg.constrained else None,
+    )
 
 
-def calibration_requests(cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
-                         demos: Sequence[tuple[str, int]],
-                         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> tuple[ChatRequest, ...]:
+def calibration_requests(
+    cfg: LLMConfig,
+    task_description: str,
+    verbalizer: Verbalizer,
+    demos: Sequence[tuple[str, int]],
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+) -> tuple[ChatRequest, ...]:
     """The content-free twins of a prompt with these demos (none when the job does not calibrate)."""
     if not cfg.calibrated:
         return ()
-    return tuple(annotation_request(cfg, task_description, verbalizer, demos, text, max_text_chars)
-                 for text in CONTENT_FREE)
+    return tuple(
+        annotation_request(cfg, task_description, verbalizer, demos, text, max_text_chars) for text in CONTENT_FREE
+    )
 
 
 def prior(verbalizer: Verbalizer, answers: Sequence[ChatAnswer]) -> np.ndarray | None:

@@ -11,6 +11,7 @@ transform cost ~26 ms a request, more than the rest of the round trip), answers 
 checked field by field (`answer_check`), and stored in groups: while one group is being written, the next
 collects (`_GroupCommit`), so a store call is paid per group, not per answer.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,28 +39,37 @@ from freeal_stream.llm.retry import BadResponse, Failure, RetryPolicy, classify
 
 log = logging.getLogger(__name__)
 
-UNREACHABLE_AFTER = 3   # refused connections, before the server ever answered, that mean 'no server there'
-_NO_KEY = "no-key"      # local servers need none; never let openai pick up OPENAI_API_KEY for a foreign URL
+UNREACHABLE_AFTER = 3  # refused connections, before the server ever answered, that mean 'no server there'
+_NO_KEY = "no-key"  # local servers need none; never let openai pick up OPENAI_API_KEY for a foreign URL
 
 
 @dataclass(frozen=True)
 class ChatRequest:
     """Everything that shapes an answer; hashable, and its key() identifies the answer everywhere."""
 
-    messages: tuple[tuple[str, str], ...]   # (role, content) pairs
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs
     model: str
     temperature: float
     max_tokens: int
     logprobs: bool
     top_logprobs: int
     template_version: str
-    seed: int | None = None                 # sampling seed, for reproducible answers at temperature > 0
-    grammar: str | None = None              # GBNF the answer must match (llama.cpp's `grammar` field)
+    seed: int | None = None  # sampling seed, for reproducible answers at temperature > 0
+    grammar: str | None = None  # GBNF the answer must match (llama.cpp's `grammar` field)
 
     @classmethod
-    def build(cls, messages: Sequence[Mapping[str, str]], cfg: LLMConfig, template_version: str, *,
-              temperature: float | None = None, max_tokens: int | None = None,
-              logprobs: bool | None = None, seed: int | None = None, grammar: str | None = None) -> ChatRequest:
+    def build(
+        cls,
+        messages: Sequence[Mapping[str, str]],
+        cfg: LLMConfig,
+        template_version: str,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        logprobs: bool | None = None,
+        seed: int | None = None,
+        grammar: str | None = None,
+    ) -> ChatRequest:
         """A request from chat messages and the job's LLM settings (overrides for e.g. generation)."""
         want_logprobs = cfg.logprobs if logprobs is None else logprobs
         return cls(
@@ -80,18 +90,21 @@ class ChatRequest:
         return self._key
 
     @cached_property
-    def _key(self) -> str:   # computed once: a request is keyed to price it, to look it up and to store it
-        fields = {"messages": [list(m) for m in self.messages], "model": self.model,
-                  "temperature": float(self.temperature), "max_tokens": self.max_tokens,
-                  "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
-                  "template_version": self.template_version}
+    def _key(self) -> str:  # computed once: a request is keyed to price it, to look it up and to store it
+        fields = {
+            "messages": [list(m) for m in self.messages],
+            "model": self.model,
+            "temperature": float(self.temperature),
+            "max_tokens": self.max_tokens,
+            "logprobs": self.logprobs,
+            "top_logprobs": self.top_logprobs,
+            "template_version": self.template_version,
+        }
         if self.seed is not None:
             fields["seed"] = self.seed
         if self.grammar is not None:
             fields["grammar"] = self.grammar
-        canonical = json.dumps(
-            fields,
-            sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def as_messages(self) -> list[dict[str, str]]:
@@ -113,7 +126,7 @@ class ChatAnswer:
     completion_tokens: int
     cached_tokens: int
     top_logprobs: list[list[tuple[str, float]]] | None
-    latency_s: float               # the answering attempt's round trip; for a failure, the time spent trying
+    latency_s: float  # the answering attempt's round trip; for a failure, the time spent trying
     attempts: int
     error: str | None
     from_cache: bool = False
@@ -134,8 +147,9 @@ class Completer(Protocol):
     """What answers chat requests, in order: an `LLMClient` in this process, or the job's annotators (live actors
     or a provider's batch API, `actors.annotators.Annotators`). Demo generation and benchmarks take either."""
 
-    def complete_many(self, requests: Sequence[ChatRequest],
-                      progress: Callable[[int, int, Ledger], None] | None = None) -> list[ChatAnswer]: ...
+    def complete_many(
+        self, requests: Sequence[ChatRequest], progress: Callable[[int, int, Ledger], None] | None = None
+    ) -> list[ChatAnswer]: ...
 
 
 class FatalLLMError(UserError):
@@ -186,11 +200,20 @@ def _read_answer(response: Any, request: ChatRequest, key: str, attempts: int, l
     if reasons:
         log.warning("request %s: malformed answer stored with no label: %s", key[:12], "; ".join(reasons))
         choice = answer_check.Choice("", None, None)
-    return ChatAnswer(key=key, content=choice.content, finish_reason=choice.finish_reason,
-                      prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                      cached_tokens=usage.cached_tokens, top_logprobs=choice.top_logprobs, latency_s=latency_s,
-                      attempts=attempts, error=None, malformed="; ".join(reasons) or None,
-                      usage_estimated=usage.estimated)
+    return ChatAnswer(
+        key=key,
+        content=choice.content,
+        finish_reason=choice.finish_reason,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        top_logprobs=choice.top_logprobs,
+        latency_s=latency_s,
+        attempts=attempts,
+        error=None,
+        malformed="; ".join(reasons) or None,
+        usage_estimated=usage.estimated,
+    )
 
 
 T = TypeVar("T")
@@ -216,9 +239,9 @@ class _GroupCommit:
         try:
             while self._waiting:
                 group, self._waiting = self._waiting, []
-                try:   # off the event loop: the store may be an actor
+                try:  # off the event loop: the store may be an actor
                     await asyncio.to_thread(self.cache.put_answers, [(r, a) for r, a, _ in group])
-                except BaseException as e:   # every answer of the group must see the failure
+                except BaseException as e:  # every answer of the group must see the failure
                     for *_, done in group:
                         done.set_exception(e)
                 else:
@@ -230,11 +253,15 @@ class _GroupCommit:
 
 def request_body(request: ChatRequest, logprobs_supported: bool = True) -> dict[str, Any]:
     """The chat-completions body for a request (live, or as a line of a batch file)."""
-    payload: dict[str, Any] = {"model": request.model, "messages": request.as_messages(),
-                               "temperature": request.temperature, "max_tokens": request.max_tokens}
+    payload: dict[str, Any] = {
+        "model": request.model,
+        "messages": request.as_messages(),
+        "temperature": request.temperature,
+        "max_tokens": request.max_tokens,
+    }
     if request.seed is not None:
         payload["seed"] = request.seed
-    if request.grammar is not None:   # not an OpenAI field: sent only where the job asks (llm.grammar)
+    if request.grammar is not None:  # not an OpenAI field: sent only where the job asks (llm.grammar)
         payload["grammar"] = request.grammar
     if request.logprobs and logprobs_supported:
         payload["logprobs"] = True
@@ -250,8 +277,15 @@ class LLMClient:
     the event loop, the `cfg.concurrency` limit, the rate limiter, the circuit breaker and the group commit.
     """
 
-    def __init__(self, cfg: LLMConfig, base_url: str, api_key: str | None, cache: AnswerCache | None = None,
-                 *, retry_policy: RetryPolicy | None = None):
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        base_url: str,
+        api_key: str | None,
+        cache: AnswerCache | None = None,
+        *,
+        retry_policy: RetryPolicy | None = None,
+    ):
         self.cfg = cfg
         self.base_url = base_url
         self.cache = cache
@@ -260,7 +294,7 @@ class LLMClient:
         self._api_key = api_key
         self._limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
         self.breaker = CircuitBreaker(cfg.circuit_failures, cfg.circuit_cooldown_s, cfg.give_up_after_s)
-        self._logprobs_supported = True   # until a server says otherwise, for this session
+        self._logprobs_supported = True  # until a server says otherwise, for this session
         self._heard_from_server = False
         self._refused = 0
         self._rng = random.Random()
@@ -270,8 +304,9 @@ class LLMClient:
         self._slots: asyncio.Semaphore | None = None
         self._writer = _GroupCommit(cache) if cache is not None else None
 
-    def complete_many(self, requests: Sequence[ChatRequest],
-                      progress: Callable[[int, int, Ledger], None] | None = None) -> list[ChatAnswer]:
+    def complete_many(
+        self, requests: Sequence[ChatRequest], progress: Callable[[int, int, Ledger], None] | None = None
+    ) -> list[ChatAnswer]:
         """Answers in the order of `requests`; cached ones are not sent, duplicates are sent once.
 
         Requests start in the order given (so prompts sharing a prefix run back to back), at most
@@ -279,8 +314,9 @@ class LLMClient:
         """
         return self.complete(requests, progress)[0]
 
-    def complete(self, requests: Sequence[ChatRequest], progress: Callable[[int, int, Ledger], None] | None = None
-                 ) -> tuple[list[ChatAnswer], Ledger]:
+    def complete(
+        self, requests: Sequence[ChatRequest], progress: Callable[[int, int, Ledger], None] | None = None
+    ) -> tuple[list[ChatAnswer], Ledger]:
         """`complete_many`, with what this call alone spent (calls running together each get their own)."""
         keys = [r.key() for r in requests]
         copies = collections.Counter(keys)
@@ -325,7 +361,7 @@ class LLMClient:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name="llm-client", daemon=True).start()
             loop = self._loop
-        return asyncio.run_coroutine_threadsafe(coro, loop).result()   # type: ignore[arg-type]
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()  # type: ignore[arg-type]
 
     async def _add(self, spent: Ledger) -> None:
         """Fold a call's spending into the client's ledger (on the loop: no two calls add at once)."""
@@ -336,31 +372,39 @@ class LLMClient:
             await self._api.close()
             self._api = None
 
-    async def _send_all(self, todo: list[tuple[str, ChatRequest]], on_answer: Callable[[str, ChatAnswer], None],
-                        spent: Ledger) -> None:
+    async def _send_all(
+        self, todo: list[tuple[str, ChatRequest]], on_answer: Callable[[str, ChatAnswer], None], spent: Ledger
+    ) -> None:
         """A FatalLLMError stops new requests but lets those in flight finish and store their answers
         (cancelling them could lose an answer already paid for); then it is raised."""
-        if self._api is None:   # created on the loop it will serve, once: its connections are kept alive
-            self._api = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or _NO_KEY,
-                                           max_retries=0, timeout=self.cfg.timeout_s)
+        if self._api is None:  # created on the loop it will serve, once: its connections are kept alive
+            self._api = openai.AsyncOpenAI(
+                base_url=self.base_url, api_key=self._api_key or _NO_KEY, max_retries=0, timeout=self.cfg.timeout_s
+            )
             self._slots = asyncio.Semaphore(self.cfg.concurrency)
         assert self._slots is not None
         fatal: list[FatalLLMError] = []
         try:
             async with asyncio.TaskGroup() as group:
                 for key, request in todo:
-                    await self._slots.acquire()   # started strictly in the given order
+                    await self._slots.acquire()  # started strictly in the given order
                     if fatal:
                         self._slots.release()
                         break
                     group.create_task(self._complete_one(key, request, on_answer, spent, fatal))
-        except BaseExceptionGroup as errors:   # e.g. the store failed: raise the first error as it was
+        except BaseExceptionGroup as errors:  # e.g. the store failed: raise the first error as it was
             raise errors.exceptions[0] from None
         if fatal:
             raise fatal[0]
 
-    async def _complete_one(self, key: str, request: ChatRequest, on_answer: Callable[[str, ChatAnswer], None],
-                            spent: Ledger, fatal: list[FatalLLMError]) -> None:
+    async def _complete_one(
+        self,
+        key: str,
+        request: ChatRequest,
+        on_answer: Callable[[str, ChatAnswer], None],
+        spent: Ledger,
+        fatal: list[FatalLLMError],
+    ) -> None:
         assert self._slots is not None
         try:
             answer = await self._with_retries(key, request, spent)
@@ -371,7 +415,7 @@ class LLMClient:
             self._slots.release()
         if answer.error is not None:
             spent.failures[answer.error] = spent.failures.get(answer.error, 0) + 1
-        if self._writer is not None:   # an answer is stored before it counts: never paid twice
+        if self._writer is not None:  # an answer is stored before it counts: never paid twice
             await self._writer.store(request, answer)
         on_answer(key, answer)
 
@@ -384,7 +428,7 @@ class LLMClient:
         assert self._api is not None
         try:
             return await self._api.post("/chat/completions", body=payload, cast_to=object)
-        except ValueError as e:   # a 200 whose body is not JSON (a proxy's error page)
+        except ValueError as e:  # a 200 whose body is not JSON (a proxy's error page)
             raise BadResponse(f"the body is not JSON: {e}") from None
 
     async def _with_retries(self, key: str, request: ChatRequest, spent: Ledger) -> ChatAnswer:
@@ -406,14 +450,14 @@ class LLMClient:
                 self._check_fatal(failure)
                 self._tell_breaker(failure)
                 if failure.status == 400 and "logprobs" in payload and "logprob" in failure.message.lower():
-                    log.warning("%s rejects logprobs; asking without them for the rest of this session",
-                                self.base_url)
+                    log.warning("%s rejects logprobs; asking without them for the rest of this session", self.base_url)
                     self._logprobs_supported = False
                     continue
                 if failure.status == 400 and request.grammar is not None and "grammar" in failure.message.lower():
                     raise FatalLLMError(
                         f"HTTP 400 from {self.base_url} (model '{self.cfg.model}'): {self._scrub(failure.message)}. "
-                        "The endpoint does not take llama.cpp's `grammar` field; set llm.grammar: false") from None
+                        "The endpoint does not take llama.cpp's `grammar` field; set llm.grammar: false"
+                    ) from None
                 if not failure.transient or retries >= self.retry.max_retries:
                     if failure.kind == "unreachable":
                         raise self._unreachable(attempts) from None
@@ -454,7 +498,8 @@ class LLMClient:
     def _dead(self, dead: EndpointDead) -> FatalLLMError:
         return FatalLLMError(
             f"{self.base_url} (model '{self.cfg.model}') looks down: {dead}. Everything answered so far is "
-            "stored; fix the endpoint (or raise llm.give_up_after_s) and run again to resume")
+            "stored; fix the endpoint (or raise llm.give_up_after_s) and run again to resume"
+        )
 
     def _check_fatal(self, failure: Failure) -> None:
         """Raise FatalLLMError for failures that would fail every request alike."""
@@ -467,25 +512,39 @@ class LLMClient:
         where = f"{self.base_url} (model '{self.cfg.model}')"
         if failure.status in (401, 403):
             # the server's text is left out on purpose: providers echo (part of) the key in it
-            hint = (f"check the key in the environment variable {self.cfg.api_key_env}" if self._api_key
-                    else f"no key was given: set the environment variable {self.cfg.api_key_env}")
+            hint = (
+                f"check the key in the environment variable {self.cfg.api_key_env}"
+                if self._api_key
+                else f"no key was given: set the environment variable {self.cfg.api_key_env}"
+            )
             problem = "the API key was refused" if failure.status == 401 else "the API key lacks permission"
             raise FatalLLMError(f"HTTP {failure.status} from {where}: {problem}; {hint}")
         if failure.status == 404:
             raise FatalLLMError(
                 f"HTTP 404 from {where}: {self._scrub(failure.message)}. The model is not served there "
-                "(check llm.model) or llm.base_url is wrong (OpenAI-compatible URLs usually end in /v1)")
+                "(check llm.model) or llm.base_url is wrong (OpenAI-compatible URLs usually end in /v1)"
+            )
 
     def _unreachable(self, attempts: int) -> FatalLLMError:
         return FatalLLMError(
             f"cannot connect to {self.base_url} (model '{self.cfg.model}'): {attempts} connection attempts "
-            "failed; is the server running and llm.base_url right?")
+            "failed; is the server running and llm.base_url right?"
+        )
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "[key]") if self._api_key else text
 
     def _failed(self, key: str, error: str, attempts: int, started: float) -> ChatAnswer:
         log.warning("request %s failed: %s after %d attempt(s)", key[:12], error, attempts)
-        return ChatAnswer(key=key, content=None, finish_reason=None, prompt_tokens=0, completion_tokens=0,
-                          cached_tokens=0, top_logprobs=None, latency_s=time.monotonic() - started,
-                          attempts=attempts, error=error)
+        return ChatAnswer(
+            key=key,
+            content=None,
+            finish_reason=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cached_tokens=0,
+            top_logprobs=None,
+            latency_s=time.monotonic() - started,
+            attempts=attempts,
+            error=error,
+        )

@@ -15,6 +15,7 @@ every prototype); no new try starts once the time box (freeal.generation_time_s)
 fallback is said plainly. Requests go through the job's annotators like any other, so reruns are answered from the
 cache.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -35,10 +36,10 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, Ledger], None] | None
 
 MAX_TRIES = 3
-MIN_TEMPERATURE = 0.7   # writing varied examples needs sampling even when annotation runs at 0
-TOKENS_PER_ITEM = 64    # room for one item of prompts.ASK_WORDS (40) words plus its numbering
+MIN_TEMPERATURE = 0.7  # writing varied examples needs sampling even when annotation runs at 0
+TOKENS_PER_ITEM = 64  # room for one item of prompts.ASK_WORDS (40) words plus its numbering
 FALLBACK_DRAW_PER_DEMO = 4  # texts labelled zero-shot per fallback demo wanted: a rare class needs a wide draw
-COPY_SHARE = 0.8   # share of the shorter text's words found in the other, in order, at which one is a copy
+COPY_SHARE = 0.8  # share of the shorter text's words found in the other, in order, at which one is a copy
 _WORD = re.compile(r"\w+")
 
 
@@ -74,23 +75,41 @@ def _sampling_seed(seed: int, class_idx: int, attempt: int) -> int:
     return random.Random(f"sample:{seed}:{class_idx}:{attempt}").randrange(2**31)
 
 
-def _zero_shot(client: Completer, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
-               texts: Sequence[str], progress: ProgressFn = None) -> list[int | None]:
+def _zero_shot(
+    client: Completer,
+    cfg: LLMConfig,
+    task_description: str,
+    verbalizer: Verbalizer,
+    texts: Sequence[str],
+    progress: ProgressFn = None,
+) -> list[int | None]:
     """The LLM's zero-shot label of each text (None = no label), asked and read exactly like an annotation
     (the prompt's content-free prior is asked once and cached)."""
     if not texts:
         return []
     twins = calibration.calibration_requests(cfg, task_description, verbalizer, [])
-    prior = calibration.prior(verbalizer, [a for a in client.complete_many(twins) if a.content is not None]
-                              ) if twins else None
+    prior = (
+        calibration.prior(verbalizer, [a for a in client.complete_many(twins) if a.content is not None])
+        if twins
+        else None
+    )
     checks = [calibration.annotation_request(cfg, task_description, verbalizer, [], t) for t in texts]
     return [calibration.read(verbalizer, a, prior).label for a in client.complete_many(checks, progress)]
 
 
-def generate_demos(client: Completer, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
-                   unlabelled_texts: Sequence[str], prototypes: int, per_class: int,
-                   seed: int, progress: ProgressFn = None, time_box_s: float | None = None,
-                   say: Callable[[str], None] = log.warning) -> list[tuple[str, int, str]]:
+def generate_demos(
+    client: Completer,
+    cfg: LLMConfig,
+    task_description: str,
+    verbalizer: Verbalizer,
+    unlabelled_texts: Sequence[str],
+    prototypes: int,
+    per_class: int,
+    seed: int,
+    progress: ProgressFn = None,
+    time_box_s: float | None = None,
+    say: Callable[[str], None] = log.warning,
+) -> list[tuple[str, int, str]]:
     """Up to `per_class` (text, class_idx, source) demos per class; source 'generated' or 'zero-shot'.
 
     Each try asks for half of `per_class` texts per class (a short ask a small model answers without
@@ -112,29 +131,37 @@ def generate_demos(client: Completer, cfg: LLMConfig, task_description: str, ver
     tries = 0
     for attempt in range(MAX_TRIES):
         if attempt and deadline is not None and time.monotonic() > deadline:
-            say(f"demo generation: the {time_box_s:.0f} s time box (freeal.generation_time_s) ran out after "
-                f"{attempt} {'try' if attempt == 1 else 'tries'}; no more tries")
+            say(
+                f"demo generation: the {time_box_s:.0f} s time box (freeal.generation_time_s) ran out after "
+                f"{attempt} {'try' if attempt == 1 else 'tries'}; no more tries"
+            )
             break
         tries += 1
         draw = _draw(unlabelled_texts, prototypes, seed, attempt)
         requests = [
-            ChatRequest.build(generation_messages(task_description, verbalizer, c, draw, enough),
-                              cfg, TEMPLATE_VERSION, temperature=max(cfg.temperature, MIN_TEMPERATURE),
-                              max_tokens=enough * TOKENS_PER_ITEM, logprobs=False,
-                              seed=_sampling_seed(seed, c, attempt))
-            for c in pending]
+            ChatRequest.build(
+                generation_messages(task_description, verbalizer, c, draw, enough),
+                cfg,
+                TEMPLATE_VERSION,
+                temperature=max(cfg.temperature, MIN_TEMPERATURE),
+                max_tokens=enough * TOKENS_PER_ITEM,
+                logprobs=False,
+                seed=_sampling_seed(seed, c, attempt),
+            )
+            for c in pending
+        ]
         answers = client.complete_many(requests, progress)
         seen.update(dedupe_key(t) for t in draw)
         shown += [_words(t) for t in draw]
         candidates: list[tuple[str, int]] = []
         for c, answer in zip(pending, answers):
-            fresh = []   # parsed past per_class: copies are dropped before the cap, not after
+            fresh = []  # parsed past per_class: copies are dropped before the cap, not after
             for item in parse_generated(answer.content or "", 2 * per_class, verbalizer=verbalizer):
                 key = dedupe_key(item)
                 if key not in seen and not _is_near_copy(_words(item), shown):
                     seen.add(key)
                     fresh.append((item, c))
-            candidates += fresh[:per_class - len(kept[c])]
+            candidates += fresh[: per_class - len(kept[c])]
         verdicts = _zero_shot(client, cfg, task_description, verbalizer, [t for t, _ in candidates], progress)
         for (item, c), verdict in zip(candidates, verdicts):
             if verdict == c:  # the LLM must agree on the class it was written for (candidates fit per_class)
@@ -146,13 +173,20 @@ def generate_demos(client: Completer, cfg: LLMConfig, task_description: str, ver
     if pending:
         n_draw = max(prototypes, FALLBACK_DRAW_PER_DEMO * per_class) * len(pending)
         wanted = {c: per_class - len(kept[c]) for c in pending}
-        say(f"demo generation: too few usable examples for {', '.join(verbalizer.names[c] for c in pending)} "
+        say(
+            f"demo generation: too few usable examples for {', '.join(verbalizer.names[c] for c in pending)} "
             f"after {tries} {'try' if tries == 1 else 'tries'}; topping up with unlabelled texts the LLM labels "
-            "zero-shot as such (weaker demos)")
-        demos += _zero_shot_demos(client, cfg, task_description, verbalizer, unlabelled_texts, wanted,
-                                  n_draw, seed, progress)
-    say("demo pool: " + "; ".join(_pool_line(verbalizer.names[c], [src for _, cc, src in demos if cc == c])
-                                  for c in range(len(verbalizer))))
+            "zero-shot as such (weaker demos)"
+        )
+        demos += _zero_shot_demos(
+            client, cfg, task_description, verbalizer, unlabelled_texts, wanted, n_draw, seed, progress
+        )
+    say(
+        "demo pool: "
+        + "; ".join(
+            _pool_line(verbalizer.names[c], [src for _, cc, src in demos if cc == c]) for c in range(len(verbalizer))
+        )
+    )
     return demos
 
 
@@ -163,9 +197,17 @@ def _pool_line(name: str, sources: list[str]) -> str:
     return f"{name}: {' + '.join(counts)}"
 
 
-def _zero_shot_demos(client: Completer, cfg: LLMConfig, task_description: str, verbalizer: Verbalizer,
-                     texts: Sequence[str], wanted: dict[int, int], n_draw: int,
-                     seed: int, progress: ProgressFn = None) -> list[tuple[str, int, str]]:
+def _zero_shot_demos(
+    client: Completer,
+    cfg: LLMConfig,
+    task_description: str,
+    verbalizer: Verbalizer,
+    texts: Sequence[str],
+    wanted: dict[int, int],
+    n_draw: int,
+    seed: int,
+    progress: ProgressFn = None,
+) -> list[tuple[str, int, str]]:
     """Fallback demos, `wanted[c]` for class c: a seeded draw of unlabelled texts, kept where zero-shot says c.
 
     The draw is labelled a slice at a time (twice what is still missing) and labelling stops once every
@@ -176,11 +218,11 @@ def _zero_shot_demos(client: Completer, cfg: LLMConfig, task_description: str, v
     out: list[tuple[str, int, str]] = []
     start = 0
     while start < len(draw) and any(missing.values()):
-        part = draw[start:start + 2 * sum(missing.values())]
+        part = draw[start : start + 2 * sum(missing.values())]
         start += len(part)
         for text, verdict in zip(part, _zero_shot(client, cfg, task_description, verbalizer, part, progress)):
-            if verdict is not None and missing.get(verdict, 0) > 0:   # no label, or a class already full: skip
+            if verdict is not None and missing.get(verdict, 0) > 0:  # no label, or a class already full: skip
                 out.append((text, verdict, "zero-shot"))
                 missing[verdict] -= 1
     order = list(wanted)
-    return sorted(out, key=lambda demo: order.index(demo[1]))   # grouped by class, like the generated ones
+    return sorted(out, key=lambda demo: order.index(demo[1]))  # grouped by class, like the generated ones

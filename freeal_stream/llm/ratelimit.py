@@ -4,6 +4,7 @@ Each limit is a token bucket holding one minute's allowance (0 = unlimited). A r
 estimated before sending (it must wait for them) and corrected once the server reports its usage.
 Waiters are served first come, first served, so requests still start in the order they were queued.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,9 +52,14 @@ class _Bucket:
 class RateLimiter:
     """asyncio limiter for requests/minute and tokens/minute (0 = unlimited)."""
 
-    def __init__(self, requests_per_minute: int = 0, tokens_per_minute: int = 0, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+    def __init__(
+        self,
+        requests_per_minute: int = 0,
+        tokens_per_minute: int = 0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         now = clock()
         self._requests = _Bucket(requests_per_minute, now)
         self._tokens = _Bucket(tokens_per_minute, now)

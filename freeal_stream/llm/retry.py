@@ -4,6 +4,7 @@ Transient: 408/409/429, 5xx, timeouts, refused or dropped connections, unreadabl
 Everything else (400, 401, 403, 404, 422, ...) is final: retrying it only burns time and quota.
 The openai client runs with max_retries=0 so that this module is the only one that retries.
 """
+
 from __future__ import annotations
 
 import random
@@ -26,7 +27,7 @@ class BadResponse(FreealError):
 class Failure:
     """What went wrong with one attempt, in the terms the retry loop needs."""
 
-    kind: str                  # rate_limited | timeout | http_<status> | connection | unreachable | bad_response
+    kind: str  # rate_limited | timeout | http_<status> | connection | unreachable | bad_response
     transient: bool
     status: int | None = None
     retry_after_s: float | None = None
@@ -46,12 +47,11 @@ class RetryPolicy:
     def from_config(cls, cfg: LLMConfig, **overrides: Any) -> RetryPolicy:
         return replace(cls(max_retries=cfg.max_retries), **overrides)
 
-    def delay(self, retry_index: int, retry_after_s: float | None = None,
-              rng: random.Random | None = None) -> float:
+    def delay(self, retry_index: int, retry_after_s: float | None = None, rng: random.Random | None = None) -> float:
         """Seconds to wait before retry number `retry_index` (0-based)."""
         if retry_after_s is not None:
             return min(max(retry_after_s, 0.0), self.max_retry_after_s)
-        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** retry_index)
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2**retry_index)
         return (rng or random).uniform(0.0, ceiling)
 
 

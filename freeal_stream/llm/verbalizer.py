@@ -3,6 +3,7 @@
 An answer the verbalizer cannot map to exactly one class is 'no label' (None): FreeAL keeps such texts
 apart instead of guessing, so a lenient parser here would quietly inject noise into the labels.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ order) and become valid only when `commit` records the new row count, so a run k
 old count and simply computes those rows again. Reads copy just the rows asked for (no long-lived memory
 map), so a process's memory stays O(shard) however large the file grows.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -18,7 +19,7 @@ import numpy as np
 from freeal_stream.private_files import private_dir
 
 DTYPE = np.dtype(np.float32)
-WINDOW_BYTES = 64 * 2**20   # the most of an array file `gather` maps at once
+WINDOW_BYTES = 64 * 2**20  # the most of an array file `gather` maps at once
 
 
 class RowArray:
@@ -103,12 +104,17 @@ class RowArray:
             if a == b:
                 continue
             start = w * window
-            mapped = np.memmap(self.path, dtype=DTYPE, mode="r", offset=start * self._row_bytes,
-                               shape=(min(window, self.rows - start), self.width))
+            mapped = np.memmap(
+                self.path,
+                dtype=DTYPE,
+                mode="r",
+                offset=start * self._row_bytes,
+                shape=(min(window, self.rows - start), self.width),
+            )
             try:
                 out[order[a:b]] = mapped[ordered[a:b] - start]
             finally:
-                del mapped   # unmapped at once: the pages read do not stay in this process
+                del mapped  # unmapped at once: the pages read do not stay in this process
         return out
 
     def shards(self, size: int, stop: int | None = None):

@@ -1,4 +1,5 @@
 """What every step of a round works with: the job, its session's actors and store, the pool, the verbalizer."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,10 @@ class RoundContext:
         self.store.set_meta("slm_encoder", choice.name)
         self.say(choice.why)
         if choice.name == STATIC_ENCODER and not distilled_dir().is_dir():
-            self.say(f"{STATIC_ENCODER} is distilled from the bundled MiniLM on its first use (about a minute on a "
-                     f"quiet core; kept in {distilled_dir().parent})")
+            self.say(
+                f"{STATIC_ENCODER} is distilled from the bundled MiniLM on its first use (about a minute on a "
+                f"quiet core; kept in {distilled_dir().parent})"
+            )
         return choice.name
 
     @cached_property
@@ -65,8 +68,15 @@ class RoundContext:
 
     @cached_property
     def pool(self) -> Pool:
-        return Pool(self.store, self.arrays_dir, self.session.scorers, self.encoder, self.job.slm.max_length,
-                    self.job.task.class_names, self.progress)
+        return Pool(
+            self.store,
+            self.arrays_dir,
+            self.session.scorers,
+            self.encoder,
+            self.job.slm.max_length,
+            self.job.task.class_names,
+            self.progress,
+        )
 
     def say(self, msg: str) -> None:
         self.progress.say(msg)

@@ -1,5 +1,6 @@
 """A round's figures (what it sent, what came back, what it cost; accuracy where the data has gold) and the
 one line that prints them."""
+
 from __future__ import annotations
 
 import time
@@ -29,33 +30,49 @@ class PhaseClock:
         self._last = now
 
 
-def round_metrics(ctx: RoundContext, state: SLMState, started: float, planned: int, clean: np.ndarray,
-                  spent_before: dict[str, int], laps: dict[str, float]) -> dict[str, Any]:
+def round_metrics(
+    ctx: RoundContext,
+    state: SLMState,
+    started: float,
+    planned: int,
+    clean: np.ndarray,
+    spent_before: dict[str, int],
+    laps: dict[str, float],
+) -> dict[str, Any]:
     """The figures stored with a finished round (and shown by `status`)."""
     store = ctx.store
     labels = llm_label_array(ctx)
     spent = store.spent()
     stored = store.round_annotations(state.round) or {"requested": 0, "labelled": 0, "no_label": 0}
     m: dict[str, Any] = {
-        "round": state.round, "seconds": round(time.time() - started, 1), "slm_mode": state.mode,
-        "pool": ctx.pool.size, "llm_requested": planned, "llm_labelled": stored["labelled"],
-        "llm_no_label": stored["no_label"], "llm_failed": planned - stored["requested"],
-        "annotated_total": int((labels >= 0).sum()), "sent_total": store.annotated_count(),
+        "round": state.round,
+        "seconds": round(time.time() - started, 1),
+        "slm_mode": state.mode,
+        "pool": ctx.pool.size,
+        "llm_requested": planned,
+        "llm_labelled": stored["labelled"],
+        "llm_no_label": stored["no_label"],
+        "llm_failed": planned - stored["requested"],
+        "annotated_total": int((labels >= 0).sum()),
+        "sent_total": store.annotated_count(),
         "human_labels": int((human_label_array(ctx) >= 0).sum()),
-        "demo_pool": len(state.demos), "clean_set": int(len(clean)),
+        "demo_pool": len(state.demos),
+        "clean_set": int(len(clean)),
         **{f"{k}_round": spent[k] - spent_before[k] for k in spent},
         **{f"{k}_total": v for k, v in spent.items()},
         "cost_total": round(spent_now(store, ctx.job).cost, 6),
         **laps,
-        **round_quality(ctx, state.round),   # the export's estimated accuracy and the calibration behind it
+        **round_quality(ctx, state.round),  # the export's estimated accuracy and the calibration behind it
     }
     gold = ctx.pool.gold()
     if (gold >= 0).any() and state.logits is not None:
         lab = (gold >= 0) & (labels >= 0)
-        right = sum(int((block.argmax(1) == gold[s:s + len(block)])[gold[s:s + len(block)] >= 0].sum())
-                    for s, block in state.logits.shards(65536))
+        right = sum(
+            int((block.argmax(1) == gold[s : s + len(block)])[gold[s : s + len(block)] >= 0].sum())
+            for s, block in state.logits.shards(65536)
+        )
         m["llm_label_acc"] = round(float((labels[lab] == gold[lab]).mean()), 4) if lab.any() else None
-        m["slm_acc"] = round(right / int((gold[:state.logits.rows] >= 0).sum()), 4)
+        m["slm_acc"] = round(right / int((gold[: state.logits.rows] >= 0).sum()), 4)
         m["clean_precision"] = round(float((labels[clean] == gold[clean]).mean()), 4) if len(clean) else None
         # the labels of record as `export` writes them, under the job's rule and under each rule
         by_rule = {rule: store.gold_agreement(ctx.job.task.class_names, rule) for rule in LABEL_RULES}
@@ -70,13 +87,17 @@ def format_estimate(est: dict[str, Any]) -> str:
 
 
 def format_round(m: dict[str, Any]) -> str:
-    acc = "".join(f" {name} {m[key]:.3f}" for key, name in (("llm_label_acc", "LLM label acc"),
-                                                             ("slm_acc", "SLM acc"), ("export_acc", "export acc"))
-                  if m.get(key) is not None)
+    acc = "".join(
+        f" {name} {m[key]:.3f}"
+        for key, name in (("llm_label_acc", "LLM label acc"), ("slm_acc", "SLM acc"), ("export_acc", "export acc"))
+        if m.get(key) is not None
+    )
     acc = f" |{acc}" if acc else ""
     if m.get("estimate"):
         acc = f" | {format_estimate(m['estimate'])}{acc}"
-    return (f"round {m['round']} done in {m['seconds']:.0f}s: LLM labelled {m['llm_labelled']}, no label "
-            f"{m['llm_no_label']}, failed {m['llm_failed']} | requests {m['requests_round']} tokens "
-            f"{m['prompt_tokens_round'] + m['completion_tokens_round']} (cached {m['cached_tokens_round']}) "
-            f"| clean set {m['clean_set']} demos {m['demo_pool']} | SLM {m['slm_mode']}{acc}")
+    return (
+        f"round {m['round']} done in {m['seconds']:.0f}s: LLM labelled {m['llm_labelled']}, no label "
+        f"{m['llm_no_label']}, failed {m['llm_failed']} | requests {m['requests_round']} tokens "
+        f"{m['prompt_tokens_round'] + m['completion_tokens_round']} (cached {m['cached_tokens_round']}) "
+        f"| clean set {m['clean_set']} demos {m['demo_pool']} | SLM {m['slm_mode']}{acc}"
+    )

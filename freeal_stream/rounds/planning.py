@@ -4,6 +4,7 @@ A `RoundPlan` is built once: its requests are priced (the budget fit) and then s
 It is stored before the first request goes out, so a resumed round rebuilds the same requests (same keys:
 every answer already paid for comes from the store).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -77,7 +78,7 @@ def plan_round(ctx: RoundContext, round_: int, state: SLMState, strategy: QueryS
         return None
     plan = retrieve_demos(ctx, round_, state, targets)
     order = plan.sending_order()
-    paid_for = order[:affordable(ctx, [r for _, r in order])]
+    paid_for = order[: affordable(ctx, [r for _, r in order])]
     n = sum(k is not None for k, _ in paid_for)
     if n == 0:
         ctx.say(f"round {round_}: the budget is spent; stopping (raise budget caps to go on)")
@@ -103,8 +104,10 @@ def build_plan(ctx: RoundContext, round_: int, items: list[PlanItem], demos: tup
     def shown(demo_ids: tuple[str, ...]) -> list[tuple[str, int]]:
         return [(by_id[d].text, by_id[d].label) for d in demo_ids]
 
-    requests = tuple(calibration.annotation_request(ctx.llm, task, ctx.verbalizer, shown(it.demo_ids), text, limit)
-                     for it, text in zip(items, texts))
+    requests = tuple(
+        calibration.annotation_request(ctx.llm, task, ctx.verbalizer, shown(it.demo_ids), text, limit)
+        for it, text in zip(items, texts)
+    )
     blocks = dict.fromkeys(it.demo_ids for it in items)
     calib = {b: calibration.calibration_requests(ctx.llm, task, ctx.verbalizer, shown(b), limit) for b in blocks}
     return RoundPlan(round_, tuple(items), requests, calib)
@@ -117,14 +120,18 @@ def choose_targets(ctx: RoundContext, round_: int, state: SLMState, strategy: Qu
     annotated = np.zeros(size, bool)
     asked = ctx.store.annotated_positions()
     annotated[asked[asked < size]] = True
-    annotated[human_label_array(ctx) >= 0] = True   # a human's label is never sent to the LLM again
+    annotated[human_label_array(ctx) >= 0] = True  # a human's label is never sent to the LLM again
     if ctx.job.freeal.schedule == "full":
         return _refinement_targets(ctx, state, annotated)
     unannotated = np.flatnonzero(~annotated)
     n = budget_policy.round_size(len(unannotated), ctx.job.freeal.query_fraction)
     left = budget_policy.headroom(spent_now(ctx.store, ctx.job), ctx.job.budget)
-    query = QueryContext(round=round_, seed=ctx.job.seed, n_classes=ctx.n_classes,
-                         budget_left=None if left is None or left.requests == float("inf") else int(left.requests))
+    query = QueryContext(
+        round=round_,
+        seed=ctx.job.seed,
+        n_classes=ctx.n_classes,
+        budget_left=None if left is None or left.requests == float("inf") else int(left.requests),
+    )
     llm_labels = llm_label_array(ctx) if "llm_labels" in strategy.needs else None
     previous = _previous_predictions(ctx, round_) if "slm_labels" in strategy.needs else None
     wants_probs = "probs" in strategy.needs and state.logits is not None
@@ -135,13 +142,13 @@ def choose_targets(ctx: RoundContext, round_: int, state: SLMState, strategy: Qu
 
     def shards():
         for start in range(0, len(unannotated), STRATEGY_SHARD_ROWS):
-            at = unannotated[start:start + STRATEGY_SHARD_ROWS]
+            at = unannotated[start : start + STRATEGY_SHARD_ROWS]
             ids = np.array(ctx.store.items_at(at.tolist()).ids, dtype=object)
             cols = {}
             if wants_probs and state.logits is not None:
                 cols["probs"] = probs_of(state.logits.gather(at)).astype(np.float32)
             if "embeddings" in strategy.needs:
-                cols["embeddings"] = state.emb.gather(at)   # the frozen encoder's before any SLM
+                cols["embeddings"] = state.emb.gather(at)  # the frozen encoder's before any SLM
             if llm_labels is not None:
                 cols["llm_labels"] = llm_labels[at]
             if previous is not None:
@@ -181,7 +188,7 @@ def llm_label_array(ctx: RoundContext) -> np.ndarray:
     """Each pool item's latest LLM label (-1: not asked, or no usable answer)."""
     labels = np.full(ctx.pool.size, -1, dtype=np.int64)
     positions, values = ctx.store.llm_label_positions()
-    inside = positions < ctx.pool.size   # the pool is a snapshot (see Pool)
+    inside = positions < ctx.pool.size  # the pool is a snapshot (see Pool)
     labels[positions[inside]] = values[inside]
     return labels
 
@@ -247,13 +254,16 @@ def affordable(ctx: RoundContext, requests: Sequence[ChatRequest]) -> int:
         return len(requests)
     keys = [r.key() for r in requests]
     paid = ctx.store.get_answers(keys)
-    fresh = [budget_policy.estimate(r.messages, r.max_tokens, ctx.session.price)
-             for r, k in zip(requests, keys) if k not in paid]
+    fresh = [
+        budget_policy.estimate(r.messages, r.max_tokens, ctx.session.price)
+        for r, k in zip(requests, keys)
+        if k not in paid
+    ]
     n_fresh = budget_policy.affordable(fresh, spent_now(ctx.store, job), job.budget)
     if n_fresh == len(fresh):
         return len(requests)
     n = seen = 0
-    for k in keys:   # the longest prefix holding at most n_fresh unpaid requests
+    for k in keys:  # the longest prefix holding at most n_fresh unpaid requests
         seen += k not in paid
         if seen > n_fresh:
             break

@@ -5,6 +5,7 @@ per-item vectors (frozen embeddings of the texts and of their views) live in `Ro
 state, filled by the scorer actors a shard at a time for the rows that do not have one yet. Only small
 per-item columns (gold class, has-a-view) are held whole: a byte or two per item.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,8 @@ from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.slm.encoder import cache_key
 from freeal_stream.store import Store
 
-SHARD_ROWS = 4096   # rows per store read and per scorer task
-TEXT_SHARD_ROWS = 1024   # rows per scorer task that runs the encoder over texts (~5-10 s on a CPU core): progress
+SHARD_ROWS = 4096  # rows per store read and per scorer task
+TEXT_SHARD_ROWS = 1024  # rows per scorer task that runs the encoder over texts (~5-10 s on a CPU core): progress
 
 
 def embedding_space(encoder: str, max_length: int) -> str:
@@ -36,8 +37,16 @@ class Pool:
     at once but join the pool at the next refresh, so every per-item array of a round has the same length.
     """
 
-    def __init__(self, store: Store, arrays_dir: Path, scorers: ScorerPool, encoder: str, max_length: int,
-                 class_names: Sequence[str], progress: Progress):
+    def __init__(
+        self,
+        store: Store,
+        arrays_dir: Path,
+        scorers: ScorerPool,
+        encoder: str,
+        max_length: int,
+        class_names: Sequence[str],
+        progress: Progress,
+    ):
         self.store, self.scorers, self.progress = store, scorers, progress
         self.arrays_dir, self.encoder = Path(arrays_dir), encoder
         self.class_names = list(class_names)
@@ -60,8 +69,9 @@ class Pool:
     def texts(self, positions: Sequence[int] | np.ndarray) -> list[str]:
         return self.columns(positions).texts
 
-    def shards(self, start: int = 0, stop: int | None = None, size: int = SHARD_ROWS
-               ) -> Iterator[tuple[int, ItemColumns]]:
+    def shards(
+        self, start: int = 0, stop: int | None = None, size: int = SHARD_ROWS
+    ) -> Iterator[tuple[int, ItemColumns]]:
         """(start, items) for consecutive shards of `size` positions start .. stop, read lazily."""
         stop = self.size if stop is None else stop
         for s in range(start, stop, size):

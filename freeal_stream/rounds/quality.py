@@ -14,6 +14,7 @@ covers the calibration's own uncertainty (the fit redone on bootstrap resamples 
 the pool's finite size, not the model's assumptions (bench/bench_pool_quality.py measures those against gold).
 The pool is read a shard at a time; only the LLM-labelled rows' out-of-fold logits are held whole.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,12 @@ from freeal_stream.dawid_skene import Calibration, fit_calibration
 from freeal_stream.rounds.arrays import RowArray
 from freeal_stream.rounds.context import RoundContext
 
-FOLDS = {"head": 5, "finetune": 2}   # fold SLMs per round: heads are cheap; a fine-tune costs a full training
-CALIBRATION_ITEMS = 20_000          # LLM labels the folds hide, at most (all of them below): what the fit needs
-BOOTSTRAP = 100                     # refits of the calibration for the interval
-INTERVAL = 0.9                      # the interval's coverage
-SAMPLE = 100_000                    # pool positions the bootstrap re-evaluates (all of a smaller pool)
-COVERAGE = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)   # thresholds of the coverage table
+FOLDS = {"head": 5, "finetune": 2}  # fold SLMs per round: heads are cheap; a fine-tune costs a full training
+CALIBRATION_ITEMS = 20_000  # LLM labels the folds hide, at most (all of them below): what the fit needs
+BOOTSTRAP = 100  # refits of the calibration for the interval
+INTERVAL = 0.9  # the interval's coverage
+SAMPLE = 100_000  # pool positions the bootstrap re-evaluates (all of a smaller pool)
+COVERAGE = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # thresholds of the coverage table
 _META = "quality/round-{}"
 
 
@@ -104,17 +105,27 @@ class Tally:
 
     def coverage(self) -> list[dict[str, Any]]:
         """Keeping only the labels at least this likely right: what share of the pool, how right on average."""
-        return [{"threshold": t, "share": round(float(n / self.n), 4),
-                 "accuracy": round(float(s / n), 4) if n else None}
-                for t, n, s in zip(COVERAGE, self.kept, self.kept_sum)]
+        return [
+            {"threshold": t, "share": round(float(n / self.n), 4), "accuracy": round(float(s / n), 4) if n else None}
+            for t, n, s in zip(COVERAGE, self.kept, self.kept_sum)
+        ]
 
 
 def fit_round_calibration(oof: OutOfFold, labels: np.ndarray, n_classes: int) -> Calibration | None:
     return fit_calibration(oof.logits, labels[oof.positions], n_classes)
 
 
-def interval(rule: str, cal: Calibration, logits: np.ndarray, oof: np.ndarray, llm: np.ndarray, clean: np.ndarray,
-             human: np.ndarray, fitted_on: tuple[np.ndarray, np.ndarray], seed: int) -> tuple[float, float]:
+def interval(
+    rule: str,
+    cal: Calibration,
+    logits: np.ndarray,
+    oof: np.ndarray,
+    llm: np.ndarray,
+    clean: np.ndarray,
+    human: np.ndarray,
+    fitted_on: tuple[np.ndarray, np.ndarray],
+    seed: int,
+) -> tuple[float, float]:
     """The estimate's interval from the rows given (the pool or a uniform sample of it): the labels of record
     are fixed by the fitted calibration; each bootstrap refit (on resampled `fitted_on` = (oof logits, labels)
     of every LLM-labelled row) re-scores those same labels, plus the pool's own luck (binomial). A human label
@@ -140,8 +151,17 @@ def interval(rule: str, cal: Calibration, logits: np.ndarray, oof: np.ndarray, l
     return float(low), float(high)
 
 
-def store_quality(ctx: RoundContext, round_: int, cal: Calibration, tally: Tally, labels: np.ndarray,
-                  human: np.ndarray, logits: RowArray, oof: OutOfFold, clean: np.ndarray) -> dict[str, Any]:
+def store_quality(
+    ctx: RoundContext,
+    round_: int,
+    cal: Calibration,
+    tally: Tally,
+    labels: np.ndarray,
+    human: np.ndarray,
+    logits: RowArray,
+    oof: OutOfFold,
+    clean: np.ndarray,
+) -> dict[str, Any]:
     """The round's calibration and the export's estimate (point from `tally`, the interval from a sample of the
     pool), stored for `round_quality`; returns the estimate. `labels`: the LLM's (-1: none); `human`: rows a
     human labelled."""
@@ -153,12 +173,28 @@ def store_quality(ctx: RoundContext, round_: int, cal: Calibration, tally: Tally
     oof_rows = np.full((len(sample), ctx.n_classes), np.nan, dtype=np.float32)
     has = llm >= 0
     oof_rows[has] = oof.at(sample[has])
-    low, high = interval(rule, cal, logits.gather(sample), oof_rows, llm, clean[sample],
-                         human[sample], (oof.logits, labels[oof.positions]), ctx.job.seed + round_)
+    low, high = interval(
+        rule,
+        cal,
+        logits.gather(sample),
+        oof_rows,
+        llm,
+        clean[sample],
+        human[sample],
+        (oof.logits, labels[oof.positions]),
+        ctx.job.seed + round_,
+    )
     point = tally.total / tally.n
-    est = {"accuracy": round(point, 4), "low": round(min(low, point), 4), "high": round(max(high, point), 4),
-           "interval": INTERVAL, "rule": rule, "items": tally.n, "slm_labels": round(tally.slm_labels / tally.n, 4),
-           "coverage": tally.coverage()}
+    est = {
+        "accuracy": round(point, 4),
+        "low": round(min(low, point), 4),
+        "high": round(max(high, point), 4),
+        "interval": INTERVAL,
+        "rule": rule,
+        "items": tally.n,
+        "slm_labels": round(tally.slm_labels / tally.n, 4),
+        "coverage": tally.coverage(),
+    }
     ctx.store.set_meta(_META.format(round_), json.dumps({"calibration": cal.to_json(), "estimate": est}))
     return est
 
@@ -176,5 +212,7 @@ def target_reached(ctx: RoundContext, round_: int) -> str | None:
     est = round_quality(ctx, round_).get("estimate") if target is not None and round_ > 0 else None
     if est is None or est["low"] < target:
         return None
-    return (f"the export's estimated accuracy after round {round_}, {est['accuracy']:.3f} [{est['low']:.3f}, "
-            f"{est['high']:.3f}], has reached freeal.target_accuracy {target:.3f}")
+    return (
+        f"the export's estimated accuracy after round {round_}, {est['accuracy']:.3f} [{est['low']:.3f}, "
+        f"{est['high']:.3f}], has reached freeal.target_accuracy {target:.3f}"
+    )

@@ -3,6 +3,7 @@
 Used once per round after training (every item gets the SLM's logits: its label wherever the LLM gave none),
 and again only for items that arrived since (a resumed run reads the files instead of scoring again).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,9 @@ from freeal_stream.rounds.pool import SHARD_ROWS, TEXT_SHARD_ROWS
 from freeal_stream.rounds.state import round_arrays
 
 
-def score_pool(ctx: RoundContext, round_: int, files: dict[str, bytes], mode: str, fresh: bool = False
-               ) -> tuple[RowArray, RowArray]:
+def score_pool(
+    ctx: RoundContext, round_: int, files: dict[str, bytes], mode: str, fresh: bool = False
+) -> tuple[RowArray, RowArray]:
     """Round `round_`'s (logits, embeddings) arrays with every pool item scored; `fresh` starts them over
     (a retrained model), else only items missing from them are scored. In head mode the embeddings are the
     frozen encoder's (the SLM is a head over them), so only logits are written."""

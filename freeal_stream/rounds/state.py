@@ -4,6 +4,7 @@ Round 0 is the state before any SLM: the frozen encoder's embeddings and the dem
 round's SLM logits (and, in fine-tune mode, its embeddings) are `RowArray` files, so a resumed run reads them
 instead of scoring the pool again, and items that arrive later are scored into the same files.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -26,10 +27,10 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class SLMState:
     round: int
-    files: dict[str, bytes]      # the trained model (empty in round 0), to score items that arrive later
-    mode: str | None             # 'head' | 'finetune' (None in round 0)
-    logits: RowArray | None      # (pool, C) the SLM's logits (None in round 0)
-    emb: RowArray                # the space retrieval and selection use: frozen, or the fine-tuned encoder's
+    files: dict[str, bytes]  # the trained model (empty in round 0), to score items that arrive later
+    mode: str | None  # 'head' | 'finetune' (None in round 0)
+    logits: RowArray | None  # (pool, C) the SLM's logits (None in round 0)
+    emb: RowArray  # the space retrieval and selection use: frozen, or the fine-tuned encoder's
     demos: tuple[Demo, ...]
 
     @property
@@ -62,7 +63,7 @@ class PoolTexts(Sequence[str]):
     def __len__(self) -> int:
         return self.pool.size
 
-    def __getitem__(self, i: int) -> str:   # type: ignore[override]
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
         return self.pool.texts([i])[0]
 
 
@@ -73,11 +74,19 @@ def initial_demos(ctx: RoundContext) -> list[Demo]:
         return stored
     ctx.say("generating demonstrations from unlabelled prototypes")
     fr = ctx.job.freeal
-    generated = generate_demos(ctx.session.annotators, ctx.llm, ctx.job.task.description, ctx.verbalizer,
-                               PoolTexts(ctx.pool), prototypes=fr.prototypes, per_class=fr.generated_per_class,
-                               seed=ctx.job.seed,
-                               progress=lambda d, t, _l: ctx.progress.update("demo generation", d, t),
-                               time_box_s=fr.generation_time_s, say=ctx.say)
+    generated = generate_demos(
+        ctx.session.annotators,
+        ctx.llm,
+        ctx.job.task.description,
+        ctx.verbalizer,
+        PoolTexts(ctx.pool),
+        prototypes=fr.prototypes,
+        per_class=fr.generated_per_class,
+        seed=ctx.job.seed,
+        progress=lambda d, t, _l: ctx.progress.update("demo generation", d, t),
+        time_box_s=fr.generation_time_s,
+        say=ctx.say,
+    )
     demos = [Demo(f"gen-{n}", text, label, source) for n, (text, label, source) in enumerate(generated)]
     ctx.store.set_demo_pool(0, demos)
     return demos

@@ -4,6 +4,7 @@ Training cost follows the labels, not the pool: the trainer gets the labelled ro
 term on never-annotated texts) at most CONSISTENCY_SAMPLE others, drawn at random; below that, every row, as
 the paper does. Scoring the pool is the scorer actors' job, shard by shard (`scoring.score_pool`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,8 @@ from freeal_stream.rounds.state import SLMState, softmax
 from freeal_stream.slm.model import write_model_files
 from freeal_stream.slm.trainer import TrainingData, final_split, resolve_mode, resolve_warmup
 
-CONSISTENCY_SAMPLE = 50_000   # never-annotated rows a round's SLM sees in its consistency term, at most
-SCORE_WRITE_ROWS = 65536      # rows per write of the SLM's scores to the store
+CONSISTENCY_SAMPLE = 50_000  # never-annotated rows a round's SLM sees in its consistency term, at most
+SCORE_WRITE_ROWS = 65536  # rows per write of the SLM's scores to the store
 
 
 def train_round(ctx: RoundContext, round_: int) -> Path:
@@ -52,13 +53,18 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
     say = lambda msg: ctx.say(f"[round {round_} train] {msg}")
     n_human = int(human.sum())
     humans = f" ({n_human} of them human labels, clean by fiat)" if n_human else ""
-    say(f"SLM in {mode} mode on {n_lab} labels{humans} + {pool.size - n_lab} unlabelled texts{sampled} "
-        f"(views: {view_kind(ctx)}; warm-up {warmup} epochs)")
+    say(
+        f"SLM in {mode} mode on {n_lab} labels{humans} + {pool.size - n_lab} unlabelled texts{sampled} "
+        f"(views: {view_kind(ctx)}; warm-up {warmup} epochs)"
+    )
     data = dataclasses.replace(training_data(ctx, rows, labels[rows], mode), trusted=human[rows] if n_human else None)
-    shared = ray.put(data)   # sent once to the trainer, for the SLM and for the calibration's fold SLMs
+    shared = ray.put(data)  # sent once to the trainer, for the SLM and for the calibration's fold SLMs
     trained = _call_trainer(
-        ctx, lambda t: t.train.remote(shared, ctx.n_classes, ctx.slm, job.freeal, job.seed + round_), say,
-        f"round {round_} train")
+        ctx,
+        lambda t: t.train.remote(shared, ctx.n_classes, ctx.slm, job.freeal, job.seed + round_),
+        say,
+        f"round {round_} train",
+    )
     model_dir = write_model_files(trained.files, job.state_path / "models" / f"round-{round_}")
     logits, _ = score_pool(ctx, round_, trained.files, trained.mode, fresh=True)
     oof = _cross_fit(ctx, shared, rows, trained.mode, job.seed + round_, say, f"round {round_} calibration")
@@ -121,7 +127,7 @@ def _call_trainer(ctx: RoundContext, submit: Callable[[Any], Any], say: Callable
                 for msg in ray.get(trainer.messages.remote()):
                     say(msg)
                 at = ray.get(trainer.step.remote())
-                if at is not None and at != shown:   # steps within the epoch under way
+                if at is not None and at != shown:  # steps within the epoch under way
                     ctx.progress.update(f"{stage} epoch {at[0]}/{job.slm.epochs}", at[1], at[2], "steps")
                     shown = at
             result = ray.get(ref)
@@ -133,21 +139,33 @@ def _call_trainer(ctx: RoundContext, submit: Callable[[Any], Any], say: Callable
             session.replace_trainer()
 
 
-def _cross_fit(ctx: RoundContext, data: Any, rows: np.ndarray, mode: str, seed: int,
-               say: Callable[[str], None], stage: str) -> OutOfFold:
+def _cross_fit(
+    ctx: RoundContext, data: Any, rows: np.ndarray, mode: str, seed: int, say: Callable[[str], None], stage: str
+) -> OutOfFold:
     """Out-of-fold logits of the labelled rows, for the round's calibration (`rounds.quality`)."""
     folds = FOLDS[mode]
     held_out = CALIBRATION_ITEMS // folds
-    say(f"calibration: {folds} fold SLMs, each with a {100 // folds}% share of the labels (at most {held_out:,}) "
-        "hidden")
-    logits = _call_trainer(ctx, lambda t: t.out_of_fold.remote(data, ctx.n_classes, ctx.slm, ctx.job.freeal,
-                                                                 folds, held_out, seed), say, stage)
+    say(
+        f"calibration: {folds} fold SLMs, each with a {100 // folds}% share of the labels (at most {held_out:,}) hidden"
+    )
+    logits = _call_trainer(
+        ctx,
+        lambda t: t.out_of_fold.remote(data, ctx.n_classes, ctx.slm, ctx.job.freeal, folds, held_out, seed),
+        say,
+        stage,
+    )
     has = ~np.isnan(logits).any(1)
     return OutOfFold(rows[has], logits[has])
 
 
-def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, human: np.ndarray, logits: RowArray,
-                  oof: OutOfFold | None = None) -> None:
+def _store_scores(
+    ctx: RoundContext,
+    round_: int,
+    labels: np.ndarray,
+    human: np.ndarray,
+    logits: RowArray,
+    oof: OutOfFold | None = None,
+) -> None:
     """The SLM's prediction and confidence for every item, its loss and clean flag for the labelled ones (human
     labels are clean whatever their loss) and, when the round calibrates, both models' probability of being
     right and the export's estimate (`rounds.quality`; a human label is right by fiat)."""
@@ -170,8 +188,15 @@ def _store_scores(ctx: RoundContext, round_: int, labels: np.ndarray, human: np.
             probs = item_probabilities(cal, block, oof_block, llm)
             wins = slm_wins(job.freeal.label_of_record, probs, llm, clean[at]) & ~human[at]
             tally.add(np.where(human[at], 1.0, np.where(wins, probs.p_right, probs.llm_p_right)), wins)
-        ctx.store.add_scores(round_, at, softmax(block), losses[at], clean[at],
-                             None if probs is None else probs.p_right, None if probs is None else probs.llm_p_right)
+        ctx.store.add_scores(
+            round_,
+            at,
+            softmax(block),
+            losses[at],
+            clean[at],
+            None if probs is None else probs.p_right,
+            None if probs is None else probs.llm_p_right,
+        )
     if cal is not None and oof is not None:
         store_quality(ctx, round_, cal, tally, llm_all, human, logits, oof, clean)
 
@@ -183,11 +208,19 @@ def select_demos(ctx: RoundContext, round_: int, state: SLMState) -> tuple[list[
     labels, human = training_labels(ctx)
     has = np.flatnonzero(labels >= 0)
     losses = llm_losses(state, labels)
-    losses[human] = -1.0   # below any CE loss: human rows come first among the clean rows of their class
-    idx, clean = select_demo_pool(labels[has], losses[has], state.emb.gather(has), fr.clean_ratio,
-                                  fr.medoids_per_class, seed=ctx.job.seed + round_)
+    losses[human] = -1.0  # below any CE loss: human rows come first among the clean rows of their class
+    idx, clean = select_demo_pool(
+        labels[has],
+        losses[has],
+        state.emb.gather(has),
+        fr.clean_ratio,
+        fr.medoids_per_class,
+        seed=ctx.job.seed + round_,
+    )
     items = ctx.pool.columns(has[idx])
-    demos = [Demo(i, t, int(labels[p]), "human" if human[p] else f"slm round {round_}")
-             for i, t, p in zip(items.ids, items.texts, has[idx])]
+    demos = [
+        Demo(i, t, int(labels[p]), "human" if human[p] else f"slm round {round_}")
+        for i, t, p in zip(items.ids, items.texts, has[idx])
+    ]
     ctx.store.set_demo_pool(round_, demos)
     return demos, np.union1d(has[clean], np.flatnonzero(human))

@@ -1,4 +1,5 @@
 """Talk to a running service's HTTP API, and publish or find the service running for a state folder."""
+
 from __future__ import annotations
 
 import http.client
@@ -55,8 +56,12 @@ class ServiceClient:
         self._timeout_s = timeout_s
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
-    def add_items(self, items: Sequence[Mapping[str, Any]], source: str | None = None,
-                  quarantined: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    def add_items(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        source: str | None = None,
+        quarantined: Sequence[Mapping[str, Any]] = (),
+    ) -> dict[str, Any]:
         """Send items ({"text", optional "id", "view", "gold"}); returns the service's counts.
 
         `quarantined` rows ({"location", "line", "reason", "detail", "raw"}, e.g. a file's unreadable lines)
@@ -154,13 +159,16 @@ def check_service_url(url: str, where: Path, host: str | None = None, port: int 
     if is_loopback_literal(url_host) or ((host or "").lower().strip("[]") == url_host and port == url_port != 0):
         return
     configured = f"the job's service.host:service.port ({host}:{port})" if host else "a job's service address"
-    raise ServiceError(f"{where} names the service URL {url!r}, which is neither this machine's loopback nor "
-                       f"{configured}: refusing to send it data or the token. Fix: delete the file if no service "
-                       "of yours runs, or set service.host and service.port to where yours listens")
+    raise ServiceError(
+        f"{where} names the service URL {url!r}, which is neither this machine's loopback nor "
+        f"{configured}: refusing to send it data or the token. Fix: delete the file if no service "
+        "of yours runs, or set service.host and service.port to where yours listens"
+    )
 
 
-def find_service(state_dir: Path, timeout_s: float = 2.0, *, host: str | None = None,
-                 port: int | None = None) -> str | None:
+def find_service(
+    state_dir: Path, timeout_s: float = 2.0, *, host: str | None = None, port: int | None = None
+) -> str | None:
     """The URL of the service published in ``state_dir``, if its process is alive and it answers /health.
 
     A stale file (dead pid, nothing answering) is ignored, not removed: a service starting meanwhile may

@@ -25,6 +25,7 @@ Endpoints (JSON in and out; the OpenAPI description at /openapi.json):
     GET  /labels   ?since=<int, default 0>&limit=<int, default 1000, at most 10000>
     GET  /health   {"ok": true}, no token needed
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -79,7 +80,7 @@ _ROUTES = ("/health", "/items", "/labels", "/status")
 # answer rather than a reset connection (closing a socket with unread data resets it).
 _DRAIN_LIMIT = 256 << 20
 _DRAIN_IDLE_S = 2.0
-_BODY_READ = "freeal.body_read"   # set in the request's scope once its body has been read to the end
+_BODY_READ = "freeal.body_read"  # set in the request's scope once its body has been read to the end
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,9 @@ class PostedItems:
 class ApiError(FreealError):
     """A request the API refuses, with the status code and what to tell the client."""
 
-    def __init__(self, status: int, message: str, detail: dict[str, Any] | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, message: str, detail: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.field = (detail or {}).get("field")
@@ -139,8 +141,9 @@ def json_bytes(value: Any) -> bytes:
 
 def _utf8_safe(row: dict[str, Any]) -> dict[str, Any]:
     """A quarantine row whose strings have any lone surrogate written as its escape, so it can be stored."""
-    return {k: v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v
-            for k, v in row.items()}
+    return {
+        k: v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v for k, v in row.items()
+    }
 
 
 def _surrogate_at(text: str) -> int | None:
@@ -170,9 +173,10 @@ def parse_items(body: bytes | bytearray, content_type: str, max_items: int = MAX
         try:
             doc = json.loads(text)
         except _JSON_ERRORS as exc:
-            raise ApiError(400, f"the body is not JSON: {exc} (for JSON lines, send Content-Type "
-                                "application/x-ndjson)") from None
-        del text   # a large body is held once, as parsed objects
+            raise ApiError(
+                400, f"the body is not JSON: {exc} (for JSON lines, send Content-Type application/x-ndjson)"
+            ) from None
+        del text  # a large body is held once, as parsed objects
         items = doc
         if isinstance(doc, dict) and "items" in doc and set(doc) <= {"items", "source", "quarantined"}:
             items, source, sent_aside = doc["items"], doc.get("source", source), doc.get("quarantined", [])
@@ -185,16 +189,29 @@ def parse_items(body: bytes | bytearray, content_type: str, max_items: int = MAX
     if not items and not rejected and not sent_aside:
         raise ApiError(400, "the request holds no items")
     if len(items) + len(rejected) + len(sent_aside) > max_items:
-        raise ApiError(413, f"{len(items) + len(rejected) + len(sent_aside)} items in one request; the limit is "
-                            f"{max_items}: split the batch")
+        raise ApiError(
+            413,
+            f"{len(items) + len(rejected) + len(sent_aside)} items in one request; the limit is "
+            f"{max_items}: split the batch",
+        )
     good = []
     for line, place, item in zip(lines, where, items):
         try:
             _check_item(place, item)
             good.append(item)
         except ApiError as exc:
-            rejected.append(_utf8_safe({"location": place, "line": line, "reason": "invalid item", "field": exc.field,
-                                        "detail": str(exc), "raw": json.dumps(item, ensure_ascii=False)}))
+            rejected.append(
+                _utf8_safe(
+                    {
+                        "location": place,
+                        "line": line,
+                        "reason": "invalid item",
+                        "field": exc.field,
+                        "detail": str(exc),
+                        "raw": json.dumps(item, ensure_ascii=False),
+                    }
+                )
+            )
     return PostedItems(good, list(sent_aside) + rejected, source)
 
 
@@ -208,8 +225,16 @@ def _ndjson_items(text: str, rejected: list[dict[str, Any]]) -> tuple[list[Any],
                 items.append(json.loads(line))
                 lines.append(number)
             except _JSON_ERRORS as exc:
-                rejected.append({"location": f"line {number}", "line": number, "reason": "broken JSON line",
-                                 "field": None, "detail": f"line {number} is not JSON: {exc}", "raw": line})
+                rejected.append(
+                    {
+                        "location": f"line {number}",
+                        "line": number,
+                        "reason": "broken JSON line",
+                        "field": None,
+                        "detail": f"line {number} is not JSON: {exc}",
+                        "raw": line,
+                    }
+                )
     if rejected and not items:
         raise ApiError(400, f"no line of the body is JSON ({rejected[0]['detail']})", {"line": rejected[0]["line"]})
     return items, lines
@@ -221,14 +246,18 @@ _ASIDE_FIELDS = {"location": str, "reason": str, "detail": str, "raw": str}
 def _check_envelope(source: Any, rows: Any) -> None:
     """The optional "source" and "quarantined" parts of an object body (a program's, not a person's input)."""
     if not isinstance(source, str) or not 0 < len(source) <= 300 or _surrogate_at(source) is not None:
-        raise ApiError(400, "source must be a non-empty string of at most 300 characters of Unicode text",
-                       {"field": "source"})
+        raise ApiError(
+            400, "source must be a non-empty string of at most 300 characters of Unicode text", {"field": "source"}
+        )
     if not isinstance(rows, list) or not all(
-            isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in _ASIDE_FIELDS.items())
-            and (r.get("line") is None or (isinstance(r["line"], int) and not isinstance(r["line"], bool)))
-            for r in rows):
-        raise ApiError(400, "quarantined must be a list of {location, line, reason, detail, raw} objects",
-                       {"field": "quarantined"})
+        isinstance(r, dict)
+        and all(isinstance(r.get(k), t) for k, t in _ASIDE_FIELDS.items())
+        and (r.get("line") is None or (isinstance(r["line"], int) and not isinstance(r["line"], bool)))
+        for r in rows
+    ):
+        raise ApiError(
+            400, "quarantined must be a list of {location, line, reason, detail, raw} objects", {"field": "quarantined"}
+        )
 
 
 def _check_item(where: str, item: Any) -> None:
@@ -243,8 +272,7 @@ def _check_item(where: str, item: Any) -> None:
     text = item.get("text")
     if not isinstance(text, str) or not text.strip():
         raise bad("text", "missing or empty; every item needs a non-empty string text")
-    if "id" in item and (isinstance(item["id"], bool) or not isinstance(item["id"], (str, int))
-                         or item["id"] == ""):
+    if "id" in item and (isinstance(item["id"], bool) or not isinstance(item["id"], (str, int)) or item["id"] == ""):
         raise bad("id", "must be a non-empty string or an integer (or left out to derive it from the text)")
     if not isinstance(item.get("view"), (str, type(None))):
         raise bad("view", "must be a string or null")
@@ -254,23 +282,32 @@ def _check_item(where: str, item: Any) -> None:
     for name in _ITEM_FIELDS:
         value = item.get(name)
         if isinstance(value, str) and (at := _surrogate_at(value)) is not None:
-            raise bad(name, f"holds a lone surrogate ({value[at]!a} at character {at}), which is not "
-                            "Unicode text. Fix: send the text as valid UTF-8")
+            raise bad(
+                name,
+                f"holds a lone surrogate ({value[at]!a} at character {at}), which is not "
+                "Unicode text. Fix: send the text as valid UTF-8",
+            )
 
 
 def post_items(handlers: ApiHandlers, posted: PostedItems) -> dict[str, Any]:
     """Quarantine the refused items, store the rest, and answer with both counts (and the first problems)."""
     if posted.rejected and handlers.quarantine is not None:
         handlers.quarantine(posted.rejected, posted.source)
-    answer: dict[str, Any] = (handlers.add_items(posted.items) if posted.items
-                              else {"received": 0, "added": 0, "duplicates": 0, "flagged": 0})
+    answer: dict[str, Any] = (
+        handlers.add_items(posted.items) if posted.items else {"received": 0, "added": 0, "duplicates": 0, "flagged": 0}
+    )
     if not posted.rejected:
         return answer
-    refused = [{"location": r["location"], "action": "quarantined", "reason": r["reason"], "detail": r["detail"]}
-               for r in posted.rejected[:MAX_LISTED_PROBLEMS]]
-    return {**answer, "received": answer["received"] + len(posted.rejected),
-            "quarantined": answer.get("quarantined", 0) + len(posted.rejected),
-            "problems": (refused + answer.get("problems", []))[:MAX_LISTED_PROBLEMS]}
+    refused = [
+        {"location": r["location"], "action": "quarantined", "reason": r["reason"], "detail": r["detail"]}
+        for r in posted.rejected[:MAX_LISTED_PROBLEMS]
+    ]
+    return {
+        **answer,
+        "received": answer["received"] + len(posted.rejected),
+        "quarantined": answer.get("quarantined", 0) + len(posted.rejected),
+        "problems": (refused + answer.get("problems", []))[:MAX_LISTED_PROBLEMS],
+    }
 
 
 def _labels_query(query: str) -> tuple[int, int]:
@@ -295,6 +332,7 @@ def _labels_query(query: str) -> tuple[int, int]:
 
 
 # ---- the ASGI application ---------------------------------------------------------------------------
+
 
 class _Json(Response):
     media_type = "application/json; charset=utf-8"
@@ -360,7 +398,7 @@ class _ByteBudget:
 
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
-        self._freed: asyncio.Condition | None = None   # made on the server's event loop
+        self._freed: asyncio.Condition | None = None  # made on the server's event loop
 
     @contextlib.asynccontextmanager
     async def share(self, size: int, wait_s: float) -> AsyncIterator[None]:
@@ -371,8 +409,11 @@ class _ByteBudget:
             try:
                 await asyncio.wait_for(self._freed.wait_for(lambda: self.used + size <= self.limit), wait_s)
             except TimeoutError:
-                raise ApiError(503, f"too many large requests at once ({self.used} bytes being read); retry "
-                                    "shortly", headers={"Retry-After": "1"}) from None
+                raise ApiError(
+                    503,
+                    f"too many large requests at once ({self.used} bytes being read); retry shortly",
+                    headers={"Retry-After": "1"},
+                ) from None
             self.used += size
         try:
             yield
@@ -402,7 +443,7 @@ class _Protocol(H11Protocol):
         self.loop.call_later(self.headers_timeout_s, self._close_if_idle, self.cycle)
 
     def _close_if_idle(self, cycle: Any) -> None:
-        if self.cycle is cycle and not self.transport.is_closing():   # no new request since
+        if self.cycle is cycle and not self.transport.is_closing():  # no new request since
             self.transport.close()
 
 
@@ -454,20 +495,37 @@ class _ErrorOut(BaseModel):
 
 
 _ITEMS_SCHEMA = _ItemsIn.model_json_schema(ref_template="#/components/schemas/{model}")
-_ITEMS_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {k: v for k, v in _ITEMS_SCHEMA.items() if k != "$defs"}},
-    "application/x-ndjson": {"schema": {"type": "string", "description": "one item object per line"}}}}}
-_LABELS_QUERY = {"parameters": [
-    {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
-    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LABELS_LIMIT,
-                                                "default": 1000}}]}
+_ITEMS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {k: v for k, v in _ITEMS_SCHEMA.items() if k != "$defs"}},
+            "application/x-ndjson": {"schema": {"type": "string", "description": "one item object per line"}},
+        },
+    }
+}
+_LABELS_QUERY = {
+    "parameters": [
+        {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LABELS_LIMIT, "default": 1000},
+        },
+    ]
+}
 _ERRORS: dict[int | str, dict[str, Any]] = {"default": {"model": _ErrorOut}}
 
 
 def _build_app(api: ApiServer) -> FastAPI:
     # no /docs page: FastAPI's loads its JavaScript from a CDN, which would then run in this API's origin
-    app = FastAPI(title="freeal-stream service", version="1", docs_url=None, redoc_url=None,
-                  description=(__doc__ or "").split("\n\n")[0])
+    app = FastAPI(
+        title="freeal-stream service",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        description=(__doc__ or "").split("\n\n")[0],
+    )
     app.add_middleware(_Gate, api=api)
 
     def openapi() -> dict[str, Any]:
@@ -489,12 +547,17 @@ def _build_app(api: ApiServer) -> FastAPI:
             allowed = (exc.headers or {}).get("Allow", "")
             return refusal(ApiError(405, f"{request.url.path} takes {allowed}", headers={"Allow": allowed}))
         if exc.status_code == 404:
-            return refusal(ApiError(404, f"no such endpoint; there are {', '.join(_ROUTES)} (described at "
-                                          "/openapi.json)"))
+            return refusal(
+                ApiError(404, f"no such endpoint; there are {', '.join(_ROUTES)} (described at /openapi.json)")
+            )
         return refusal(ApiError(exc.status_code, str(exc.detail)))
 
-    @app.post("/items", openapi_extra=_ITEMS_BODY, responses={200: {"model": _ItemsOut}, **_ERRORS},
-              summary="add items; bad ones are quarantined one by one, the rest stored")
+    @app.post(
+        "/items",
+        openapi_extra=_ITEMS_BODY,
+        responses={200: {"model": _ItemsOut}, **_ERRORS},
+        summary="add items; bad ones are quarantined one by one, the rest stored",
+    )
     async def items(request: Request) -> Response:
         return _answer(await api.take_items(request))
 
@@ -502,8 +565,12 @@ def _build_app(api: ApiServer) -> FastAPI:
     async def status() -> Response:
         return _answer(await _call("GET /status", api.handlers.status))
 
-    @app.get("/labels", openapi_extra=_LABELS_QUERY, responses={200: {"model": _LabelsOut}, **_ERRORS},
-             summary="labels in ingestion order, from position `since`")
+    @app.get(
+        "/labels",
+        openapi_extra=_LABELS_QUERY,
+        responses={200: {"model": _LabelsOut}, **_ERRORS},
+        summary="labels in ingestion order, from position `since`",
+    )
     async def labels(request: Request) -> Response:
         since, limit = _labels_query(request.url.query)
         return _answer(await _call("GET /labels", api.handlers.labels, since, limit))
@@ -540,7 +607,8 @@ def _body_length(headers: Headers) -> int | None:
 def _host_names(host: str, port: int, extra: Iterable[str]) -> frozenset[str]:
     """The Host header values a request may carry: ``name:port`` for the bound host and the loopback names,
     and each of ``extra`` (with ``:port`` added when it names none)."""
-    def bracket(name: str) -> str:   # an IPv6 address is written [::1] in a Host header
+
+    def bracket(name: str) -> str:  # an IPv6 address is written [::1] in a Host header
         try:
             return f"[{name}]" if ipaddress.ip_address(name).version == 6 else name
         except ValueError:
@@ -557,13 +625,23 @@ def _host_names(host: str, port: int, extra: Iterable[str]) -> frozenset[str]:
 class ApiServer:
     """The HTTP API on a background thread: ``start()`` returns its base URL, ``stop()`` ends it."""
 
-    def __init__(self, handlers: ApiHandlers, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None, *, token_env: str = "FREEAL_SERVICE_TOKEN",
-                 allowed_hosts: Sequence[str] = (),
-                 max_body_bytes: int = MAX_BODY_BYTES, max_items: int = MAX_ITEMS,
-                 max_body_bytes_in_flight: int = MAX_BODY_BYTES_IN_FLIGHT, max_connections: int = MAX_CONNECTIONS,
-                 body_timeout_s: float = BODY_TIMEOUT_S, headers_timeout_s: float = HEADERS_TIMEOUT_S):
-        if token is None and not is_loopback(host):   # the rule and its message: serve.service_token
+    def __init__(
+        self,
+        handlers: ApiHandlers,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        *,
+        token_env: str = "FREEAL_SERVICE_TOKEN",
+        allowed_hosts: Sequence[str] = (),
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_items: int = MAX_ITEMS,
+        max_body_bytes_in_flight: int = MAX_BODY_BYTES_IN_FLIGHT,
+        max_connections: int = MAX_CONNECTIONS,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+        headers_timeout_s: float = HEADERS_TIMEOUT_S,
+    ):
+        if token is None and not is_loopback(host):  # the rule and its message: serve.service_token
             raise ValueError(f"refusing to serve on {host!r} without a token")
         self.handlers = handlers
         self.host = host
@@ -603,17 +681,24 @@ class ApiServer:
         """Refuse a request naming another Host (DNS rebinding), from another site's page, or without the token."""
         host = headers.get("host", "").lower()
         if "*" not in self.allowed_hosts and host not in self._hosts:
-            raise ApiError(403, f"Host {host or '(none)'!r} is not one this service answers to. Fix: reach it "
-                                "by the address it listens on, or add the name to service.allowed_hosts")
+            raise ApiError(
+                403,
+                f"Host {host or '(none)'!r} is not one this service answers to. Fix: reach it "
+                "by the address it listens on, or add the name to service.allowed_hosts",
+            )
         origin = headers.get("origin")
-        if origin is not None and origin.lower() not in {f"{scheme}://{h}" for h in self._hosts
-                                                         for scheme in ("http", "https")}:
+        if origin is not None and origin.lower() not in {
+            f"{scheme}://{h}" for h in self._hosts for scheme in ("http", "https")
+        }:
             raise ApiError(403, "cross-origin requests are refused (a web page cannot use this API)")
         if path != "/health" and self.token is not None:
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())):
-                raise ApiError(401, f"missing or wrong token: send 'Authorization: Bearer <{self.token_env}>'",
-                               headers={"WWW-Authenticate": "Bearer"})
+                raise ApiError(
+                    401,
+                    f"missing or wrong token: send 'Authorization: Bearer <{self.token_env}>'",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
 
     async def take_items(self, request: Request) -> dict[str, Any]:
         """Read a POST /items body within the limits (length, type, bytes in flight, time), then store it."""
@@ -621,12 +706,18 @@ class ApiServer:
         if length is None:
             raise ApiError(411, "send the body with a valid Content-Length (chunked bodies are not taken)")
         if length > self.max_body_bytes:
-            raise ApiError(413, f"the body is {length} bytes; the limit is {self.max_body_bytes}: "
-                                "split the items over several requests")
+            raise ApiError(
+                413,
+                f"the body is {length} bytes; the limit is {self.max_body_bytes}: "
+                "split the items over several requests",
+            )
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media not in _BODY_TYPES:
-            raise ApiError(415, f"Content-Type {media or '(none)'!r} is not taken: send application/json, or "
-                                "application/x-ndjson for JSON lines")
+            raise ApiError(
+                415,
+                f"Content-Type {media or '(none)'!r} is not taken: send application/json, or "
+                "application/x-ndjson for JSON lines",
+            )
         started = time.monotonic()
         async with self._budget.share(length, self.body_timeout_s):
             body = await self._read_body(request, length, self.body_timeout_s - (time.monotonic() - started))
@@ -643,10 +734,18 @@ class ApiServer:
                 message = await asyncio.wait_for(request.receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 client = request.client.host if request.client else "?"
-                log.warning("API: POST /items from %s: %d of %d body bytes in %.0f s; answered 408", client,
-                            len(body), length, timeout_s)
-                raise ApiError(408, f"the body did not arrive within {timeout_s:.0f} s ({len(body)} of {length} "
-                                    "bytes)", headers={"Connection": "close"}) from None
+                log.warning(
+                    "API: POST /items from %s: %d of %d body bytes in %.0f s; answered 408",
+                    client,
+                    len(body),
+                    length,
+                    timeout_s,
+                )
+                raise ApiError(
+                    408,
+                    f"the body did not arrive within {timeout_s:.0f} s ({len(body)} of {length} bytes)",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.disconnect":
                 request.scope[_BODY_READ] = True
                 raise ApiError(400, "the client left before sending its whole body")
@@ -671,16 +770,25 @@ class ApiServer:
             sock.close()
             raise
         self._bound = (sock.getsockname()[0], sock.getsockname()[1])
-        self._budget = _ByteBudget(self.max_body_bytes_in_flight)   # its lock belongs to the new event loop
+        self._budget = _ByteBudget(self.max_body_bytes_in_flight)  # its lock belongs to the new event loop
         self._hosts = _host_names(self.host, self._bound[1], self.allowed_hosts)
         config = uvicorn.Config(
-            _build_app(self), lifespan="off", ws="none", log_config=None, access_log=False, server_header=False,
+            _build_app(self),
+            lifespan="off",
+            ws="none",
+            log_config=None,
+            access_log=False,
+            server_header=False,
             # uvicorn calls `http` as a protocol factory; its stub wants the class itself
             http=functools.partial(_Protocol, headers_timeout_s=self.headers_timeout_s),  # type: ignore[arg-type]
-            limit_concurrency=self.max_connections, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+            limit_concurrency=self.max_connections,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=5,
+        )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="freeal-api",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="freeal-api", daemon=True
+        )
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():
@@ -703,6 +811,7 @@ class ApiServer:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -14,6 +14,7 @@ Only regular files directly in the inbox are read. Symbolic links are never foll
 Sub-folders, FIFOs and other non-regular entries are left alone. A settled file whose name does not end
 with a data suffix goes to ``failed/`` with a note, so a mistyped name is noticed rather than ignored.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -85,11 +86,17 @@ class Inbox:
     re-ingested file is still harmless, as the store drops items it already holds.
     """
 
-    def __init__(self, root: Path, ingest_file: Callable[[Path], int], *, settle_s: float = 1.0,
-                 suffixes: Iterable[str] = DEFAULT_SUFFIXES,
-                 seen: Callable[[str], bool] | None = None,
-                 remember: Callable[[str, str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        root: Path,
+        ingest_file: Callable[[Path], int],
+        *,
+        settle_s: float = 1.0,
+        suffixes: Iterable[str] = DEFAULT_SUFFIXES,
+        seen: Callable[[str], bool] | None = None,
+        remember: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if (seen is None) != (remember is None):
             raise ValueError("pass both seen and remember, or neither")
         if seen is None or remember is None:
@@ -120,8 +127,13 @@ class Inbox:
             if not _well_named(entry.name):
                 continue
             if entry.is_symlink():
-                results.append(self._fail(entry.name, "it is a symbolic link, and links are never followed",
-                                          "copy the file itself into the inbox"))
+                results.append(
+                    self._fail(
+                        entry.name,
+                        "it is a symbolic link, and links are never followed",
+                        "copy the file itself into the inbox",
+                    )
+                )
             elif entry.is_file(follow_symlinks=False) and self._inside(entry):
                 present.add(entry.name)
                 results.append(self._consider(entry))
@@ -160,8 +172,11 @@ class Inbox:
             return InboxResult(name, "waiting")
         del self._pending[name]
         if not name.lower().endswith(self._suffixes):
-            return self._fail(name, f"its type ({Path(name).suffix or 'no suffix'}) is not a data file type",
-                              f"rename it to end with one of {', '.join(self._suffixes)}")
+            return self._fail(
+                name,
+                f"its type ({Path(name).suffix or 'no suffix'}) is not a data file type",
+                f"rename it to end with one of {', '.join(self._suffixes)}",
+            )
         path = Path(entry.path)
         digest = _settled_digest(path, state)
         if digest is None:
@@ -172,8 +187,7 @@ class Inbox:
         try:
             added = self._ingest_file(path)
         except Exception as exc:
-            return self._fail(name, str(exc) or type(exc).__name__,
-                              "correct the file and drop it into the inbox again")
+            return self._fail(name, str(exc) or type(exc).__name__, "correct the file and drop it into the inbox again")
         self._remember(digest, name)
         self._move(path, self.done)
         return InboxResult(name, "ingested", added=added)
@@ -181,8 +195,9 @@ class Inbox:
     def _fail(self, name: str, why: str, fix: str) -> InboxResult:
         """Move ``name`` to failed/ with a note beside it (replacing, never following, an old note)."""
         moved = self._move(self.root / name, self.failed)
-        note = (f"{name} was not ingested: {why}\n"
-                f"To fix: {fix}. Moving it back from failed/ into {self.root} retries it.\n")
+        note = (
+            f"{name} was not ingested: {why}\nTo fix: {fix}. Moving it back from failed/ into {self.root} retries it.\n"
+        )
         fd, tmp = tempfile.mkstemp(dir=self.failed, prefix=".note-")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:

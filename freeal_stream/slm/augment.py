@@ -4,6 +4,7 @@ is supplied.
 Fine-tuning perturbs the text (word dropout + local swaps). A frozen-encoder head cannot afford to
 re-embed perturbed text every epoch, so there the view is noise on the frozen embedding instead.
 """
+
 from __future__ import annotations
 
 import numpy as np

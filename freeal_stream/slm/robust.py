@@ -1,4 +1,5 @@
 """The functional core of robust self-training (docs/METHOD.md section 3): pure functions, each testable alone."""
+
 from __future__ import annotations
 
 import warnings
@@ -43,8 +44,9 @@ def gmm_clean_split(losses: np.ndarray, tau: float, seed: int) -> tuple[np.ndarr
     return w >= tau, w
 
 
-def classwise_clean_split(losses: np.ndarray, labels: np.ndarray, tau: float, seed: int
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def classwise_clean_split(
+    losses: np.ndarray, labels: np.ndarray, tau: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """`gmm_clean_split` within each given class, so a class the model still under-predicts is not
     discarded wholesale as 'noisy' (the failure mode after a short warm-up or with a label-biased LLM)."""
     clean, w = np.zeros(len(losses), dtype=bool), np.zeros(len(losses))
@@ -82,8 +84,12 @@ def kl_consistency(aug_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch
     """
     if aug_logits.shape[0] == 0:
         return aug_logits.sum() * 0.0
-    return F.kl_div(F.log_softmax(aug_logits, dim=-1), F.log_softmax(orig_logits.detach(), dim=-1),
-                    log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(aug_logits, dim=-1),
+        F.log_softmax(orig_logits.detach(), dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 def alpha_ramp(epoch: int, warmup: int, rampup: int) -> float:

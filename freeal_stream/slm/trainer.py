@@ -4,6 +4,7 @@
 cached on disk) and trains a small MLP, for pools too large to fine-tune on. Both share one loop: only
 how a batch's head inputs are produced differs (`_FrozenInputs` / `_TextInputs`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,13 +62,13 @@ class Recipe:
 
 @dataclass
 class SLMResult:
-    probs: np.ndarray          # (n, C) softmax for every text passed in
-    embeddings: np.ndarray     # (n, d) L2-normalised sentence embeddings (demo selection, retrieval)
-    losses: np.ndarray         # (n,) CE w.r.t. the given label after training; NaN where label == -1
-    clean: np.ndarray          # (n,) bool, clean split of the final losses (False where label == -1;
-                               #   every labelled row when the recipe has no GMM)
-    mode: str                  # 'finetune' | 'head'
-    history: list[dict]        # per epoch: epoch, alpha, loss terms, n_clean, n_pool, rows, seconds, samples_per_s
+    probs: np.ndarray  # (n, C) softmax for every text passed in
+    embeddings: np.ndarray  # (n, d) L2-normalised sentence embeddings (demo selection, retrieval)
+    losses: np.ndarray  # (n,) CE w.r.t. the given label after training; NaN where label == -1
+    clean: np.ndarray  # (n,) bool, clean split of the final losses (False where label == -1;
+    #   every labelled row when the recipe has no GMM)
+    mode: str  # 'finetune' | 'head'
+    history: list[dict]  # per epoch: epoch, alpha, loss terms, n_clean, n_pool, rows, seconds, samples_per_s
     model: SLM
 
 
@@ -82,7 +83,7 @@ def resolve_mode(cfg: SLMConfig, n_items: int, n_labelled: int) -> str:
     if cfg.mode != "auto":
         return cfg.mode
     if cfg.encoder == STATIC_ENCODER:
-        return "head"   # a static encoder has nothing to fine-tune
+        return "head"  # a static encoder has nothing to fine-tune
     if n_items <= cfg.finetune_max_items and n_labelled >= cfg.finetune_min_labels:
         return "finetune"
     return "head"
@@ -121,8 +122,7 @@ class _Inputs(Protocol):
 class _FrozenInputs:
     """Head mode: everything is a lookup into embeddings computed once."""
 
-    def __init__(self, emb: np.ndarray, view_emb: np.ndarray | None, has_view: np.ndarray | None,
-                 device: torch.device):
+    def __init__(self, emb: np.ndarray, view_emb: np.ndarray | None, has_view: np.ndarray | None, device: torch.device):
         self.emb = torch.from_numpy(emb).to(device)
         self.view_emb = None if view_emb is None else torch.from_numpy(view_emb).to(device)
         self.has_view = None if has_view is None else torch.from_numpy(has_view).to(device)
@@ -145,8 +145,7 @@ class _FrozenInputs:
 class _TextInputs:
     """Fine-tune mode: every batch goes through the (trainable) encoder."""
 
-    def __init__(self, model: SLM, texts: Sequence[str], views: Sequence[str | None] | None,
-                 rng: np.random.Generator):
+    def __init__(self, model: SLM, texts: Sequence[str], views: Sequence[str | None] | None, rng: np.random.Generator):
         self.model, self.texts, self.views, self.rng = model, texts, views, rng
 
     @property
@@ -162,8 +161,11 @@ class _TextInputs:
     def aug(self, idx: np.ndarray) -> torch.Tensor:
         enc = self.encoder
         views = [None if self.views is None else self.views[i] for i in idx]
-        return enc(enc.tokenize([v if v is not None else perturb(enc.cut(self.texts[i]), self.rng)
-                                 for i, v in zip(idx, views)]))
+        return enc(
+            enc.tokenize(
+                [v if v is not None else perturb(enc.cut(self.texts[i]), self.rng) for i, v in zip(idx, views)]
+            )
+        )
 
     def frozen(self, idx: np.ndarray) -> np.ndarray:
         return self.model.encoder.embed([self.texts[i] for i in idx], EMBED_BATCH)
@@ -199,12 +201,21 @@ def _clean_split(losses: np.ndarray, labels: np.ndarray, tau: float, seed: int, 
 
 @dataclass
 class _Split:
-    clean: np.ndarray   # row indices of D_l (supervised terms)
-    pool: np.ndarray    # row indices for L_cr_u: D_u plus rows without a label
+    clean: np.ndarray  # row indices of D_l (supervised terms)
+    pool: np.ndarray  # row indices for L_cr_u: D_u plus rows without a label
 
 
-def _split(model: SLM, inputs: _Inputs, labels: np.ndarray, epoch: int, freeal: FreeALConfig, recipe: Recipe,
-           warmup: int, seed: int, trusted: np.ndarray | None = None) -> _Split:
+def _split(
+    model: SLM,
+    inputs: _Inputs,
+    labels: np.ndarray,
+    epoch: int,
+    freeal: FreeALConfig,
+    recipe: Recipe,
+    warmup: int,
+    seed: int,
+    trusted: np.ndarray | None = None,
+) -> _Split:
     labelled, unlabelled = np.flatnonzero(labels >= 0), np.flatnonzero(labels < 0)
     if recipe.gmm and epoch > warmup:
         losses = per_sample_ce(model.logits_from_embeddings(inputs.frozen(labelled)), labels[labelled])
@@ -234,10 +245,22 @@ def _epoch_order(rows: np.ndarray, batch_size: int, min_steps: int, rng: np.rand
     return np.concatenate(parts)
 
 
-def _run_epoch(model: SLM, inputs: _Inputs, labels: np.ndarray, split: _Split, alpha: float, recipe: Recipe,
-               n_classes: int, freeal: FreeALConfig, opt: torch.optim.Optimizer, batch_size: int,
-               epoch: int, epochs: int, rng: np.random.Generator,
-               on_step: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
+def _run_epoch(
+    model: SLM,
+    inputs: _Inputs,
+    labels: np.ndarray,
+    split: _Split,
+    alpha: float,
+    recipe: Recipe,
+    n_classes: int,
+    freeal: FreeALConfig,
+    opt: torch.optim.Optimizer,
+    batch_size: int,
+    epoch: int,
+    epochs: int,
+    rng: np.random.Generator,
+    on_step: Callable[[int, int, int], None] | None = None,
+) -> dict[str, float]:
     """One pass over D_l; returns the mean of each loss term and `rows`, the D_l rows stepped through."""
     model.train()
     order = _epoch_order(split.clean, batch_size, HEAD_MIN_STEPS if model.mode == "head" else 1, rng)
@@ -247,7 +270,7 @@ def _run_epoch(model: SLM, inputs: _Inputs, labels: np.ndarray, split: _Split, a
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * _lr_factor((epoch - 1 + step / steps) / epochs)
-        idx = order[step * batch_size:(step + 1) * batch_size]
+        idx = order[step * batch_size : (step + 1) * batch_size]
         if len(idx) == 0:
             break
         y = torch.from_numpy(labels[idx]).long().to(device)
@@ -261,8 +284,9 @@ def _run_epoch(model: SLM, inputs: _Inputs, labels: np.ndarray, split: _Split, a
         if alpha > 0 and recipe.mixup:
             mixed = mixup(emb, F.one_hot(y, n_classes).float(), freeal.mixup_alpha, rng)
             terms["l_mix"] = soft_ce(model.head(mixed.emb), mixed.targets)
-        loss = terms["l_clean"] + alpha * sum((v for k, v in terms.items() if k != "l_clean"),
-                                              torch.zeros((), device=device))
+        loss = terms["l_clean"] + alpha * sum(
+            (v for k, v in terms.items() if k != "l_clean"), torch.zeros((), device=device)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
@@ -287,7 +311,7 @@ class TrainingData:
     has_view: np.ndarray | None = None
     texts: Sequence[str] | None = None
     views: Sequence[str | None] | None = None
-    trusted: np.ndarray | None = None   # rows whose label is clean by fiat (a human's): never in the noisy split
+    trusted: np.ndarray | None = None  # rows whose label is clean by fiat (a human's): never in the noisy split
 
     @property
     def mode(self) -> Mode:
@@ -314,12 +338,20 @@ class TrainingData:
 class FittedSLM:
     model: SLM
     mode: str
-    history: list[dict]    # per epoch: epoch, alpha, loss terms, n_clean, n_pool, rows, seconds, samples_per_s
+    history: list[dict]  # per epoch: epoch, alpha, loss terms, n_clean, n_pool, rows, seconds, samples_per_s
 
 
-def fit_slm(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALConfig, *, recipe: Recipe = Recipe(),
-            seed: int = 0, progress: Callable[[str], None] | None = None,
-            on_step: Callable[[int, int, int], None] | None = None) -> FittedSLM:
+def fit_slm(
+    data: TrainingData,
+    n_classes: int,
+    cfg: SLMConfig,
+    freeal: FreeALConfig,
+    *,
+    recipe: Recipe = Recipe(),
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
+) -> FittedSLM:
     """Train an SLM from scratch on `data` with the robust recipe (docs/METHOD.md section 3); `progress` gets
     a line per epoch, `on_step(epoch, step, steps)` is called after every optimiser step."""
     labels = np.asarray(data.labels, dtype=np.int64)
@@ -345,14 +377,38 @@ def fit_slm(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALCo
         split = _split(model, inputs, labels, epoch, freeal, recipe, warmup, seed, data.trusted)
         t1 = time.perf_counter()
         alpha = alpha_ramp(epoch, warmup, rampup) if recipe.consistency or recipe.mixup else 0.0
-        terms = _run_epoch(model, inputs, labels, split, alpha, recipe, n_classes, freeal, opt, cfg.batch_size,
-                           epoch, epochs, rng, on_step)
+        terms = _run_epoch(
+            model,
+            inputs,
+            labels,
+            split,
+            alpha,
+            recipe,
+            n_classes,
+            freeal,
+            opt,
+            cfg.batch_size,
+            epoch,
+            epochs,
+            rng,
+            on_step,
+        )
         t2 = time.perf_counter()
-        rec = {"epoch": epoch, "alpha": alpha, **terms, "n_clean": len(split.clean), "n_pool": len(split.pool),
-               "split_seconds": t1 - t0, "seconds": t2 - t0, "samples_per_s": terms["rows"] / max(t2 - t1, 1e-9)}
+        rec = {
+            "epoch": epoch,
+            "alpha": alpha,
+            **terms,
+            "n_clean": len(split.clean),
+            "n_pool": len(split.pool),
+            "split_seconds": t1 - t0,
+            "seconds": t2 - t0,
+            "samples_per_s": terms["rows"] / max(t2 - t1, 1e-9),
+        }
         history.append(rec)
-        say(f"epoch {epoch}/{epochs}: loss {rec['loss']:.3f} alpha {alpha:.2f} "
-            f"clean {rec['n_clean']}/{n_labelled} {rec['samples_per_s']:.0f} samples/s")
+        say(
+            f"epoch {epoch}/{epochs}: loss {rec['loss']:.3f} alpha {alpha:.2f} "
+            f"clean {rec['n_clean']}/{n_labelled} {rec['samples_per_s']:.0f} samples/s"
+        )
     model.eval()
     return FittedSLM(model, data.mode, history)
 
@@ -372,9 +428,17 @@ def fold_of(labels: np.ndarray, folds: int, seed: int, held_out: int | None = No
     return fold
 
 
-def out_of_fold_logits(data: TrainingData, n_classes: int, cfg: SLMConfig, freeal: FreeALConfig, folds: int, *,
-                       held_out: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None
-                       ) -> np.ndarray:
+def out_of_fold_logits(
+    data: TrainingData,
+    n_classes: int,
+    cfg: SLMConfig,
+    freeal: FreeALConfig,
+    folds: int,
+    *,
+    held_out: int | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> np.ndarray:
     """Logits for labelled rows from an SLM that did not train on their label: `folds` SLMs, each trained as
     `fit_slm` trains one with one fold's labels (at most `held_out` of them) hidden; those rows stay in the
     consistency term, which uses no label. Rows without a label, or hidden by no fold, get NaN. What calibration
@@ -389,20 +453,22 @@ def out_of_fold_logits(data: TrainingData, n_classes: int, cfg: SLMConfig, freea
         if not len(held):
             continue
         t0 = time.perf_counter()
-        fitted = fit_slm(dataclasses.replace(data, labels=np.where(fold == k, -1, labels)), n_classes, cfg, freeal,
-                         seed=seed + k + 1)
+        fitted = fit_slm(
+            dataclasses.replace(data, labels=np.where(fold == k, -1, labels)), n_classes, cfg, freeal, seed=seed + k + 1
+        )
         if data.emb is not None:
             emb = data.emb[held]
         else:
-            assert data.texts is not None   # fine-tune data carries texts, head data embeddings
+            assert data.texts is not None  # fine-tune data carries texts, head data embeddings
             emb = fitted.model.encoder.embed([data.texts[i] for i in held.tolist()], EMBED_BATCH)
         out[held] = fitted.model.logits_from_embeddings(emb)
         say(f"calibration fold {k + 1}/{folds}: {len(held)} held-out labels ({time.perf_counter() - t0:.0f} s)")
     return out
 
 
-def final_split(logits: np.ndarray, labels: np.ndarray, tau: float, seed: int, recipe: Recipe = Recipe()
-                ) -> tuple[np.ndarray, np.ndarray]:
+def final_split(
+    logits: np.ndarray, labels: np.ndarray, tau: float, seed: int, recipe: Recipe = Recipe()
+) -> tuple[np.ndarray, np.ndarray]:
     """(losses, clean) of the trained model on labelled rows: each row's CE (NaN where label == -1) and the
     clean flag of the GMM small-loss split (every labelled row when the recipe has no GMM)."""
     labelled = labels >= 0
@@ -414,9 +480,19 @@ def final_split(logits: np.ndarray, labels: np.ndarray, tau: float, seed: int, r
     return losses, clean
 
 
-def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLMConfig, freeal: FreeALConfig, *,
-              views: Sequence[str | None] | None = None, recipe: Recipe = Recipe(), seed: int = 0,
-              progress: Callable[[str], None] | None = None, cache_dir: Path | None = None) -> SLMResult:
+def train_slm(
+    texts: Sequence[str],
+    labels: np.ndarray,
+    n_classes: int,
+    cfg: SLMConfig,
+    freeal: FreeALConfig,
+    *,
+    views: Sequence[str | None] | None = None,
+    recipe: Recipe = Recipe(),
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    cache_dir: Path | None = None,
+) -> SLMResult:
     """Train an SLM on `labels` (-1 = no label) for `texts` and predict every text: `fit_slm` for a set that
     fits in memory (benchmarks, tests; the coordinator feeds `fit_slm` rows of the pool itself).
 
@@ -439,8 +515,13 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
         say(f"embedding {len(texts):,} texts{'' if views is None else ' + views'} (frozen {encoder.name})")
         emb = cached_embed(encoder, texts, cache_dir, EMBED_BATCH)
         has_view = None if views is None else np.array([v is not None for v in views])
-        view_emb = None if views is None else cached_embed(
-            encoder, [v if v is not None else t for v, t in zip(views, texts)], cache_dir, EMBED_BATCH)
+        view_emb = (
+            None
+            if views is None
+            else cached_embed(
+                encoder, [v if v is not None else t for v, t in zip(views, texts)], cache_dir, EMBED_BATCH
+            )
+        )
         say(f"embeddings ready in {time.perf_counter() - t0:.0f} s")
         data = TrainingData(labels, emb=emb, view_emb=view_emb, has_view=has_view)
     else:
@@ -450,5 +531,12 @@ def train_slm(texts: Sequence[str], labels: np.ndarray, n_classes: int, cfg: SLM
     logits = fitted.model.logits_from_embeddings(embeddings)
     probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
     losses, clean = final_split(logits, labels, freeal.tau, seed, recipe)
-    return SLMResult(probs=probs, embeddings=embeddings, losses=losses, clean=clean, mode=mode,
-                     history=fitted.history, model=fitted.model)
+    return SLMResult(
+        probs=probs,
+        embeddings=embeddings,
+        losses=losses,
+        clean=clean,
+        mode=mode,
+        history=fitted.history,
+        model=fitted.model,
+    )

@@ -19,6 +19,7 @@ chat_requests (live requests passed through).
 
     python -m freeal_stream.testing.fake_batch_api --port 8089 --upstream keyword   # or: --upstream local | URL
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,18 +42,19 @@ from typing import Any
 MAX_LINES = 50_000
 MAX_BYTES = 200 * 1000 * 1000
 ENDPOINTS = ("/v1/chat/completions",)
-_UNFINISHED = {"expired": ("batch_expired", "This request could not be executed before the completion window "
-                                            "expired."),
-               "cancelled": ("batch_cancelled", "This request was cancelled before it could be executed.")}
+_UNFINISHED = {
+    "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
+    "cancelled": ("batch_cancelled", "This request was cancelled before it could be executed."),
+}
 
 
 @dataclass
 class BatchScript:
     """How one batch misbehaves (the default runs it to completion)."""
 
-    expire_after_rows: int | None = None   # run this many rows, then expire (the rest: batch_expired)
-    hold: bool = False                     # stay in_progress, running nothing, until release()
-    fail_code: str | None = None           # fail validation with this error code
+    expire_after_rows: int | None = None  # run this many rows, then expire (the rest: batch_expired)
+    hold: bool = False  # stay in_progress, running nothing, until release()
+    fail_code: str | None = None  # fail validation with this error code
 
 
 class ApiError(Exception):
@@ -73,9 +75,18 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 class FakeBatchAPI:
     """Context manager; `base_url` ends in /v1."""
 
-    def __init__(self, upstream: str, *, api_key: str | None = None, workers: int = 2, step_s: float = 0.05,
-                 enqueued_token_limit: int = 0, host: str = "127.0.0.1", port: int = 0,
-                 hook: Callable[[str, str, str], None] | None = None):
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        api_key: str | None = None,
+        workers: int = 2,
+        step_s: float = 0.05,
+        enqueued_token_limit: int = 0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        hook: Callable[[str, str, str], None] | None = None,
+    ):
         self.upstream = upstream.rstrip("/")
         self.api_key, self.workers, self.step_s = api_key, workers, step_s
         self.enqueued_token_limit = enqueued_token_limit
@@ -85,7 +96,7 @@ class FakeBatchAPI:
         self.batches: dict[str, dict[str, Any]] = {}
         self.uploads = self.batches_created = self.rows_run = self.chat_requests = 0
         self._scripts: collections.deque[BatchScript] = collections.deque()
-        self._tokens: dict[str, int] = {}          # batch id -> enqueued prompt tokens while it runs
+        self._tokens: dict[str, int] = {}  # batch id -> enqueued prompt tokens while it runs
         self._lock = threading.Lock()
         self._released = threading.Event()
         self._stopping = threading.Event()
@@ -120,10 +131,17 @@ class FakeBatchAPI:
 
     # ---- files ----------------------------------------------------------------------------------------
     def _add_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
-        f: dict[str, Any] = {"id": f"file-{uuid.uuid4().hex[:24]}", "object": "file", "bytes": len(content),
-                             "created_at": _now(),
-             "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
-             "status_details": None}
+        f: dict[str, Any] = {
+            "id": f"file-{uuid.uuid4().hex[:24]}",
+            "object": "file",
+            "bytes": len(content),
+            "created_at": _now(),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
         with self._lock:
             self.files[f["id"]] = f
             self.contents[f["id"]] = content
@@ -131,7 +149,8 @@ class FakeBatchAPI:
 
     def _upload(self, content_type: str, body: bytes) -> dict[str, Any]:
         msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+            f"Content-Type: {content_type}\r\n\r\n".encode() + body
+        )
         if not msg.is_multipart():
             raise ApiError(400, "the upload must be multipart/form-data", param="file")
         fields = {part.get_param("name", header="content-disposition"): part for part in msg.iter_parts()}
@@ -168,13 +187,30 @@ class FakeBatchAPI:
         if self._file(file_id)["purpose"] != "batch":
             raise ApiError(400, f"file {file_id} was not uploaded with purpose 'batch'", param="input_file_id")
         now = _now()
-        b = {"id": f"batch_{uuid.uuid4().hex[:24]}", "object": "batch", "endpoint": body["endpoint"], "errors": None,
-             "input_file_id": file_id, "completion_window": "24h", "status": "validating",
-             "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-             "expires_at": now + 86400, "finalizing_at": None, "completed_at": None, "failed_at": None,
-             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata or None,
-             "model": None, "usage": None}
+        b = {
+            "id": f"batch_{uuid.uuid4().hex[:24]}",
+            "object": "batch",
+            "endpoint": body["endpoint"],
+            "errors": None,
+            "input_file_id": file_id,
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + 86400,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": metadata or None,
+            "model": None,
+            "usage": None,
+        }
         with self._lock:
             self.batches[b["id"]] = b
             self.batches_created += 1
@@ -206,8 +242,9 @@ class FakeBatchAPI:
         if script.fail_code:
             raise _Invalid([{"code": script.fail_code, "message": "scripted validation failure", "line": None}])
         if len(raw) > MAX_LINES:
-            raise _Invalid([{"code": "too_many_requests", "message": f"{len(raw)} lines; at most {MAX_LINES}",
-                             "line": None}])
+            raise _Invalid(
+                [{"code": "too_many_requests", "message": f"{len(raw)} lines; at most {MAX_LINES}", "line": None}]
+            )
         lines, seen, models, errors = [], set(), set(), []
         for n, text in enumerate(raw, 1):
             try:
@@ -224,8 +261,13 @@ class FakeBatchAPI:
             models.add(line["body"].get("model"))
             lines.append(line)
         if len(models) > 1:
-            errors.append({"code": "mismatched_model", "message": f"one model per file, got {sorted(map(str, models))}",
-                           "line": None})
+            errors.append(
+                {
+                    "code": "mismatched_model",
+                    "message": f"one model per file, got {sorted(map(str, models))}",
+                    "line": None,
+                }
+            )
         if errors:
             raise _Invalid(errors[:100])
         tokens = sum(prompt_tokens(line["body"]) for line in lines)
@@ -233,10 +275,17 @@ class FakeBatchAPI:
         with self._lock:
             queued = sum(t for bid, t in self._tokens.items() if self.batches[bid]["model"] == model)
             if self.enqueued_token_limit and queued + tokens > self.enqueued_token_limit:
-                raise _Invalid([{"code": "token_limit_exceeded", "line": None, "message":
-                                 f"Enqueued token limit reached for {model}. Limit: {self.enqueued_token_limit} "
-                                 f"enqueued tokens; {queued} in flight, this batch {tokens}. Please try again "
-                                 "once some in_progress batches have been completed."}])
+                raise _Invalid(
+                    [
+                        {
+                            "code": "token_limit_exceeded",
+                            "line": None,
+                            "message": f"Enqueued token limit reached for {model}. Limit: {self.enqueued_token_limit} "
+                            f"enqueued tokens; {queued} in flight, this batch {tokens}. Please try again "
+                            "once some in_progress batches have been completed.",
+                        }
+                    ]
+                )
             self._tokens[b["id"]] = tokens
             b["model"] = model
         return lines
@@ -266,8 +315,11 @@ class FakeBatchAPI:
         def work() -> None:
             while not self._stopping.is_set():
                 with self._lock:
-                    if not todo or b["status"] == "cancelling" or (
-                            script.expire_after_rows is not None and started[0] >= script.expire_after_rows):
+                    if (
+                        not todo
+                        or b["status"] == "cancelling"
+                        or (script.expire_after_rows is not None and started[0] >= script.expire_after_rows)
+                    ):
                         return
                     line = todo.popleft()
                     started[0] += 1
@@ -294,14 +346,18 @@ class FakeBatchAPI:
         with self._lock:
             self.rows_run += 1
         status, body = self._upstream("/chat/completions", json.dumps(line["body"]).encode())
-        row = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": line["custom_id"],
-               "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex[:24]}", "body": body},
-               "error": None}
+        row = {
+            "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+            "custom_id": line["custom_id"],
+            "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex[:24]}", "body": body},
+            "error": None,
+        }
         return status == 200, row
 
     def _upstream(self, path: str, data: bytes) -> tuple[int, Any]:
-        req = urllib.request.Request(self.upstream + path, data=data, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.upstream + path, data=data, method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=600) as r:
                 status, raw = r.status, r.read()
@@ -314,34 +370,45 @@ class FakeBatchAPI:
         except ValueError:
             return (502 if status == 200 else status), {"error": {"message": raw[:200].decode(errors="replace")}}
 
-    def _finish(self, b: dict[str, Any], lines: list[dict[str, Any]], results: dict[str, tuple[bool, dict]],
-                final: str) -> None:
+    def _finish(
+        self, b: dict[str, Any], lines: list[dict[str, Any]], results: dict[str, tuple[bool, dict]], final: str
+    ) -> None:
         out = [row for ok, row in results.values() if ok]
         err = [row for ok, row in results.values() if not ok]
         if final in _UNFINISHED:
             code, message = _UNFINISHED[final]
-            err += [{"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": line["custom_id"], "response": None,
-                     "error": {"code": code, "message": message}}
-                    for line in lines if line["custom_id"] not in results]
+            err += [
+                {
+                    "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+                    "custom_id": line["custom_id"],
+                    "response": None,
+                    "error": {"code": code, "message": message},
+                }
+                for line in lines
+                if line["custom_id"] not in results
+            ]
         fields: dict[str, Any] = {"status": final, f"{final}_at": _now()}
         for rows, kind in ((out, "output"), (err, "error")):
             if rows:
                 content = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
                 fields[f"{kind}_file_id"] = self._add_file(content, f"{b['id']}_{kind}.jsonl", "batch_output")["id"]
         usage = [r["response"]["body"].get("usage") or {} for r in out]
-        fields["usage"] = {"input_tokens": sum(u.get("prompt_tokens", 0) for u in usage),
-                           "input_tokens_details": {"cached_tokens": sum(
-                               (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0) for u in usage)},
-                           "output_tokens": sum(u.get("completion_tokens", 0) for u in usage),
-                           "output_tokens_details": {"reasoning_tokens": 0},
-                           "total_tokens": sum(u.get("total_tokens", 0) for u in usage)}
+        fields["usage"] = {
+            "input_tokens": sum(u.get("prompt_tokens", 0) for u in usage),
+            "input_tokens_details": {
+                "cached_tokens": sum((u.get("prompt_tokens_details") or {}).get("cached_tokens", 0) for u in usage)
+            },
+            "output_tokens": sum(u.get("completion_tokens", 0) for u in usage),
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": sum(u.get("total_tokens", 0) for u in usage),
+        }
         with self._lock:
             self._tokens.pop(b["id"], None)
             b.update(fields)
 
     # ---- HTTP ---------------------------------------------------------------------------------------------
     def _route(self, method: str, path: str, query: dict[str, str], headers: Any, body: bytes) -> tuple[int, Any]:
-        parts = path.rstrip("/").split("/")[2:]   # after /v1
+        parts = path.rstrip("/").split("/")[2:]  # after /v1
         if method == "POST" and parts == ["chat", "completions"]:
             with self._lock:
                 self.chat_requests += 1
@@ -391,25 +458,37 @@ class FakeBatchAPI:
                 auth = self.headers.get("Authorization", "")
                 try:
                     if server.api_key is not None and auth != f"Bearer {server.api_key}":
-                        raise ApiError(401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}.",
-                                       "invalid_api_key")
-                    status, payload = server._route(method, url.path, dict(urllib.parse.parse_qsl(url.query)),
-                                                    self.headers, body)
+                        raise ApiError(
+                            401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}.", "invalid_api_key"
+                        )
+                    status, payload = server._route(
+                        method, url.path, dict(urllib.parse.parse_qsl(url.query)), self.headers, body
+                    )
                 except ApiError as e:
-                    status, payload = e.status, {"error": {"message": e.message, "type": "invalid_request_error",
-                                                           "param": e.param, "code": e.code}}
+                    status, payload = (
+                        e.status,
+                        {
+                            "error": {
+                                "message": e.message,
+                                "type": "invalid_request_error",
+                                "param": e.param,
+                                "code": e.code,
+                            }
+                        },
+                    )
                 if server.hook:
                     server.hook("handled", method, url.path)
                 raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/octet-stream" if isinstance(payload, bytes)
-                                     else "application/json")
+                    self.send_header(
+                        "Content-Type", "application/octet-stream" if isinstance(payload, bytes) else "application/json"
+                    )
                     self.send_header("Content-Length", str(len(raw)))
                     self.end_headers()
                     self.wfile.write(raw)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass   # the client is gone (a test killed it)
+                    pass  # the client is gone (a test killed it)
 
             def do_GET(self) -> None:
                 self._handle("GET")
@@ -434,21 +513,31 @@ def _page(items: list[dict[str, Any]], query: dict[str, str], order: str) -> dic
     items = list(items) if order == "asc" else list(reversed(items))
     if "after" in query:
         ids = [i["id"] for i in items]
-        items = items[ids.index(query["after"]) + 1:] if query["after"] in ids else []
+        items = items[ids.index(query["after"]) + 1 :] if query["after"] in ids else []
     limit = int(query.get("limit", 20))
     page = [json.loads(json.dumps(i)) for i in items[:limit]]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m freeal_stream.testing.fake_batch_api",
-                                 description="a local OpenAI files + batches API on 127.0.0.1 (for tests and demos)")
+    ap = argparse.ArgumentParser(
+        prog="python -m freeal_stream.testing.fake_batch_api",
+        description="a local OpenAI files + batches API on 127.0.0.1 (for tests and demos)",
+    )
     ap.add_argument("--port", type=int, default=8089)
-    ap.add_argument("--upstream", default="keyword",
-                    help="who answers each line: 'keyword' (freeal_stream/testing/keyword_llm.py, instant), "
-                         "'local' (the embedded llama.cpp server) or the base URL of any OpenAI-compatible chat "
-                         "endpoint")
+    ap.add_argument(
+        "--upstream",
+        default="keyword",
+        help="who answers each line: 'keyword' (freeal_stream/testing/keyword_llm.py, instant), "
+        "'local' (the embedded llama.cpp server) or the base URL of any OpenAI-compatible chat "
+        "endpoint",
+    )
     ap.add_argument("--workers", type=int, default=1, help="rows run at once")
     args = ap.parse_args(argv)
     import contextlib

@@ -9,6 +9,7 @@ requests it ever had in flight at once, so tests can assert what was (not) sent.
         server.script(error(429, headers={"Retry-After": "0.2"}), ok("positive"))
         client = LLMClient(cfg, server.base_url, "key")
 """
+
 from __future__ import annotations
 
 import collections
@@ -37,7 +38,7 @@ class Reply:
     top_logprobs: list[list[tuple[str, float]]] | None = None  # per generated token; first = chosen
     cached_tokens: int | None = None
     finish_reason: str = "stop"
-    patch: Callable[[dict[str, Any]], None] | None = None   # edits the completion body before it is sent
+    patch: Callable[[dict[str, Any]], None] | None = None  # edits the completion body before it is sent
 
 
 def ok(content: str | None = "positive", **kw: Any) -> Reply:
@@ -67,11 +68,17 @@ def body_hash(body: dict[str, Any]) -> str:
 class FakeOpenAIServer:
     """Context manager; `base_url` ends in /v1 like a real OpenAI-compatible endpoint."""
 
-    def __init__(self, responder: Callable[[dict[str, Any]], Reply] | None = None, *,
-                 api_key: str | None = None, models: set[str] | None = None, reject_logprobs: bool = False):
+    def __init__(
+        self,
+        responder: Callable[[dict[str, Any]], Reply] | None = None,
+        *,
+        api_key: str | None = None,
+        models: set[str] | None = None,
+        reject_logprobs: bool = False,
+    ):
         self.responder = responder or (lambda body: ok())
-        self.api_key = api_key              # when set, any other bearer token gets 401
-        self.models = models                # when set, any other model gets 404
+        self.api_key = api_key  # when set, any other bearer token gets 401
+        self.models = models  # when set, any other model gets 404
         self.reject_logprobs = reject_logprobs
         self.requests: list[dict[str, Any]] = []
         self.hash_counts: collections.Counter[str] = collections.Counter()
@@ -118,25 +125,43 @@ class FakeOpenAIServer:
 
     def _completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
-        usage: dict[str, Any] = {"prompt_tokens": prompt_chars // 4 + 1,
-                                 "completion_tokens": len((reply.content or "").split()) + 1}
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt_chars // 4 + 1,
+            "completion_tokens": len((reply.content or "").split()) + 1,
+        }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if reply.cached_tokens is not None:
             usage["prompt_tokens_details"] = {"cached_tokens": reply.cached_tokens}
         logprobs = None
         if reply.top_logprobs is not None and body.get("logprobs"):
-            logprobs = {"content": [
-                {"token": cands[0][0], "logprob": cands[0][1], "bytes": None,
-                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in cands]}
-                for cands in reply.top_logprobs]}
+            logprobs = {
+                "content": [
+                    {
+                        "token": cands[0][0],
+                        "logprob": cands[0][1],
+                        "bytes": None,
+                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in cands],
+                    }
+                    for cands in reply.top_logprobs
+                ]
+            }
         completion = {
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body.get("model"),
-            "choices": [{"index": 0, "finish_reason": reply.finish_reason, "logprobs": logprobs,
-                         "message": {"role": "assistant", "content": reply.content}}],
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model"),
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": reply.finish_reason,
+                    "logprobs": logprobs,
+                    "message": {"role": "assistant", "content": reply.content},
+                }
+            ],
             "usage": usage,
         }
         if reply.patch is not None:
-            reply.patch(completion)   # json.dumps writes NaN and Infinity as bare words, as some servers do
+            reply.patch(completion)  # json.dumps writes NaN and Infinity as bare words, as some servers do
         return completion
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -175,13 +200,22 @@ class FakeOpenAIServer:
                 if reply.raw is not None:
                     return self._send(reply.status, reply.raw, reply.headers, "text/html")
                 if reply.status != 200:
-                    err = {"message": reply.error_message, "type": "invalid_request_error",
-                           "param": None, "code": reply.error_code}
+                    err = {
+                        "message": reply.error_message,
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": reply.error_code,
+                    }
                     return self._send(reply.status, json.dumps({"error": err}).encode(), reply.headers)
                 self._send(200, json.dumps(server._completion(body, reply)).encode(), reply.headers)
 
-            def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None,
-                      content_type: str = "application/json") -> None:
+            def _send(
+                self,
+                status: int,
+                payload: bytes,
+                headers: dict[str, str] | None = None,
+                content_type: str = "application/json",
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))

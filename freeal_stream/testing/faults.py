@@ -1,5 +1,6 @@
 """Fault injection for whole-job tests: a responder that plays a random fault on a share of requests and
 keeps the books a provider would (faults by kind, real answers delivered per request body)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,7 @@ class Flaky:
         self.rate = rate
         self.lock = threading.Lock()
         self.injected: dict[str, int] = {}
-        self.answered: dict[str, int] = {}   # body hash -> real answers delivered (what a provider bills)
+        self.answered: dict[str, int] = {}  # body hash -> real answers delivered (what a provider bills)
 
     def __call__(self, body):
         with self.lock:

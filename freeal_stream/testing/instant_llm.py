@@ -16,6 +16,7 @@ that class, so a job's round 1 works as with a real model. Usage is reported (pr
 prints `listening on http://127.0.0.1:PORT/v1` and serves until killed. `table` is JSON lines of
 {"text": ..., "label": ...}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,13 +68,28 @@ class InstantLLM:
         prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
         choice: dict = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
         if body.get("logprobs"):
-            choice["logprobs"] = {"content": [{"token": content, "logprob": math.log(0.9), "bytes": None,
-                                               "top_logprobs": [{"token": content, "logprob": math.log(0.9),
-                                                                 "bytes": None}]}]}
-        return {"id": f"chatcmpl-{self.requests}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.get("model", "instant"), "choices": [choice],
-                "usage": {"prompt_tokens": prompt_chars // 4 + 1, "completion_tokens": 1,
-                          "total_tokens": prompt_chars // 4 + 2}}
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": content,
+                        "logprob": math.log(0.9),
+                        "bytes": None,
+                        "top_logprobs": [{"token": content, "logprob": math.log(0.9), "bytes": None}],
+                    }
+                ]
+            }
+        return {
+            "id": f"chatcmpl-{self.requests}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "instant"),
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": prompt_chars // 4 + 1,
+                "completion_tokens": 1,
+                "total_tokens": prompt_chars // 4 + 2,
+            },
+        }
 
     def _label(self, last: str, system: str) -> str:
         found = _TEXT.findall(last)

@@ -1,5 +1,6 @@
 """Jobs for tests and benchmarks: small copies of the demo job, and the CLI run as a separate process (needs a
 source checkout: the demo job and its data are read from it)."""
+
 from __future__ import annotations
 
 import csv
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]   # the source checkout (the demo job and its data)
+ROOT = Path(__file__).resolve().parents[2]  # the source checkout (the demo job and its data)
 DEMO = ROOT / "jobs"
 
 
@@ -42,14 +43,20 @@ def make_job(tmp_path: Path, n_per_class: int, **overrides) -> Path:
     return path
 
 
-
 def cli_process(*args: str, log: Path) -> subprocess.Popen:
     """`freeal-stream ARGS` in its own process (so a test can SIGKILL it), output to `log`."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled", OMP_WAIT_POLICY="PASSIVE",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        RAY_AUTH_MODE="disabled",
+        OMP_WAIT_POLICY="PASSIVE",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "freeal_stream.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "freeal_stream.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+        )
 
 
 def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, log: Path) -> Any:

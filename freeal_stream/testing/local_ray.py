@@ -1,5 +1,6 @@
 """A local Ray for tests and benchmarks, started the way a job starts its own (freeal_stream.actors.runtime):
 on 127.0.0.1 only, and never a cluster left running on this machine or named by $RAY_ADDRESS."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

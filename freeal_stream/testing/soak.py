@@ -2,6 +2,7 @@
 against an endpoint that injects faults; then every ingested item must hold exactly one label and the LLM
 ledger must add up. Used by tests/integration/test_soak.py (bounded, in CI) and bench/bench_soak.py (longer, recorded
 in BENCHMARKS.md)."""
+
 from __future__ import annotations
 
 import csv
@@ -33,12 +34,21 @@ def run_soak(tmp: Path, seconds: float, seed: int = 7, fault_rate: float = 0.3) 
     sent: dict[str, str] = {}
     repeats = inbox_files = 0
     with FakeOpenAIServer(flaky) as server:
-        job = make_job(tmp, INITIAL_PER_CLASS,
-                       llm={"base_url": server.base_url, "model": "kw", "concurrency": 2, "timeout_s": 1.0,
-                            "max_retries": 6, "circuit_cooldown_s": 0.5},
-                       slm={"mode": "head", "epochs": 3},
-                       freeal={"rounds": 1, "query_fraction": 0.3, "generated_per_class": 4},
-                       service={"port": 0, "min_new_items": 8, "round_every_s": 4, "poll_s": 0.5})
+        job = make_job(
+            tmp,
+            INITIAL_PER_CLASS,
+            llm={
+                "base_url": server.base_url,
+                "model": "kw",
+                "concurrency": 2,
+                "timeout_s": 1.0,
+                "max_retries": 6,
+                "circuit_cooldown_s": 0.5,
+            },
+            slm={"mode": "head", "epochs": 3},
+            freeal={"rounds": 1, "query_fraction": 0.3, "generated_per_class": 4},
+            service={"port": 0, "min_new_items": 8, "round_every_s": 4, "poll_s": 0.5},
+        )
         state, inbox = tmp / "state", tmp / "state" / "inbox"
         proc = cli_process("serve", str(job), log=log)
         try:
@@ -48,7 +58,7 @@ def run_soak(tmp: Path, seconds: float, seed: int = 7, fault_rate: float = 0.3) 
             while time.monotonic() - started < seconds:
                 batch = [_new_item(n + i, rng) for i in range(3)]
                 n += 3
-                if sent and rng.random() < 0.3:   # a client retrying a POST: same id, same text
+                if sent and rng.random() < 0.3:  # a client retrying a POST: same id, same text
                     old = rng.choice(sorted(sent))
                     batch.append({"id": old, "text": sent[old]})
                     repeats += 1
@@ -71,6 +81,7 @@ def run_soak(tmp: Path, seconds: float, seed: int = 7, fault_rate: float = 0.3) 
                     since = page["next"]
                 got = {x["id"] for x in items if x["label"]}
                 return set(sent) <= got and items
+
             wait_for(all_labelled, 600, "every ingested item to be labelled", log)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -90,9 +101,15 @@ def run_soak(tmp: Path, seconds: float, seed: int = 7, fault_rate: float = 0.3) 
         exported = [r for r in csv.DictReader(f)]
     labelled = [r["id"] for r in exported if r["label"]]
     return {
-        "seconds": seconds, "seed": seed, "fault_rate": fault_rate, "rc": rc,
-        "items_sent": len(sent), "repeats_sent": repeats, "inbox_files": inbox_files,
-        "items_stored": len(ids), "initial_items": 4 * INITIAL_PER_CLASS,
+        "seconds": seconds,
+        "seed": seed,
+        "fault_rate": fault_rate,
+        "rc": rc,
+        "items_sent": len(sent),
+        "repeats_sent": repeats,
+        "inbox_files": inbox_files,
+        "items_stored": len(ids),
+        "initial_items": 4 * INITIAL_PER_CLASS,
         "lost": len(set(sent) - set(labelled)),
         "labelled_more_than_once": len(labelled) - len(set(labelled)),
         "unlabelled": len(exported) - len(labelled),
@@ -100,7 +117,9 @@ def run_soak(tmp: Path, seconds: float, seed: int = 7, fault_rate: float = 0.3) 
         "requests_received": requests,
         "real_answers": sum(flaky.answered.values()),
         "duplicate_requests_paid": sum(c - 1 for c in flaky.answered.values()),
-        "paid_answers": flaky.paid_answers(), "stored_answers": stored_answers,
-        "failures_recorded": failures, "rounds_done": rounds,
+        "paid_answers": flaky.paid_answers(),
+        "stored_answers": stored_answers,
+        "failures_recorded": failures,
+        "rounds_done": rounds,
         "log_tail": log.read_text()[-2000:],
     }

@@ -1,5 +1,6 @@
 """Which TCP ports processes listen on, and whether an address is loopback: how tests and benchmarks check
 that nothing a job or a cluster starts can be reached from beyond this machine."""
+
 from __future__ import annotations
 
 import ipaddress

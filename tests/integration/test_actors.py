@@ -1,4 +1,5 @@
 """The actor layer on a real local Ray: supervision, faults through the pool, the budget at dispatch."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,7 @@ def requests(n: int, cfg: LLMConfig) -> list[ChatRequest]:
 def test_shares_add_up_to_the_jobs_limits():
     parts = share(LLMConfig(concurrency=5, requests_per_minute=601, tokens_per_minute=0), 2)
     assert [(p.concurrency, p.requests_per_minute, p.tokens_per_minute) for p in parts] == [(3, 301, 0), (2, 300, 0)]
-    one = share(LLMConfig(concurrency=1), 2)   # a one-slot server: one annotator, never 2 requests at once
+    one = share(LLMConfig(concurrency=1), 2)  # a one-slot server: one annotator, never 2 requests at once
     assert [p.concurrency for p in one] == [1]
     assert len(share(LLMConfig(concurrency=8, requests_per_minute=3), 4)) == 3
 
@@ -64,7 +65,7 @@ def test_a_killed_annotator_is_replaced_and_nothing_stored_is_sent_again(store):
     stored = store.get_answers([r.key() for r in reqs])
     assert len(stored) == 40
     dupes = sum(c - 1 for c in server.hash_counts.values())
-    assert dupes <= 4   # at most the killed actor's chunk in flight, never a stored answer
+    assert dupes <= 4  # at most the killed actor's chunk in flight, never a stored answer
 
 
 def test_faults_are_retried_inside_the_actors(store):
@@ -79,13 +80,14 @@ def test_faults_are_retried_inside_the_actors(store):
 
 def test_money_cap_stops_dispatch_within_the_requests_in_flight(store):
     """Each request costs ~ (prompt 4 + output 8 tokens); the cap admits chunks only while they fit."""
-    price = Price(input=1000.0, output=1000.0)   # money per million tokens: 0.001 a token
+    price = Price(input=1000.0, output=1000.0)  # money per million tokens: 0.001 a token
     budget = BudgetConfig(max_cost=0.1, prices={"m": price})
     with FakeOpenAIServer() as server:
         cfg = LLMConfig(base_url=server.base_url, model="m", concurrency=2)
         guard = BudgetGuard(budget, lambda: spent_from_usage(store.usage_by_model(), budget))
-        pool = AnnotatorPool(cfg, server.base_url, None, store, size=2, chunk_size=2, max_restarts=0,
-                             guard=guard, price=price)
+        pool = AnnotatorPool(
+            cfg, server.base_url, None, store, size=2, chunk_size=2, max_restarts=0, guard=guard, price=price
+        )
         answers = pool.complete_many(requests(50, dataclasses.replace(cfg, max_tokens=8)))
     sent = [a for a in answers if a.error is None]
     refused = [a for a in answers if a.error == BUDGET_ERROR]

@@ -3,6 +3,7 @@ content that is a number, a list or an object, usage over 2^31 or negative): the
 malformed answer is paid once and stored with no label and the reason, every answer is charged its
 pre-flight estimate so a token cap holds, `status` says both, and a rerun resumes without a crash and
 without paying for anything twice."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,7 @@ def _bad_logprob(c):
     c["choices"][0]["logprobs"] = {"content": [{"token": "billing", "logprob": "abc", "top_logprobs": []}]}
 
 
-FAULTS = [_bad_logprob, _content(5), _content(["billing"]), _content({"a": 1}),
-          _usage(2 ** 31), _usage(-500)]
+FAULTS = [_bad_logprob, _content(5), _content(["billing"]), _content({"a": 1}), _usage(2**31), _usage(-500)]
 
 
 class NoUsageSomeMalformed:
@@ -56,13 +56,19 @@ class NoUsageSomeMalformed:
             del completion["usage"]
             if fault is not None:
                 fault(completion)
+
         reply.patch = patch
         return reply
 
 
 def status(job) -> dict:
-    out = subprocess.run([sys.executable, "-m", "freeal_stream.cli", "status", str(job), "--json"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "freeal_stream.cli", "status", str(job), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
@@ -71,10 +77,15 @@ def test_malformed_answers_and_missing_usage_neither_break_a_resume_nor_pass_the
     log = tmp_path / "run.log"
     cap = 6000
     with FakeOpenAIServer(NoUsageSomeMalformed()) as server:
-        job = make_job(tmp_path, 6, llm={"base_url": server.base_url, "model": "kw", "max_tokens": 4},
-                       slm={"mode": "head", "epochs": 3}, budget={"max_tokens": cap, "max_requests": None},
-                       freeal={"rounds": 2, "query_fraction": 0.5, "generated_per_class": 4, "demos_per_prompt": 4},
-                       ray={"annotators": 1, "chunk_size": 2})
+        job = make_job(
+            tmp_path,
+            6,
+            llm={"base_url": server.base_url, "model": "kw", "max_tokens": 4},
+            slm={"mode": "head", "epochs": 3},
+            budget={"max_tokens": cap, "max_requests": None},
+            freeal={"rounds": 2, "query_fraction": 0.5, "generated_per_class": 4, "demos_per_prompt": 4},
+            ray={"annotators": 1, "chunk_size": 2},
+        )
         assert cli_process("run", str(job), log=log).wait(timeout=600) == 0, log.read_text()[-3000:]
         first = status(job)
         sent = len(server.requests)
@@ -86,17 +97,21 @@ def test_malformed_answers_and_missing_usage_neither_break_a_resume_nor_pass_the
         second = status(job)
         counts = server.hash_counts
     spent = first["spent"]
-    assert 0 < spent["tokens"] <= cap and "budget" in log.read_text()          # the cap held, counted by estimate
-    assert spent["charged_by_estimate"] == spent["requests"] == sent           # every answer stored, none resent
+    assert 0 < spent["tokens"] <= cap and "budget" in log.read_text()  # the cap held, counted by estimate
+    assert spent["charged_by_estimate"] == spent["requests"] == sent  # every answer stored, none resent
     assert spent["malformed_answers"] >= 1
-    assert second["spent"]["requests"] == len(server.requests) > sent          # the rerun went on...
-    assert max(counts.values()) == 1                                           # ...paying for nothing twice
+    assert second["spent"]["requests"] == len(server.requests) > sent  # the rerun went on...
+    assert max(counts.values()) == 1  # ...paying for nothing twice
     assert second["spent"]["malformed_answers"] > spent["malformed_answers"]
     store = Store(tmp_path / "state" / "freeal.duckdb")
-    reasons = [r[0] for r in store.con.execute("SELECT malformed FROM llm_answers WHERE malformed IS NOT NULL")
-               .fetchall()]
+    reasons = [
+        r[0] for r in store.con.execute("SELECT malformed FROM llm_answers WHERE malformed IS NOT NULL").fetchall()
+    ]
     no_label = store.con.execute("""SELECT count(*) FROM annotations a JOIN llm_answers l ON l.key = a.request_key
                                     WHERE l.malformed IS NOT NULL AND a.label IS NOT NULL""").fetchall()[0][0]
     store.close()
-    assert no_label == 0 and {w for w in ("logprob", "content", "prompt_tokens") if any(w in r for r in reasons)} \
-        == {"logprob", "content", "prompt_tokens"}, reasons
+    assert no_label == 0 and {w for w in ("logprob", "content", "prompt_tokens") if any(w in r for r in reasons)} == {
+        "logprob",
+        "content",
+        "prompt_tokens",
+    }, reasons

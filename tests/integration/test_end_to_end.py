@@ -1,4 +1,5 @@
 """End to end through the CLI: a real llama.cpp server on 127.0.0.1, a real DuckDB file, the real SLM."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,12 @@ def state(tmp_path: Path) -> duckdb.DuckDBPyConnection:
 
 def test_budgeted_job_labels_everything_and_resumes_without_paying_twice(tmp_path, capsys):
     """Every row labelled, provenance kept, LLM paraphrases as views, a rerun sends nothing (Qwen server)."""
-    job = make_job(tmp_path, 8, slm={"mode": "head", "epochs": 20, "views": "llm"},
-                   freeal={"rounds": 2, "query_fraction": 0.5, "generated_per_class": 3, "prototypes": 4})
+    job = make_job(
+        tmp_path,
+        8,
+        slm={"mode": "head", "epochs": 20, "views": "llm"},
+        freeal={"rounds": 2, "query_fraction": 0.5, "generated_per_class": 3, "prototypes": 4},
+    )
     assert main(["run", str(job)]) == 0
     out = capsys.readouterr().err
     assert "round 2 done" in out and "SLM head" in out
@@ -57,9 +62,19 @@ def test_budgeted_job_labels_everything_and_resumes_without_paying_twice(tmp_pat
 
 def test_full_loop_with_qwen_labels_better_than_chance(tmp_path, capsys):
     """Real labelling: the bundled Qwen model with self-generated demos, then refinement of the noisy part."""
-    job = make_job(tmp_path, 6, slm={"mode": "head", "epochs": 30},
-                   freeal={"schedule": "full", "rounds": 2, "generated_per_class": 4, "prototypes": 6,
-                           "medoids_per_class": 2, "clean_ratio": 0.4})
+    job = make_job(
+        tmp_path,
+        6,
+        slm={"mode": "head", "epochs": 30},
+        freeal={
+            "schedule": "full",
+            "rounds": 2,
+            "generated_per_class": 4,
+            "prototypes": 6,
+            "medoids_per_class": 2,
+            "clean_ratio": 0.4,
+        },
+    )
     assert main(["run", str(job)]) == 0
     con = state(tmp_path)
     metrics = [json.loads(m) for (m,) in con.execute("SELECT metrics FROM rounds ORDER BY round").fetchall()]
@@ -79,9 +94,14 @@ def test_budget_cap_shrinks_the_round_and_stops_cleanly(tmp_path, capsys):
     """Zero-shot (no demo generation), 16 texts, P = 50%: round 1 wants 8, round 2 wants 4; the cap is 10.
 
     SmolLM2-135M (fast, but it rarely answers with a label word) is enough: only requests are counted."""
-    job = make_job(tmp_path, 4, llm={"model": "smollm2-135m-instruct"}, slm={"mode": "head"},
-                   freeal={"rounds": 3, "query_fraction": 0.5, "demos_per_prompt": 0},
-                   budget={"max_requests": 10})
+    job = make_job(
+        tmp_path,
+        4,
+        llm={"model": "smollm2-135m-instruct"},
+        slm={"mode": "head"},
+        freeal={"rounds": 3, "query_fraction": 0.5, "demos_per_prompt": 0},
+        budget={"max_requests": 10},
+    )
     assert main(["run", str(job)]) == 0
     err = capsys.readouterr().err
     assert "budget: round 2 sends 2 of 4 planned requests" in err and "the budget is spent" in err

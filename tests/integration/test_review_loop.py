@@ -1,6 +1,7 @@
 """Human labels back in the loop, through the CLI on a real job (fake OpenAI server, real Ray, DuckDB, SLM):
 review export -> edit -> import -> export changes exactly the edited rows; the next round never sends a reviewed
 text to the LLM and trains on the human labels as clean; status and the report show the human check."""
+
 from __future__ import annotations
 
 import csv
@@ -28,9 +29,13 @@ def labels(job: Path, out: Path) -> dict[str, dict[str, str]]:
 def test_a_review_round_trip_changes_exactly_the_edited_rows_and_steers_the_next_round(tmp_path, capsys):
     log = tmp_path / "run.log"
     with FakeOpenAIServer(respond) as server:
-        job = make_job(tmp_path, 8, llm={"base_url": server.base_url, "model": "kw"},
-                       slm={"mode": "head", "epochs": 4},
-                       freeal={"rounds": 1, "query_fraction": 0.3, "generated_per_class": 3, "prototypes": 4})
+        job = make_job(
+            tmp_path,
+            8,
+            llm={"base_url": server.base_url, "model": "kw"},
+            slm={"mode": "head", "epochs": 4},
+            freeal={"rounds": 1, "query_fraction": 0.3, "generated_per_class": 3, "prototypes": 4},
+        )
         assert cli_process("run", str(job), log=log).wait(timeout=600) == 0, log.read_text()[-3000:]
         before = labels(job, tmp_path / "before.csv")
 
@@ -41,7 +46,7 @@ def test_a_review_round_trip_changes_exactly_the_edited_rows_and_steers_the_next
             rows = list(csv.DictReader(f))
         assert len(rows) == 8 and rows[0]["suggested_label"] in CLASSES and not any(r["label"] for r in rows)
         edited = {}
-        for r, change in zip(rows[:3], (True, True, False)):   # two corrections, one confirmation
+        for r, change in zip(rows[:3], (True, True, False)):  # two corrections, one confirmation
             r["label"] = next(c for c in CLASSES if c != r["suggested_label"]) if change else r["suggested_label"]
             edited[r["item_id"]] = r["label"]
         with open(queue, "w", encoding="utf-8", newline="") as f:
@@ -53,17 +58,19 @@ def test_a_review_round_trip_changes_exactly_the_edited_rows_and_steers_the_next
         out = capsys.readouterr().out
         assert "3 human labels (3 new, 0 changed, 0 as stored already); 5 rows not reviewed; 0 quarantined" in out
         after = labels(job, tmp_path / "after.csv")
-        assert {i for i in after if after[i]["label"] != before[i]["label"]} == {i for i, lab in edited.items()
-                                                                                  if lab != before[i]["label"]}
+        assert {i for i in after if after[i]["label"] != before[i]["label"]} == {
+            i for i, lab in edited.items() if lab != before[i]["label"]
+        }
         assert {i for i in after if after[i]["source"] == "human"} == set(edited)
         assert all(after[i]["label"] == lab for i, lab in edited.items())
-        assert main(["review", "import", str(job), str(queue)]) == 0   # idempotent
+        assert main(["review", "import", str(job), str(queue)]) == 0  # idempotent
         assert "(0 new, 0 changed, 3 as stored already)" in capsys.readouterr().out
         assert labels(job, tmp_path / "again.csv") == after
 
         # a second queue never offers a reviewed row
-        assert main(["review", "export", str(job), str(tmp_path / "q2.json"), "--n", "50", "--format",
-                     "labelstudio"]) == 0
+        assert (
+            main(["review", "export", str(job), str(tmp_path / "q2.json"), "--n", "50", "--format", "labelstudio"]) == 0
+        )
         assert not {t["data"]["item_id"] for t in json.loads((tmp_path / "q2.json").read_text())} & set(edited)
 
         # the next round: reviewed texts are not sent to the LLM, and the SLM keeps their labels as clean

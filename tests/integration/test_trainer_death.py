@@ -1,4 +1,5 @@
 """A trainer actor killed mid-training is replaced and the round trains again (training has no side effects)."""
+
 from __future__ import annotations
 
 import io
@@ -22,9 +23,15 @@ def test_killed_trainer_is_replaced(tmp_path):
     out = io.StringIO()
     progress = Progress(stream=out)
     with FakeOpenAIServer(respond) as server:
-        job = load_job(make_job(tmp_path, 6, llm={"base_url": server.base_url, "model": "kw"},
-                                slm={"mode": "head", "epochs": 60},
-                                freeal={"rounds": 1, "query_fraction": 0.5, "generated_per_class": 3}))
+        job = load_job(
+            make_job(
+                tmp_path,
+                6,
+                llm={"base_url": server.base_url, "model": "kw"},
+                slm={"mode": "head", "epochs": 60},
+                freeal={"rounds": 1, "query_fraction": 0.5, "generated_per_class": 3},
+            )
+        )
         with open_session(job, progress) as session:
             ingest(job, session.store, progress)
             first = session.trainer

@@ -1,4 +1,5 @@
 """The work really spreads: a second Ray node on this machine, annotators and scorers pinned to it."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,7 @@ from freeal_stream.testing.keyword_llm import respond
 @pytest.fixture
 def two_nodes():
     ray.shutdown()
-    loopback_only_ray()   # both nodes on 127.0.0.1: a cluster joined without Ray's token auth stays local
+    loopback_only_ray()  # both nodes on 127.0.0.1: a cluster joined without Ray's token auth stays local
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=1, resources={"annotator": 4, "scorer": 1})
     cluster.wait_for_nodes()
@@ -31,11 +32,16 @@ def two_nodes():
 def test_a_job_runs_across_two_nodes_with_pinned_workers(tmp_path, two_nodes):
     cluster, worker = two_nodes
     with FakeOpenAIServer(respond) as server:
-        job = load_job(make_job(tmp_path, 6, llm={"base_url": server.base_url, "model": "kw", "concurrency": 2},
-                                slm={"mode": "head", "epochs": 3},
-                                freeal={"rounds": 2, "query_fraction": 0.5, "generated_per_class": 3},
-                                ray={"annotators": 2, "annotator_resources": {"annotator": 1},
-                                     "scorer_resources": {"scorer": 1}}))
+        job = load_job(
+            make_job(
+                tmp_path,
+                6,
+                llm={"base_url": server.base_url, "model": "kw", "concurrency": 2},
+                slm={"mode": "head", "epochs": 3},
+                freeal={"rounds": 2, "query_fraction": 0.5, "generated_per_class": 3},
+                ray={"annotators": 2, "annotator_resources": {"annotator": 1}, "scorer_resources": {"scorer": 1}},
+            )
+        )
         with open_session(job, Progress(), cluster.address) as session:
             assert set(session.annotators.node_ids()) == {worker.node_id}
             assert set(session.scorers.node_ids()) == {worker.node_id}

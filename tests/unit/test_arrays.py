@@ -1,4 +1,5 @@
 """Per-item arrays on disk: rows written out of order become valid only at commit, reads copy just what is asked."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,13 +14,13 @@ def test_rows_written_out_of_order_are_valid_only_once_committed(tmp_path):
     assert RowArray.open(path) is None
     a = RowArray.create(path, 3)
     block = np.arange(12, dtype=np.float32).reshape(4, 3)
-    a.write(2, block[2:])          # the second shard finishes first
+    a.write(2, block[2:])  # the second shard finishes first
     a.write(0, block[:2])
-    assert RowArray.open(path).rows == 0   # not committed: a killed run computes them again
+    assert RowArray.open(path).rows == 0  # not committed: a killed run computes them again
     a.commit(4)
     b = RowArray.open(path)
     assert b.rows == 4 and b.width == 3
-    assert np.array_equal(b.read(0, 10), block)                      # clipped to the valid rows
+    assert np.array_equal(b.read(0, 10), block)  # clipped to the valid rows
     assert np.array_equal(b.gather(np.array([3, 0, 3])), block[[3, 0, 3]])
     assert [s for s, _ in b.shards(3)] == [0, 3] and np.array_equal(b.shards(3).__next__()[1], block[:3])
     with pytest.raises(IndexError):
@@ -38,7 +39,7 @@ def test_open_or_create_starts_over_when_the_width_changed(tmp_path):
 
 def test_training_rows_keep_every_label_and_sample_the_rest_only_above_the_cap():
     small = np.array([-1, 0, -1, 1, -1])
-    assert list(training_rows(small, seed=0)) == [0, 1, 2, 3, 4]     # all rows, as the paper does
+    assert list(training_rows(small, seed=0)) == [0, 1, 2, 3, 4]  # all rows, as the paper does
     big = np.full(CONSISTENCY_SAMPLE + 1000, -1)
     big[[5, 70_000 % len(big)]] = 1
     rows = training_rows(big, seed=0)
@@ -55,7 +56,7 @@ def test_gather_maps_one_window_at_a_time_and_returns_rows_in_the_order_asked(tm
     data = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
     a.write(0, data)
     a.commit(rows)
-    monkeypatch.setattr(arrays, "WINDOW_BYTES", 64 * width * 4)   # 64 rows a window
+    monkeypatch.setattr(arrays, "WINDOW_BYTES", 64 * width * 4)  # 64 rows a window
     mapped_rows: list[int] = []
     real_memmap = np.memmap
 
@@ -65,7 +66,7 @@ def test_gather_maps_one_window_at_a_time_and_returns_rows_in_the_order_asked(tm
         return m
 
     monkeypatch.setattr(arrays.np, "memmap", recording_memmap)
-    positions = np.random.default_rng(1).integers(0, rows, size=300)   # random order, with repeats
+    positions = np.random.default_rng(1).integers(0, rows, size=300)  # random order, with repeats
     assert np.array_equal(a.gather(positions), data[positions])
     assert mapped_rows and max(mapped_rows) <= 64
-    assert np.array_equal(a.gather(np.array([999, 0])), data[[999, 0]])   # first and last window
+    assert np.array_equal(a.gather(np.array([999, 0])), data[[999, 0]])  # first and last window

@@ -4,6 +4,7 @@ The service (freeal_stream/testing/fake_batch_api.py) implements OpenAI's files 
 line against the keyword LLM, so answers are real and comparable with live ones; the client is the openai SDK.
 Kills are real SIGKILLs of a child process at the moment the service receives (or has handled) a call.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,16 +40,32 @@ from freeal_stream.testing.fake_openai_server import FakeOpenAIServer, error, ok
 from freeal_stream.testing.jobs import ROOT
 from freeal_stream.testing.keyword_llm import respond
 
-PRICE = Price(input=1.0, cached_input=0.25, output=4.0)   # batch_discount 0.5 by default
-TEXTS = ["I was charged twice for my invoice", "the app crashes on the login screen button",
-         "my parcel never arrived, tracking is stuck", "how do I reset my password",
-         "refund for the payment please", "page will not load after the update",
-         "courier lost the package", "delete my account and my data"]
+PRICE = Price(input=1.0, cached_input=0.25, output=4.0)  # batch_discount 0.5 by default
+TEXTS = [
+    "I was charged twice for my invoice",
+    "the app crashes on the login screen button",
+    "my parcel never arrived, tracking is stuck",
+    "how do I reset my password",
+    "refund for the payment please",
+    "page will not load after the update",
+    "courier lost the package",
+    "delete my account and my data",
+]
 
 
 def cfg_for(base_url: str, **kw) -> LLMConfig:
-    return dataclasses.replace(LLMConfig(base_url=base_url, model="kw", mode="batch", batch_poll_s=0.02,
-                                         batch_poll_max_s=0.1, max_retries=2, timeout_s=10), **kw)
+    return dataclasses.replace(
+        LLMConfig(
+            base_url=base_url,
+            model="kw",
+            mode="batch",
+            batch_poll_s=0.02,
+            batch_poll_max_s=0.1,
+            max_retries=2,
+            timeout_s=10,
+        ),
+        **kw,
+    )
 
 
 def requests_for(cfg: LLMConfig, texts=TEXTS) -> list[ChatRequest]:
@@ -76,8 +93,11 @@ def store(tmp_path):
 
 def submitted_ids(api: FakeBatchAPI) -> list[str]:
     """Every custom_id of every batch created, with repeats (a request submitted twice shows twice)."""
-    return [json.loads(line)["custom_id"] for b in api.batches.values()
-            for line in api.contents[b["input_file_id"]].splitlines()]
+    return [
+        json.loads(line)["custom_id"]
+        for b in api.batches.values()
+        for line in api.contents[b["input_file_id"]].splitlines()
+    ]
 
 
 # ---- batch files and result lines ------------------------------------------------------------------------
@@ -85,7 +105,7 @@ def test_files_are_split_by_model_lines_bytes_and_enqueued_tokens():
     cfg = LLMConfig(model="a")
     reqs = requests_for(cfg) + requests_for(dataclasses.replace(cfg, model="b"), TEXTS[:2])
     assert [(f.model, len(f.requests)) for f in plan_files(reqs, 3)] == [("a", 3), ("a", 3), ("a", 2), ("b", 2)]
-    same = requests_for(cfg, [f"text {i}" for i in range(4)])   # lines of one length
+    same = requests_for(cfg, [f"text {i}" for i in range(4)])  # lines of one length
     one = len(jsonl_line(same[0]))
     assert [len(f.requests) for f in plan_files(same, 50000, max_bytes=2 * one + 1)] == [2, 2]
     tokens = [prompt_tokens(r) for r in reqs[:3]]
@@ -100,18 +120,29 @@ def test_files_are_split_by_model_lines_bytes_and_enqueued_tokens():
 
 
 def test_result_lines_become_answers_failures_or_rows_to_send_again():
-    body = {"id": "c", "object": "chat.completion", "created": 0, "model": "kw",
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "billing"}}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101,
-                      "prompt_tokens_details": {"cached_tokens": 64}}}
+    body = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "kw",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "billing"}}],
+        "usage": {
+            "prompt_tokens": 100,
+            "completion_tokens": 1,
+            "total_tokens": 101,
+            "prompt_tokens_details": {"cached_tokens": 64},
+        },
+    }
     reqs = {r.key(): r for r in requests_for(LLMConfig(model="kw"), TEXTS[:5])}
     a_, b_, c_, d_, e_ = reqs
-    lines = [{"custom_id": a_, "response": {"status_code": 200, "body": body}, "error": None},
-             {"custom_id": b_, "response": {"status_code": 400, "body": {"error": {"message": "bad"}}}},
-             {"custom_id": c_, "response": {"status_code": 500, "body": {"error": {"message": "oops"}}}},
-             {"custom_id": d_, "response": None, "error": {"code": "batch_expired", "message": "..."}},
-             {"custom_id": e_, "response": {"status_code": 200, "body": {"not": "a completion"}}},
-             {"custom_id": "never-sent", "response": {"status_code": 200, "body": body}}]
+    lines = [
+        {"custom_id": a_, "response": {"status_code": 200, "body": body}, "error": None},
+        {"custom_id": b_, "response": {"status_code": 400, "body": {"error": {"message": "bad"}}}},
+        {"custom_id": c_, "response": {"status_code": 500, "body": {"error": {"message": "oops"}}}},
+        {"custom_id": d_, "response": None, "error": {"code": "batch_expired", "message": "..."}},
+        {"custom_id": e_, "response": {"status_code": 200, "body": {"not": "a completion"}}},
+        {"custom_id": "never-sent", "response": {"status_code": 200, "body": body}},
+    ]
     content = b"\n".join(json.dumps(x).encode() for x in lines) + b"\nnot json\n"
     rows = {r.key: r for r in read_results(content, 42.0, reqs)}
     rows = {"a": rows[a_], "b": rows[b_], "c": rows[c_], "d": rows[d_], "e": rows[e_], **rows}
@@ -121,7 +152,7 @@ def test_result_lines_become_answers_failures_or_rows_to_send_again():
     assert (rows["c"].answer.error, rows["c"].retry) == ("http_500", True)
     assert (rows["d"].answer.error, rows["d"].retry) == (UNFINISHED, True)
     assert (rows["e"].answer.error, rows["e"].retry) == ("bad_response", True)
-    assert len(rows) == 10   # the 5 rows under both names; the line naming no request sent is skipped
+    assert len(rows) == 10  # the 5 rows under both names; the line naming no request sent is skipped
 
 
 # ---- the local service, through the openai SDK ---------------------------------------------------------
@@ -139,8 +170,7 @@ def test_the_local_service_runs_batches_as_the_batch_api_does(upstream):
             states += [b.status] if b.status != states[-1] else []
         assert states == ["validating", "in_progress", "finalizing", "completed"] and b.error_file_id is None
         by_key = {r.key(): r for r in reqs}
-        rows = {r.key: r.answer.content for r in read_results(client.files.content(b.output_file_id).read(), 0,
-                                                               by_key)}
+        rows = {r.key: r.answer.content for r in read_results(client.files.content(b.output_file_id).read(), 0, by_key)}
         assert rows == {r.key(): respond({"messages": [{"content": r.messages[0][1]}]}).content for r in reqs}
         assert (b.request_counts.completed, b.request_counts.total) == (len(TEXTS), len(TEXTS))
 
@@ -159,9 +189,10 @@ def test_the_local_service_runs_batches_as_the_batch_api_does(upstream):
             b = client.batches.retrieve(b.id)
         assert {e.code for e in b.errors.data} == {"duplicate_custom_id", "mismatched_model"}
         with pytest.raises(openai.BadRequestError):
-            client.batches.create(input_file_id=b.output_file_id or f.id, endpoint="/v1/embeddings",
-                                  completion_window="24h")
-        assert [x.id for x in client.batches.list(limit=1).data] == [b.id]     # newest first, paged
+            client.batches.create(
+                input_file_id=b.output_file_id or f.id, endpoint="/v1/embeddings", completion_window="24h"
+            )
+        assert [x.id for x in client.batches.list(limit=1).data] == [b.id]  # newest first, paged
         assert len(list(client.batches.list(limit=1))) == 3
         assert [x.filename for x in client.files.list(purpose="batch")] == ["bad.jsonl", "in.jsonl"]
 
@@ -183,15 +214,38 @@ def test_batch_answers_are_priced_at_the_discount_and_cached_tokens_at_the_cache
 
 
 def test_status_estimates_the_cost_to_finish_in_each_mode(store):
-    job = parse_job({"name": "t", "data": {"path": "x.csv"}, "llm": {"model": "kw"},
-                     "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
-                     "budget": {"prices": {"kw": dataclasses.asdict(PRICE)}}}, "/jobs/job.yaml")
+    job = parse_job(
+        {
+            "name": "t",
+            "data": {"path": "x.csv"},
+            "llm": {"model": "kw"},
+            "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
+            "budget": {"prices": {"kw": dataclasses.asdict(PRICE)}},
+        },
+        "/jobs/job.yaml",
+    )
     store.add_items([str(i) for i in range(40)], TEXTS * 5, [None] * 40, [None] * 40, [str(i) for i in range(40)])
     request = requests_for(LLMConfig(model="kw"), TEXTS[:1])[0]
-    answer = read_results(json.dumps({"custom_id": request.key(), "response": {"status_code": 200, "body": {
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"content": "a"}}],
-        "usage": {"prompt_tokens": 1000, "completion_tokens": 10, "prompt_tokens_details": {"cached_tokens": 400}}
-    }}}).encode(), 1.0, {request.key(): request})[0].answer
+    answer = read_results(
+        json.dumps(
+            {
+                "custom_id": request.key(),
+                "response": {
+                    "status_code": 200,
+                    "body": {
+                        "choices": [{"index": 0, "finish_reason": "stop", "message": {"content": "a"}}],
+                        "usage": {
+                            "prompt_tokens": 1000,
+                            "completion_tokens": 10,
+                            "prompt_tokens_details": {"cached_tokens": 400},
+                        },
+                    },
+                },
+            }
+        ).encode(),
+        1.0,
+        {request.key(): request},
+    )[0].answer
     store.put_answers([(request, answer)])
     est = job_status(store, job)["estimate_to_finish"]
     assert est["requests"] > 0
@@ -202,9 +256,15 @@ def test_status_estimates_the_cost_to_finish_in_each_mode(store):
 
 def test_batch_mode_needs_an_endpoint_with_a_batch_api():
     with pytest.raises(ConfigError, match="llm.mode.*needs base_url"):
-        parse_job({"name": "t", "data": {"path": "x.csv"},
-                   "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
-                   "llm": {"mode": "batch"}}, "/jobs/job.yaml")
+        parse_job(
+            {
+                "name": "t",
+                "data": {"path": "x.csv"},
+                "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
+                "llm": {"mode": "batch"},
+            },
+            "/jobs/job.yaml",
+        )
 
 
 def test_the_store_records_submissions_idempotently_and_prices_as_batch_only_what_a_batch_answered(store):
@@ -212,16 +272,31 @@ def test_the_store_records_submissions_idempotently_and_prices_as_batch_only_wha
     reqs = requests_for(cfg, TEXTS[:3])
     rows = [(r.key(), request_json(r)) for r in reqs]
     store.add_batch("s1", "kw", 30, rows)
-    store.add_batch("s1", "kw", 30, rows)     # the store actor may run a call twice after a restart
+    store.add_batch("s1", "kw", 30, rows)  # the store actor may run a call twice after a restart
     assert [(b["submission"], b["state"], b["requests"]) for b in store.open_batches()] == [("s1", "prepared", 3)]
     assert [request_from_json(j) for _, j in store.batch_requests("s1")] == reqs
-    answer = read_results(json.dumps({"custom_id": reqs[0].key(), "response": {"status_code": 200, "body": {
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"content": "billing"}}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 1}}}}).encode(), 1.0, {reqs[0].key(): reqs[0]})[0].answer
-    store.put_answers([(reqs[0], dataclasses.replace(answer, key=reqs[0].key()))])   # answered live first
-    store.put_batch_results([(r, dataclasses.replace(answer, key=r.key())) for r in reqs[:2]],
-                            [(reqs[2], dataclasses.replace(answer, key=reqs[2].key(), content=None,
-                                                           error="http_400"))], "s1")
+    answer = read_results(
+        json.dumps(
+            {
+                "custom_id": reqs[0].key(),
+                "response": {
+                    "status_code": 200,
+                    "body": {
+                        "choices": [{"index": 0, "finish_reason": "stop", "message": {"content": "billing"}}],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 1},
+                    },
+                },
+            }
+        ).encode(),
+        1.0,
+        {reqs[0].key(): reqs[0]},
+    )[0].answer
+    store.put_answers([(reqs[0], dataclasses.replace(answer, key=reqs[0].key()))])  # answered live first
+    store.put_batch_results(
+        [(r, dataclasses.replace(answer, key=r.key())) for r in reqs[:2]],
+        [(reqs[2], dataclasses.replace(answer, key=reqs[2].key(), content=None, error="http_400"))],
+        "s1",
+    )
     store.finish_batch("s1", "completed")
     assert [(u["batch"], u["requests"]) for u in store.usage_by_model()] == [(False, 1), (True, 1)]
     assert store.failure_counts() == {"http_400": 1}
@@ -235,33 +310,33 @@ def test_batch_answers_equal_live_answers_and_are_stored_once_at_batch_prices(up
     said: list[str] = []
     seen: list[tuple[list[int], list]] = []
     pool = BatchAnnotators(cfg, api.base_url, "key", store, price=PRICE, say=said.append)
-    reqs = requests_for(cfg) + requests_for(cfg)[:2]          # duplicates go once
+    reqs = requests_for(cfg) + requests_for(cfg)[:2]  # duplicates go once
     answers = pool.complete_many(reqs, on_answers=lambda i, a: seen.append((i, a)))
     live = LLMClient(dataclasses.replace(cfg, mode="live"), upstream.base_url, None).complete_many(reqs)
     assert [a.content for a in answers] == [a.content for a in live]
     assert [a.top_logprobs for a in answers] == [a.top_logprobs for a in live]
     assert api.batches_created == 1 and api.rows_run == len(TEXTS) and pool.batches_created == 1
     assert sorted(i for idx, _ in seen for i in idx) == list(range(len(reqs)))
-    order = ["validating", "in_progress", "finalizing", "completed"]   # a poll may fall between two states
+    order = ["validating", "in_progress", "finalizing", "completed"]  # a poll may fall between two states
     seen_states = [st for line in said for st in order if line.endswith(st) or f": {st} " in line]
     assert seen_states and seen_states[-1] == "completed" and seen_states == sorted(seen_states, key=order.index)
     usage = store.usage_by_model()
     assert [(u["batch"], u["requests"]) for u in usage] == [(True, len(TEXTS))]
     assert store.open_batches() == [] and store.batch_counts() == {"completed": 1}
-    again = BatchAnnotators(cfg, api.base_url, "key", store).complete_many(reqs)   # all from the store
+    again = BatchAnnotators(cfg, api.base_url, "key", store).complete_many(reqs)  # all from the store
     assert [a.content for a in again] == [a.content for a in answers] and api.batches_created == 1
 
 
 def test_a_round_too_big_for_one_file_is_split_and_the_enqueued_token_limit_is_kept(upstream, store):
     cfg = cfg_for("", batch_max_requests=3)
     reqs = requests_for(cfg)
-    limit = sum(prompt_tokens(r) for r in reqs[:3]) + 1      # room for one file of 3 at a time
+    limit = sum(prompt_tokens(r) for r in reqs[:3]) + 1  # room for one file of 3 at a time
     with FakeBatchAPI(upstream.base_url, step_s=0.02, enqueued_token_limit=limit) as api:
         cfg = dataclasses.replace(cfg, base_url=api.base_url, batch_enqueued_tokens=limit)
         answers = BatchAnnotators(cfg, api.base_url, None, store).complete_many(reqs)
         assert all(a.content for a in answers)
         assert api.batches_created == 3 and sorted(submitted_ids(api)) == sorted(r.key() for r in reqs)
-        assert all(b["status"] == "completed" for b in api.batches.values())   # never token_limit_exceeded
+        assert all(b["status"] == "completed" for b in api.batches.values())  # never token_limit_exceeded
 
 
 def test_an_expired_batch_keeps_its_answers_and_sends_only_the_rest_again(api, store):
@@ -270,7 +345,7 @@ def test_an_expired_batch_keeps_its_answers_and_sends_only_the_rest_again(api, s
     answers = BatchAnnotators(cfg, api.base_url, None, store).complete_many(requests_for(cfg))
     assert all(a.content for a in answers)
     assert [b["status"] for b in api.batches.values()] == ["expired", "completed"]
-    assert api.rows_run == len(TEXTS)                          # no row paid twice
+    assert api.rows_run == len(TEXTS)  # no row paid twice
     assert len(submitted_ids(api)) == len(TEXTS) + len(TEXTS) - 3
     assert store.batch_counts() == {"completed": 1, "expired": 1}
 
@@ -307,8 +382,10 @@ def test_a_batch_that_never_finishes_stops_the_run_resumably(api, store):
     reqs = requests_for(cfg)
     with pytest.raises(BatchTimeLimit, match=r"1 batch\(es\) still not finished .*llm.batch_max_wait_s.*Run again"):
         BatchAnnotators(cfg, api.base_url, None, store).complete_many(reqs)
-    job = parse_job({"name": "t", "data": {"path": "x.csv"}, "task": {"description": "d",
-                     "classes": {"a": ["a"], "b": ["b"]}}}, "/jobs/job.yaml")
+    job = parse_job(
+        {"name": "t", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}}},
+        "/jobs/job.yaml",
+    )
     st = job_status(store, job)
     assert [(b["state"], b["requests"]) for b in st["batches"]["in_flight"]] == [("in_progress", len(TEXTS))]
     assert any("batches in flight: 1" in line for line in format_status(st))
@@ -355,8 +432,10 @@ def test_the_budget_guard_admits_a_batch_whole_or_cut_to_fit(api, store):
 
 
 def test_cached_prompt_tokens_reported_by_the_provider_are_charged_at_the_cached_price(store):
-    with FakeOpenAIServer(lambda body: ok("billing", cached_tokens=8)) as up, \
-            FakeBatchAPI(up.base_url, step_s=0.02) as api:
+    with (
+        FakeOpenAIServer(lambda body: ok("billing", cached_tokens=8)) as up,
+        FakeBatchAPI(up.base_url, step_s=0.02) as api,
+    ):
         cfg = cfg_for(api.base_url)
         answers = BatchAnnotators(cfg, api.base_url, None, store).complete_many(requests_for(cfg)[:2])
     assert [a.cached_tokens for a in answers] == [8, 8]
@@ -375,13 +454,17 @@ def child(state: str, base_url: str) -> None:
     print(json.dumps([a.content for a in answers]))
 
 
-@pytest.mark.parametrize("stage,method,path", [
-    ("handled", "POST", "/v1/files"),      # the file is stored; the run dies before it learns the id
-    ("before", "POST", "/v1/batches"),     # the file id is recorded; no batch exists yet
-    ("handled", "POST", "/v1/batches"),    # the batch exists; the run dies before it learns the id
-])
-def test_a_run_killed_between_upload_and_create_resumes_without_submitting_twice(upstream, tmp_path, stage, method,
-                                                                                  path):
+@pytest.mark.parametrize(
+    "stage,method,path",
+    [
+        ("handled", "POST", "/v1/files"),  # the file is stored; the run dies before it learns the id
+        ("before", "POST", "/v1/batches"),  # the file id is recorded; no batch exists yet
+        ("handled", "POST", "/v1/batches"),  # the batch exists; the run dies before it learns the id
+    ],
+)
+def test_a_run_killed_between_upload_and_create_resumes_without_submitting_twice(
+    upstream, tmp_path, stage, method, path
+):
     proc: list[subprocess.Popen] = []
 
     def kill(at_stage: str, at_method: str, at_path: str) -> None:
@@ -391,21 +474,28 @@ def test_a_run_killed_between_upload_and_create_resumes_without_submitting_twice
 
     state = str(tmp_path / "state.duckdb")
     with FakeBatchAPI(upstream.base_url, step_s=0.02, hook=kill) as api:
-        proc.append(subprocess.Popen([sys.executable, "-c", f"from tests.unit.test_batch import child; "
-                                      f"child({state!r}, {api.base_url!r})"], cwd=ROOT,
-                                     env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE))
+        proc.append(
+            subprocess.Popen(
+                [sys.executable, "-c", f"from tests.unit.test_batch import child; child({state!r}, {api.base_url!r})"],
+                cwd=ROOT,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                stdout=subprocess.PIPE,
+            )
+        )
         assert proc[0].wait(timeout=120) == -signal.SIGKILL
         api.hook = None
         store = Store(state)
         try:
             answers = BatchAnnotators(cfg_for(api.base_url), api.base_url, None, store).complete_many(
-                requests_for(cfg_for(api.base_url)))
+                requests_for(cfg_for(api.base_url))
+            )
             assert store.open_batches() == []
         finally:
             store.close()
         time.sleep(0.1)
-    assert [a.content for a in answers] == [respond({"messages": [{"content": f"<text>{t}</text>"}]}).content
-                                            for t in TEXTS]
+    assert [a.content for a in answers] == [
+        respond({"messages": [{"content": f"<text>{t}</text>"}]}).content for t in TEXTS
+    ]
     assert api.uploads == 1 and api.batches_created == 1 and api.rows_run == len(TEXTS)
     assert sorted(submitted_ids(api)) == sorted(r.key() for r in requests_for(cfg_for(api.base_url)))
 
@@ -413,8 +503,13 @@ def test_a_run_killed_between_upload_and_create_resumes_without_submitting_twice
 def test_the_batch_service_has_a_command_line(tmp_path):
     """`python -m freeal_stream.testing.fake_batch_api` (the README's walk-through) serves the batch API until
     stopped."""
-    p = subprocess.Popen([sys.executable, "-m", "freeal_stream.testing.fake_batch_api", "--port", "0"], cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "freeal_stream.testing.fake_batch_api", "--port", "0"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = p.stdout.readline()
         url = line.split()[3]

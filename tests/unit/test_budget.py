@@ -17,7 +17,7 @@ from freeal_stream.budget import (
 from freeal_stream.config import BudgetConfig, Price
 from freeal_stream.llm.ratelimit import estimate_tokens
 
-PRICE = Price(input=1.0, cached_input=0.25, output=4.0)   # per million tokens
+PRICE = Price(input=1.0, cached_input=0.25, output=4.0)  # per million tokens
 
 
 def test_estimate_counts_input_and_output():
@@ -26,7 +26,7 @@ def test_estimate_counts_input_and_output():
     assert estimate_tokens([("user", "x" * 397)], 0) == 101
     e = estimate([("user", "x" * 396)], 5, PRICE)
     assert e.requests == 1 and e.tokens == 105
-    assert e.cost == pytest.approx((100 * 1.0 + 5 * 4.0) / 1e6)   # no cache discount: it can only err high
+    assert e.cost == pytest.approx((100 * 1.0 + 5 * 4.0) / 1e6)  # no cache discount: it can only err high
 
 
 def test_cost_prices_cached_input_apart():
@@ -37,10 +37,13 @@ def test_cost_prices_cached_input_apart():
 
 def test_spent_from_usage_prices_each_model():
     b = BudgetConfig(prices={"a": PRICE})
-    s = spent_from_usage([{"model": "a", "requests": 2, "prompt_tokens": 1000, "cached_tokens": 0,
-                           "completion_tokens": 0},
-                          {"model": "b", "requests": 1, "prompt_tokens": 10, "cached_tokens": 0,
-                           "completion_tokens": 1}], b)
+    s = spent_from_usage(
+        [
+            {"model": "a", "requests": 2, "prompt_tokens": 1000, "cached_tokens": 0, "completion_tokens": 0},
+            {"model": "b", "requests": 1, "prompt_tokens": 10, "cached_tokens": 0, "completion_tokens": 1},
+        ],
+        b,
+    )
     assert s == Spent(3, 1011, pytest.approx(1000 / 1e6))
 
 
@@ -68,7 +71,7 @@ def test_guard_never_admits_past_the_cap_with_work_in_flight():
     chunk = [Spent(1, 10)] * 4
     assert guard.admit(chunk) == 4 and guard.admit(chunk) == 4 and guard.admit(chunk) == 2
     assert guard.admit(chunk) == 0 and guard.refused == 6
-    stored[0] = Spent(10, 100)       # the answers landed
+    stored[0] = Spent(10, 100)  # the answers landed
     for c in (chunk, chunk, chunk[:2]):
         guard.release(c)
     assert guard.admit(chunk) == 0
@@ -77,8 +80,10 @@ def test_guard_never_admits_past_the_cap_with_work_in_flight():
 def test_guard_is_thread_safe():
     guard = BudgetGuard(BudgetConfig(max_requests=1000), lambda: Spent())
     admitted = []
-    threads = [threading.Thread(target=lambda: admitted.append(sum(guard.admit([Spent(1, 1)]) for _ in range(300))))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: admitted.append(sum(guard.admit([Spent(1, 1)]) for _ in range(300))))
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

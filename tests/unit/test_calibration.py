@@ -1,4 +1,5 @@
 """Labels read from class logprobs and calibrated by the prompt's content-free prior (llm/calibration.py)."""
+
 from __future__ import annotations
 
 import math
@@ -13,15 +14,25 @@ from freeal_stream.records import PlanItem
 from freeal_stream.rounds.planning import RoundPlan
 
 VERB = Verbalizer({"subjective": ["subjective"], "objective": ["objective", "fact"]})
-EMBEDDED = LLMConfig(model="m")                                  # no base_url: the grammar on, calibration off
+EMBEDDED = LLMConfig(model="m")  # no base_url: the grammar on, calibration off
 CALIBRATED = LLMConfig(model="m", calibrate=True)
 HOSTED = LLMConfig(base_url="http://127.0.0.1:9/v1", model="m")  # plain chat unless the job opts in
 
 
 def answer(content: str | None, p_subj: float | None = None) -> ChatAnswer:
     top = None if p_subj is None else [[("objective", math.log(1 - p_subj)), ("subject", math.log(p_subj))]]
-    return ChatAnswer(key="k", content=content, finish_reason="stop", prompt_tokens=1, completion_tokens=1,
-                      cached_tokens=0, top_logprobs=top, latency_s=0.0, attempts=1, error=None)
+    return ChatAnswer(
+        key="k",
+        content=content,
+        finish_reason="stop",
+        prompt_tokens=1,
+        completion_tokens=1,
+        cached_tokens=0,
+        top_logprobs=top,
+        latency_s=0.0,
+        attempts=1,
+        error=None,
+    )
 
 
 def test_the_label_is_the_argmax_of_the_class_logprobs_divided_by_the_prior():
@@ -37,7 +48,7 @@ def test_the_label_is_the_argmax_of_the_class_logprobs_divided_by_the_prior():
 def test_only_an_answer_in_class_words_gives_a_label():
     assert calibration.read(VERB, answer("I think it is subjective", 0.9)) == calibration.Reading(None, None)
     assert calibration.read(VERB, answer(None, 0.9)).label is None
-    assert calibration.read(VERB, answer("fact")) == calibration.Reading(1, None)   # no logprobs: the word said
+    assert calibration.read(VERB, answer("fact")) == calibration.Reading(1, None)  # no logprobs: the word said
 
 
 def test_prior_is_floored_and_none_without_class_logprobs():
@@ -71,7 +82,7 @@ def test_a_plan_pays_for_each_blocks_calibration_just_before_its_first_item():
         return calibration.annotation_request(EMBEDDED, "t", VERB, [], name)
 
     items = (PlanItem("a", ("d1",)), PlanItem("b", ("d1",)), PlanItem("c", ("d2",)))
-    calib = {("d1",): (req("cf1"), req("cf1'")), ("d2",): (req("cf2"),)}   # as with llm.calibrate: true
+    calib = {("d1",): (req("cf1"), req("cf1'")), ("d2",): (req("cf2"),)}  # as with llm.calibrate: true
     plan = RoundPlan(1, items, (req("a"), req("b"), req("c")), calib)
     order = plan.sending_order()
     assert [k for k, _ in order] == [None, None, 0, 1, None, 2]

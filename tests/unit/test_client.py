@@ -60,10 +60,11 @@ def free_port() -> int:
 
 # --- request keys --------------------------------------------------------------------------------
 
+
 def test_key_is_stable_and_sensitive_to_every_field():
     a = req("hello")
     assert a.key() == req("hello").key() and len(a.key()) == 64
-    assert dataclasses.replace(a, temperature=0).key() == a.key()   # 0 and 0.0 are one value
+    assert dataclasses.replace(a, temperature=0).key() == a.key()  # 0 and 0.0 are one value
     changed = [
         dataclasses.replace(a, messages=(*a.messages, ("user", "more"))),
         dataclasses.replace(a, messages=(("system", "Classify."), ("assistant", "hello"))),
@@ -92,6 +93,7 @@ def test_build_uses_config_and_overrides():
 
 # --- answers ---------------------------------------------------------------------------------------
 
+
 def test_answer_fields_and_logprobs():
     top = [[("pos", math.log(0.7)), ("neg", math.log(0.2))], [("itive", -0.01)]]
     with FakeOpenAIServer(lambda body: ok("positive", top_logprobs=top, cached_tokens=4)) as server:
@@ -99,8 +101,10 @@ def test_answer_fields_and_logprobs():
         [answer] = client.complete_many([req("great film", client.cfg)])
     assert server.requests[0]["logprobs"] is True and server.requests[0]["top_logprobs"] == 2
     assert answer.content == "positive" and answer.error is None and answer.finish_reason == "stop"
-    assert answer.top_logprobs == [[("pos", pytest.approx(math.log(0.7))), ("neg", pytest.approx(math.log(0.2)))],
-                                   [("itive", -0.01)]]
+    assert answer.top_logprobs == [
+        [("pos", pytest.approx(math.log(0.7))), ("neg", pytest.approx(math.log(0.2)))],
+        [("itive", -0.01)],
+    ]
     assert answer.cached_tokens == 4 and answer.prompt_tokens >= 4 and answer.completion_tokens > 0
     assert answer.attempts == 1 and not answer.from_cache
     assert client.ledger.requests_sent == 1 and client.ledger.cached_tokens == 4
@@ -139,12 +143,14 @@ def test_non_json_body_is_retried_then_exhausted():
 
 def _set(path: str, value):
     """A patch setting one field of the completion body: 'choices.0.message.content' = value."""
+
     def patch(completion):
         *parents, last = path.split(".")
         node = completion
         for part in parents:
             node = node[int(part)] if part.isdigit() else node[part]
         node[int(last) if last.isdigit() else last] = value
+
     return patch
 
 
@@ -153,7 +159,7 @@ def _drop_usage(completion):
 
 
 TOP = [[("positive", -0.1), ("negative", -2.5)]]
-MALFORMED = {   # what an endpoint sent -> a word the stored reason must hold
+MALFORMED = {  # what an endpoint sent -> a word the stored reason must hold
     "logprob 'abc'": (_set("choices.0.logprobs.content.0.top_logprobs.0.logprob", "abc"), "logprob"),
     "logprob NaN": (_set("choices.0.logprobs.content.0.top_logprobs.1.logprob", float("nan")), "logprob"),
     "logprob Infinity": (_set("choices.0.logprobs.content.0.top_logprobs.0.logprob", float("inf")), "logprob"),
@@ -169,13 +175,13 @@ MALFORMED = {   # what an endpoint sent -> a word the stored reason must hold
     "content far over max_tokens": (_set("choices.0.message.content", "positive " * 20000), "content"),
     "message a string": (_set("choices.0.message", "positive"), "message"),
     "finish_reason an object": (_set("choices.0.finish_reason", {"a": 1}), "finish_reason"),
-    "usage over 2^31": (_set("usage.prompt_tokens", 2 ** 31), "prompt_tokens"),
-    "usage over 2^64": (_set("usage.completion_tokens", 2 ** 70), "completion_tokens"),
+    "usage over 2^31": (_set("usage.prompt_tokens", 2**31), "prompt_tokens"),
+    "usage over 2^64": (_set("usage.completion_tokens", 2**70), "completion_tokens"),
     "usage negative": (_set("usage.prompt_tokens", -500), "prompt_tokens"),
-    "usage a string": (_set("usage.prompt_tokens", "lots"), "prompt_tokens"),   # "12" is read as 12
+    "usage a string": (_set("usage.prompt_tokens", "lots"), "prompt_tokens"),  # "12" is read as 12
     "usage a float": (_set("usage.completion_tokens", 1.5), "completion_tokens"),
     "usage a list": (_set("usage", [1, 2]), "usage"),
-    "cached over prompt": (_set("usage.prompt_tokens_details", {"cached_tokens": 10 ** 6}), "cached_tokens"),
+    "cached over prompt": (_set("usage.prompt_tokens_details", {"cached_tokens": 10**6}), "cached_tokens"),
 }
 
 
@@ -188,11 +194,11 @@ def test_a_malformed_answer_is_stored_once_as_no_label_with_the_reason(kind):
         request = req("a", client.cfg)
         [answer] = client.complete_many([request])
         [again] = client.complete_many([request])
-    assert len(server.requests) == 1 and cache.puts == [answer.key] and again.from_cache   # paid once
+    assert len(server.requests) == 1 and cache.puts == [answer.key] and again.from_cache  # paid once
     assert answer.error is None and answer.content == "" and answer.top_logprobs is None
     assert answer.malformed and word in answer.malformed, answer.malformed
     for n in (answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens):
-        assert isinstance(n, int) and 0 <= n < 2 ** 31
+        assert isinstance(n, int) and 0 <= n < 2**31
     verb = Verbalizer({"positive": ["positive"], "negative": ["negative"]})
     assert verb.parse(answer.content) is None and verb.probs_from_logprobs(answer.top_logprobs) is None
 
@@ -212,6 +218,7 @@ def test_an_answer_without_usage_keeps_its_label_and_is_charged_the_estimate():
 
 
 # --- cache and deduplication --------------------------------------------------------------------------
+
 
 def test_cache_hits_are_not_sent_and_new_answers_are_stored():
     cache = MemoryCache()
@@ -241,8 +248,9 @@ def test_duplicate_keys_are_sent_once():
     seen = []
     with FakeOpenAIServer(lambda body: ok(last_user(body).upper())) as server:
         client = make_client(server, concurrency=4)
-        answers = client.complete_many([req("a"), req("a"), req("b"), req("a")],
-                                       progress=lambda done, total, ledger: seen.append((done, total)))
+        answers = client.complete_many(
+            [req("a"), req("a"), req("b"), req("a")], progress=lambda done, total, ledger: seen.append((done, total))
+        )
     assert len(server.requests) == 2 and set(server.hash_counts.values()) == {1}
     assert [a.content for a in answers] == ["A", "A", "B", "A"]
     assert seen[-1] == (4, 4) and [d for d, _ in seen] == sorted(d for d, _ in seen)
@@ -250,6 +258,7 @@ def test_duplicate_keys_are_sent_once():
 
 
 # --- order and concurrency -------------------------------------------------------------------------
+
 
 def test_requests_start_in_the_order_given():
     with FakeOpenAIServer() as server:
@@ -265,6 +274,7 @@ def test_concurrency_bound_is_respected():
 
 
 # --- transient failures ------------------------------------------------------------------------------
+
 
 def test_429_then_success():
     with FakeOpenAIServer() as server:
@@ -282,7 +292,7 @@ def test_retry_after_is_honoured():
         [answer] = make_client(server).complete_many([req("a")])
         elapsed = time.monotonic() - started
     assert answer.content == "positive"
-    assert 0.55 <= elapsed < 2.0   # without the header the backoff would be <= 0.01 s
+    assert 0.55 <= elapsed < 2.0  # without the header the backoff would be <= 0.01 s
 
 
 def test_5xx_burst_recovered():
@@ -299,7 +309,7 @@ def test_5xx_exhausted_is_reported_not_cached():
         [answer] = client.complete_many([req("a")])
     assert answer.error == "http_500_exhausted" and answer.attempts == 3 and answer.content is None
     assert cache.answers == {} and client.ledger.failures == {"http_500_exhausted": 1}
-    assert cache.failures == ["http_500_exhausted"]   # recorded as an outcome, not as an answer
+    assert cache.failures == ["http_500_exhausted"]  # recorded as an outcome, not as an answer
 
 
 def test_dropped_connection_is_retried():
@@ -316,7 +326,7 @@ def test_timeout_retried_then_exhausted_and_not_cached():
         [answer] = client.complete_many([req("a")])
         assert answer.error == "timeout_exhausted" and answer.content is None and answer.attempts == 2
         assert cache.answers == {} and len(server.requests) == 2
-        server.responder = lambda body: ok("negative")     # a later run retries it
+        server.responder = lambda body: ok("negative")  # a later run retries it
         [answer] = make_client(server, cache).complete_many([req("a")])
     assert answer.content == "negative" and not answer.from_cache and len(cache.answers) == 1
 
@@ -356,6 +366,7 @@ def test_an_endpoint_that_rejects_the_grammar_stops_the_run_with_the_fix():
 
 # --- fatal errors --------------------------------------------------------------------------------------
 
+
 def test_401_is_fatal_fast_and_never_shows_the_key():
     secret = "sk-test-SECRET-0123456789"
     with FakeOpenAIServer(api_key="the-right-key") as server:
@@ -364,7 +375,7 @@ def test_401_is_fatal_fast_and_never_shows_the_key():
         with pytest.raises(FatalLLMError) as info:
             client.complete_many([req(f"q{i}") for i in range(30)])
         assert time.monotonic() - started < 2.0
-        assert len(server.requests) <= 4          # no retry storm
+        assert len(server.requests) <= 4  # no retry storm
     message = str(info.value)
     assert "MY_LLM_KEY" in message and server.base_url in message and "test-model" in message
     assert secret not in message and "SECRET" not in message
@@ -390,7 +401,8 @@ def test_unreachable_base_url_is_fatal_fast():
     started = time.monotonic()
     with pytest.raises(FatalLLMError, match="cannot connect") as info:
         make_client(url, policy=RetryPolicy(max_retries=10, base_delay_s=0.05)).complete_many(
-            [req(f"q{i}") for i in range(5)])
+            [req(f"q{i}") for i in range(5)]
+        )
     assert time.monotonic() - started < 3.0 and url in str(info.value)
 
 

@@ -4,8 +4,11 @@ import pytest
 
 from freeal_stream.config import ConfigError, load_job, parse_job
 
-BASE = {"name": "t", "data": {"path": "x.csv"},
-        "task": {"description": "d", "classes": {"pos": "positive", "neg": ["negative", "bad"]}}}
+BASE = {
+    "name": "t",
+    "data": {"path": "x.csv"},
+    "task": {"description": "d", "classes": {"pos": "positive", "neg": ["negative", "bad"]}},
+}
 
 
 def with_(**sections):
@@ -76,13 +79,16 @@ def test_demo_job_is_valid():
     assert len(job.task.classes) == 4 and job.llm.base_url is None
 
 
-@pytest.mark.parametrize("classes, problem", [
-    ({"a": ["billing"], "b": ["billing!"]}, "used by both"),
-    ({"a": ["straße"], "b": ["strasse"]}, "used by both"),
-    ({"a": ["Account"], "b": ["  account  "]}, "used by both"),
-    ({"a": ["!!!"], "b": ["ok"]}, "no letters or digits"),
-    ({"a": ["ok"], "b": ["**"]}, "no letters or digits"),
-])
+@pytest.mark.parametrize(
+    "classes, problem",
+    [
+        ({"a": ["billing"], "b": ["billing!"]}, "used by both"),
+        ({"a": ["straße"], "b": ["strasse"]}, "used by both"),
+        ({"a": ["Account"], "b": ["  account  "]}, "used by both"),
+        ({"a": ["!!!"], "b": ["ok"]}, "no letters or digits"),
+        ({"a": ["ok"], "b": ["**"]}, "no letters or digits"),
+    ],
+)
 def test_class_words_that_collide_after_normalising_are_refused_before_any_work(classes, problem):
     """The verbalizer's own rule: these passed validation, then crashed once Ray had started."""
     e = err(with_(task={"description": "d", "classes": classes}))
@@ -98,8 +104,9 @@ def test_a_dangerous_state_dir_is_refused(state_dir, tmp_path, monkeypatch):
     assert e.value.field_path == "state_dir" and "Fix:" in str(e.value)
 
 
-@pytest.mark.parametrize("state_dir", ["x/{0}", "x/{}", "x/{other}", "x/{name", "x/{name.__class__}",
-                                       "x/{name[0]}", "x/{name!r}"])
+@pytest.mark.parametrize(
+    "state_dir", ["x/{0}", "x/{}", "x/{other}", "x/{name", "x/{name.__class__}", "x/{name[0]}", "x/{name!r}"]
+)
 def test_a_state_dir_with_a_bad_placeholder_is_a_config_error(state_dir):
     e = err(with_(state_dir=state_dir))
     assert e.field_path == "state_dir" and "{name}" in e.fix
@@ -114,8 +121,10 @@ def test_a_yaml_alias_bomb_is_refused_at_load(tmp_path):
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
     bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("name: t\ndata: {path: x.csv}\ntask: {description: d, classes: {a: [a], b: [b]}}\n"
-                    "strategy:\n  name: random\n  params:\n" + "".join(f"    {line}\n" for line in levels))
+    bomb.write_text(
+        "name: t\ndata: {path: x.csv}\ntask: {description: d, classes: {a: [a], b: [b]}}\n"
+        "strategy:\n  name: random\n  params:\n" + "".join(f"    {line}\n" for line in levels)
+    )
     with pytest.raises(ConfigError) as e:
         load_job(bomb)
     assert "expand to more than" in e.value.problem
@@ -123,15 +132,20 @@ def test_a_yaml_alias_bomb_is_refused_at_load(tmp_path):
 
 def test_aliases_of_modest_size_are_still_allowed(tmp_path):
     ok = tmp_path / "ok.yaml"
-    ok.write_text("name: t\ndata: {path: x.csv}\ntask: {description: d, classes: {a: &w [a], b: [b]}}\n"
-                  "budget:\n  prices:\n    m1: &p {input: 1.0, output: 2.0}\n    m2: *p\n")
+    ok.write_text(
+        "name: t\ndata: {path: x.csv}\ntask: {description: d, classes: {a: &w [a], b: [b]}}\n"
+        "budget:\n  prices:\n    m1: &p {input: 1.0, output: 2.0}\n    m2: *p\n"
+    )
     assert load_job(ok).budget.prices["m2"].output == 2.0
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("a: &a [*a]\n", "refers to itself"),
-    ("x: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("a: &a [*a]\n", "refers to itself"),
+        ("x: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+    ],
+)
 def test_a_self_referring_or_deeply_nested_job_file_is_a_config_error(tmp_path, text, problem):
     path = tmp_path / "j.yaml"
     path.write_text(text)

@@ -40,8 +40,12 @@ def writer(body):
         return judge(body)
     label = wanted(body)
     lines = [f"{i}. A {label} example sentence number {i}." for i in range(1, 4)]
-    lines += [f"4. a {label.upper()} example sentence number 1.", f"5. {shown_prototypes(body)[0]}", "6. positive",
-              "7. An off-topic sentence with no label word."]
+    lines += [
+        f"4. a {label.upper()} example sentence number 1.",
+        f"5. {shown_prototypes(body)[0]}",
+        "6. positive",
+        "7. An off-topic sentence with no label word.",
+    ]
     return ok("Sure! Here they are:\n" + "\n".join(lines))
 
 
@@ -52,14 +56,15 @@ def client(server, cache=None) -> LLMClient:
 def test_generates_per_class_deduped_and_without_prototypes():
     with FakeOpenAIServer(writer) as server:
         demos = generate_demos(client(server), CFG, "Sentiment of reviews.", VERB, TEXTS, 5, 5, seed=1)
-    assert demos == [(f"A positive example sentence number {i}.", 0, "generated") for i in range(1, 4)] + \
-                    [(f"A negative example sentence number {i}.", 1, "generated") for i in range(1, 4)]
+    assert demos == [(f"A positive example sentence number {i}.", 0, "generated") for i in range(1, 4)] + [
+        (f"A negative example sentence number {i}.", 1, "generated") for i in range(1, 4)
+    ]
     checks = [b for b in server.requests if is_check(b)]
     # 3 per class, plus the off-topic line once (the second class's copy is a duplicate)
     assert len(checks) == 7 and all(b["logprobs"] and "grammar" not in b for b in checks)  # asked as annotations
     body = server.requests[0]
     assert len(shown_prototypes(body)) == 5 and body["temperature"] >= 0.7
-    assert "Write 3 NEW" in body["messages"][-1]["content"] and body["max_tokens"] == 3 * 64   # half of 5 per ask
+    assert "Write 3 NEW" in body["messages"][-1]["content"] and body["max_tokens"] == 3 * 64  # half of 5 per ask
     assert "logprobs" not in body
     seeds = [b["seed"] for b in server.requests if not is_check(b)]
     assert len(set(seeds)) == len(seeds)  # one fixed sampling seed per class and try
@@ -126,9 +131,13 @@ def copier(body):
     if is_check(body):
         return judge(body)
     label, protos = wanted(body), shown_prototypes(body)
-    lines = [f'{protos[0]}" - {label.capitalize()}', f"{protos[1].replace('film', 'movie')}",
-             f"{label.capitalize()}: {protos[2]}", " ".join(protos[3].split()[:5]),
-             f"A truly new {label} sentence, number one."]
+    lines = [
+        f'{protos[0]}" - {label.capitalize()}',
+        f"{protos[1].replace('film', 'movie')}",
+        f"{label.capitalize()}: {protos[2]}",
+        " ".join(protos[3].split()[:5]),
+        f"A truly new {label} sentence, number one.",
+    ]
     return ok("\n".join(f"{i}. {t}" for i, t in enumerate(lines, 1)))
 
 
@@ -138,9 +147,12 @@ def test_copies_of_prototypes_and_label_tags_never_become_demos():
     new = ["A truly new negative sentence, number one.", "A truly new positive sentence, number one."]
     # the tag would have passed the zero-shot check (the judge reads label words); near-copies are dropped
     assert sorted(t for t, _, _ in demos) == new
-    checked = {re.search(r"<text>\n(.*)\n</text>", b["messages"][-1]["content"]).group(1)
-               for b in server.requests if is_check(b)}
-    assert checked - set(TEXTS) == set(new)   # besides the zero-shot fallback's draw of real texts
+    checked = {
+        re.search(r"<text>\n(.*)\n</text>", b["messages"][-1]["content"]).group(1)
+        for b in server.requests
+        if is_check(b)
+    }
+    assert checked - set(TEXTS) == set(new)  # besides the zero-shot fallback's draw of real texts
 
 
 def test_a_class_with_too_few_examples_is_asked_again_then_topped_up(caplog):
@@ -149,13 +161,13 @@ def test_a_class_with_too_few_examples_is_asked_again_then_topped_up(caplog):
             return judge(body)
         if wanted(body) == "positive":
             return writer(body)
-        return ok("1. The one negative example this model ever writes.")   # the same on every try
+        return ok("1. The one negative example this model ever writes.")  # the same on every try
 
     texts = TEXTS + [f"a negative remark number {i}" for i in range(30)]
     with FakeOpenAIServer(lopsided) as server, caplog.at_level(logging.WARNING):
         demos = generate_demos(client(server), CFG, "t", VERB, texts, 4, 4, seed=0)
     by_class = {c: [(t, src) for t, cc, src in demos if cc == c] for c in (0, 1)}
-    assert len(by_class[0]) == 3 and all(src == "generated" for _, src in by_class[0])   # 3 of 4: enough
+    assert len(by_class[0]) == 3 and all(src == "generated" for _, src in by_class[0])  # 3 of 4: enough
     # 1 of 4 is under half: asked twice more, then topped up to 4 with texts labelled zero-shot
     assert [src for _, src in by_class[1]] == ["generated"] + ["zero-shot"] * 3
     assert all("negative remark" in t for t, src in by_class[1] if src == "zero-shot")
@@ -168,7 +180,7 @@ def test_a_class_with_too_few_examples_is_asked_again_then_topped_up(caplog):
 
 
 SUBJ = Verbalizer({"subjective": ["subjective"], "objective": ["objective"]})
-EMBEDDED = LLMConfig(model="test-model", timeout_s=5.0, temperature=0.0, calibrate=True)   # no base_url: grammar
+EMBEDDED = LLMConfig(model="test-model", timeout_s=5.0, temperature=0.0, calibrate=True)  # no base_url: grammar
 
 
 def leaning_judge(body):
@@ -196,7 +208,7 @@ def test_calibrated_checks_keep_both_classes_where_a_leaning_model_says_one():
     checks = [b for b in server.requests if is_check(b)]
     assert all(b["grammar"] == 'root ::= "subjective" | "objective"' and b["top_logprobs"] == 20 for b in checks)
     content_free = [b for b in checks if re.search(r"<text>\n(N/A)?\n</text>", b["messages"][-1]["content"])]
-    assert len(content_free) == 2   # the zero-shot prompt's prior: asked once, for both classes' checks
+    assert len(content_free) == 2  # the zero-shot prompt's prior: asked once, for both classes' checks
 
 
 def test_time_box_stops_new_tries_and_says_so():
@@ -213,7 +225,7 @@ def test_time_box_stops_new_tries_and_says_so():
     with FakeOpenAIServer(slow_negative) as server:
         demos = generate_demos(client(server), CFG, "t", VERB, texts, 4, 3, seed=0, time_box_s=0.2, say=said.append)
     generations = [wanted(b) for b in server.requests if not is_check(b)]
-    assert generations.count("negative") == 1   # one try only: the box ran out during it
+    assert generations.count("negative") == 1  # one try only: the box ran out during it
     assert any("time box (freeal.generation_time_s) ran out after 1 try" in m for m in said)
     assert any("topping up" in m and "negative" in m for m in said)
     assert said[-1] == "demo pool: positive: 3 generated; negative: 3 zero-shot"

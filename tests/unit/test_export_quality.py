@@ -1,5 +1,6 @@
 """The latent-class calibration (freeal_stream.dawid_skene) and the per-item probabilities and estimate built on it
 (freeal_stream.rounds.quality), on synthetic data whose truth is known."""
+
 import itertools
 
 import numpy as np
@@ -26,7 +27,7 @@ def test_recovers_the_temperature_and_the_llm_accuracy_from_noisy_labels_alone(t
     cal = fit_calibration(logits, llm, 2)
     assert cal.temperature == pytest.approx(temperature, rel=0.1)
     assert cal.llm_accuracy == pytest.approx(list(llm_acc), abs=0.02)
-    again = fit_calibration(logits, llm, 2, start=cal)   # a warm start (the bootstrap's) ends at the same fit
+    again = fit_calibration(logits, llm, 2, start=cal)  # a warm start (the bootstrap's) ends at the same fit
     assert again.temperature == pytest.approx(cal.temperature, rel=1e-3)
 
 
@@ -39,26 +40,26 @@ def test_agreement_is_not_correctness():
     right = logits.argmax(1) == truth
     confident = p > 0.95
     assert right[confident].mean() == pytest.approx(p[confident].mean(), abs=0.01)
-    assert (llm[confident] == logits.argmax(1)[confident]).mean() < 0.88   # what agreement alone would say
+    assert (llm[confident] == logits.argmax(1)[confident]).mean() < 0.88  # what agreement alone would say
 
 
 def test_posterior_combines_both_models_and_too_few_labels_give_no_fit():
     cal = Calibration(1.0, ((0.9, 0.1), (0.2, 0.8)), 100)
     logits = np.array([[0.0, 0.0], [0.0, np.log(9.0)]])
     post = cal.posteriors(logits, np.array([0, -1]))
-    assert post[0] == pytest.approx([0.9 / 1.1, 0.2 / 1.1])   # an unsure SLM: the LLM's label, weighed by M
-    assert post[1] == pytest.approx([0.1, 0.9])                # no LLM label: the SLM's calibrated probabilities
+    assert post[0] == pytest.approx([0.9 / 1.1, 0.2 / 1.1])  # an unsure SLM: the LLM's label, weighed by M
+    assert post[1] == pytest.approx([0.1, 0.9])  # no LLM label: the SLM's calibrated probabilities
     assert fit_calibration(logits, np.array([0, 1]), 2) is None
     assert Calibration.from_json(cal.to_json()) == cal
 
 
 def test_auto_keeps_the_slm_label_only_where_it_is_more_likely_right():
     cal = Calibration(1.0, ((0.9, 0.1), (0.1, 0.9)), 100)
-    logits = np.array([[0.0, 4.0], [0.0, 1.0], [0.0, 4.0]])    # the SLM says class 1, sure / unsure / sure
+    logits = np.array([[0.0, 4.0], [0.0, 1.0], [0.0, 4.0]])  # the SLM says class 1, sure / unsure / sure
     llm = np.array([0, 0, -1])
     probs = item_probabilities(cal, logits, logits, llm)
-    assert probs.p_right[0] > 0.5 > probs.llm_p_right[0]        # sure SLM (e^4 : 1) against a 90% LLM: the SLM
-    assert probs.p_right[1] < 0.5 < probs.llm_p_right[1]        # unsure SLM (e : 1): the LLM
+    assert probs.p_right[0] > 0.5 > probs.llm_p_right[0]  # sure SLM (e^4 : 1) against a 90% LLM: the SLM
+    assert probs.p_right[1] < 0.5 < probs.llm_p_right[1]  # unsure SLM (e : 1): the LLM
     assert np.isnan(probs.llm_p_right[2])
     clean = np.array([True, False, False])
     assert list(slm_wins("auto", probs, llm, clean)) == [True, False, True]
@@ -79,21 +80,33 @@ def test_the_estimate_tracks_the_truth_and_its_interval_covers_it():
     tally = Tally()
     tally.add(np.where(wins, probs.p_right, probs.llm_p_right), wins)
     true_acc = (record == truth).mean()
-    low, high = interval("auto", cal, logits, logits, llm_seen, clean, np.zeros(len(llm_seen), bool),
-                         (logits[labelled], llm[labelled]), seed=0)
+    low, high = interval(
+        "auto",
+        cal,
+        logits,
+        logits,
+        llm_seen,
+        clean,
+        np.zeros(len(llm_seen), bool),
+        (logits[labelled], llm[labelled]),
+        seed=0,
+    )
     assert tally.total / tally.n == pytest.approx(true_acc, abs=0.015)
     assert low <= true_acc <= high and high - low < 0.04
     cover = tally.coverage()
     assert [c["threshold"] for c in cover] == list(COVERAGE)
-    assert all(a["share"] >= b["share"] for a, b in itertools.pairwise(cover))   # a higher bar keeps fewer labels
+    assert all(a["share"] >= b["share"] for a, b in itertools.pairwise(cover))  # a higher bar keeps fewer labels
 
 
 def test_tally_of_an_empty_shard_changes_nothing():
     tally = Tally()
     tally.add(np.array([0.9, 0.6]), np.array([True, False]))
     tally.add(np.zeros(0), np.zeros(0, bool))
-    assert tally.n == 2 and tally.slm_labels == 1 and tally.coverage()[0] == {"threshold": 0.5, "share": 1.0,
-                                                                             "accuracy": 0.75}
+    assert (
+        tally.n == 2
+        and tally.slm_labels == 1
+        and tally.coverage()[0] == {"threshold": 0.5, "share": 1.0, "accuracy": 0.75}
+    )
     assert isinstance(ItemProbabilities(np.zeros(1), np.zeros(1)).p_right, np.ndarray)
 
 
@@ -109,11 +122,12 @@ def test_out_of_fold_logits_come_from_models_that_never_saw_the_label():
     labels = np.array([0, 1] * 40 + [-1] * 10)
     emb = centre[np.maximum(labels, 0)] + 0.3 * rng.normal(size=(90, 384)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    labels[0] = 1   # a wrong label on a class-0 row
-    out = out_of_fold_logits(TrainingData(labels, emb=emb), 2, SLMConfig(mode="head", epochs=2), FreeALConfig(), 4,
-                             seed=0)
+    labels[0] = 1  # a wrong label on a class-0 row
+    out = out_of_fold_logits(
+        TrainingData(labels, emb=emb), 2, SLMConfig(mode="head", epochs=2), FreeALConfig(), 4, seed=0
+    )
     assert np.isnan(out[labels < 0]).all() and np.isfinite(out[labels >= 0]).all()
-    assert out[0].argmax() == 0                                 # out of fold, the wrong label is not believed
+    assert out[0].argmax() == 0  # out of fold, the wrong label is not believed
     assert (out[1:80].argmax(1) == labels[1:80]).mean() > 0.9
     capped = fold_of(labels, 4, seed=0, held_out=5)
     assert np.bincount(capped[capped >= 0]).tolist() == [5, 5, 5, 5] and (capped[labels < 0] == -1).all()

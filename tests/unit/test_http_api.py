@@ -52,7 +52,7 @@ class MemoryService:
         return {"items": len(self.items)}
 
     def labels(self, since: int, limit: int) -> dict:
-        page = self.items[since:since + limit]
+        page = self.items[since : since + limit]
         return {"items": page, "next": since + len(page)}
 
     def handlers(self) -> ApiHandlers:
@@ -85,11 +85,17 @@ def test_round_trip_through_the_client(service, monkeypatch):
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # ignored: a proxy would see the token
     client = ServiceClient(server.url)
     assert client.health()
-    sent = [{"id": "a", "text": "refund please"}, {"id": 7, "text": "where is my parcel", "gold": "shipping"},
-            {"text": "no id given", "view": "another view"}]
+    sent = [
+        {"id": "a", "text": "refund please"},
+        {"id": 7, "text": "where is my parcel", "gold": "shipping"},
+        {"text": "no id given", "view": "another view"},
+    ]
     assert client.add_items(sent) == {"received": 3, "added": 3, "duplicates": 0}
     assert client.add_items([*sent[:1], {"id": "b", "text": "refund please"}]) == {
-        "received": 2, "added": 0, "duplicates": 2}
+        "received": 2,
+        "added": 0,
+        "duplicates": 2,
+    }
     assert client.status() == {"items": 3}
     first = client.labels(since=0, limit=2)
     assert [item["id"] for item in first["items"]] == ["a", "7"] and first["next"] == 2
@@ -108,16 +114,19 @@ def test_items_as_a_list_or_as_json_lines(service):
     assert memory.items[1]["text"] == "two\u2028still two"
 
 
-@pytest.mark.parametrize("body, content_type, expected", [
-    (b'{"items": [', "application/json", "not JSON"),
-    (b'not json\n{"text": \n', "application/x-ndjson", "no line of the body is JSON"),
-    (b'\xff\xfe', "application/json", "not UTF-8"),
-    (b'[' * 6000, "application/json", "not JSON"),
-    (b'[{"text": "x", "id": ' + b'9' * 5000 + b'}]', "application/json", "not JSON"),
-    (b'{"items": []}', "application/json", "no items"),
-    (b'{"rows": [{"text": "x"}]}', "application/json", '{"items": [...]}'),
-    (b'{"items": [{"text": "x"}], "quarantined": [{"raw": 1}]}', "application/json", "quarantined must be"),
-])
+@pytest.mark.parametrize(
+    "body, content_type, expected",
+    [
+        (b'{"items": [', "application/json", "not JSON"),
+        (b'not json\n{"text": \n', "application/x-ndjson", "no line of the body is JSON"),
+        (b"\xff\xfe", "application/json", "not UTF-8"),
+        (b"[" * 6000, "application/json", "not JSON"),
+        (b'[{"text": "x", "id": ' + b"9" * 5000 + b"}]", "application/json", "not JSON"),
+        (b'{"items": []}', "application/json", "no items"),
+        (b'{"rows": [{"text": "x"}]}', "application/json", '{"items": [...]}'),
+        (b'{"items": [{"text": "x"}], "quarantined": [{"raw": 1}]}', "application/json", "quarantined must be"),
+    ],
+)
 def test_an_unreadable_body_is_a_400_naming_what_is_wrong(service, body, content_type, expected):
     memory, server = service
     status, answer, _ = post_items(server.url, body, content_type)
@@ -125,21 +134,24 @@ def test_an_unreadable_body_is_a_400_naming_what_is_wrong(service, body, content
     assert memory.items == []
 
 
-@pytest.mark.parametrize("bad, content_type, expected", [
-    (b'3', "application/json", "items[1]: must be a JSON object"),
-    (b'{"id": "b"}', "application/json", "items[1].text"),
-    (b'{"text": "   "}', "application/json", "items[1].text"),
-    (b'{"text": 5}', "application/json", "items[1].text"),
-    (b'{"text": "y", "id": true}', "application/json", "items[1].id"),
-    (b'{"text": "y", "id": [1]}', "application/json", "items[1].id"),
-    (b'{"text": "y", "view": 3}', "application/json", "items[1].view"),
-    (b'{"text": "y", "gold": {}}', "application/json", "items[1].gold"),
-    (b'{"txt": "y"}', "application/json", "items[1].txt: unknown field"),
-    (b'not json', "application/x-ndjson", "line 2 is not JSON"),
-])
+@pytest.mark.parametrize(
+    "bad, content_type, expected",
+    [
+        (b"3", "application/json", "items[1]: must be a JSON object"),
+        (b'{"id": "b"}', "application/json", "items[1].text"),
+        (b'{"text": "   "}', "application/json", "items[1].text"),
+        (b'{"text": 5}', "application/json", "items[1].text"),
+        (b'{"text": "y", "id": true}', "application/json", "items[1].id"),
+        (b'{"text": "y", "id": [1]}', "application/json", "items[1].id"),
+        (b'{"text": "y", "view": 3}', "application/json", "items[1].view"),
+        (b'{"text": "y", "gold": {}}', "application/json", "items[1].gold"),
+        (b'{"txt": "y"}', "application/json", "items[1].txt: unknown field"),
+        (b"not json", "application/x-ndjson", "line 2 is not JSON"),
+    ],
+)
 def test_a_bad_item_is_quarantined_and_the_good_ones_are_taken(service, bad, content_type, expected):
     memory, server = service
-    body = (b'[{"text": "x"}, ' + bad + b']') if content_type == "application/json" else b'{"text": "x"}\n' + bad
+    body = (b'[{"text": "x"}, ' + bad + b"]") if content_type == "application/json" else b'{"text": "x"}\n' + bad
     status, answer, _ = post_items(server.url, body, content_type)
     assert status == 200 and [item["text"] for item in memory.items] == ["x"]
     assert (answer["received"], answer["added"], answer["quarantined"]) == (2, 1, 1)
@@ -148,16 +160,21 @@ def test_a_bad_item_is_quarantined_and_the_good_ones_are_taken(service, bad, con
 
 def test_refused_items_reach_the_quarantine_handler_with_their_raw_content():
     memory, got = MemoryService(), []
-    handlers = ApiHandlers(memory.add_items, memory.status, memory.labels, lambda rows, source: got.append(
-        (source, rows)))
+    handlers = ApiHandlers(
+        memory.add_items, memory.status, memory.labels, lambda rows, source: got.append((source, rows))
+    )
     with ApiServer(handlers) as server:
         answer = ServiceClient(server.url).add_items(
-            [{"text": "x"}, {"id": "b"}], source="f.csv",
-            quarantined=[{"location": "line 3", "line": 3, "reason": "not UTF-8", "detail": "d", "raw": "\\xff"}])
+            [{"text": "x"}, {"id": "b"}],
+            source="f.csv",
+            quarantined=[{"location": "line 3", "line": 3, "reason": "not UTF-8", "detail": "d", "raw": "\\xff"}],
+        )
     assert answer["quarantined"] == 2 and answer["added"] == 1
     [(source, rows)] = got
-    assert source == "f.csv" and [(r["location"], r["raw"]) for r in rows] == [("line 3", "\\xff"),
-                                                                                ("items[1]", '{"id": "b"}')]
+    assert source == "f.csv" and [(r["location"], r["raw"]) for r in rows] == [
+        ("line 3", "\\xff"),
+        ("items[1]", '{"id": "b"}'),
+    ]
 
 
 def test_too_large_is_a_413(service):
@@ -175,16 +192,23 @@ def test_a_body_without_a_length_is_a_411(service):
     _, server = service
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(f"POST /items HTTP/1.1\r\nHost: {host}:{port}\r\n".encode() + b"Transfer-Encoding: chunked\r\n\r\n"
-                     b"5\r\n[1,2]\r\n0\r\n\r\n")
+        conn.sendall(
+            f"POST /items HTTP/1.1\r\nHost: {host}:{port}\r\n".encode() + b"Transfer-Encoding: chunked\r\n\r\n"
+            b"5\r\n[1,2]\r\n0\r\n\r\n"
+        )
         reply = conn.makefile("rb").read()
     assert reply.startswith(b"HTTP/1.1 411") and b"Content-Length" in reply
 
 
 def test_labels_query_is_validated(service):
     _, server = service
-    for query, field in [("since=-1", "since"), ("since=x", "since"), ("limit=0", "limit"),
-                         ("limit=10001", "limit"), ("limit=1&limit=2", "limit")]:
+    for query, field in [
+        ("since=-1", "since"),
+        ("since=x", "since"),
+        ("limit=0", "limit"),
+        ("limit=10001", "limit"),
+        ("limit=1&limit=2", "limit"),
+    ]:
         status, answer, _ = request(f"{server.url}/labels?{query}")
         assert status == 400 and answer["field"] == field, query
     status, answer, _ = request(f"{server.url}/labels?sinse=1")
@@ -218,8 +242,15 @@ def test_a_handler_exception_is_a_generic_500(caplog):
 def job_serving(host: str, token_env: str = "FREEAL_TEST_SERVICE_TOKEN"):
     from freeal_stream.config import parse_job
 
-    return parse_job({"name": "t", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": "a",
-                      "b": "b"}}, "service": {"host": host, "token_env": token_env}}, "job.yaml")
+    return parse_job(
+        {
+            "name": "t",
+            "data": {"path": "x.csv"},
+            "task": {"description": "d", "classes": {"a": "a", "b": "b"}},
+            "service": {"host": host, "token_env": token_env},
+        },
+        "job.yaml",
+    )
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", ""])
@@ -228,9 +259,9 @@ def test_a_non_loopback_bind_needs_a_token(host, monkeypatch):
     from freeal_stream.serve import service_token
 
     monkeypatch.delenv("FREEAL_TEST_SERVICE_TOKEN", raising=False)
-    with pytest.raises(ConfigError, match="FREEAL_TEST_SERVICE_TOKEN"):   # the job's own variable, by name
+    with pytest.raises(ConfigError, match="FREEAL_TEST_SERVICE_TOKEN"):  # the job's own variable, by name
         service_token(job_serving(host))
-    with pytest.raises(ValueError, match="without a token"):   # the server itself refuses too
+    with pytest.raises(ValueError, match="without a token"):  # the server itself refuses too
         ApiServer(MemoryService().handlers(), host=host)
     monkeypatch.setenv("FREEAL_TEST_SERVICE_TOKEN", TOKEN)
     assert service_token(job_serving(host)) == TOKEN
@@ -252,8 +283,12 @@ def test_an_empty_token_is_refused(monkeypatch):
 
 def test_a_token_is_required_when_set(caplog):
     with caplog.at_level(logging.DEBUG), ApiServer(MemoryService().handlers(), token=TOKEN) as server:
-        for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                        {"Authorization": f"Basic {TOKEN}"}]:
+        for headers in [
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": TOKEN},
+            {"Authorization": f"Basic {TOKEN}"},
+        ]:
             status, answer, response_headers = request(server.url + "/status", headers=headers)
             assert status == 401 and TOKEN not in json.dumps(answer), headers
             assert response_headers["WWW-Authenticate"] == "Bearer"
@@ -312,6 +347,7 @@ def test_the_client_reports_an_unreachable_service():
 
 # ---- the gate: Host, Origin, content types, limits, timeouts ------------------------------------------
 
+
 def raw_request(server: ApiServer, data: bytes, timeout: float = 10) -> bytes:
     """Send raw bytes; the whole reply (the server closes the connection after it, or on timeout)."""
     host, port = server.url.removeprefix("http://").split(":")
@@ -328,8 +364,14 @@ def test_a_host_that_is_not_this_service_is_refused(service):
     """DNS rebinding: a page at attacker.example, re-pointed at 127.0.0.1, sends its own name as Host."""
     _, server = service
     port = server.url.rsplit(":", 1)[1]
-    for host in ("attacker.example", f"attacker.example:{port}", f"127.0.0.1.attacker.example:{port}",
-                 "127.0.0.1:1", "", f"127.0.0.1:{port}@attacker.example"):
+    for host in (
+        "attacker.example",
+        f"attacker.example:{port}",
+        f"127.0.0.1.attacker.example:{port}",
+        "127.0.0.1:1",
+        "",
+        f"127.0.0.1:{port}@attacker.example",
+    ):
         for path in ("/labels", "/health", "/items"):
             reply = raw_request(server, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             assert status_of(reply) == 403 and b"service.allowed_hosts" in reply, (host, path, reply[:200])
@@ -341,8 +383,12 @@ def test_a_host_that_is_not_this_service_is_refused(service):
 def test_allowed_hosts_adds_names():
     with ApiServer(MemoryService().handlers(), allowed_hosts=["labels.internal", "proxy.internal:443"]) as server:
         port = server.url.rsplit(":", 1)[1]
-        for host, expected in ((f"labels.internal:{port}", 200), ("proxy.internal:443", 200),
-                               ("labels.internal:1", 403), (f"other.internal:{port}", 403)):
+        for host, expected in (
+            (f"labels.internal:{port}", 200),
+            ("proxy.internal:443", 200),
+            ("labels.internal:1", 403),
+            (f"other.internal:{port}", 403),
+        ):
             reply = raw_request(server, f"GET /status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             assert status_of(reply) == expected, host
 
@@ -350,23 +396,29 @@ def test_allowed_hosts_adds_names():
 def test_a_web_page_of_another_site_cannot_post_or_read(service):
     memory, server = service
     for origin in ("http://evil.example", "null", "http://127.0.0.1:1", "http://localhost.evil.example"):
-        status, answer, headers = request(server.url + "/items", "POST", b'[{"text": "planted"}]',
-                                          {"Content-Type": "text/plain", "Origin": origin})
+        status, answer, headers = request(
+            server.url + "/items", "POST", b'[{"text": "planted"}]', {"Content-Type": "text/plain", "Origin": origin}
+        )
         assert status == 403 and "cross-origin" in answer["error"], origin
         assert not any(h.lower().startswith("access-control") for h in headers), headers
         assert request(server.url + "/labels", headers={"Origin": origin})[0] == 403
-    status, _, headers = request(server.url + "/items", "OPTIONS", headers={
-        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    status, _, headers = request(
+        server.url + "/items",
+        "OPTIONS",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     assert status == 403 and not any(h.lower().startswith("access-control") for h in headers)
     assert memory.items == []
     own = server.url.replace("127.0.0.1", "localhost")
-    status, answer, _ = request(server.url + "/items", "POST", b'[{"text": "mine"}]',
-                                {"Content-Type": "application/json", "Origin": own})
+    status, answer, _ = request(
+        server.url + "/items", "POST", b'[{"text": "mine"}]', {"Content-Type": "application/json", "Origin": own}
+    )
     assert status == 200 and answer["added"] == 1
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                          "application/jsonx", ""])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", "application/jsonx", ""]
+)
 def test_only_json_bodies_are_parsed(service, content_type):
     memory, server = service
     status, answer, _ = post_items(server.url, b'[{"text": "x"}]', content_type)
@@ -388,8 +440,10 @@ def test_a_stalled_body_is_a_408_with_one_log_line(caplog):
         conns = []
         for _ in range(20):
             conn = socket.create_connection((host, int(port)), timeout=10)
-            conn.sendall(f"POST /items HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                         "Content-Length: 100\r\n\r\n[{\"text\": ".encode())
+            conn.sendall(
+                f"POST /items HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                'Content-Length: 100\r\n\r\n[{"text": '.encode()
+            )
             conns.append(conn)
         replies = [c.makefile("rb").read() for c in conns]
         for c in conns:
@@ -402,12 +456,14 @@ def test_a_stalled_body_is_a_408_with_one_log_line(caplog):
 
 
 def test_idle_connections_are_closed_quietly(caplog):
-    with caplog.at_level(logging.DEBUG), ApiServer(MemoryService().handlers(), headers_timeout_s=1,
-                                                    max_connections=1000) as server:
+    with (
+        caplog.at_level(logging.DEBUG),
+        ApiServer(MemoryService().handlers(), headers_timeout_s=1, max_connections=1000) as server,
+    ):
         host, port = server.url.removeprefix("http://").split(":")
         idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(200)]
-        idle[0].sendall(b"GET /health HTTP/1.1\r\nHo")   # headers a byte at a time count as idle too
-        assert all(c.recv(1) == b"" for c in idle)   # closed by the server after 1 s
+        idle[0].sendall(b"GET /health HTTP/1.1\r\nHo")  # headers a byte at a time count as idle too
+        assert all(c.recv(1) == b"" for c in idle)  # closed by the server after 1 s
         for c in idle:
             c.close()
         assert ServiceClient(server.url).health()
@@ -419,7 +475,7 @@ def test_too_many_connections_get_a_503_not_a_queue():
         host, port = server.url.removeprefix("http://").split(":")
         held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
         try:
-            with pytest.raises(urllib.error.HTTPError) as info:   # uvicorn's own plain-text answer
+            with pytest.raises(urllib.error.HTTPError) as info:  # uvicorn's own plain-text answer
                 urllib.request.urlopen(server.url + "/health", timeout=10)
             assert info.value.code == 503
         finally:
@@ -443,16 +499,18 @@ def test_bodies_in_flight_are_bounded():
     with ApiServer(handlers, max_body_bytes=1000, max_body_bytes_in_flight=1000, body_timeout_s=1.5) as server:
         host, port = server.url.removeprefix("http://").split(":")
         stalled = socket.create_connection((host, int(port)), timeout=10)
-        stalled.sendall(f"POST /items HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                        "Content-Length: 900\r\n\r\n[".encode())   # holds 900 bytes of the budget
+        stalled.sendall(
+            f"POST /items HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 900\r\n\r\n[".encode()
+        )  # holds 900 bytes of the budget
         time.sleep(0.3)
         started = time.monotonic()
         assert post_items(server.url, json.dumps([{"text": "a" * 800}]).encode())[0] == 200
-        assert time.monotonic() - started > 0.9                       # it waited for the stalled one's 408
+        assert time.monotonic() - started > 0.9  # it waited for the stalled one's 408
         assert status_of(stalled.makefile("rb").read()) == 408
         stalled.close()
 
-        slow.set()   # a request holding its share for 2.5 s: the next one gives up at 1.5 s
+        slow.set()  # a request holding its share for 2.5 s: the next one gives up at 1.5 s
         holder = threading.Thread(target=post_items, args=(server.url, json.dumps([{"text": "b" * 800}]).encode()))
         holder.start()
         time.sleep(0.3)
@@ -460,7 +518,7 @@ def test_bodies_in_flight_are_bounded():
         assert status == 503 and headers["Retry-After"] == "1" and "retry" in answer["error"]
         holder.join()
         slow.clear()
-        assert post_items(server.url, b'[{"text": "small"}]')[0] == 200   # every share was given back
+        assert post_items(server.url, b'[{"text": "small"}]')[0] == 200  # every share was given back
     assert [len(item["text"]) for item in memory.items] == [800, 800, 5]
 
 
@@ -468,8 +526,10 @@ def test_a_lone_surrogate_quarantines_its_item_and_the_others_are_stored():
     memory, got = MemoryService(), []
     handlers = ApiHandlers(memory.add_items, memory.status, memory.labels, lambda rows, source: got.append(rows))
     with ApiServer(handlers) as server:
-        body = (b'[{"text": "fine"}, {"text": "bad \\ud800 text"}, {"id": "\\udfff", "text": "bad id"}, '
-                b'{"text": "also fine"}, {"\\ud800": 1, "text": "bad field"}]')
+        body = (
+            b'[{"text": "fine"}, {"text": "bad \\ud800 text"}, {"id": "\\udfff", "text": "bad id"}, '
+            b'{"text": "also fine"}, {"\\ud800": 1, "text": "bad field"}]'
+        )
         status, answer, _ = post_items(server.url, body)
         lines = b'{"text": "line fine"}\n{"text": "\\ud83d"}\n'
         status2, answer2, _ = post_items(server.url, lines, "application/x-ndjson")
@@ -478,7 +538,7 @@ def test_a_lone_surrogate_quarantines_its_item_and_the_others_are_stored():
     assert answer["problems"][1]["detail"].startswith("items[2].id: holds a lone surrogate")
     assert status2 == 200 and (answer2["added"], answer2["quarantined"]) == (1, 1)
     assert [item["text"] for item in memory.items] == ["fine", "also fine", "line fine"]
-    for row in [r for rows in got for r in rows]:   # what is recorded can be stored as UTF-8
+    for row in [r for rows in got for r in rows]:  # what is recorded can be stored as UTF-8
         for value in row.values():
             if isinstance(value, str):
                 value.encode("utf-8")
@@ -487,10 +547,14 @@ def test_a_lone_surrogate_quarantines_its_item_and_the_others_are_stored():
 
 def test_json_answers_never_hold_nan_or_infinity():
     def labels(since, limit):
-        return {"items": [{"seq": 0, "id": "a", "label": "x", "source": "llm round 1", "confidence": float("nan")},
-                          {"seq": 1, "id": "b", "label": "y", "source": "llm round 1", "confidence": float("inf")},
-                          {"seq": 2, "id": "c", "label": "y", "source": "slm round 1", "confidence": 0.5}],
-                "next": 3}
+        return {
+            "items": [
+                {"seq": 0, "id": "a", "label": "x", "source": "llm round 1", "confidence": float("nan")},
+                {"seq": 1, "id": "b", "label": "y", "source": "llm round 1", "confidence": float("inf")},
+                {"seq": 2, "id": "c", "label": "y", "source": "slm round 1", "confidence": 0.5},
+            ],
+            "next": 3,
+        }
 
     handlers = ApiHandlers(lambda items: {}, lambda: {"spent": float("-inf"), "rates": [float("nan")]}, labels)
     with ApiServer(handlers) as server:
@@ -510,7 +574,7 @@ def test_openapi_description_is_served_behind_the_token():
         assert status == 200 and {"/items", "/status", "/labels", "/health"} <= set(doc["paths"])
         schema = doc["paths"]["/items"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert schema["properties"]["items"]["items"]["$ref"].split("/")[-1] in doc["components"]["schemas"]
-        assert request(server.url + "/docs")[0] == 404   # its page would run a CDN's JavaScript in our origin
+        assert request(server.url + "/docs")[0] == 404  # its page would run a CDN's JavaScript in our origin
     with ApiServer(MemoryService().handlers(), token=TOKEN) as server:
         assert request(server.url + "/openapi.json")[0] == 401
         assert request(server.url + "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
@@ -542,8 +606,12 @@ def test_a_service_file_naming_a_foreign_url_gets_neither_data_nor_token(tmp_pat
     job = make_job(tmp_path, 2, service={"port": 8765})
     monkeypatch.setenv("FREEAL_SERVICE_TOKEN", TOKEN)
     try:
-        for url in (foreign, "http://attacker.example:8765", "http://127.0.0.1.attacker.example:8765",
-                    "http://localhost.attacker.example:8765"):
+        for url in (
+            foreign,
+            "http://attacker.example:8765",
+            "http://127.0.0.1.attacker.example:8765",
+            "http://localhost.attacker.example:8765",
+        ):
             write_service_file(tmp_path / "state", url, os.getpid())
             with pytest.raises(ServiceError, match="refusing to send it data or the token"):
                 find_service(tmp_path / "state", host="127.0.0.1", port=8765)
@@ -553,7 +621,7 @@ def test_a_service_file_naming_a_foreign_url_gets_neither_data_nor_token(tmp_pat
             assert main(["ingest", str(job), str(tmp_path / "new.csv")]) == 2
             assert "refusing" in capsys.readouterr().err
         with pytest.raises(socket.timeout):
-            listener.accept()   # nothing ever connected
+            listener.accept()  # nothing ever connected
     finally:
         listener.close()
 
@@ -564,10 +632,12 @@ def test_the_service_file_may_name_loopback_or_the_jobs_own_address(tmp_path):
         for url in (server.url, f"http://localhost:{port}"):
             write_service_file(tmp_path, url, os.getpid())
             assert find_service(tmp_path) == url
-    check_service_url("http://labels.internal:9000", tmp_path, "labels.internal", 9000)   # the job's own
-    for url, host, port in (("http://labels.internal:9001", "labels.internal", 9000),
-                            ("http://labels.internal:0", "labels.internal", 0),
-                            ("https://labels.internal", "labels.internal", 80)):
+    check_service_url("http://labels.internal:9000", tmp_path, "labels.internal", 9000)  # the job's own
+    for url, host, port in (
+        ("http://labels.internal:9001", "labels.internal", 9000),
+        ("http://labels.internal:0", "labels.internal", 0),
+        ("https://labels.internal", "labels.internal", 80),
+    ):
         with pytest.raises(ServiceError):
             check_service_url(url, tmp_path, host, port)
 

@@ -1,5 +1,6 @@
 """Human labels inside a round, on a real store: never a target of the LLM (either schedule), clean by fiat in
 the stored scores and in the SLM's training split."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from freeal_stream.store import Store
 from strategies.registry import load_strategy
 
 N = 40
-HUMAN = ["i3", "i4", "i32", "i33"]   # two the LLM labelled, two it never saw
+HUMAN = ["i3", "i4", "i32", "i33"]  # two the LLM labelled, two it never saw
 LLM_LABELLED = 30
 
 
@@ -26,18 +27,24 @@ def context(tmp_path, schedule="budgeted"):
     store.add_items(ids, [f"text {k}" for k in range(N)], [None] * N, [None] * N, [f"h{k}" for k in range(N)])
     store.add_annotations(1, [Annotation(f"i{k}", f"q{k}", k % 2, 0.9, ()) for k in range(LLM_LABELLED)])
     store.add_human_labels("review.csv", [HumanLabel(i, 1) for i in HUMAN], "llm")
-    job = parse_job({"name": "j", "data": {"path": "x.csv"}, "seed": 0,
-                     "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
-                     "freeal": {"schedule": schedule, "query_fraction": 1.0, "tau": 0.5}})
+    job = parse_job(
+        {
+            "name": "j",
+            "data": {"path": "x.csv"},
+            "seed": 0,
+            "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
+            "freeal": {"schedule": schedule, "query_fraction": 1.0, "tau": 0.5},
+        }
+    )
     return SimpleNamespace(store=store, job=job, pool=SimpleNamespace(size=N), n_classes=2)
 
 
 def test_a_human_label_is_never_sent_to_the_llm(tmp_path):
     ctx = context(tmp_path)
     targets = choose_targets(ctx, 2, SimpleNamespace(logits=None, emb=None), load_strategy("random", {}))
-    assert sorted(targets) == [k for k in range(LLM_LABELLED, N) if f"i{k}" not in HUMAN]   # all unannotated but 2
+    assert sorted(targets) == [k for k in range(LLM_LABELLED, N) if f"i{k}" not in HUMAN]  # all unannotated but 2
     ctx.store.close()
-    ctx = context(tmp_path / "full", "full")   # the full schedule's first round asks about every text
+    ctx = context(tmp_path / "full", "full")  # the full schedule's first round asks about every text
     targets = choose_targets(ctx, 1, SimpleNamespace(trained=False), load_strategy("random", {}))
     assert sorted(targets) == [k for k in range(LLM_LABELLED, N) if f"i{k}" not in HUMAN]
     ctx.store.close()
@@ -46,7 +53,7 @@ def test_a_human_label_is_never_sent_to_the_llm(tmp_path):
 def test_human_labels_replace_the_llms_for_training_and_are_stored_as_clean(tmp_path):
     ctx = context(tmp_path)
     labels, human = training_labels(ctx)
-    assert list(np.flatnonzero(human)) == [3, 4, 32, 33] and labels[4] == 1 != 4 % 2   # the human's label wins
+    assert list(np.flatnonzero(human)) == [3, 4, 32, 33] and labels[4] == 1 != 4 % 2  # the human's label wins
     assert (labels[:LLM_LABELLED] >= 0).all() and labels[32] == labels[33] == 1 and labels[34] == -1
     # among the rows labelled 1 the SLM agrees with those at k = 1 mod 4 and is sure of class 0 elsewhere: those
     # (human rows included) have a high loss, so the GMM calls them noisy; the human ones stay clean anyway
@@ -58,7 +65,7 @@ def test_human_labels_replace_the_llms_for_training_and_are_stored_as_clean(tmp_
     clean = dict(ctx.store.con.execute("SELECT item_id, clean FROM slm_scores WHERE round = 1").fetchall())
     ctx.store.close()
     assert all(clean[i] for i in HUMAN)
-    assert clean["i1"] and clean["i5"] and not clean["i7"] and not clean["i11"]   # the LLM's labels: as the GMM says
+    assert clean["i1"] and clean["i5"] and not clean["i7"] and not clean["i11"]  # the LLM's labels: as the GMM says
 
 
 def test_trusted_rows_stay_in_the_slms_clean_split(tmp_path):
@@ -77,10 +84,16 @@ def test_trusted_rows_stay_in_the_slms_clean_split(tmp_path):
     plain = fit_slm(TrainingData(labels, emb=emb), 2, cfg, freeal, seed=0)
     trusted = np.zeros(60, bool)
     trusted[wrong] = True
-    kept = fit_slm(TrainingData(labels, emb=emb, trusted=trusted), 2, cfg, freeal, seed=0,
-                   on_step=lambda e, s, n: steps.append((e, s, n)))
+    kept = fit_slm(
+        TrainingData(labels, emb=emb, trusted=trusted),
+        2,
+        cfg,
+        freeal,
+        seed=0,
+        on_step=lambda e, s, n: steps.append((e, s, n)),
+    )
     after_warmup = [(p["n_clean"], k["n_clean"]) for p, k in zip(plain.history[2:], kept.history[2:])]
-    assert all(k >= p + 6 for p, k in after_warmup), after_warmup   # the GMM drops >= 6 of the 8; trust keeps them
+    assert all(k >= p + 6 for p, k in after_warmup), after_warmup  # the GMM drops >= 6 of the 8; trust keeps them
     assert steps[0] == (1, 1, steps[0][2]) and steps[-1][0] == 5 and steps[-1][1] == steps[-1][2]
 
 

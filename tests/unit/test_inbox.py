@@ -43,8 +43,15 @@ class FakeStore:
         return added
 
     def inbox(self, root: Path, clock: Clock, **kwargs) -> Inbox:
-        return Inbox(root, self.ingest_file, settle_s=SETTLE, clock=clock, seen=self.digests.__contains__,
-                     remember=self.digests.__setitem__, **kwargs)
+        return Inbox(
+            root,
+            self.ingest_file,
+            settle_s=SETTLE,
+            clock=clock,
+            seen=self.digests.__contains__,
+            remember=self.digests.__setitem__,
+            **kwargs,
+        )
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
@@ -123,8 +130,10 @@ def test_the_same_content_dropped_again_adds_nothing(env):
 
     write_csv(inbox.root / "copy.csv", rows)  # same content, another name
     write_csv(inbox.root / "a.csv", rows)  # same name again
-    assert settled_scan(inbox, clock) == [InboxResult("a.csv", "duplicate file"),
-                                          InboxResult("copy.csv", "duplicate file")]
+    assert settled_scan(inbox, clock) == [
+        InboxResult("a.csv", "duplicate file"),
+        InboxResult("copy.csv", "duplicate file"),
+    ]
     assert store.calls == ["a.csv"] and len(store.items) == 2
     done = sorted(p.name for p in inbox.done.iterdir())
     assert len(done) == 3 and "a.csv" in done and "copy.csv" in done
@@ -206,8 +215,14 @@ def test_a_crash_between_commit_and_move_reingests_without_duplicates(tmp_path):
         store.ingest_file(path)
         raise Crash
 
-    inbox = Inbox(root, commit_then_die, settle_s=SETTLE, clock=clock, seen=store.digests.__contains__,
-                  remember=store.digests.__setitem__)
+    inbox = Inbox(
+        root,
+        commit_then_die,
+        settle_s=SETTLE,
+        clock=clock,
+        seen=store.digests.__contains__,
+        remember=store.digests.__setitem__,
+    )
     write_csv(root / "a.csv", [("1", "first"), ("2", "second")])
     with pytest.raises(Crash):
         settled_scan(inbox, clock)
@@ -226,8 +241,14 @@ def test_a_crash_after_the_digest_is_recorded_moves_the_file_without_reading_it(
         store.digests[digest] = name
         raise Crash
 
-    inbox = Inbox(root, store.ingest_file, settle_s=SETTLE, clock=clock, seen=store.digests.__contains__,
-                  remember=remember_then_die)
+    inbox = Inbox(
+        root,
+        store.ingest_file,
+        settle_s=SETTLE,
+        clock=clock,
+        seen=store.digests.__contains__,
+        remember=remember_then_die,
+    )
     write_csv(root / "a.csv", [("1", "first")])
     with pytest.raises(Crash):
         settled_scan(inbox, clock)

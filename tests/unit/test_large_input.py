@@ -1,5 +1,6 @@
 """Large and hostile data files: read as a stream (memory bounded by a record or a batch, not the file), an
 over-long record set aside with its start, and a file name never taken for a pattern."""
+
 from __future__ import annotations
 
 import csv
@@ -27,10 +28,13 @@ def peak_traced(fn) -> int:
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("suffix, head, line", [
-    (".csv", "text\n", "a" * (24 << 20)),
-    (".jsonl", "", json.dumps({"text": "a" * (24 << 20)})),
-])
+@pytest.mark.parametrize(
+    "suffix, head, line",
+    [
+        (".csv", "text\n", "a" * (24 << 20)),
+        (".jsonl", "", json.dumps({"text": "a" * (24 << 20)})),
+    ],
+)
 def test_a_huge_one_line_file_is_read_in_bounded_memory(tmp_path, suffix, head, line):
     data = tmp_path / f"big{suffix}"
     data.write_text(head + line + "\n" + (json.dumps({"text": "after"}) if suffix == ".jsonl" else "after") + "\n")
@@ -52,6 +56,7 @@ def test_a_json_array_with_an_over_long_element_is_refused_in_bounded_memory(tmp
         with pytest.raises(DataError, match=r"not one valid JSON array \(element 2 is over 1048576 bytes\)"):
             list(read_batches(DataConfig(path=str(data))))
         caught.append(True)
+
     assert peak_traced(read) < 4 * MAX_RECORD_BYTES and caught
 
 
@@ -72,13 +77,14 @@ def _reference_csv(text: str) -> list[list[str]]:
 def test_the_streamed_csv_reader_parses_as_the_csv_module_does_across_read_boundaries(tmp_path, ending):
     rng = random.Random(3)
     words = ["plain", "with, comma", 'a "quote"', f"two{ending}lines", "caf\u00e9", "x" * 3000, "", "  spaced  "]
-    rows = [["id", "text"]] + [[str(n), " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))]
-                               for n in range(400)]
+    rows = [["id", "text"]] + [
+        [str(n), " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))] for n in range(400)
+    ]
     out = io.StringIO(newline="")
     csv.writer(out, lineterminator=ending).writerows(rows)
     data = tmp_path / "d.csv"
     data.write_bytes(out.getvalue().encode("utf-8"))
-    assert data.stat().st_size > 4 * 65536   # records straddle the reader's 64 KiB reads
+    assert data.stat().st_size > 4 * 65536  # records straddle the reader's 64 KiB reads
     records = read_csv(data)
     got = [[r.values["id"], r.values["text"]] for r in records.rows]
     assert records.columns == ["id", "text"] and got == _reference_csv(out.getvalue())[1:]
@@ -90,8 +96,11 @@ def test_a_streamed_json_array_gives_every_element_with_its_row(tmp_path):
     data.write_text(json.dumps(rows, indent=1))
     records = list(read_jsonl(data).rows)
     assert [r.values for r in records] == rows and records[-1].location == "row 300"
-    for broken, why in (('[{"text": "a"} {"text": "b"}]', "expected ',' or ']' after element 1"),
-                        ('[{"text": "a"},', "never closed"), ('[{"text": "a"}] x', "text after the closing")):
+    for broken, why in (
+        ('[{"text": "a"} {"text": "b"}]', "expected ',' or ']' after element 1"),
+        ('[{"text": "a"},', "never closed"),
+        ('[{"text": "a"}] x', "text after the closing"),
+    ):
         data.write_text(broken)
         with pytest.raises(DataError, match=why):
             read_items(DataConfig(path=str(data)))
@@ -114,7 +123,7 @@ def test_a_file_that_is_not_a_data_file_is_not_quoted_in_the_error(tmp_path):
         read_items(DataConfig(path=str(data)))
     assert "Kq3Vx9" not in str(e.value) and "99999" not in str(e.value)
     assert "does not look like a header of column names" in str(e.value)
-    data.write_text("id,body\na,x\n")   # a real header is still listed, to help
+    data.write_text("id,body\na,x\n")  # a real header is still listed, to help
     with pytest.raises(DataError, match=r"the file has \['id', 'body'\]"):
         read_items(DataConfig(path=str(data)))
 
@@ -134,8 +143,10 @@ def _counting_reader(monkeypatch, fmt: str) -> list[int]:
             for r in inner:
                 seen[0] += 1
                 yield r
+
         records.rows = rows()
         return records
+
     monkeypatch.setitem(sources.READERS, fmt, reader)
     return seen
 
@@ -147,7 +158,7 @@ def test_a_gold_column_is_checked_without_reading_a_headed_file_twice(tmp_path, 
     seen = _counting_reader(monkeypatch, "csv")
     batch = read_items(DataConfig(path=str(data), gold_column="gold"), class_names=["pos", "neg"])
     assert len(batch.ids) == 1000 and seen[0] == 1000 + 4
-    with pytest.raises(DataError, match="none of the 3 values of column 'gold'"):   # still refused, whole
+    with pytest.raises(DataError, match="none of the 3 values of column 'gold'"):  # still refused, whole
         data.write_text("text,gold\na,x\nb,y\nc,z\n")
         read_items(DataConfig(path=str(data), gold_column="gold"), class_names=["pos", "neg"])
     jsonl = tmp_path / "d.jsonl"

@@ -33,6 +33,7 @@ def test_unlimited_never_waits():
     async def go():
         for _ in range(1000):
             await lim.acquire(10_000)
+
     asyncio.run(go())
     assert t.now == 0.0
 
@@ -47,6 +48,7 @@ def test_requests_per_minute():
         assert t.now == 0.0
         await lim.acquire(1)
         assert abs(t.now - 1.0) < 1e-9
+
     asyncio.run(go())
 
 
@@ -56,11 +58,12 @@ def test_tokens_per_minute_and_usage_correction():
 
     async def go():
         await lim.acquire(600)
-        lim.settle(600, 100)          # the server used far less than estimated
+        lim.settle(600, 100)  # the server used far less than estimated
         await lim.acquire(900)
         assert t.now == 0.0
-        await lim.acquire(600)        # 0 left: 600 tokens take 36 s to refill
+        await lim.acquire(600)  # 0 left: 600 tokens take 36 s to refill
         assert abs(t.now - 36.0) < 1e-6
+
     asyncio.run(go())
 
 
@@ -72,6 +75,7 @@ def test_request_bigger_than_the_bucket_waits_for_a_full_one():
         await lim.acquire(50)
         await lim.acquire(5000)
         assert abs(t.now - 30.0) < 1e-6
+
     asyncio.run(go())
 
 
@@ -83,6 +87,7 @@ def test_pause_holds_everyone():
         lim.pause(5.0)
         await lim.acquire(1)
         assert abs(t.now - 5.0) < 1e-9
+
     asyncio.run(go())
 
 
@@ -97,6 +102,7 @@ def test_waiters_are_served_in_arrival_order():
 
     async def go():
         await asyncio.gather(*(one(i) for i in range(6)))
+
     asyncio.run(go())
     assert order == list(range(6))
 

@@ -6,6 +6,7 @@ Nothing here talks to AWS: the config goes through prepare_config (defaults merg
 min/max workers filled: what `ray up` does before the provider's bootstrap) and validate_config (the
 ray-schema.json check plus Ray's cross-field checks), never through the provider's bootstrap_config.
 """
+
 import copy
 import re
 import shlex
@@ -49,8 +50,7 @@ def gpu_types(cfg):
 
 
 def cpu_worker_types(cfg):
-    return [n for n, t in node_types(cfg).items()
-            if n != cfg["head_node_type"] and t["resources"].get("GPU", 0) == 0]
+    return [n for n, t in node_types(cfg).items() if n != cfg["head_node_type"] and t["resources"].get("GPU", 0) == 0]
 
 
 def setup_commands_of(prepared, name):
@@ -68,14 +68,25 @@ def pip_install_argv(cmd):
     for i in range(len(words) - 1):
         if words[i] == "pip" and words[i + 1] == "install":
             end = next((j for j in range(i + 2, len(words)) if words[j] in ("&&", ";", "||")), len(words))
-            return words[i + 2:end]
+            return words[i + 2 : end]
     return None
 
 
 def requirements(argv):
     """The requirement arguments of a pip install (options and their values left out)."""
-    takes_value = {"-c", "--constraint", "-r", "--requirement", "-i", "--index-url", "--extra-index-url",
-                   "-f", "--find-links", "-e", "--editable"}
+    takes_value = {
+        "-c",
+        "--constraint",
+        "-r",
+        "--requirement",
+        "-i",
+        "--index-url",
+        "--extra-index-url",
+        "-f",
+        "--find-links",
+        "-e",
+        "--editable",
+    }
     out, skip = [], False
     for a in argv:
         if skip:
@@ -100,6 +111,7 @@ def torch_pin():
 
 # ---- Ray's own validation -------------------------------------------------------------------------------
 
+
 def test_file_as_written_passes_ray_validation(raw):
     validate_config(copy.deepcopy(raw))
 
@@ -110,28 +122,41 @@ def test_prepared_config_passes_ray_validation(raw, prepared):
     assert node_types(prepared)[raw["head_node_type"]]["max_workers"] == 0
     # Every command list is the file's own: nothing from Ray's AWS defaults.yaml (its conda PATH and
     # nightly-wheel install) leaks in.
-    lists = [prepared[k] for k in ("head_setup_commands", "worker_setup_commands",
-                                   "head_start_ray_commands", "worker_start_ray_commands")]
+    lists = [
+        prepared[k]
+        for k in (
+            "head_setup_commands",
+            "worker_setup_commands",
+            "head_start_ray_commands",
+            "worker_start_ray_commands",
+        )
+    ]
     lists += [setup_commands_of(prepared, n) for n in node_types(prepared)]
     for cmd in (c for cmds in lists for c in cmds):
         assert "anaconda" not in cmd and "ray-wheels" not in cmd, cmd
 
 
 BROKEN = {
-    "unknown top-level key": (lambda c: c.update(head_nodes={"InstanceType": "m6i.xlarge"}),
-                              jsonschema.ValidationError),
+    "unknown top-level key": (
+        lambda c: c.update(head_nodes={"InstanceType": "m6i.xlarge"}),
+        jsonschema.ValidationError,
+    ),
     "max_workers not an integer": (lambda c: c.update(max_workers="five"), jsonschema.ValidationError),
-    "setup_commands not a list": (lambda c: c.update(setup_commands="bash scripts/install.sh"),
-                                  jsonschema.ValidationError),
-    "unknown key in a node type": (lambda c: node_types(c)["gpu_worker"].update(min_worker=0),
-                                   jsonschema.ValidationError),
-    "fractional custom resource": (lambda c: node_types(c)["cpu_worker"]["resources"].update(scorer=0.5),
-                                   jsonschema.ValidationError),
-    "node type without resources": (lambda c: node_types(c)["cpu_worker"].pop("resources"),
-                                    jsonschema.ValidationError),
+    "setup_commands not a list": (
+        lambda c: c.update(setup_commands="bash scripts/install.sh"),
+        jsonschema.ValidationError,
+    ),
+    "unknown key in a node type": (
+        lambda c: node_types(c)["gpu_worker"].update(min_worker=0),
+        jsonschema.ValidationError,
+    ),
+    "fractional custom resource": (
+        lambda c: node_types(c)["cpu_worker"]["resources"].update(scorer=0.5),
+        jsonschema.ValidationError,
+    ),
+    "node type without resources": (lambda c: node_types(c)["cpu_worker"].pop("resources"), jsonschema.ValidationError),
     "head type not among the node types": (lambda c: c.update(head_node_type="head"), ValueError),
-    "min_workers above max_workers": (lambda c: node_types(c)["cpu_worker"].update(min_workers=99),
-                                      ValueError),
+    "min_workers above max_workers": (lambda c: node_types(c)["cpu_worker"].update(min_workers=99), ValueError),
 }
 
 
@@ -145,6 +170,7 @@ def test_broken_copy_fails_validation(raw, case):
 
 
 # ---- what the project needs from the cluster -----------------------------------------------------------
+
 
 def test_node_types_carry_the_resources_actors_are_pinned_with(raw):
     head = node_types(raw)[raw["head_node_type"]]
@@ -182,8 +208,7 @@ def test_worker_start_command_leaves_resources_to_the_node_types(raw):
 
 @pytest.mark.parametrize("kind", ["head", "cpu", "gpu"])
 def test_setup_installs_torch_first_then_the_project_under_constraints(prepared, kind):
-    names = {"head": [prepared["head_node_type"]], "cpu": cpu_worker_types(prepared),
-             "gpu": gpu_types(prepared)}[kind]
+    names = {"head": [prepared["head_node_type"]], "cpu": cpu_worker_types(prepared), "gpu": gpu_types(prepared)}[kind]
     extras, models = install_sh()
     pin = torch_pin()
     assert pin == "2.13.0"
@@ -199,16 +224,18 @@ def test_setup_installs_torch_first_then_the_project_under_constraints(prepared,
         if kind == "gpu":
             assert not any("download.pytorch.org/whl/cpu" in a for a in first), "GPU node needs a CUDA torch"
         else:
-            assert "--index-url" in first and first[first.index("--index-url") + 1] == CPU_TORCH_INDEX, \
+            assert "--index-url" in first and first[first.index("--index-url") + 1] == CPU_TORCH_INDEX, (
                 f"{name}: not the CPU wheel: {first}"
+            )
 
         project = [(i, a) for i, a in installs if "-e" in a]
         assert len(project) == 1, name
         proj_i, proj = project[0]
         assert proj_i > first_i and proj[proj.index("-e") + 1] == extras, (name, proj)
         for i, argv in installs[1:]:
-            assert "-c" in argv and argv[argv.index("-c") + 1] == "constraints.txt", \
+            assert "-c" in argv and argv[argv.index("-c") + 1] == "constraints.txt", (
                 f"{name}: install without constraints.txt: {cmds[i]}"
+            )
             assert "--index-url" not in argv, cmds[i]
         model_installs = [a for _, a in installs if "--no-deps" in a]
         assert len(model_installs) == 1 and requirements(model_installs[0]) == models, name
@@ -247,8 +274,13 @@ def test_every_command_is_valid_bash(prepared):
 def run_like_ray(cmd, home, **env):
     """Run a command the way Ray's SSH runner does: interactive login bash that sources ~/.bashrc."""
     full = f"source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore && ({cmd})"
-    return subprocess.run(["bash", "--login", "-c", "-i", full], capture_output=True, text=True, timeout=300,
-                          env={"HOME": str(home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **env})
+    return subprocess.run(
+        ["bash", "--login", "-c", "-i", full],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HOME": str(home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **env},
+    )
 
 
 def test_env_file_sets_the_node_environment_once(raw, tmp_path):
@@ -267,8 +299,11 @@ def test_env_file_sets_the_node_environment_once(raw, tmp_path):
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "freeal-stream").exists(), reason="project venv not installed")
 def test_cpu_check_command_accepts_this_cpu_install(raw, tmp_path):
     """The head's check step, run against this checkout's .venv (installed by scripts/install.sh)."""
-    r = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", "import torch; print(torch.version.cuda)"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), "-c", "import torch; print(torch.version.cuda)"],
+        capture_output=True,
+        text=True,
+    )
     if r.stdout.strip() != "None":
         pytest.skip("this .venv has a CUDA torch")
     (tmp_path / ".bashrc").write_text("")

@@ -26,9 +26,18 @@ def connection_error(cause: Exception) -> openai.APIConnectionError:
         return err
 
 
-@pytest.mark.parametrize("status, kind", [(429, "rate_limited"), (408, "timeout"), (409, "http_409"),
-                                          (500, "http_500"), (502, "http_502"), (503, "http_503"),
-                                          (599, "http_599")])
+@pytest.mark.parametrize(
+    "status, kind",
+    [
+        (429, "rate_limited"),
+        (408, "timeout"),
+        (409, "http_409"),
+        (500, "http_500"),
+        (502, "http_502"),
+        (503, "http_503"),
+        (599, "http_599"),
+    ],
+)
 def test_transient_statuses(status, kind):
     failure = classify(status_error(status))
     assert failure.transient and failure.kind == kind and failure.status == status
@@ -64,7 +73,7 @@ def test_full_jitter_exponential_backoff_is_capped():
     policy = RetryPolicy(base_delay_s=0.5, max_delay_s=4.0)
     rng = random.Random(0)
     for retry_index in range(8):
-        ceiling = min(4.0, 0.5 * 2 ** retry_index)
+        ceiling = min(4.0, 0.5 * 2**retry_index)
         delays = [policy.delay(retry_index, rng=rng) for _ in range(300)]
         assert all(0.0 <= d <= ceiling for d in delays)
         assert max(delays) > 0.8 * ceiling  # jitter spans the whole range

@@ -58,8 +58,9 @@ def test_mixup_keeps_own_label_dominant_and_targets_sum_to_one():
         assert 0.5 <= mixed.lam <= 1.0
         assert torch.allclose(mixed.targets.sum(-1), torch.ones(16))
         assert mixed.emb.shape == emb.shape
-    assert torch.allclose(mixup(emb, onehot, 4.0, np.random.default_rng(2)).emb,
-                          mixup(emb, onehot, 4.0, np.random.default_rng(2)).emb)
+    assert torch.allclose(
+        mixup(emb, onehot, 4.0, np.random.default_rng(2)).emb, mixup(emb, onehot, 4.0, np.random.default_rng(2)).emb
+    )
 
 
 def test_soft_ce_equals_ce_for_one_hot_targets():

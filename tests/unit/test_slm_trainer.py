@@ -18,8 +18,20 @@ from freeal_stream.slm.trainer import (
 )
 
 FOOD = ["chef", "baked", "bread", "garlic", "soup", "recipe", "oven", "butter", "pasta", "kitchen", "spicy", "dinner"]
-SPORT = ["striker", "scored", "goal", "match", "referee", "stadium", "league", "coach", "team", "season", "tackle",
-         "penalty"]
+SPORT = [
+    "striker",
+    "scored",
+    "goal",
+    "match",
+    "referee",
+    "stadium",
+    "league",
+    "coach",
+    "team",
+    "season",
+    "tackle",
+    "penalty",
+]
 
 
 def make_texts(n: int, seed: int) -> tuple[list[str], np.ndarray]:
@@ -59,8 +71,18 @@ def test_head_mode_learns_through_label_noise_and_flags_flipped_rows(noisy_run):
     is_flipped[flipped] = True
     assert (~is_flipped[result.clean]).mean() >= 0.95
     assert len(result.history) == HEAD.epochs
-    assert {"epoch", "alpha", "loss", "l_clean", "l_cr_l", "l_cr_u", "l_mix", "n_clean", "seconds",
-            "samples_per_s"} <= set(result.history[-1])
+    assert {
+        "epoch",
+        "alpha",
+        "loss",
+        "l_clean",
+        "l_cr_l",
+        "l_cr_u",
+        "l_mix",
+        "n_clean",
+        "seconds",
+        "samples_per_s",
+    } <= set(result.history[-1])
     assert result.history[0]["alpha"] == 0 and result.history[-1]["alpha"] == 1
 
 
@@ -147,11 +169,11 @@ def test_resolve_mode():
 def test_resolve_warmup():
     auto = FreeALConfig()
     assert auto.warmup_epochs is None
-    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS - 1, 4) == SHORT_WARMUP == 1   # few labels: split early
+    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS - 1, 4) == SHORT_WARMUP == 1  # few labels: split early
     assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS, 4) == LONG_WARMUP == 3
-    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS, 3) == 2   # one epoch stays for the recipe
-    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS, 1) == 1   # (with one epoch there is nothing to leave)
-    assert resolve_warmup(FreeALConfig(warmup_epochs=0), 10**6, 4) == 0   # a configured value always wins
+    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS, 3) == 2  # one epoch stays for the recipe
+    assert resolve_warmup(auto, LONG_WARMUP_MIN_LABELS, 1) == 1  # (with one epoch there is nothing to leave)
+    assert resolve_warmup(FreeALConfig(warmup_epochs=0), 10**6, 4) == 0  # a configured value always wins
     assert resolve_warmup(FreeALConfig(warmup_epochs=5), 5, 4) == 5
 
 
@@ -162,9 +184,9 @@ def test_training_follows_the_warmup_chosen_by_label_count(cache_dir, monkeypatc
     many = train_slm(texts, gold, 2, HEAD, auto, seed=0, cache_dir=cache_dir)
     gold_few = np.where(np.arange(120) < 60, gold, -1)
     few = train_slm(texts, gold_few, 2, HEAD, auto, seed=0, cache_dir=cache_dir)
-    assert [h["alpha"] for h in many.history] == [0, 0, 0, 0.5]   # 120 labels: 3 warm-up epochs
-    assert [h["alpha"] for h in few.history] == [0, 0.5, 1, 1]    # 60 labels: 1
-    assert many.history[2]["n_clean"] == 120 and many.history[3]["n_clean"] < 120   # the split starts after
+    assert [h["alpha"] for h in many.history] == [0, 0, 0, 0.5]  # 120 labels: 3 warm-up epochs
+    assert [h["alpha"] for h in few.history] == [0, 0.5, 1, 1]  # 60 labels: 1
+    assert many.history[2]["n_clean"] == 120 and many.history[3]["n_clean"] < 120  # the split starts after
 
 
 def test_rows_without_a_supplied_view_get_model_free_noise(cache_dir, monkeypatch):

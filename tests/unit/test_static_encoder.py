@@ -3,6 +3,7 @@
 One distillation (~30-60 s on 2 cores) serves the whole module: it goes to a temporary model cache that
 every test here (and the Ray workers of the integration tests) reads through $FREEAL_MODEL_CACHE.
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,7 +63,7 @@ def test_distils_offline_into_the_cache_atomically_and_reuses_it(distilled, monk
     cache, folder, attempts = distilled
     assert attempts == []
     assert folder == cache / f"{STATIC}-{recipe_key()}" and (folder / "model.safetensors").is_file()
-    assert [p.name for p in cache.iterdir()] == [folder.name]   # no temporary folder left behind
+    assert [p.name for p in cache.iterdir()] == [folder.name]  # no temporary folder left behind
 
     def no_second_distillation(_out):
         raise AssertionError("distilled again although the cache has the model")
@@ -89,7 +90,7 @@ def test_embeddings_are_normalised_float32_of_the_models_width(encoder):
     emb = encoder.embed(["a gripping, well acted thriller", "dull and far too long", "ok"])
     assert emb.shape == (3, 256) and emb.dtype == np.float32 and encoder.dim == 256
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    assert not encoder.embed([""]).any()   # no known token: zeros, not NaN
+    assert not encoder.embed([""]).any()  # no known token: zeros, not NaN
 
 
 def test_a_text_is_the_mean_of_its_own_token_vectors_whatever_its_batch(encoder):
@@ -124,7 +125,7 @@ def test_cache_key_names_the_recipe_and_max_length(distilled):
 
 def test_head_mode_trains_on_the_static_encoder_and_survives_save_load(model_cache, tmp_path):
     texts, gold = make_texts(120, seed=0)
-    cfg = dataclasses.replace(HEAD, encoder=STATIC, mode="auto")   # auto: head, the only mode it has
+    cfg = dataclasses.replace(HEAD, encoder=STATIC, mode="auto")  # auto: head, the only mode it has
     result = train_slm(texts, gold, 2, cfg, FREEAL, seed=0, cache_dir=tmp_path / "emb")
     assert result.mode == "head" and result.embeddings.shape == (120, 256)
     assert (result.probs.argmax(1) == gold).mean() >= 0.95
@@ -137,8 +138,12 @@ def test_head_mode_trains_on_the_static_encoder_and_survives_save_load(model_cac
 def test_fine_tuning_a_static_encoder_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="nothing to fine-tune: train it in head mode"):
         SLM(STATIC, "finetune", 2, 64, 0)
-    job = {"name": "t", "data": {"path": "x.csv"}, "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
-           "slm": {"encoder": STATIC, "mode": "finetune"}}
+    job = {
+        "name": "t",
+        "data": {"path": "x.csv"},
+        "task": {"description": "d", "classes": {"a": ["a"], "b": ["b"]}},
+        "slm": {"encoder": STATIC, "mode": "finetune"},
+    }
     with pytest.raises(ConfigError, match="field 'slm.encoder'.*nothing to fine-tune; use mode head"):
         parse_job(job, tmp_path / "job.yaml")
 
@@ -148,16 +153,16 @@ def test_auto_takes_minilm_up_to_the_threshold_and_the_static_encoder_above():
     small, big = choose_encoder(cfg, 1000), choose_encoder(cfg, 1001)
     assert small.name == DEFAULT_ENCODER and "a pool of 1,000 texts <= slm.static_above_items 1,000" in small.why
     assert big.name == STATIC and "a pool of 1,001 texts > slm.static_above_items 1,000" in big.why
-    assert choose_encoder(dataclasses.replace(cfg, mode="finetune"), 10 ** 6).name == DEFAULT_ENCODER
-    assert choose_encoder(SLMConfig(encoder="my/local-model"), 10 ** 6).name == "my/local-model"
+    assert choose_encoder(dataclasses.replace(cfg, mode="finetune"), 10**6).name == DEFAULT_ENCODER
+    assert choose_encoder(SLMConfig(encoder="my/local-model"), 10**6).name == "my/local-model"
     assert resolve_mode(SLMConfig(encoder=STATIC), 100, 5000) == "head"
 
 
 def test_auto_keeps_the_choice_an_earlier_round_made():
     cfg = SLMConfig(encoder="auto", static_above_items=1000)
-    kept = choose_encoder(cfg, 10 ** 6, pinned=DEFAULT_ENCODER)
+    kept = choose_encoder(cfg, 10**6, pinned=DEFAULT_ENCODER)
     assert kept.name == DEFAULT_ENCODER and "as chosen by the job's first round" in kept.why
-    assert choose_encoder(SLMConfig(), 10 ** 6, pinned=STATIC).name == DEFAULT_ENCODER   # only auto is pinned
+    assert choose_encoder(SLMConfig(), 10**6, pinned=STATIC).name == DEFAULT_ENCODER  # only auto is pinned
 
 
 @pytest.mark.integration
@@ -166,9 +171,9 @@ def test_scorers_share_the_nodes_cores_and_embed_as_the_encoder_does(model_cache
 
     texts, _ = make_texts(40, seed=8)
     cores = min(2, len(os.sched_getaffinity(0)))
-    with local_ray(cpus=2):   # workers inherit FREEAL_MODEL_CACHE
+    with local_ray(cpus=2):  # workers inherit FREEAL_MODEL_CACHE
         one = ScorerPool(64, 1, size=1)
-        assert one.work_threads() == [cores]   # the single scorer gets both cores, not slm.threads' one
+        assert one.work_threads() == [cores]  # the single scorer gets both cores, not slm.threads' one
         assert np.allclose(one.embed(STATIC, texts), encoder.embed(texts), atol=1e-6)
         for a in one.actors:
             ray.kill(a)
@@ -186,9 +191,13 @@ def test_auto_encoder_is_chosen_once_and_kept_when_the_pool_grows(tmp_path, mode
     from freeal_stream.testing.keyword_llm import respond
 
     with FakeOpenAIServer(respond) as server:
-        job = make_job(tmp_path, 6, llm={"base_url": server.base_url, "model": "kw"},
-                       slm={"mode": "head", "epochs": 2, "encoder": "auto", "static_above_items": 24},
-                       freeal={"rounds": 1, "generated_per_class": 3, "query_fraction": 0.25})
+        job = make_job(
+            tmp_path,
+            6,
+            llm={"base_url": server.base_url, "model": "kw"},
+            slm={"mode": "head", "epochs": 2, "encoder": "auto", "static_above_items": 24},
+            freeal={"rounds": 1, "generated_per_class": 3, "query_fraction": 0.25},
+        )
         assert main(["run", str(job)]) == 0
         assert "frozen encoder: all-MiniLM-L6-v2 (slm.encoder auto: a pool of 24 texts <=" in capsys.readouterr().err
         extra = tmp_path / "more.csv"

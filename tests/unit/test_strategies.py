@@ -1,4 +1,5 @@
 """Selection machinery: canonical order, select()'s checks on misbehaving strategies, measures, registry, params."""
+
 import math
 import textwrap
 
@@ -19,6 +20,7 @@ def _ids(n: int) -> np.ndarray:
 
 
 # --- canonical order -------------------------------------------------------------------------------------------
+
 
 def test_tiebreak_depends_on_seed_round_and_id_only():
     ids = _ids(50)
@@ -64,6 +66,7 @@ def test_merging_shard_tops_equals_whole_pool_top(grouped):
 
 # --- select(): the checks that stop a misbehaving strategy ------------------------------------------------------
 
+
 class _Bad(QueryStrategy):
     name = "bad"
 
@@ -74,17 +77,20 @@ class _Bad(QueryStrategy):
         return self.make(shard, n)
 
 
-@pytest.mark.parametrize("make, problem", [
-    (lambda s, n: 1 / 0, "candidates\\(\\) raised ZeroDivisionError"),
-    (lambda s, n: s.ids[:n].tolist(), "returned a list, not Candidates"),
-    (lambda s, n: Candidates(np.r_[s.ids[:n - 1], ["ghost"]], np.zeros(n)), "'ghost', which is not in the shard"),
-    (lambda s, n: Candidates(np.r_[s.ids[:n - 1], s.ids[:1]], np.zeros(n)), "more than once"),
-    (lambda s, n: Candidates(s.ids[:n + 1], np.zeros(n + 1)), "at most 4 allowed"),
-    (lambda s, n: Candidates(s.ids[:n - 1], np.zeros(n - 1)), "expected min\\(n, shard size\\) = 4"),
-    (lambda s, n: Candidates(s.ids[:n], np.zeros(n - 1)), "scores of shape"),
-    (lambda s, n: Candidates(s.ids[:n], np.full(n, np.nan)), "NaN or infinite"),
-    (lambda s, n: Candidates(s.ids[:n], np.array(["x"] * n)), "not numbers"),
-])
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (lambda s, n: 1 / 0, "candidates\\(\\) raised ZeroDivisionError"),
+        (lambda s, n: s.ids[:n].tolist(), "returned a list, not Candidates"),
+        (lambda s, n: Candidates(np.r_[s.ids[: n - 1], ["ghost"]], np.zeros(n)), "'ghost', which is not in the shard"),
+        (lambda s, n: Candidates(np.r_[s.ids[: n - 1], s.ids[:1]], np.zeros(n)), "more than once"),
+        (lambda s, n: Candidates(s.ids[: n + 1], np.zeros(n + 1)), "at most 4 allowed"),
+        (lambda s, n: Candidates(s.ids[: n - 1], np.zeros(n - 1)), "expected min\\(n, shard size\\) = 4"),
+        (lambda s, n: Candidates(s.ids[:n], np.zeros(n - 1)), "scores of shape"),
+        (lambda s, n: Candidates(s.ids[:n], np.full(n, np.nan)), "NaN or infinite"),
+        (lambda s, n: Candidates(s.ids[:n], np.array(["x"] * n)), "not numbers"),
+    ],
+)
 def test_select_stops_a_misbehaving_strategy(make, problem):
     with pytest.raises(StrategyError, match=f"strategy 'bad': .*{problem}"):
         select(_Bad(make), array_shards(_ids(20), size=8), 4, CTX)
@@ -92,7 +98,7 @@ def test_select_stops_a_misbehaving_strategy(make, problem):
 
 def test_an_annotated_id_is_refused():
     ids, annotated = _ids(20), np.arange(20) < 5
-    leak = _Bad(lambda s, n: Candidates(np.r_[["i0"], s.ids[:n - 1]], np.zeros(n)))  # i0 is annotated
+    leak = _Bad(lambda s, n: Candidates(np.r_[["i0"], s.ids[: n - 1]], np.zeros(n)))  # i0 is annotated
     with pytest.raises(StrategyError, match="'i0', which is not in the shard .*already annotated"):
         select(leak, array_shards(ids, rows=~annotated), 4, CTX)
 
@@ -134,16 +140,23 @@ def test_select_hides_undeclared_columns():
             seen.append((shard.probs, shard.embeddings, shard.llm_labels, shard.slm_labels is not None))
             return top(shard.ids, np.zeros(len(shard)), n, ctx)
 
-    full = Shard(_ids(4), probs=np.full((4, 2), 0.5), embeddings=np.ones((4, 3)), llm_labels=np.zeros(4, int),
-                 slm_labels=np.ones(4, int))
+    full = Shard(
+        _ids(4),
+        probs=np.full((4, 2), 0.5),
+        embeddings=np.ones((4, 3)),
+        llm_labels=np.zeros(4, int),
+        slm_labels=np.ones(4, int),
+    )
     select(Peek(), [full], 2, CTX)
     assert seen == [(None, None, None, True)]
 
 
 # --- built-ins ------------------------------------------------------------------------------------------------
 
+
 def test_uncertainty_measures_go_through_modal_and_match_their_formulas():
     from strategies.measures import uncertainty
+
     p = np.array([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [1 / 3, 1 / 3, 1 / 3]])
     ent = -(p * np.log(p)).sum(1)
     np.testing.assert_allclose(uncertainty(p, "entropy"), ent)
@@ -190,19 +203,21 @@ def test_diversity_spreads_picks_over_clusters_and_hybrid_takes_the_uncertain_in
 
 def test_disagreement_prefers_flipped_predictions_then_least_confidence():
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.55, 0.45]])
-    slm = np.array([1, 0, -1, 0])      # row 0 flipped (score 0.9); rows 1 and 3 agree; row 2 has no old label
-    llm = np.array([-1, 1, -1, -1])    # row 1 carries an LLM label the SLM contradicts (score 0.6)
+    slm = np.array([1, 0, -1, 0])  # row 0 flipped (score 0.9); rows 1 and 3 agree; row 2 has no old label
+    llm = np.array([-1, 1, -1, -1])  # row 1 carries an LLM label the SLM contradicts (score 0.6)
     shard = Shard(_ids(4), probs=probs, llm_labels=llm, slm_labels=slm)
     assert select(load_strategy("disagreement"), [shard], 4, CTX).tolist() == ["i0", "i1", "i3", "i2"]
 
 
 # --- registry and params --------------------------------------------------------------------------------------
 
+
 def test_registry_resolves_builtins_modules_files_and_entry_points(tmp_path, monkeypatch):
     for name in BUILTINS:
         assert load_strategy(name).name == name
     assert type(load_strategy("strategies.random:RandomStrategy")).__name__ == "RandomStrategy"
-    (tmp_path / "my_strats.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_strats.py").write_text(
+        textwrap.dedent("""
         import numpy as np
         from strategies.base import QueryStrategy
         from strategies.order import top
@@ -211,7 +226,8 @@ def test_registry_resolves_builtins_modules_files_and_entry_points(tmp_path, mon
                 self.bonus = bonus
             def candidates(self, shard, n, ctx):
                 return top(shard.ids, np.array([len(i) for i in shard.ids]) + self.bonus, n, ctx)
-    """))
+    """)
+    )
     assert load_strategy(f"{tmp_path / 'my_strats.py'}:Longest", {"bonus": 1}).bonus == 1
     dist = tmp_path / "my_strats-0.1.dist-info"
     dist.mkdir()
@@ -222,32 +238,37 @@ def test_registry_resolves_builtins_modules_files_and_entry_points(tmp_path, mon
     assert select(s, [Shard(np.array(["a", "ccc", "bb"], dtype=object))], 1, CTX).tolist() == ["ccc"]
 
 
-@pytest.mark.parametrize("name, params, message", [
-    ("nope", {}, "strategy 'nope': unknown strategy"),
-    ("no_such_mod:X", {}, "strategy 'no_such_mod:X': cannot import 'no_such_mod'"),
-    ("strategies.random:Nope", {}, "defines no 'Nope'"),
-    ("/no/such/file.py:X", {}, "cannot import '/no/such/file.py' \\(FileNotFoundError"),
-    ("strategies.base:Shard", {}, "is not a subclass of strategies.base.QueryStrategy"),
-    ("random", {"temperature": 3}, "strategy 'random': unknown parameter 'temperature'. Fix: use none"),
-    ("hybrid", {"n_cluster": 3}, "unknown parameter 'n_cluster'. Fix: use one of \\['batch_rows', 'measure'"),
-    ("hybrid", {"n_clusters": "8"}, "parameter 'n_clusters' must be int, got '8'"),
-    ("hybrid", {"n_clusters": True}, "parameter 'n_clusters' must be int, got True"),
-    ("uncertainty", {"measure": "gini"}, "parameter 'measure' must be one of 'entropy', 'margin'"),
-    ("diversity", {"n_clusters": 0}, "strategy 'diversity': bad parameters .*n_clusters must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("nope", {}, "strategy 'nope': unknown strategy"),
+        ("no_such_mod:X", {}, "strategy 'no_such_mod:X': cannot import 'no_such_mod'"),
+        ("strategies.random:Nope", {}, "defines no 'Nope'"),
+        ("/no/such/file.py:X", {}, "cannot import '/no/such/file.py' \\(FileNotFoundError"),
+        ("strategies.base:Shard", {}, "is not a subclass of strategies.base.QueryStrategy"),
+        ("random", {"temperature": 3}, "strategy 'random': unknown parameter 'temperature'. Fix: use none"),
+        ("hybrid", {"n_cluster": 3}, "unknown parameter 'n_cluster'. Fix: use one of \\['batch_rows', 'measure'"),
+        ("hybrid", {"n_clusters": "8"}, "parameter 'n_clusters' must be int, got '8'"),
+        ("hybrid", {"n_clusters": True}, "parameter 'n_clusters' must be int, got True"),
+        ("uncertainty", {"measure": "gini"}, "parameter 'measure' must be one of 'entropy', 'margin'"),
+        ("diversity", {"n_clusters": 0}, "strategy 'diversity': bad parameters .*n_clusters must be >= 1"),
+    ],
+)
 def test_registry_errors_name_the_strategy_and_the_parameter(name, params, message):
     with pytest.raises(StrategyError, match=message):
         load_strategy(name, params)
 
 
 def test_params_missing_and_optional_types(tmp_path):
-    (tmp_path / "needy.py").write_text(textwrap.dedent("""
+    (tmp_path / "needy.py").write_text(
+        textwrap.dedent("""
         from strategies.base import QueryStrategy
         class Needy(QueryStrategy):
             needs = frozenset({"probs", "logits"})
             def __init__(self, k: int, rate: float | None = None):
                 self.k, self.rate = k, rate
-    """))
+    """)
+    )
     path = f"{tmp_path / 'needy.py'}:Needy"
     with pytest.raises(StrategyError, match="missing parameter 'k'"):
         load_strategy(path, {})
@@ -264,8 +285,8 @@ def test_route_sends_the_texts_the_slm_is_least_likely_to_get_right():
     probs = np.array([[0.5, 0.5, 0.0], [0.45, 0.3, 0.25], [0.9, 0.05, 0.05]], dtype=np.float32)
     shard = Shard(np.array(["a", "b", "c"], dtype=object), probs=probs)
     assert select(load_strategy("route"), [shard], 1, ctx).tolist() == ["b"]
-    assert select(load_strategy("uncertainty"), [shard], 1, ctx).tolist() == ["b"]   # entropy agrees here...
+    assert select(load_strategy("uncertainty"), [shard], 1, ctx).tolist() == ["b"]  # entropy agrees here...
     flat = np.array([[0.5, 0.5, 0.0], [0.55, 0.225, 0.225], [0.9, 0.05, 0.05]], dtype=np.float32)
     shard = Shard(np.array(["a", "b", "c"], dtype=object), probs=flat)
-    assert select(load_strategy("route"), [shard], 1, ctx).tolist() == ["a"]        # ...not here: 0.5 < 0.55
+    assert select(load_strategy("route"), [shard], 1, ctx).tolist() == ["a"]  # ...not here: 0.5 < 0.55
     assert select(load_strategy("uncertainty"), [shard], 1, ctx).tolist() == ["b"]

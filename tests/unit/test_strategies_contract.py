@@ -1,4 +1,5 @@
 """The contract suite on every built-in, on a sample third-party strategy loaded by file path, and on the CLI."""
+
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ class ClassBalancedUncertainty(QueryStrategy):
 
 SAMPLE = f"{Path(__file__)}:ClassBalancedUncertainty"
 CASES = [(name, {}) for name in BUILTINS] + [
-    ("uncertainty", {"measure": "margin"}), ("uncertainty", {"measure": "least_confidence"}),
+    ("uncertainty", {"measure": "margin"}),
+    ("uncertainty", {"measure": "least_confidence"}),
     ("hybrid", {"n_clusters": 5, "batch_rows": 40}),  # k-means fitted over several re-cut batches
     (SAMPLE, {"power": 2}),
 ]
