@@ -77,8 +77,8 @@ def resolve_mode(cfg: SLMConfig, n_items: int, n_labelled: int) -> str:
 
     Affordable: n_items <= finetune_max_items (a pass over the pool costs ~1/32 s a text on a CPU).
     Worth it: n_labelled >= finetune_min_labels. On few labels a fine-tuned encoder gets too few steps
-    and a frozen one with the robust recipe is better and ~10x faster (demo job, 209 LLM labels 77% right:
-    head 92.2% vs fine-tune 85.3% at 6 epochs; on MR's 8,662 labels fine-tune wins, 84% vs 76%).
+    and a frozen one with the robust recipe is better and ~10x faster; on many, fine-tuning wins
+    (BENCHMARKS.md sections 3 and 4b.5).
     """
     if cfg.mode != "auto":
         return cfg.mode
