@@ -102,8 +102,11 @@ class Pool:
         path = self.arrays_dir / f"{kind}-{self._space}.f32"
         array = RowArray.open(path)
         start = array.rows if array is not None else 0
+        if array is None and self.size == 0:
+            return RowArray(path, width=0)  # an empty pool: no rows to read, nothing stored
         if start >= self.size:
-            return array  # type: ignore[return-value]  # None on an empty pool (no round reads it then)
+            assert array is not None
+            return array
         n = self.size - start
         what = "texts" if kind == "frozen" else "views"
         self.progress.say(f"embedding {n:,} {what} with the frozen encoder ({len(self.scorers.actors)} scorer actors)")

@@ -70,3 +70,26 @@ def test_gather_maps_one_window_at_a_time_and_returns_rows_in_the_order_asked(tm
     assert np.array_equal(a.gather(positions), data[positions])
     assert mapped_rows and max(mapped_rows) <= 64
     assert np.array_equal(a.gather(np.array([999, 0])), data[[999, 0]])  # first and last window
+
+
+def test_an_empty_pool_has_empty_embedding_arrays_not_none(tmp_path):
+    """Nothing ingested yet (a service started before its data): the pool's arrays read as zero rows."""
+    from freeal_stream.progress import Progress
+    from freeal_stream.rounds.pool import Pool
+    from freeal_stream.store import Store
+
+    store = Store(tmp_path / "state.duckdb")
+    try:
+        pool = Pool(
+            store,
+            tmp_path / "arrays",
+            scorers=None,
+            encoder="all-MiniLM-L6-v2",
+            max_length=64,
+            class_names=["a", "b"],
+            progress=Progress(),
+        )
+        assert pool.size == 0
+        assert pool.frozen().rows == 0 and pool.frozen().gather(np.array([], dtype=np.int64)).shape[0] == 0
+    finally:
+        store.close()
