@@ -249,19 +249,7 @@ class AnnotatorPool:
 
 
 def not_admitted(key: str) -> ChatAnswer:
-    return ChatAnswer(
-        key=key,
-        content=None,
-        finish_reason=None,
-        prompt_tokens=0,
-        completion_tokens=0,
-        cached_tokens=0,
-        top_logprobs=None,
-        latency_s=0.0,
-        attempts=0,
-        error=BUDGET_ERROR,
-        from_cache=False,
-    )
+    return ChatAnswer.failure(key, BUDGET_ERROR, attempts=0)
 
 
 def wait_for_actors(pool: AnnotatorPool, timeout_s: float = 120.0) -> None:

@@ -105,18 +105,7 @@ class RowResult:
 
 
 def failed(key: str, error: str, latency_s: float = 0.0) -> ChatAnswer:
-    return ChatAnswer(
-        key=key,
-        content=None,
-        finish_reason=None,
-        prompt_tokens=0,
-        completion_tokens=0,
-        cached_tokens=0,
-        top_logprobs=None,
-        latency_s=latency_s,
-        attempts=1,
-        error=error,
-    )
+    return ChatAnswer.failure(key, error, attempts=1, latency_s=latency_s)
 
 
 def _row(line: dict[str, Any], latency_s: float, requests: Mapping[str, ChatRequest]) -> RowResult:

@@ -133,6 +133,22 @@ class ChatAnswer:
     malformed: str | None = None
     usage_estimated: bool = False
 
+    @classmethod
+    def failure(cls, key: str, error: str, attempts: int, latency_s: float = 0.0) -> ChatAnswer:
+        """The record of a request that got no answer: nothing paid, nothing to read."""
+        return cls(
+            key=key,
+            content=None,
+            finish_reason=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cached_tokens=0,
+            top_logprobs=None,
+            latency_s=latency_s,
+            attempts=attempts,
+            error=error,
+        )
+
 
 class AnswerCache(Protocol):
     """Where answers live between runs (keyed by ChatRequest.key())."""
@@ -536,15 +552,4 @@ class LLMClient:
 
     def _failed(self, key: str, error: str, attempts: int, started: float) -> ChatAnswer:
         log.warning("request %s failed: %s after %d attempt(s)", key[:12], error, attempts)
-        return ChatAnswer(
-            key=key,
-            content=None,
-            finish_reason=None,
-            prompt_tokens=0,
-            completion_tokens=0,
-            cached_tokens=0,
-            top_logprobs=None,
-            latency_s=time.monotonic() - started,
-            attempts=attempts,
-            error=error,
-        )
+        return ChatAnswer.failure(key, error, attempts, time.monotonic() - started)
