@@ -176,7 +176,9 @@ class FakeBatchAPI:
 
     # ---- batches ----------------------------------------------------------------------------------------
     def _create(self, body: dict[str, Any]) -> dict[str, Any]:
-        file_id = str(body.get("input_file_id"))  # a missing id reads 'None' and is not found (404)
+        file_id = body.get("input_file_id")
+        if not isinstance(file_id, str) or not file_id:
+            raise ApiError(400, "input_file_id is required", param="input_file_id")  # as OpenAI answers
         if body.get("endpoint") not in ENDPOINTS:
             raise ApiError(400, f"endpoint must be one of {list(ENDPOINTS)}", param="endpoint")
         if body.get("completion_window") != "24h":

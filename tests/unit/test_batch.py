@@ -192,6 +192,10 @@ def test_the_local_service_runs_batches_as_the_batch_api_does(upstream):
             client.batches.create(
                 input_file_id=b.output_file_id or f.id, endpoint="/v1/embeddings", completion_window="24h"
             )
+        with pytest.raises(openai.BadRequestError, match="input_file_id is required"):  # 400, as OpenAI
+            client.batches.create(input_file_id="", endpoint="/v1/chat/completions", completion_window="24h")
+        with pytest.raises(openai.NotFoundError):
+            client.batches.create(input_file_id="file-none", endpoint="/v1/chat/completions", completion_window="24h")
         assert [x.id for x in client.batches.list(limit=1).data] == [b.id]  # newest first, paged
         assert len(list(client.batches.list(limit=1))) == 3
         assert [x.filename for x in client.files.list(purpose="batch")] == ["bad.jsonl", "in.jsonl"]
