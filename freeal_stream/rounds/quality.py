@@ -38,19 +38,36 @@ _META = "quality/round-{}"
 
 @dataclass(frozen=True)
 class OutOfFold:
-    """Logits of LLM-labelled pool positions (sorted) from fold SLMs that did not train on their labels."""
+    """Logits of LLM-labelled pool positions (sorted) from fold SLMs that did not train on their labels and, in
+    fine-tune mode, the fold SLMs' mean logits of positions without an LLM label (`judged_positions`, sorted)."""
 
     positions: np.ndarray
     logits: np.ndarray
+    judged_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    judged_logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     def at(self, positions: np.ndarray) -> np.ndarray:
         """The logits of these positions; zeros (no opinion) for a labelled position no fold held out (above
         CALIBRATION_ITEMS labels), since the round's own SLM, trained on its label, is no judge of it."""
-        out = np.zeros((len(positions), self.logits.shape[1]), dtype=np.float32)
-        k = np.minimum(np.searchsorted(self.positions, positions), max(0, len(self.positions) - 1))
-        found = (self.positions[k] == positions) if len(self.positions) else np.zeros(len(positions), bool)
-        out[found] = self.logits[k[found]]
+        return _lookup(self.positions, self.logits, positions, np.zeros((len(positions), self.logits.shape[1])))
+
+    def judge(self, positions: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """The logits whose calibrated probabilities say how likely the round's SLM (`logits` at `positions`) is
+        right: the fold SLMs' mean where the trainer gave one (fine-tune mode: its few folds learn from a
+        fraction of the labels, and the calibration fitted on them does not carry over to the round's SLM,
+        which is surer: round 2 of the MR bench read +10 points), else the round's SLM's own."""
+        return _lookup(self.judged_positions, self.judged_logits, positions, logits)
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, positions: np.ndarray, default: np.ndarray) -> np.ndarray:
+    """`values` rows of `positions` found in the sorted `keys`, `default`'s rows elsewhere."""
+    out = np.array(default, dtype=np.float32)
+    if not len(keys):
         return out
+    k = np.minimum(np.searchsorted(keys, positions), len(keys) - 1)
+    found = keys[k] == positions
+    out[found] = values[k[found]]
+    return out
 
 
 @dataclass(frozen=True)
@@ -61,11 +78,14 @@ class ItemProbabilities:
     llm_p_right: np.ndarray
 
 
-def item_probabilities(cal: Calibration, logits: np.ndarray, oof: np.ndarray, llm: np.ndarray) -> ItemProbabilities:
+def item_probabilities(
+    cal: Calibration, logits: np.ndarray, oof: np.ndarray, llm: np.ndarray, judge: np.ndarray | None = None
+) -> ItemProbabilities:
     """Both models' P(right) for rows with the round's SLM `logits`, `oof` logits (read where `llm` >= 0) and
-    the LLM's labels `llm` (-1 = none)."""
+    the LLM's labels `llm` (-1 = none); `judge`: the logits whose calibrated probabilities judge the SLM's
+    prediction where the LLM gave no label (`OutOfFold.judge`; default `logits`)."""
     has = llm >= 0
-    post = cal.probs(logits)
+    post = cal.probs(logits if judge is None else judge)
     if has.any():
         post[has] = cal.posteriors(oof[has], llm[has])
     rows = np.arange(len(llm))
@@ -125,12 +145,14 @@ def interval(
     human: np.ndarray,
     fitted_on: tuple[np.ndarray, np.ndarray],
     seed: int,
+    judge: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """The estimate's interval from the rows given (the pool or a uniform sample of it): the labels of record
     are fixed by the fitted calibration; each bootstrap refit (on resampled `fitted_on` = (oof logits, labels)
     of every LLM-labelled row) re-scores those same labels, plus the pool's own luck (binomial). A human label
-    (`human`) is right by fiat."""
-    probs = item_probabilities(cal, logits, oof, llm)
+    (`human`) is right by fiat. `judge`: as for `item_probabilities`."""
+    judge = logits if judge is None else judge
+    probs = item_probabilities(cal, logits, oof, llm, judge)
     wins = slm_wins(rule, probs, llm, clean)
     chosen = np.where(wins, logits.argmax(1), llm)
     rows, has = np.arange(len(llm)), llm >= 0
@@ -141,7 +163,7 @@ def interval(
         refit = fit_calibration(fitted_on[0][at], fitted_on[1][at], logits.shape[1])
         if refit is None:
             continue
-        post = refit.probs(logits)
+        post = refit.probs(judge)
         if has.any():
             post[has] = refit.posteriors(oof[has], llm[has])
         q = np.where(human, 1.0, post[rows, chosen])
@@ -173,16 +195,18 @@ def store_quality(
     oof_rows = np.full((len(sample), ctx.n_classes), np.nan, dtype=np.float32)
     has = llm >= 0
     oof_rows[has] = oof.at(sample[has])
+    slm_rows = logits.gather(sample)
     low, high = interval(
         rule,
         cal,
-        logits.gather(sample),
+        slm_rows,
         oof_rows,
         llm,
         clean[sample],
         human[sample],
         (oof.logits, labels[oof.positions]),
         ctx.job.seed + round_,
+        oof.judge(sample, slm_rows),
     )
     point = tally.total / tally.n
     est = {

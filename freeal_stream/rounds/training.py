@@ -67,7 +67,9 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
     )
     model_dir = write_model_files(trained.files, job.state_path / "models" / f"round-{round_}")
     logits, _ = score_pool(ctx, round_, trained.files, trained.mode, fresh=True)
-    oof = _cross_fit(ctx, shared, rows, trained.mode, job.seed + round_, say, f"round {round_} calibration")
+    oof = _cross_fit(
+        ctx, shared, rows, labels[rows] >= 0, trained.mode, job.seed + round_, say, f"round {round_} calibration"
+    )
     _store_scores(ctx, round_, labels, human, logits, oof)
     return model_dir
 
@@ -140,9 +142,17 @@ def _call_trainer(ctx: RoundContext, submit: Callable[[Any], Any], say: Callable
 
 
 def _cross_fit(
-    ctx: RoundContext, data: Any, rows: np.ndarray, mode: str, seed: int, say: Callable[[str], None], stage: str
+    ctx: RoundContext,
+    data: Any,
+    rows: np.ndarray,
+    labelled: np.ndarray,
+    mode: str,
+    seed: int,
+    say: Callable[[str], None],
+    stage: str,
 ) -> OutOfFold:
-    """Out-of-fold logits of the labelled rows, for the round's calibration (`rounds.quality`)."""
+    """Out-of-fold logits of the labelled rows, for the round's calibration, and in fine-tune mode the fold SLMs'
+    mean logits of the rest (`rounds.quality`)."""
     folds = FOLDS[mode]
     held_out = CALIBRATION_ITEMS // folds
     say(
@@ -155,7 +165,7 @@ def _cross_fit(
         stage,
     )
     has = ~np.isnan(logits).any(1)
-    return OutOfFold(rows[has], logits[has])
+    return OutOfFold(rows[has & labelled], logits[has & labelled], rows[has & ~labelled], logits[has & ~labelled])
 
 
 def _store_scores(
@@ -185,7 +195,7 @@ def _store_scores(
             llm = llm_all[at]
             oof_block = np.full(block.shape, np.nan, dtype=np.float32)
             oof_block[llm >= 0] = oof.at(at[llm >= 0])
-            probs = item_probabilities(cal, block, oof_block, llm)
+            probs = item_probabilities(cal, block, oof_block, llm, oof.judge(at, block))
             wins = slm_wins(job.freeal.label_of_record, probs, llm, clean[at]) & ~human[at]
             tally.add(np.where(human[at], 1.0, np.where(wins, probs.p_right, probs.llm_p_right)), wins)
         ctx.store.add_scores(

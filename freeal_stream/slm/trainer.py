@@ -441,13 +441,20 @@ def out_of_fold_logits(
 ) -> np.ndarray:
     """Logits for labelled rows from an SLM that did not train on their label: `folds` SLMs, each trained as
     `fit_slm` trains one with one fold's labels (at most `held_out` of them) hidden; those rows stay in the
-    consistency term, which uses no label. Rows without a label, or hidden by no fold, get NaN. What calibration
-    needs: a model's confidence judged on labels it never fitted (its own training labels it has partly
-    memorised)."""
+    consistency term, which uses no label. What calibration needs: a model's confidence judged on labels it never
+    fitted (its own training labels it has partly memorised). Labelled rows no fold hid get NaN.
+
+    Rows without a label get NaN in head mode and, in fine-tune mode, the fold SLMs' mean logits: there the few
+    fold SLMs each learn from a fraction of the labels and are less sure than the round's SLM, so a temperature
+    fitted on them does not carry over to it; the quality estimate judges those rows with the folds' mean
+    instead (rounds.quality.OutOfFold.judge)."""
     labels = np.asarray(data.labels, dtype=np.int64)
     fold = fold_of(labels, folds, seed, held_out)
     out = np.full((len(labels), n_classes), np.nan, dtype=np.float32)
+    unlabelled = np.flatnonzero(labels < 0) if data.emb is None else np.zeros(0, np.int64)
+    ensemble = np.zeros((len(unlabelled), n_classes), dtype=np.float32)
     say = progress or (lambda _msg: None)
+    fitted_folds = 0
     for k in range(folds):
         held = np.flatnonzero(fold == k)
         if not len(held):
@@ -457,12 +464,19 @@ def out_of_fold_logits(
             dataclasses.replace(data, labels=np.where(fold == k, -1, labels)), n_classes, cfg, freeal, seed=seed + k + 1
         )
         if data.emb is not None:
-            emb = data.emb[held]
+            out[held] = fitted.model.logits_from_embeddings(data.emb[held])
         else:
             assert data.texts is not None  # fine-tune data carries texts, head data embeddings
-            emb = fitted.model.encoder.embed([data.texts[i] for i in held.tolist()], EMBED_BATCH)
-        out[held] = fitted.model.logits_from_embeddings(emb)
+            texts = data.texts
+            rows = np.concatenate([held, unlabelled]).tolist()
+            scored = fitted.model.encoder.embed([texts[i] for i in rows], EMBED_BATCH)
+            logits = fitted.model.logits_from_embeddings(scored)
+            out[held] = logits[: len(held)]
+            ensemble += logits[len(held) :]
+            fitted_folds += 1
         say(f"calibration fold {k + 1}/{folds}: {len(held)} held-out labels ({time.perf_counter() - t0:.0f} s)")
+    if fitted_folds:
+        out[unlabelled] = ensemble / fitted_folds
     return out
 
 

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from freeal_stream.dawid_skene import Calibration, fit_calibration
-from freeal_stream.rounds.quality import COVERAGE, ItemProbabilities, Tally, interval, item_probabilities, slm_wins
+from freeal_stream.rounds.quality import (
+    COVERAGE,
+    ItemProbabilities,
+    OutOfFold,
+    Tally,
+    interval,
+    item_probabilities,
+    slm_wins,
+)
 
 
 def synthetic(n: int, temperature: float, llm_acc: tuple[float, float], seed: int = 0):
@@ -65,6 +73,34 @@ def test_auto_keeps_the_slm_label_only_where_it_is_more_likely_right():
     assert list(slm_wins("auto", probs, llm, clean)) == [True, False, True]
     assert list(slm_wins("llm", probs, llm, clean)) == [False, False, True]
     assert list(slm_wins("slm", probs, llm, clean)) == [False, True, True]
+
+
+def test_a_judge_less_sure_than_the_round_s_slm_sets_its_probabilities_where_the_llm_gave_no_label():
+    """Fine-tune mode: the temperature is fitted on fold SLMs' logits; applied to a surer SLM it would claim
+    more than it knows, so rows without an LLM label are judged by the folds' mean (`OutOfFold.judge`), and
+    where the two disagree the SLM's label is the less likely one."""
+    oof = OutOfFold(np.array([1]), np.array([[0.0, 1.0]]), np.array([0, 2]), np.array([[0.0, 0.5], [1.0, 0.0]]))
+    slm = np.array([[0.0, 6.0], [0.0, 6.0], [0.0, 6.0], [0.0, 6.0]])  # sure of class 1 everywhere
+    judge = oof.judge(np.arange(4), slm)
+    assert judge.tolist() == [[0.0, 0.5], [0.0, 6.0], [1.0, 0.0], [0.0, 6.0]]  # the folds' where given
+    cal = Calibration(1.0, ((0.9, 0.1), (0.1, 0.9)), 100)
+    llm = np.array([-1, 1, -1, -1])
+    p = item_probabilities(cal, slm, slm, llm, judge).p_right
+    assert p[0] == pytest.approx(1 / (1 + np.exp(-0.5))) and p[2] < 0.5  # the judge's probability of class 1
+    assert p[3] == pytest.approx(1 / (1 + np.exp(-6.0)))  # no fold mean: the SLM's own
+    assert p[0] < item_probabilities(cal, slm, slm, llm).p_right[0]  # judged by itself, it claims more
+
+
+def test_fine_tune_folds_give_their_mean_logits_to_rows_without_a_label():
+    from freeal_stream.config import FreeALConfig, SLMConfig
+    from freeal_stream.slm.trainer import TrainingData, out_of_fold_logits
+
+    words = (["great", "wonderful", "superb", "lovely"], ["awful", "dreadful", "boring", "terrible"])
+    texts = [f"a {words[k % 2][k % 4]} film, truly {words[k % 2][(k + 1) % 4]}" for k in range(24)]
+    labels = np.array([k % 2 for k in range(20)] + [-1] * 4)
+    cfg = SLMConfig(mode="finetune", epochs=1, batch_size=8, max_length=16)
+    out = out_of_fold_logits(TrainingData(labels, texts=texts), 2, cfg, FreeALConfig(warmup_epochs=0), 2, seed=0)
+    assert np.isfinite(out).all()  # held-out labelled rows, and the 4 unlabelled rows from the folds' mean
 
 
 def test_the_estimate_tracks_the_truth_and_its_interval_covers_it():
