@@ -26,6 +26,7 @@ import numpy as np
 
 LOG_T_BOUNDS = (np.log(0.02), np.log(50.0))  # temperatures searched
 PRIOR_DIAG, PRIOR_OFF = 3.0, 2.0  # Dirichlet parameters on M rows: a weak lean to an LLM better than chance
+MIN_LABELS_PER_CLASS = 10  # LLM-labelled items per class (on average) below which a fit says nothing
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,18 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
 
 
+def can_fit(n_labelled: int, n_classes: int) -> bool:
+    """Whether `n_labelled` LLM-labelled items are enough for a fit: MIN_LABELS_PER_CLASS a class on average."""
+    return n_labelled >= MIN_LABELS_PER_CLASS * n_classes
+
+
 def fit_calibration(
     logits: np.ndarray, llm_labels: np.ndarray, n_classes: int, start: Calibration | None = None
 ) -> Calibration | None:
     """The latent-class fit on out-of-fold `logits` (n, C) of items the LLM labelled (`llm_labels` >= 0): the
     maximum of the marginal likelihood of the LLM's labels (with a weak Dirichlet prior on M's rows) over the
     temperature and M, by L-BFGS with the exact gradient, from `start` or from T = 1 and an LLM right 90% of the
-    time. None when there are too few labelled items (fewer than 10 per class on average) to say anything."""
+    time. None when there are too few labelled items (`can_fit`) to say anything."""
     from scipy.optimize import minimize
 
     z = np.asarray(logits, dtype=np.float64)
@@ -96,7 +102,7 @@ def fit_calibration(
     keep = lab >= 0
     z, lab = z[keep], lab[keep]
     c = n_classes
-    if len(lab) < 10 * c:
+    if not can_fit(len(lab), c):
         return None
     onehot = np.eye(c)[lab]
     alpha = np.full((c, c), PRIOR_OFF) + np.eye(c) * (PRIOR_DIAG - PRIOR_OFF) - 1.0  # prior pseudo-counts

@@ -16,6 +16,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
+from freeal_stream.dawid_skene import MIN_LABELS_PER_CLASS, can_fit
 from freeal_stream.demos import select_demo_pool
 from freeal_stream.records import Demo
 from freeal_stream.rounds.annotation import paraphrases
@@ -67,9 +68,17 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
     )
     model_dir = write_model_files(trained.files, job.state_path / "models" / f"round-{round_}")
     logits, _ = score_pool(ctx, round_, trained.files, trained.mode, fresh=True)
-    oof = _cross_fit(
-        ctx, shared, rows, labels[rows] >= 0, trained.mode, job.seed + round_, say, f"round {round_} calibration"
-    )
+    n_llm = int((llm_label_array(ctx) >= 0).sum())
+    oof = None
+    if can_fit(n_llm, ctx.n_classes):
+        oof = _cross_fit(
+            ctx, shared, rows, labels[rows] >= 0, trained.mode, job.seed + round_, say, f"round {round_} calibration"
+        )
+    else:  # the fold SLMs would cost several trainings for a fit that cannot be made
+        say(
+            f"calibration skipped: {n_llm} LLM labels, fewer than {MIN_LABELS_PER_CLASS} a class; no estimate of "
+            "the export this round"
+        )
     _store_scores(ctx, round_, labels, human, logits, oof)
     return model_dir
 

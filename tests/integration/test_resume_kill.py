@@ -34,7 +34,7 @@ def job_in(tmp: Path, server: FakeOpenAIServer) -> Path:
         tmp,
         20,
         llm={"base_url": server.base_url, "model": "kw", "concurrency": CONCURRENCY},
-        slm={"mode": "head", "epochs": 25},
+        slm={"mode": "head", "epochs": 6},
         freeal={"rounds": 3, "query_fraction": 0.3, "generated_per_class": 4},
     )
 

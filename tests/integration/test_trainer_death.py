@@ -28,7 +28,7 @@ def test_killed_trainer_is_replaced(tmp_path):
                 tmp_path,
                 6,
                 llm={"base_url": server.base_url, "model": "kw"},
-                slm={"mode": "head", "epochs": 60},
+                slm={"mode": "head", "epochs": 10},
                 freeal={"rounds": 1, "query_fraction": 0.5, "generated_per_class": 3},
             )
         )

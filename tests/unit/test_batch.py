@@ -516,10 +516,13 @@ def test_the_batch_service_has_a_command_line(tmp_path):
     )
     try:
         line = p.stdout.readline()
-        url = line.split()[3]
-        assert line.startswith("batch API on http://127.0.0.1:")
-        assert openai.OpenAI(base_url=url, api_key="x").batches.list().data == []
+        assert line.startswith("batch API on http://127.0.0.1:"), repr(line)
+        assert openai.OpenAI(base_url=line.split()[3], api_key="x").batches.list().data == []
     finally:
         p.send_signal(signal.SIGINT)
-        p.wait(timeout=30)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()  # let the first failure, not the clean-up's, be the one reported
+            raise
     assert Path(ROOT / "freeal_stream" / "testing" / "fake_batch_api.py").exists()
