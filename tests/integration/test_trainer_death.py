@@ -48,4 +48,5 @@ def test_killed_trainer_is_replaced(tmp_path):
             assert session.trainer is not first and session.trainer_restarts == 1
             labelled = sum(1 for r in session.store.labels_rows("llm") if r[4] is not None)
     assert "the trainer actor died; starting a new one" in out.getvalue()
+    assert "calibration skipped: 12 LLM labels, fewer than 10 a class" in out.getvalue()  # 4 classes: 40 needed
     assert [m["round"] for m in rounds] == [1] and labelled == 24
