@@ -341,7 +341,7 @@ def run_condition(
 # ---- output ----------------------------------------------------------------------------------------------
 def condition_name(e: dict[str, Any]) -> str:
     extra = "".join(f" {k}={v}" for k, v in sorted({**e.get("freeal", {}), **e.get("slm", {})}.items()))
-    return f"{e['strategy']}, {e['mode']}{extra}"
+    return f"{e['strategy']}, {e['mode']}{e.get('tag', '')}{extra}"
 
 
 def summarise(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -533,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                         "mode": mode,
                         "seed": seed,
                         "fraction": args.fraction,
+                        **({"tag": args.tag} if args.tag else {}),
                         **{k: v for k, v in extra.items() if k in ("freeal", "slm")},
                     }
 
