@@ -543,6 +543,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=1, help="rows run at once")
     args = ap.parse_args(argv)
     import contextlib
+    import signal
+
+    # Ctrl-C (or a SIGTERM) stops it even when it was started with SIGINT ignored, as a shell's background job is
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
 
     with contextlib.ExitStack() as stack:
         upstream = args.upstream
