@@ -38,8 +38,9 @@ _META = "quality/round-{}"
 
 @dataclass(frozen=True)
 class OutOfFold:
-    """Logits of LLM-labelled pool positions (sorted) from fold SLMs that did not train on their labels and, in
-    fine-tune mode, the fold SLMs' mean logits of positions without an LLM label (`judged_positions`, sorted)."""
+    """Logits of labelled pool positions (sorted) from fold SLMs that did not train on their labels and, in
+    fine-tune mode, the fold SLMs' mean logits of the positions the SLM had no label for (`judged_positions`,
+    sorted)."""
 
     positions: np.ndarray
     logits: np.ndarray

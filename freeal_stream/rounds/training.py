@@ -68,7 +68,8 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
     )
     model_dir = write_model_files(trained.files, job.state_path / "models" / f"round-{round_}")
     logits, _ = score_pool(ctx, round_, trained.files, trained.mode, fresh=True)
-    n_llm = int((llm_label_array(ctx) >= 0).sum())
+    llm_all = llm_label_array(ctx)
+    n_llm = int((llm_all >= 0).sum())
     oof = None
     if can_fit(n_llm, ctx.n_classes):
         oof = _cross_fit(
@@ -79,7 +80,7 @@ def train_round(ctx: RoundContext, round_: int) -> Path:
             f"calibration skipped: {n_llm} LLM labels, fewer than {MIN_LABELS_PER_CLASS} a class; no estimate of "
             "the export this round"
         )
-    _store_scores(ctx, round_, labels, human, logits, oof)
+    _store_scores(ctx, round_, labels, human, llm_all, logits, oof)
     return model_dir
 
 
@@ -182,19 +183,20 @@ def _store_scores(
     round_: int,
     labels: np.ndarray,
     human: np.ndarray,
+    llm_all: np.ndarray,
     logits: RowArray,
     oof: OutOfFold | None = None,
 ) -> None:
     """The SLM's prediction and confidence for every item, its loss and clean flag for the labelled ones (human
     labels are clean whatever their loss) and, when the round calibrates, both models' probability of being
-    right and the export's estimate (`rounds.quality`; a human label is right by fiat)."""
+    right and the export's estimate (`rounds.quality`; a human label is right by fiat). `llm_all`: each item's
+    LLM label (-1: none)."""
     job = ctx.job
     has = np.flatnonzero(labels >= 0)
     losses = np.full(len(labels), np.nan)
     clean = np.zeros(len(labels), bool)
     losses[has], clean[has] = final_split(logits.gather(has), labels[has], job.freeal.tau, job.seed + round_)
     clean |= human
-    llm_all = llm_label_array(ctx)
     cal = None if oof is None else fit_round_calibration(oof, llm_all, ctx.n_classes)
     tally = Tally()
     for start, block in logits.shards(SCORE_WRITE_ROWS):

@@ -10,7 +10,7 @@ import numpy as np
 from freeal_stream.config import FreeALConfig, SLMConfig, parse_job
 from freeal_stream.records import Annotation, HumanLabel
 from freeal_stream.rounds.arrays import RowArray
-from freeal_stream.rounds.planning import choose_targets, training_labels
+from freeal_stream.rounds.planning import choose_targets, llm_label_array, training_labels
 from freeal_stream.rounds.training import _store_scores
 from freeal_stream.slm.trainer import TrainingData, fit_slm
 from freeal_stream.store import Store
@@ -61,7 +61,7 @@ def test_human_labels_replace_the_llms_for_training_and_are_stored_as_clean(tmp_
     logits = RowArray.create(tmp_path / "logits.f32", 2)
     logits.write(0, sure + np.random.default_rng(0).normal(0, 0.1, sure.shape).astype(np.float32))
     logits.commit(N)
-    _store_scores(ctx, 1, labels, human, logits)
+    _store_scores(ctx, 1, labels, human, llm_label_array(ctx), logits)
     clean = dict(ctx.store.con.execute("SELECT item_id, clean FROM slm_scores WHERE round = 1").fetchall())
     ctx.store.close()
     assert all(clean[i] for i in HUMAN)
@@ -113,7 +113,7 @@ def test_the_estimate_counts_a_human_label_as_right(tmp_path):
     logits.commit(N)
     has = np.flatnonzero(labels >= 0)
     oof = OutOfFold(has, sure[has] + np.random.default_rng(1).normal(0, 0.5, (len(has), 2)).astype(np.float32))
-    _store_scores(ctx, 1, labels, human, logits, oof)
+    _store_scores(ctx, 1, labels, human, llm_label_array(ctx), logits, oof)
     estimate = json.loads(ctx.store.get_meta("quality/round-1"))["estimate"]
     rows = {r[1]: r for r in ctx.store.labels_rows(ctx.job.freeal.label_of_record)}
     ctx.store.close()
